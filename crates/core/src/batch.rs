@@ -1,0 +1,189 @@
+//! Validating a request's events and pre-merging them per key.
+//!
+//! The node that receives a request validates every event (stream exists, key and value within
+//! limits, value fits the operator), routes it to its shard, and merges events for the same key
+//! into one [`Partial`] — so a hot key costs one entry per request, not one per event. Partials
+//! are grouped by producer ([`ProducerGroup`]) because deduplication works on a producer's whole
+//! range of seqs in the request (see [`crate::session`]). A merge that cannot be represented
+//! (overflow, bound) starts a second partial for the key instead of failing the event.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::buffer::BufKey;
+use crate::error::EventError;
+use crate::hash::{ShardId, shard_for};
+use crate::merge::Aggregate;
+use crate::session::ProducerRange;
+use crate::stream::StreamTable;
+use crate::time::Millis;
+use crate::value::Value;
+
+/// One event as a producer sends it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub stream: String,
+    pub key: String,
+    pub value: Value,
+    /// Producer clock; defaults to the receiving node's clock.
+    pub event_time: Option<Millis>,
+    /// (producer id, producer seq) for idempotent producers.
+    pub producer: Option<(u64, u64)>,
+}
+
+/// Pre-merged inputs for one key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Partial {
+    pub agg: Aggregate,
+    pub inputs: u64,
+    pub first_event_at: Millis,
+    pub last_event_at: Millis,
+}
+
+/// A producer's events in one request for one shard, pre-merged per key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProducerGroup {
+    /// `None` for events without a producer id (at-least-once; never deduplicated).
+    pub range: Option<ProducerRange>,
+    pub partials: Vec<(BufKey, Partial)>,
+    /// Positions of the events in the original request, for per-event statuses.
+    pub events: Vec<u32>,
+}
+
+/// Everything one request sends to one shard.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+pub struct EventBatch {
+    pub groups: Vec<ProducerGroup>,
+}
+
+impl EventBatch {
+    /// Number of events covered.
+    pub fn events(&self) -> usize {
+        self.groups.iter().map(|g| g.events.len()).sum()
+    }
+
+    /// Number of partials (distinct keys per producer).
+    pub fn partials(&self) -> usize {
+        self.groups.iter().map(|g| g.partials.len()).sum()
+    }
+}
+
+/// Builds per-shard batches from a request's events.
+#[derive(Debug)]
+pub struct BatchBuilder<'a> {
+    streams: &'a StreamTable,
+    shards: u32,
+    now: Millis,
+    max_future_skew_ms: u64,
+    next_index: u32,
+    batches: BTreeMap<ShardId, EventBatch>,
+    /// (shard, producer) → group position in its batch.
+    groups: HashMap<(ShardId, Option<u64>), usize>,
+    /// (shard, group, key) → position of the key's newest partial in the group.
+    partials: HashMap<(ShardId, usize, BufKey), usize>,
+    /// Highest seq seen per producer in this request (seqs must increase).
+    last_seq: HashMap<u64, u64>,
+}
+
+/// Default tolerated producer clock skew into the future.
+pub const DEFAULT_MAX_FUTURE_SKEW_MS: u64 = 5 * 60 * 1000;
+
+impl<'a> BatchBuilder<'a> {
+    /// A builder for a cluster of `shards` shards, at time `now`.
+    pub fn new(streams: &'a StreamTable, shards: u32, now: Millis) -> Self {
+        Self {
+            streams,
+            shards,
+            now,
+            max_future_skew_ms: DEFAULT_MAX_FUTURE_SKEW_MS,
+            next_index: 0,
+            batches: BTreeMap::new(),
+            groups: HashMap::new(),
+            partials: HashMap::new(),
+            last_seq: HashMap::new(),
+        }
+    }
+
+    /// Sets the tolerated producer clock skew.
+    pub fn max_future_skew_ms(mut self, ms: u64) -> Self {
+        self.max_future_skew_ms = ms;
+        self
+    }
+
+    /// Validates `event` and merges it into its shard's batch. Returns the shard, or why the
+    /// event was refused (a refused event is left out; the others are unaffected).
+    pub fn add(&mut self, event: &Event) -> Result<ShardId, EventError> {
+        let index = self.next_index;
+        self.next_index += 1;
+        let def = self
+            .streams
+            .get(&event.stream)
+            .ok_or_else(|| EventError::UnknownStream { stream: event.stream.clone() })?;
+        if event.key.is_empty() {
+            return Err(EventError::EmptyKey);
+        }
+        if event.key.len() > def.max_key_bytes {
+            return Err(EventError::KeyTooLarge { len: event.key.len(), max: def.max_key_bytes });
+        }
+        let size = event.value.size();
+        if size > def.max_value_bytes {
+            return Err(EventError::ValueTooLarge { len: size, max: def.max_value_bytes });
+        }
+        let event_time = event.event_time.unwrap_or(self.now);
+        if event_time > self.now.saturating_add(self.max_future_skew_ms) {
+            return Err(EventError::EventTimeInFuture { event_time, max_skew_ms: self.max_future_skew_ms });
+        }
+        let agg = def.rules.op.lift(&event.value, event_time)?;
+        if let Some((producer, seq)) = event.producer {
+            let last = self.last_seq.entry(producer).or_insert(0);
+            if seq <= *last {
+                return Err(EventError::SequenceOverlap { producer, seq, accepted: *last });
+            }
+            *last = seq;
+        }
+
+        let shard = shard_for(&event.stream, &event.key, self.shards);
+        let batch = self.batches.entry(shard).or_default();
+        let producer = event.producer.map(|(p, _)| p);
+        let gi = *self.groups.entry((shard, producer)).or_insert_with(|| {
+            batch.groups.push(ProducerGroup { range: None, partials: Vec::new(), events: Vec::new() });
+            batch.groups.len() - 1
+        });
+        let group = &mut batch.groups[gi];
+        if let Some((producer, seq)) = event.producer {
+            let range = group.range.get_or_insert(ProducerRange { producer, first_seq: seq, last_seq: seq });
+            range.last_seq = seq;
+        }
+        group.events.push(index);
+        let key = BufKey { stream: event.stream.clone(), key: event.key.clone() };
+        let slot = (shard, gi, key);
+        let merged = match self.partials.get(&slot) {
+            Some(&pi) => {
+                let p = &mut group.partials[pi].1;
+                if p.agg.merge(&agg, &def.rules.op).is_ok() {
+                    p.inputs += 1;
+                    p.first_event_at = p.first_event_at.min(event_time);
+                    p.last_event_at = p.last_event_at.max(event_time);
+                    true
+                } else {
+                    false
+                }
+            }
+            None => false,
+        };
+        if !merged {
+            group.partials.push((
+                slot.2.clone(),
+                Partial { agg, inputs: 1, first_event_at: event_time, last_event_at: event_time },
+            ));
+            self.partials.insert(slot, group.partials.len() - 1);
+        }
+        Ok(shard)
+    }
+
+    /// The per-shard batches.
+    pub fn finish(self) -> BTreeMap<ShardId, EventBatch> {
+        self.batches
+    }
+}

@@ -1,0 +1,54 @@
+//! # coalesce-core — what "correct" means for the whole cluster
+//!
+//! This crate holds all coalescing logic and nothing else: no async runtime, no network, no
+//! RocksDB, no Raft. Everything here is deterministic and driven by timestamps passed in by the
+//! caller (see [`time`]), so the replicated state machine can run it on every replica and get the
+//! same bytes, and tests can drive it without sleeping.
+//!
+//! ```text
+//!   Event ──validate──► EventBatch (pre-merged per key, producer coverage)
+//!                              │ (replicated through Raft by the storage/raft crates)
+//!                              ▼
+//!   ShardBuffer::apply_ingest(stamp) ── merge into Buffered aggregates (BufferStore)
+//!                              │ window triggers: count / bytes / overflow at apply,
+//!                              │ time triggers via the deadline index
+//!                              ▼
+//!   ShardBuffer::seal_due(stamp) ──► Output (stream, key, window, inputs, merged value)
+//! ```
+//!
+//! Modules:
+//! - [`time`]: millisecond timestamps and the injected [`time::Clock`].
+//! - [`hash`]: the stable (stream, key) → shard function, with committed test vectors.
+//! - [`value`]: the values events carry.
+//! - [`merge`]: merge operators ([`merge::MergeOp`]) and their accumulators ([`merge::Aggregate`]).
+//! - [`hll`]: a deterministic, canonically encoded HyperLogLog (see its docs for why it is ours).
+//! - [`window`]: window policies and per-key window bookkeeping (deadlines, triggers).
+//! - [`stream`]: stream definitions and the TOML config that declares them.
+//! - [`batch`]: validation of events and pre-merging of a request into an [`batch::EventBatch`].
+//! - [`buffer`]: per-shard buffered aggregates behind the [`buffer::BufferStore`] trait, bounded
+//!   by keys and bytes, with overflow policies, and the deadline index the scheduler reads.
+//! - [`session`]: the idempotent-producer session table.
+//! - [`output`]: what a closed window emits.
+//! - [`error`]: error types with stable codes.
+//!
+//! Libraries used instead of hand-written code: `xxhash-rust` (XXH3, the shard hash),
+//! `sketches-ddsketch` (DDSketch quantiles), `json-patch` (RFC 7386 merge), `toml` + `serde` +
+//! `humantime-serde` (config), `postcard` (canonical binary encoding), `thiserror` (errors).
+//! HyperLogLog is implemented here because the available crates serialize nondeterministically
+//! (pointer bits or hash-set order), which would break byte-identical replicas.
+
+pub mod batch;
+pub mod buffer;
+pub mod error;
+pub mod hash;
+pub mod hll;
+pub mod merge;
+pub mod output;
+pub mod session;
+pub mod stream;
+pub mod time;
+pub mod value;
+pub mod window;
+
+pub use error::{ConfigError, EventError};
+pub use time::Millis;

@@ -1,0 +1,322 @@
+//! Stream definitions and the TOML that declares them.
+//!
+//! ```toml
+//! [limits]                      # per shard
+//! max_keys = 1000000
+//! max_bytes = 268435456
+//!
+//! [sinks.warehouse]             # parameters belong to the sink kind (server crate)
+//! kind = "postgres"
+//!
+//! [streams.api-calls]
+//! merge = "sum_i64"             # or { op = "set_union", max_members = 500 }
+//! window = { tumbling = "10s" }
+//! overflow = "reject"           # reject | flush_early | shed
+//! sinks = ["warehouse"]
+//! ```
+//! Every table refuses unknown fields, and every validation error names the stream and field:
+//! `stream "api-calls": window.debounce must be <= window.max_wait`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::ConfigError;
+use crate::merge::MergeOp;
+use crate::window::{WindowConfig, WindowPolicy};
+
+/// What a stream does when its shard's buffer is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// Refuse new keys with RESOURCE_EXHAUSTED and a retry hint (lossless; the default).
+    #[default]
+    Reject,
+    /// Close the windows with the earliest deadlines to make room.
+    FlushEarly,
+    /// Drop inputs for new keys, counting them (lossy, never silent).
+    Shed,
+}
+
+/// Per-shard buffer limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardLimits {
+    /// Most buffered keys per shard.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: u64,
+    /// Most buffered bytes (keys plus merged values) per shard.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_max_keys() -> u64 {
+    1_000_000
+}
+fn default_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+
+impl Default for ShardLimits {
+    fn default() -> Self {
+        Self { max_keys: default_max_keys(), max_bytes: default_max_bytes() }
+    }
+}
+
+/// What a Raft entry carries about a stream so apply never depends on local config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamRules {
+    pub op: MergeOp,
+    pub window: WindowPolicy,
+    pub overflow: OverflowPolicy,
+}
+
+/// A validated stream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamDef {
+    pub name: String,
+    pub rules: StreamRules,
+    pub sinks: Vec<String>,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    pub description: String,
+}
+
+/// A stream as written in config.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    pub merge: MergeSpec,
+    pub window: WindowConfig,
+    #[serde(default)]
+    pub overflow: OverflowPolicy,
+    #[serde(default)]
+    pub sinks: Vec<String>,
+    #[serde(default = "default_max_key_bytes")]
+    pub max_key_bytes: usize,
+    #[serde(default = "default_max_value_bytes")]
+    pub max_value_bytes: usize,
+    #[serde(default)]
+    pub description: String,
+}
+
+fn default_max_key_bytes() -> usize {
+    1024
+}
+fn default_max_value_bytes() -> usize {
+    64 * 1024
+}
+
+/// `merge = "name"` or `merge = { op = "name", ... }`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergeSpec(pub MergeOp);
+
+impl<'de> Deserialize<'de> for MergeSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MergeSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "an operator name ({}) or a table with `op`", MergeOp::NAMES.join(", "))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<MergeSpec, E> {
+                MergeOp::from_name(s)
+                    .map(MergeSpec)
+                    .ok_or_else(|| E::custom(format!("unknown merge operator {s:?}, expected one of: {}", MergeOp::NAMES.join(", "))))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MergeSpec, A::Error> {
+                MergeOp::deserialize(de::value::MapAccessDeserializer::new(map)).map(MergeSpec)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A sink declaration. Only `kind` is interpreted here; the server parses the parameters.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct SinkDecl {
+    pub kind: String,
+    #[serde(flatten)]
+    pub params: toml::Table,
+}
+
+/// The part of the config file the core understands.
+#[derive(Clone, Debug, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsFile {
+    #[serde(default)]
+    pub limits: ShardLimits,
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkDecl>,
+    #[serde(default)]
+    pub streams: BTreeMap<String, StreamConfig>,
+}
+
+/// Longest accepted key limit; keys longer than this are never useful as coalescing keys.
+pub const MAX_KEY_BYTES_LIMIT: usize = 64 * 1024;
+/// Largest accepted value limit.
+pub const MAX_VALUE_BYTES_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Checks a stream or sink name: 1–64 of `[a-z0-9_.-]`, starting with a letter or digit.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+impl StreamConfig {
+    /// Validates one stream; `sink_exists` tells whether a sink name is declared.
+    pub fn validate(&self, name: &str, sink_exists: &dyn Fn(&str) -> bool) -> Result<StreamDef, ConfigError> {
+        if !valid_name(name) {
+            return Err(ConfigError::stream(name, "name", "must be 1-64 characters of a-z, 0-9, '_', '.', '-'"));
+        }
+        let op = self.merge.0.clone();
+        op.validate().map_err(|(field, msg)| ConfigError::stream(name, field, msg))?;
+        let window = self.window.validate(name)?;
+        for sink in &self.sinks {
+            if !sink_exists(sink) {
+                return Err(ConfigError::stream(name, "sinks", format!("names unknown sink {sink:?}")));
+            }
+        }
+        if self.max_key_bytes == 0 || self.max_key_bytes > MAX_KEY_BYTES_LIMIT {
+            return Err(ConfigError::stream(name, "max_key_bytes", format!("must be in 1..={MAX_KEY_BYTES_LIMIT}")));
+        }
+        if self.max_value_bytes == 0 || self.max_value_bytes > MAX_VALUE_BYTES_LIMIT {
+            return Err(ConfigError::stream(name, "max_value_bytes", format!("must be in 1..={MAX_VALUE_BYTES_LIMIT}")));
+        }
+        Ok(StreamDef {
+            name: name.to_owned(),
+            rules: StreamRules { op, window, overflow: self.overflow },
+            sinks: self.sinks.clone(),
+            max_key_bytes: self.max_key_bytes,
+            max_value_bytes: self.max_value_bytes,
+            description: self.description.clone(),
+        })
+    }
+}
+
+/// Validated streams, looked up by name.
+#[derive(Clone, Debug, Default)]
+pub struct StreamTable {
+    streams: BTreeMap<String, Arc<StreamDef>>,
+    limits: ShardLimits,
+}
+
+impl StreamTable {
+    /// Builds a table from definitions.
+    pub fn new(defs: impl IntoIterator<Item = StreamDef>, limits: ShardLimits) -> Self {
+        Self { streams: defs.into_iter().map(|d| (d.name.clone(), Arc::new(d))).collect(), limits }
+    }
+
+    /// The stream called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<StreamDef>> {
+        self.streams.get(name)
+    }
+
+    /// All streams in name order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<StreamDef>> {
+        self.streams.values()
+    }
+
+    /// Per-shard buffer limits.
+    pub fn limits(&self) -> ShardLimits {
+        self.limits
+    }
+}
+
+impl StreamsFile {
+    /// Parses TOML text (unknown fields are errors).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Validates every stream and limit, returning the table the cluster runs with.
+    /// `known_sink_kinds` lists the sink kinds the caller can build.
+    pub fn validate(&self, known_sink_kinds: &[&str]) -> Result<StreamTable, ConfigError> {
+        if self.limits.max_keys == 0 {
+            return Err(ConfigError::Global { field: "limits.max_keys".into(), message: "must be at least 1".into() });
+        }
+        if self.limits.max_bytes < 1024 {
+            return Err(ConfigError::Global { field: "limits.max_bytes".into(), message: "must be at least 1024".into() });
+        }
+        for (name, sink) in &self.sinks {
+            if !valid_name(name) {
+                return Err(ConfigError::Global {
+                    field: format!("sinks.{name}"),
+                    message: "name must be 1-64 characters of a-z, 0-9, '_', '.', '-'".into(),
+                });
+            }
+            if !known_sink_kinds.contains(&sink.kind.as_str()) {
+                return Err(ConfigError::Global {
+                    field: format!("sinks.{name}.kind"),
+                    message: format!("unknown sink kind {:?}, expected one of: {}", sink.kind, known_sink_kinds.join(", ")),
+                });
+            }
+        }
+        let exists = |s: &str| self.sinks.contains_key(s);
+        let defs = self
+            .streams
+            .iter()
+            .map(|(name, cfg)| cfg.validate(name, &exists))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(StreamTable::new(defs, self.limits))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::NumType;
+
+    const KINDS: &[&str] = &["file", "postgres", "http", "grpc"];
+
+    fn parse_err(text: &str) -> String {
+        match StreamsFile::parse(text) {
+            Err(e) => e.to_string(),
+            Ok(f) => f.validate(KINDS).expect_err("config should be refused").to_string(),
+        }
+    }
+
+    #[test]
+    fn short_and_long_merge_forms() {
+        let f = StreamsFile::parse(
+            "[streams.a]\nmerge = \"max\"\nwindow = { tumbling = \"1s\" }\n\
+             [streams.b]\nmerge = { op = \"max\", value_type = \"f64\" }\nwindow = { max_wait = \"1s\" }\n\
+             [streams.c]\nmerge = { op = \"set_union\", max_members = 5 }\nwindow = { max_wait = \"1s\" }\n",
+        )
+        .unwrap();
+        let t = f.validate(KINDS).unwrap();
+        assert_eq!(t.get("a").unwrap().rules.op, MergeOp::Max { value_type: NumType::I64 });
+        assert_eq!(t.get("b").unwrap().rules.op, MergeOp::Max { value_type: NumType::F64 });
+        assert_eq!(t.get("c").unwrap().rules.op, MergeOp::SetUnion { max_members: 5 });
+    }
+
+    #[test]
+    fn errors_name_stream_and_field() {
+        assert_eq!(
+            parse_err("[streams.api-calls]\nmerge = \"sum_i64\"\nwindow = { debounce = \"30s\", max_wait = \"10s\" }"),
+            "stream \"api-calls\": window.debounce must be <= window.max_wait"
+        );
+        assert!(parse_err("[streams.x]\nmerge = \"summ\"\nwindow = { tumbling = \"1s\" }").contains("unknown merge operator \"summ\""));
+        assert!(parse_err("[streams.x]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"1s\" }\ncolour = 1").contains("unknown field `colour`"));
+        assert!(parse_err("[streams.x]\nmerge = { op = \"set_union\", max_member = 5 }\nwindow = { tumbling = \"1s\" }").contains("max_member"));
+        assert_eq!(
+            parse_err("[streams.x]\nmerge = { op = \"ddsketch\", relative_accuracy = 2.0 }\nwindow = { tumbling = \"1s\" }"),
+            "stream \"x\": merge.relative_accuracy must be in (0, 1), got 2"
+        );
+        assert_eq!(
+            parse_err("[streams.x]\nmerge = \"count\"\nwindow = { tumbling = \"1s\" }\nsinks = [\"nope\"]"),
+            "stream \"x\": sinks names unknown sink \"nope\""
+        );
+        assert_eq!(
+            parse_err("[streams.Bad]\nmerge = \"count\"\nwindow = { tumbling = \"1s\" }"),
+            "stream \"Bad\": name must be 1-64 characters of a-z, 0-9, '_', '.', '-'"
+        );
+        assert!(parse_err("[sinks.s]\nkind = \"kafka\"").contains("unknown sink kind \"kafka\""));
+        assert!(parse_err("[streams.x]\nmerge = \"count\"").contains("missing field `window`"));
+    }
+}

@@ -1,0 +1,276 @@
+//! Window policies and per-key window bookkeeping.
+//!
+//! A policy combines triggers; the first one to fire closes the window:
+//!
+//! | trigger      | fires when                                              | kind  |
+//! |--------------|---------------------------------------------------------|-------|
+//! | `tumbling`   | the aligned interval `[k·T, (k+1)·T)` holding the first input ends | time  |
+//! | `max_wait`   | `max_wait` after the window's first input                | time  |
+//! | `debounce`   | `debounce` after the key's last input (quiet period)     | time  |
+//! | `idle`       | `idle` after the key's last input                        | time  |
+//! | `max_count`  | the window holds at least `max_count` inputs             | data  |
+//! | `max_bytes`  | the merged value is at least `max_bytes` bytes           | data  |
+//!
+//! Time triggers are evaluated against the shard leader's wall clock (the stamps it puts on
+//! Raft entries), never against event time, so a key that stops receiving input still closes
+//! on time. Every policy must have a time bound (`tumbling` or `max_wait`): it is the staleness
+//! bound — no input waits longer than it before its window closes. `debounce` alone would never
+//! fire under steady traffic, so it must be paired with `max_wait` (and be no longer than it).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+use crate::time::Millis;
+
+/// The window policy of a stream as written in config (durations in humantime: `"30s"`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    #[serde(default, with = "humantime_serde")]
+    pub tumbling: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_wait: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub debounce: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub idle: Option<Duration>,
+    #[serde(default)]
+    pub max_count: Option<u64>,
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+}
+
+/// Longest accepted window duration (7 days).
+pub const MAX_WINDOW_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// A validated window policy in milliseconds: what Raft entries carry and apply uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WindowPolicy {
+    pub tumbling_ms: Option<u64>,
+    pub max_wait_ms: Option<u64>,
+    pub debounce_ms: Option<u64>,
+    pub idle_ms: Option<u64>,
+    pub max_count: Option<u64>,
+    pub max_bytes: Option<u64>,
+}
+
+impl WindowConfig {
+    /// Validates the policy of stream `stream`; errors name the field.
+    pub fn validate(&self, stream: &str) -> Result<WindowPolicy, ConfigError> {
+        let ms = |field: &str, d: Option<Duration>| -> Result<Option<u64>, ConfigError> {
+            match d {
+                None => Ok(None),
+                Some(d) => {
+                    let ms = d.as_millis();
+                    if ms == 0 {
+                        Err(ConfigError::stream(stream, field, "must be at least 1ms"))
+                    } else if ms > u128::from(MAX_WINDOW_MS) {
+                        Err(ConfigError::stream(stream, field, "must be at most 7d"))
+                    } else {
+                        Ok(Some(ms as u64))
+                    }
+                }
+            }
+        };
+        let p = WindowPolicy {
+            tumbling_ms: ms("window.tumbling", self.tumbling)?,
+            max_wait_ms: ms("window.max_wait", self.max_wait)?,
+            debounce_ms: ms("window.debounce", self.debounce)?,
+            idle_ms: ms("window.idle", self.idle)?,
+            max_count: self.max_count,
+            max_bytes: self.max_bytes,
+        };
+        if p.max_count == Some(0) {
+            return Err(ConfigError::stream(stream, "window.max_count", "must be at least 1"));
+        }
+        if p.max_bytes == Some(0) {
+            return Err(ConfigError::stream(stream, "window.max_bytes", "must be at least 1"));
+        }
+        if let Some(debounce) = p.debounce_ms {
+            match p.max_wait_ms {
+                None => {
+                    return Err(ConfigError::stream(
+                        stream,
+                        "window.debounce",
+                        "requires window.max_wait (a debounce alone never fires under steady traffic)",
+                    ));
+                }
+                Some(max_wait) if debounce > max_wait => {
+                    return Err(ConfigError::stream(stream, "window.debounce", "must be <= window.max_wait"));
+                }
+                Some(_) => {}
+            }
+        }
+        if p.tumbling_ms.is_none() && p.max_wait_ms.is_none() {
+            return Err(ConfigError::stream(
+                stream,
+                "window",
+                "needs a time bound: set window.tumbling or window.max_wait",
+            ));
+        }
+        Ok(p)
+    }
+}
+
+impl WindowPolicy {
+    /// The staleness bound: no input waits longer than this (from the stamp of the window's
+    /// first input) before its window closes.
+    pub fn staleness_bound_ms(&self) -> u64 {
+        [self.tumbling_ms, self.max_wait_ms].into_iter().flatten().min().unwrap_or(MAX_WINDOW_MS)
+    }
+
+    /// The start of the window that a first input stamped `stamp` opens.
+    pub fn window_start(&self, stamp: Millis) -> Millis {
+        match self.tumbling_ms {
+            Some(t) => stamp - stamp % t,
+            None => stamp,
+        }
+    }
+
+    /// When the window described by `w` closes by time, under this policy.
+    pub fn deadline(&self, w: &WindowState) -> Millis {
+        let candidates = [
+            self.tumbling_ms.map(|t| w.start.saturating_add(t)),
+            self.max_wait_ms.map(|m| w.first_input_at.saturating_add(m)),
+            self.debounce_ms.map(|d| w.last_input_at.saturating_add(d)),
+            self.idle_ms.map(|i| w.last_input_at.saturating_add(i)),
+        ];
+        candidates.into_iter().flatten().min().unwrap_or(Millis::MAX)
+    }
+
+    /// Whether a data trigger (count or bytes) closes the window now.
+    pub fn data_trigger(&self, inputs: u64, value_bytes: usize) -> Option<SealReason> {
+        if self.max_count.is_some_and(|m| inputs >= m) {
+            return Some(SealReason::MaxCount);
+        }
+        if self.max_bytes.is_some_and(|m| value_bytes as u64 >= m) {
+            return Some(SealReason::MaxBytes);
+        }
+        None
+    }
+}
+
+/// Bookkeeping of one key's open window. All times are leader stamps except the event times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowState {
+    /// Window start: aligned for tumbling windows, else the first input's stamp.
+    pub start: Millis,
+    /// Stamp of the first input in this window.
+    pub first_input_at: Millis,
+    /// Stamp of the last input in this window.
+    pub last_input_at: Millis,
+    /// Smallest and largest event time seen (producer clocks; informational).
+    pub first_event_at: Millis,
+    pub last_event_at: Millis,
+    /// Number of events merged into this window.
+    pub inputs: u64,
+}
+
+impl WindowState {
+    /// The state of a window opened by an input stamped `stamp`.
+    pub fn open(policy: &WindowPolicy, stamp: Millis, inputs: u64, first_event_at: Millis, last_event_at: Millis) -> Self {
+        Self {
+            start: policy.window_start(stamp),
+            first_input_at: stamp,
+            last_input_at: stamp,
+            first_event_at,
+            last_event_at,
+            inputs,
+        }
+    }
+
+    /// Records more inputs stamped `stamp`.
+    pub fn absorb(&mut self, stamp: Millis, inputs: u64, first_event_at: Millis, last_event_at: Millis) {
+        self.last_input_at = self.last_input_at.max(stamp);
+        self.first_event_at = self.first_event_at.min(first_event_at);
+        self.last_event_at = self.last_event_at.max(last_event_at);
+        self.inputs = self.inputs.saturating_add(inputs);
+    }
+}
+
+/// Why a window closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SealReason {
+    /// A time trigger (tumbling end, max-wait, debounce or idle) passed.
+    Time,
+    /// The window reached `max_count` inputs.
+    MaxCount,
+    /// The merged value reached `max_bytes`.
+    MaxBytes,
+    /// Merging the next input would overflow or exceed a bound, so the window closed early.
+    Overflow,
+    /// The stream's merge operator changed, so the old window closed.
+    OpChanged,
+    /// The shard buffer was full and the stream's overflow policy is `flush_early`.
+    FlushEarly,
+}
+
+impl SealReason {
+    /// A stable name for metrics and outputs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SealReason::Time => "time",
+            SealReason::MaxCount => "max_count",
+            SealReason::MaxBytes => "max_bytes",
+            SealReason::Overflow => "overflow",
+            SealReason::OpChanged => "op_changed",
+            SealReason::FlushEarly => "flush_early",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(toml_text: &str) -> WindowConfig {
+        toml::from_str(toml_text).expect("window config parses")
+    }
+
+    #[test]
+    fn debounce_needs_max_wait_and_must_not_exceed_it() {
+        let e = cfg("debounce = \"30s\"").validate("api-calls").unwrap_err();
+        assert!(e.to_string().contains("window.debounce requires window.max_wait"), "{e}");
+        let e = cfg("debounce = \"30s\"\nmax_wait = \"10s\"").validate("api-calls").unwrap_err();
+        assert_eq!(e.to_string(), "stream \"api-calls\": window.debounce must be <= window.max_wait");
+        assert!(cfg("debounce = \"30s\"\nmax_wait = \"2m\"").validate("api-calls").is_ok());
+    }
+
+    #[test]
+    fn a_time_bound_is_required() {
+        let e = cfg("max_count = 10").validate("s").unwrap_err();
+        assert!(e.to_string().contains("needs a time bound"), "{e}");
+        let e = cfg("idle = \"1s\"").validate("s").unwrap_err();
+        assert!(e.to_string().contains("needs a time bound"), "{e}");
+    }
+
+    #[test]
+    fn zero_and_huge_durations_are_refused() {
+        assert!(cfg("tumbling = \"0s\"").validate("s").unwrap_err().to_string().contains("window.tumbling must be at least 1ms"));
+        assert!(cfg("tumbling = \"8days\"").validate("s").unwrap_err().to_string().contains("at most 7d"));
+        assert!(cfg("tumbling = \"1s\"\nmax_count = 0").validate("s").is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(toml::from_str::<WindowConfig>("tumblin = \"1s\"").is_err());
+    }
+
+    #[test]
+    fn deadline_is_the_earliest_trigger() {
+        let p = cfg("tumbling = \"10s\"\ndebounce = \"2s\"\nmax_wait = \"5s\"").validate("s").unwrap();
+        let mut w = WindowState::open(&p, 12_500, 1, 0, 0);
+        assert_eq!(w.start, 10_000);
+        assert_eq!(p.deadline(&w), 14_500); // debounce
+        w.absorb(14_000, 1, 0, 0);
+        assert_eq!(p.deadline(&w), 16_000); // debounce again
+        w.absorb(15_900, 1, 0, 0);
+        assert_eq!(p.deadline(&w), 17_500); // max_wait caps the debounce
+        w.absorb(19_000, 1, 0, 0);
+        assert_eq!(p.deadline(&w), 17_500);
+        let t = cfg("tumbling = \"10s\"").validate("s").unwrap();
+        assert_eq!(t.deadline(&WindowState::open(&t, 19_999, 1, 0, 0)), 20_000);
+    }
+}
