@@ -7,7 +7,12 @@
 //! range of seqs in the request (see [`crate::session`]). A merge that cannot be represented
 //! (overflow, bound) starts a second partial for the key instead of failing the event.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 
 use serde::{Deserialize, Serialize};
 
@@ -80,8 +85,10 @@ pub struct BatchBuilder<'a> {
     batches: BTreeMap<ShardId, EventBatch>,
     /// (shard, producer) → group position in its batch.
     groups: HashMap<(ShardId, Option<u64>), usize>,
-    /// (shard, group, key) → position of the key's newest partial in the group.
-    partials: HashMap<(ShardId, usize, BufKey), usize>,
+    /// (shard, group, partial) of each key's newest partial, hashed by (shard, group, stream,
+    /// key); the key itself is stored once, in the partial.
+    partials: HashTable<(ShardId, usize, usize)>,
+    hasher: DefaultHashBuilder,
     /// Highest seq seen per producer in this request (seqs must increase).
     last_seq: HashMap<u64, u64>,
 }
@@ -100,7 +107,8 @@ impl<'a> BatchBuilder<'a> {
             next_index: 0,
             batches: BTreeMap::new(),
             groups: HashMap::new(),
-            partials: HashMap::new(),
+            partials: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
             last_seq: HashMap::new(),
         }
     }
@@ -156,10 +164,13 @@ impl<'a> BatchBuilder<'a> {
             range.last_seq = seq;
         }
         group.events.push(index);
-        let key = BufKey { stream: event.stream.clone(), key: event.key.clone() };
-        let slot = (shard, gi, key);
-        let merged = match self.partials.get(&slot) {
-            Some(&pi) => {
+        let hash = self.hasher.hash_one(SlotRef { shard, group: gi, stream: &event.stream, key: &event.key });
+        let partials = &group.partials;
+        let found = self.partials.find(hash, |&(s, g, p)| {
+            s == shard && g == gi && partials[p].0.stream == event.stream && partials[p].0.key == event.key
+        });
+        let merged = match found {
+            Some(&(_, _, pi)) => {
                 let p = &mut group.partials[pi].1;
                 if p.agg.merge(&agg, &def.rules.op).is_ok() {
                     p.inputs += 1;
@@ -173,11 +184,17 @@ impl<'a> BatchBuilder<'a> {
             None => false,
         };
         if !merged {
-            group.partials.push((
-                slot.2.clone(),
-                Partial { agg, inputs: 1, first_event_at: event_time, last_event_at: event_time },
-            ));
-            self.partials.insert(slot, group.partials.len() - 1);
+            let key = BufKey { stream: event.stream.clone(), key: event.key.clone() };
+            group
+                .partials
+                .push((key, Partial { agg, inputs: 1, first_event_at: event_time, last_event_at: event_time }));
+            let slot = (shard, gi, group.partials.len() - 1);
+            // Growing the table rehashes entries from the keys held in their partials.
+            let (batches, hasher) = (&self.batches, &self.hasher);
+            self.partials.insert_unique(hash, slot, |&(s, g, p)| {
+                let k = &batches[&s].groups[g].partials[p].0;
+                hasher.hash_one(SlotRef { shard: s, group: g, stream: &k.stream, key: &k.key })
+            });
         }
         Ok(shard)
     }
@@ -185,5 +202,23 @@ impl<'a> BatchBuilder<'a> {
     /// The per-shard batches.
     pub fn finish(self) -> BTreeMap<ShardId, EventBatch> {
         self.batches
+    }
+}
+
+/// What a partial slot is hashed by; borrowed, so lookups allocate nothing.
+#[derive(Debug)]
+struct SlotRef<'a> {
+    shard: ShardId,
+    group: usize,
+    stream: &'a str,
+    key: &'a str,
+}
+
+impl Hash for SlotRef<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.shard.hash(h);
+        self.group.hash(h);
+        self.stream.hash(h);
+        self.key.hash(h);
     }
 }

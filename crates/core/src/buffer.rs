@@ -85,9 +85,10 @@ pub trait BufferStore {
 }
 
 /// An in-memory [`BufferStore`] for tests, simulations and the single-process demo.
+/// Only the index is iterated, so the buffers can live in a hash map.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MemStore {
-    pub buffers: BTreeMap<BufKey, Buffered>,
+    pub buffers: hashbrown::HashMap<BufKey, Buffered>,
     pub index: BTreeSet<(Millis, BufKey)>,
     pub stats: ShardStats,
 }
@@ -98,7 +99,12 @@ impl BufferStore for MemStore {
         Ok(self.buffers.get(key).cloned())
     }
     fn put(&mut self, key: &BufKey, value: &Buffered) -> Result<(), Infallible> {
-        self.buffers.insert(key.clone(), value.clone());
+        match self.buffers.get_mut(key) {
+            Some(slot) => *slot = value.clone(),
+            None => {
+                self.buffers.insert(key.clone(), value.clone());
+            }
+        }
         Ok(())
     }
     fn delete(&mut self, key: &BufKey) -> Result<(), Infallible> {
@@ -196,7 +202,8 @@ impl ShardBuffer {
                 result.outcomes.push(PartialOutcome::Shed);
                 continue;
             };
-            let outcome = Self::apply_partial(store, &mut stats, stamp, rules, &batch.limits, key, partial, &mut result.outputs)?;
+            let outcome =
+                Self::apply_partial(store, &mut stats, stamp, rules, &batch.limits, key, partial, &mut result.outputs)?;
             result.outcomes.push(outcome);
         }
         store.set_stats(&stats)?;
@@ -225,17 +232,20 @@ impl ShardBuffer {
                 existing = Some(b);
             }
         }
-        let mut current = match existing {
+        let current = match existing {
             Some(mut b) => {
                 let old_deadline = b.deadline;
                 if b.agg.merge(&partial.agg, &rules.op).is_ok() {
                     b.window.absorb(stamp, partial.inputs, partial.first_event_at, partial.last_event_at);
-                    store.index_remove(old_deadline, key)?;
                     stats.bytes = stats.bytes.saturating_sub(b.bytes);
                     b.bytes = accounted_bytes(key, &b.agg);
                     stats.bytes += b.bytes;
                     b.deadline = rules.window.deadline(&b.window);
-                    store.index_insert(b.deadline, key)?;
+                    if b.deadline != old_deadline {
+                        // Tumbling and max-wait deadlines never move; debounce and idle do.
+                        store.index_remove(old_deadline, key)?;
+                        store.index_insert(b.deadline, key)?;
+                    }
                     b
                 } else {
                     // Overflow or bound: close this window, the input opens the next one.
@@ -255,7 +265,6 @@ impl ShardBuffer {
         if let Some(reason) = rules.window.data_trigger(current.window.inputs, current.agg.size()) {
             outputs.push(Self::seal(store, stats, key, current, stamp, reason)?);
         } else {
-            current.deadline = rules.window.deadline(&current.window);
             store.put(key, &current)?;
         }
         Ok(PartialOutcome::Applied)
@@ -296,7 +305,8 @@ impl ShardBuffer {
                 }
             }
         }
-        let window = WindowState::open(&rules.window, stamp, partial.inputs, partial.first_event_at, partial.last_event_at);
+        let window =
+            WindowState::open(&rules.window, stamp, partial.inputs, partial.first_event_at, partial.last_event_at);
         let b = Buffered { agg: partial.agg.clone(), window, deadline: rules.window.deadline(&window), bytes };
         stats.keys += 1;
         stats.bytes += bytes;
@@ -344,11 +354,11 @@ impl ShardBuffer {
         stats.last_stamp = stamp;
         let mut outputs = Vec::new();
         for (deadline, key) in store.due(stamp, limit)? {
-            if let Some(b) = store.get(&key)? {
-                if b.deadline == deadline {
-                    outputs.push(Self::seal(store, &mut stats, &key, b, deadline, SealReason::Time)?);
-                    continue;
-                }
+            if let Some(b) = store.get(&key)?
+                && b.deadline == deadline
+            {
+                outputs.push(Self::seal(store, &mut stats, &key, b, deadline, SealReason::Time)?);
+                continue;
             }
             // A stale index entry cannot exist if every write goes through these functions;
             // drop it rather than loop on it forever.

@@ -111,10 +111,9 @@ impl MergeOp {
             "set_union" => MergeOp::SetUnion { max_members: default_max_members() },
             "append" => MergeOp::Append { max_len: default_max_len() },
             "json_merge_patch" => MergeOp::JsonMergePatch,
-            "ddsketch" => MergeOp::Ddsketch {
-                relative_accuracy: default_relative_accuracy(),
-                max_bins: default_max_bins(),
-            },
+            "ddsketch" => {
+                MergeOp::Ddsketch { relative_accuracy: default_relative_accuracy(), max_bins: default_max_bins() }
+            }
             "hll" => MergeOp::Hll { precision: default_precision() },
             _ => return None,
         })
@@ -161,9 +160,7 @@ impl MergeOp {
             MergeOp::Append { max_len } if max_len == 0 || max_len > 1_000_000 => {
                 Err(("merge.max_len", format!("must be in 1..=1000000, got {max_len}")))
             }
-            MergeOp::Ddsketch { relative_accuracy, .. }
-                if !(relative_accuracy > 0.0 && relative_accuracy < 1.0) =>
-            {
+            MergeOp::Ddsketch { relative_accuracy, .. } if !(relative_accuracy > 0.0 && relative_accuracy < 1.0) => {
                 Err(("merge.relative_accuracy", format!("must be in (0, 1), got {relative_accuracy}")))
             }
             MergeOp::Ddsketch { max_bins, .. } if !(16..=65_536).contains(&max_bins) => {
@@ -228,9 +225,10 @@ impl MergeOp {
             }
             MergeOp::JsonMergePatch => match value {
                 Value::Json(j) => Aggregate::JsonMergePatch(j.clone()),
-                Value::Str(s) => Aggregate::JsonMergePatch(serde_json::from_str(s).map_err(|e| {
-                    EventError::InvalidValue { op, reason: format!("not JSON: {e}") }
-                })?),
+                Value::Str(s) => Aggregate::JsonMergePatch(
+                    serde_json::from_str(s)
+                        .map_err(|e| EventError::InvalidValue { op, reason: format!("not JSON: {e}") })?,
+                ),
                 _ => return Err(mismatch("json")),
             },
             MergeOp::Ddsketch { relative_accuracy, max_bins } => {
@@ -257,8 +255,7 @@ impl MergeOp {
     pub fn accepts(&self, agg: &Aggregate) -> bool {
         match (self, agg) {
             (MergeOp::Ddsketch { relative_accuracy, max_bins }, Aggregate::Ddsketch(s)) => {
-                s.0.count() == 0
-                    || ddsketch_config_matches(&s.0, &DdConfig::new(*relative_accuracy, *max_bins, 1.0e-9))
+                s.0.count() == 0 || ddsketch_config_matches(&s.0, &DdConfig::new(*relative_accuracy, *max_bins, 1.0e-9))
             }
             (MergeOp::Hll { precision }, Aggregate::Hll(h)) => h.precision() == *precision,
             _ => self.name() == agg.op_name() && self.num_type() == agg.num_type(),
@@ -426,7 +423,8 @@ impl Aggregate {
             }
             (A::JsonMergePatch(a), A::JsonMergePatch(b)) => compose_merge_patch(a, b),
             (A::Ddsketch(a), A::Ddsketch(b)) => {
-                a.0.merge(&b.0).map_err(|_| MergeError::Mismatch { have: "ddsketch", got: "ddsketch (other accuracy)" })?
+                a.0.merge(&b.0)
+                    .map_err(|_| MergeError::Mismatch { have: "ddsketch", got: "ddsketch (other accuracy)" })?
             }
             (A::Hll(a), A::Hll(b)) => {
                 a.merge(b).map_err(|_| MergeError::Mismatch { have: "hll", got: "hll (other precision)" })?

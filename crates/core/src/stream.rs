@@ -123,9 +123,9 @@ impl<'de> Deserialize<'de> for MergeSpec {
                 write!(f, "an operator name ({}) or a table with `op`", MergeOp::NAMES.join(", "))
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<MergeSpec, E> {
-                MergeOp::from_name(s)
-                    .map(MergeSpec)
-                    .ok_or_else(|| E::custom(format!("unknown merge operator {s:?}, expected one of: {}", MergeOp::NAMES.join(", "))))
+                MergeOp::from_name(s).map(MergeSpec).ok_or_else(|| {
+                    E::custom(format!("unknown merge operator {s:?}, expected one of: {}", MergeOp::NAMES.join(", ")))
+                })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MergeSpec, A::Error> {
                 MergeOp::deserialize(de::value::MapAccessDeserializer::new(map)).map(MergeSpec)
@@ -186,7 +186,11 @@ impl StreamConfig {
             return Err(ConfigError::stream(name, "max_key_bytes", format!("must be in 1..={MAX_KEY_BYTES_LIMIT}")));
         }
         if self.max_value_bytes == 0 || self.max_value_bytes > MAX_VALUE_BYTES_LIMIT {
-            return Err(ConfigError::stream(name, "max_value_bytes", format!("must be in 1..={MAX_VALUE_BYTES_LIMIT}")));
+            return Err(ConfigError::stream(
+                name,
+                "max_value_bytes",
+                format!("must be in 1..={MAX_VALUE_BYTES_LIMIT}"),
+            ));
         }
         Ok(StreamDef {
             name: name.to_owned(),
@@ -241,7 +245,10 @@ impl StreamsFile {
             return Err(ConfigError::Global { field: "limits.max_keys".into(), message: "must be at least 1".into() });
         }
         if self.limits.max_bytes < 1024 {
-            return Err(ConfigError::Global { field: "limits.max_bytes".into(), message: "must be at least 1024".into() });
+            return Err(ConfigError::Global {
+                field: "limits.max_bytes".into(),
+                message: "must be at least 1024".into(),
+            });
         }
         for (name, sink) in &self.sinks {
             if !valid_name(name) {
@@ -253,16 +260,16 @@ impl StreamsFile {
             if !known_sink_kinds.contains(&sink.kind.as_str()) {
                 return Err(ConfigError::Global {
                     field: format!("sinks.{name}.kind"),
-                    message: format!("unknown sink kind {:?}, expected one of: {}", sink.kind, known_sink_kinds.join(", ")),
+                    message: format!(
+                        "unknown sink kind {:?}, expected one of: {}",
+                        sink.kind,
+                        known_sink_kinds.join(", ")
+                    ),
                 });
             }
         }
         let exists = |s: &str| self.sinks.contains_key(s);
-        let defs = self
-            .streams
-            .iter()
-            .map(|(name, cfg)| cfg.validate(name, &exists))
-            .collect::<Result<Vec<_>, _>>()?;
+        let defs = self.streams.iter().map(|(name, cfg)| cfg.validate(name, &exists)).collect::<Result<Vec<_>, _>>()?;
         Ok(StreamTable::new(defs, self.limits))
     }
 }
@@ -301,11 +308,22 @@ mod tests {
             parse_err("[streams.api-calls]\nmerge = \"sum_i64\"\nwindow = { debounce = \"30s\", max_wait = \"10s\" }"),
             "stream \"api-calls\": window.debounce must be <= window.max_wait"
         );
-        assert!(parse_err("[streams.x]\nmerge = \"summ\"\nwindow = { tumbling = \"1s\" }").contains("unknown merge operator \"summ\""));
-        assert!(parse_err("[streams.x]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"1s\" }\ncolour = 1").contains("unknown field `colour`"));
-        assert!(parse_err("[streams.x]\nmerge = { op = \"set_union\", max_member = 5 }\nwindow = { tumbling = \"1s\" }").contains("max_member"));
+        assert!(
+            parse_err("[streams.x]\nmerge = \"summ\"\nwindow = { tumbling = \"1s\" }")
+                .contains("unknown merge operator \"summ\"")
+        );
+        assert!(
+            parse_err("[streams.x]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"1s\" }\ncolour = 1")
+                .contains("unknown field `colour`")
+        );
+        assert!(
+            parse_err("[streams.x]\nmerge = { op = \"set_union\", max_member = 5 }\nwindow = { tumbling = \"1s\" }")
+                .contains("max_member")
+        );
         assert_eq!(
-            parse_err("[streams.x]\nmerge = { op = \"ddsketch\", relative_accuracy = 2.0 }\nwindow = { tumbling = \"1s\" }"),
+            parse_err(
+                "[streams.x]\nmerge = { op = \"ddsketch\", relative_accuracy = 2.0 }\nwindow = { tumbling = \"1s\" }"
+            ),
             "stream \"x\": merge.relative_accuracy must be in (0, 1), got 2"
         );
         assert_eq!(

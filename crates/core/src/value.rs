@@ -62,9 +62,9 @@ impl Value {
         match self {
             Value::None => serde_json::Value::Null,
             Value::Int(i) => (*i).into(),
-            Value::Float(f) => serde_json::Number::from_f64(*f)
-                .map(serde_json::Value::Number)
-                .unwrap_or(serde_json::Value::Null),
+            Value::Float(f) => {
+                serde_json::Number::from_f64(*f).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null)
+            }
             Value::Str(s) => s.clone().into(),
             Value::Bytes(b) => hex(b).into(),
             Value::Json(j) => j.clone(),
@@ -89,9 +89,7 @@ pub(crate) fn json_size(v: &serde_json::Value) -> usize {
         serde_json::Value::Number(_) => 8,
         serde_json::Value::String(s) => s.len() + 2,
         serde_json::Value::Array(a) => 2 + a.iter().map(|x| json_size(x) + 1).sum::<usize>(),
-        serde_json::Value::Object(o) => {
-            2 + o.iter().map(|(k, x)| k.len() + 4 + json_size(x)).sum::<usize>()
-        }
+        serde_json::Value::Object(o) => 2 + o.iter().map(|(k, x)| k.len() + 4 + json_size(x)).sum::<usize>(),
     }
 }
 

@@ -170,7 +170,13 @@ pub struct WindowState {
 
 impl WindowState {
     /// The state of a window opened by an input stamped `stamp`.
-    pub fn open(policy: &WindowPolicy, stamp: Millis, inputs: u64, first_event_at: Millis, last_event_at: Millis) -> Self {
+    pub fn open(
+        policy: &WindowPolicy,
+        stamp: Millis,
+        inputs: u64,
+        first_event_at: Millis,
+        last_event_at: Millis,
+    ) -> Self {
         Self {
             start: policy.window_start(stamp),
             first_input_at: stamp,
@@ -248,7 +254,13 @@ mod tests {
 
     #[test]
     fn zero_and_huge_durations_are_refused() {
-        assert!(cfg("tumbling = \"0s\"").validate("s").unwrap_err().to_string().contains("window.tumbling must be at least 1ms"));
+        assert!(
+            cfg("tumbling = \"0s\"")
+                .validate("s")
+                .unwrap_err()
+                .to_string()
+                .contains("window.tumbling must be at least 1ms")
+        );
         assert!(cfg("tumbling = \"8days\"").validate("s").unwrap_err().to_string().contains("at most 7d"));
         assert!(cfg("tumbling = \"1s\"\nmax_count = 0").validate("s").is_err());
     }

@@ -1,0 +1,43 @@
+//! Pre-merging a request per key (per producer) equals merging the events one by one.
+
+use std::collections::BTreeMap;
+
+use coalesce_core::batch::{BatchBuilder, Event};
+use coalesce_core::hash::shard_for;
+use coalesce_core::merge::Aggregate;
+use coalesce_core::stream::StreamsFile;
+use coalesce_core::value::Value;
+use proptest::prelude::*;
+
+proptest! {
+    #[test]
+    fn premerge_matches_per_key_model(events in prop::collection::vec((0u8..40, -1000i64..1000, 0u64..3, prop::bool::ANY), 1..400)) {
+        let table = StreamsFile::parse("[streams.a]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"1s\" }\n[streams.b]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"1s\" }")
+            .and_then(|f| f.validate(&[])).unwrap();
+        let mut builder = BatchBuilder::new(&table, 4, 0);
+        let mut model: BTreeMap<(Option<u64>, String, String), (i64, u64)> = BTreeMap::new();
+        let mut seqs = [0u64; 3];
+        for (k, v, producer, stream_b) in &events {
+            let stream = if *stream_b { "b" } else { "a" };
+            let key = format!("key-{k}");
+            let producer = (*producer > 0).then(|| { seqs[*producer as usize] += 1; (*producer, seqs[*producer as usize]) });
+            let shard = builder.add(&Event { stream: stream.into(), key: key.clone(), value: Value::Int(*v), event_time: None, producer }).unwrap();
+            prop_assert_eq!(shard, shard_for(stream, &key, 4));
+            let e = model.entry((producer.map(|p| p.0), stream.to_owned(), key)).or_default();
+            e.0 += v;
+            e.1 += 1;
+        }
+        let mut got: BTreeMap<(Option<u64>, String, String), (i64, u64)> = BTreeMap::new();
+        for (shard, batch) in builder.finish() {
+            for g in batch.groups {
+                for (k, p) in g.partials {
+                    prop_assert_eq!(shard, shard_for(&k.stream, &k.key, 4));
+                    let Aggregate::SumI64(s) = p.agg else { panic!("sum") };
+                    let prev = got.insert((g.range.map(|r| r.producer), k.stream, k.key), (s, p.inputs));
+                    prop_assert!(prev.is_none(), "one partial per (producer, key)");
+                }
+            }
+        }
+        prop_assert_eq!(got, model);
+    }
+}

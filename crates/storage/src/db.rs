@@ -1,0 +1,118 @@
+//! The node's RocksDB: one database shared by every shard group on the node.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
+
+use crate::error::StorageError;
+use crate::flusher::Flusher;
+use crate::keys::{ALL_CFS, CF_NODE};
+
+/// Tuning knobs; the defaults suit a small node.
+#[derive(Clone, Debug)]
+pub struct StorageOptions {
+    /// Block cache shared by all column families.
+    pub block_cache_bytes: usize,
+    /// Memtable size per column family.
+    pub write_buffer_bytes: usize,
+    /// WAL files kept for reuse: syncing an overwritten, preallocated file is far cheaper than
+    /// syncing a growing one (see docs/benchmarks.md).
+    pub recycle_wal_files: usize,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        Self { block_cache_bytes: 64 << 20, write_buffer_bytes: 32 << 20, recycle_wal_files: 4 }
+    }
+}
+
+/// A node's database and its group-commit flusher.
+#[derive(Debug)]
+pub struct NodeDb {
+    db: Arc<DB>,
+    path: PathBuf,
+    flusher: Flusher,
+}
+
+impl NodeDb {
+    /// Opens (creating if needed) the database at `path` with every column family.
+    pub fn open(path: &Path, options: &StorageOptions) -> Result<Arc<Self>, StorageError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_recycle_log_file_num(options.recycle_wal_files);
+        opts.set_max_background_jobs(2);
+        opts.set_bytes_per_sync(1 << 20);
+        let cache = rocksdb::Cache::new_lru_cache(options.block_cache_bytes);
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_bloom_filter(10.0, false);
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut cf = Options::default();
+            cf.set_write_buffer_size(options.write_buffer_bytes);
+            cf.set_block_based_table_factory(&table);
+            cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(*name, cf)
+        });
+        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        let db = Arc::new(db);
+        let flusher = Flusher::start(Arc::clone(&db));
+        Ok(Arc::new(Self { db, path: path.to_owned(), flusher }))
+    }
+
+    /// The column family `name` (every name in [`ALL_CFS`] exists once opened).
+    pub fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StorageError> {
+        self.db.cf_handle(name).ok_or(StorageError::MissingColumnFamily(name))
+    }
+
+    /// The raw database, for reads and iteration.
+    pub fn raw(&self) -> &DB {
+        &self.db
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes a batch to the WAL and memtables without waiting for an fsync. Durability comes
+    /// from [`NodeDb::flusher`] (log appends) or [`NodeDb::write_sync`].
+    pub fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Writes a batch and fsyncs the WAL before returning (votes, purge markers).
+    pub fn write_sync(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// The shared group-commit flusher.
+    pub fn flusher(&self) -> &Flusher {
+        &self.flusher
+    }
+
+    /// A node-level value (not per shard), e.g. the node's peer identity.
+    pub fn node_get(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.db.get_cf(self.cf(CF_NODE)?, name.as_bytes())?)
+    }
+
+    /// Sets a node-level value durably.
+    pub fn node_put(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_NODE)?, name.as_bytes(), value);
+        self.write_sync(batch)
+    }
+
+    /// Approximate on-disk size of a column family (for metrics).
+    pub fn cf_size_bytes(&self, name: &'static str) -> Result<u64, StorageError> {
+        Ok(self.db.property_int_value_cf(self.cf(name)?, rocksdb::properties::TOTAL_SST_FILES_SIZE)?.unwrap_or(0)
+            + self.db.property_int_value_cf(self.cf(name)?, rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES)?.unwrap_or(0))
+    }
+}

@@ -1,0 +1,208 @@
+//! The RocksDB store against the in-memory model, the log operations, group commit, snapshots
+//! and restarts.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use coalesce_core::batch::Partial;
+use coalesce_core::buffer::{BufKey, BufferStore, IngestBatch, MemStore, ShardBuffer};
+use coalesce_core::merge::{Aggregate, MergeOp};
+use coalesce_core::output::Output;
+use coalesce_core::stream::{OverflowPolicy, ShardLimits, StreamRules};
+use coalesce_core::window::WindowPolicy;
+use coalesce_storage::keys::RaftMetaTag;
+use coalesce_storage::{NodeDb, ShardStore, StorageOptions};
+
+fn open(dir: &std::path::Path) -> std::sync::Arc<NodeDb> {
+    NodeDb::open(dir, &StorageOptions::default()).expect("open db")
+}
+
+#[test]
+fn log_append_range_truncate_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let a = ShardStore::new(db.clone(), 1);
+    let b = ShardStore::new(db.clone(), 2);
+    let (tx, rx) = mpsc::channel();
+    for i in 0..10u64 {
+        let tx = tx.clone();
+        a.log_append([(i, vec![i as u8; 3])], Box::new(move |r| tx.send((i, r.is_ok())).unwrap())).unwrap();
+    }
+    b.log_append([(0, vec![42])], Box::new(|r| assert!(r.is_ok()))).unwrap();
+    let mut durable: Vec<_> = (0..10).map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap()).collect();
+    durable.sort();
+    assert_eq!(durable, (0..10).map(|i| (i, true)).collect::<Vec<_>>(), "every append is reported durable");
+    assert!(db.flusher().stats().syncs.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+
+    assert_eq!(a.log_range(3, 6, usize::MAX).unwrap().iter().map(|e| e.0).collect::<Vec<_>>(), [3, 4, 5]);
+    assert_eq!(a.log_range(3, 100, 4).unwrap().len(), 2, "stops once max_bytes is exceeded");
+    assert_eq!(a.log_last().unwrap().map(|e| e.0), Some(9));
+    assert_eq!(b.log_last().unwrap(), Some((0, vec![42])), "shards do not see each other's rows");
+
+    a.log_truncate_from(7).unwrap();
+    assert_eq!(a.log_last().unwrap().map(|e| e.0), Some(6));
+    a.log_purge_upto(4, b"marker").unwrap();
+    assert_eq!(a.log_range(0, 100, usize::MAX).unwrap().iter().map(|e| e.0).collect::<Vec<_>>(), [5, 6]);
+    assert_eq!(a.raft_meta_get(RaftMetaTag::Purged).unwrap().as_deref(), Some(&b"marker"[..]));
+    a.log_purge_upto(6, b"all").unwrap();
+    assert_eq!(a.log_last().unwrap(), None);
+    assert_eq!(b.log_last().unwrap(), Some((0, vec![42])));
+}
+
+fn rules(overflow: OverflowPolicy) -> BTreeMap<String, StreamRules> {
+    let window =
+        WindowPolicy { debounce_ms: Some(30), max_wait_ms: Some(200), max_count: Some(9), ..Default::default() };
+    BTreeMap::from([("s".to_owned(), StreamRules { op: MergeOp::SumI64, window, overflow })])
+}
+
+/// A deterministic pseudo-random workload of ingests and seals.
+/// (stamp, None = seal | Some(partials as (key, value)))
+type Op = (u64, Option<Vec<(u8, i64)>>);
+
+fn workload(seed: u64, n: usize) -> Vec<Op> {
+    let mut x = seed;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut t = 1_000;
+    (0..n)
+        .map(|_| {
+            t += next() % 20;
+            if next() % 4 == 0 {
+                (t, None)
+            } else {
+                let parts = (0..1 + next() % 5).map(|_| ((next() % 50) as u8, (next() % 100) as i64)).collect();
+                (t, Some(parts))
+            }
+        })
+        .collect()
+}
+
+fn run<S: BufferStore>(
+    store: &mut S,
+    op: &(u64, Option<Vec<(u8, i64)>>),
+    rules: &BTreeMap<String, StreamRules>,
+) -> Vec<Output>
+where
+    S::Error: std::fmt::Debug,
+{
+    let limits = ShardLimits { max_keys: 30, max_bytes: 1 << 20 };
+    match op {
+        (t, None) => ShardBuffer::seal_due(store, *t, 7).expect("seal"),
+        (t, Some(parts)) => {
+            let partials = parts
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        BufKey { stream: "s".into(), key: format!("k{k}") },
+                        Partial { agg: Aggregate::SumI64(*v), inputs: 1, first_event_at: *t, last_event_at: *t },
+                    )
+                })
+                .collect();
+            ShardBuffer::apply_ingest(store, &IngestBatch { stamp: *t, rules: rules.clone(), limits, partials })
+                .expect("apply")
+                .outputs
+        }
+    }
+}
+
+#[test]
+fn rocksdb_store_behaves_exactly_like_the_model() {
+    for (seed, overflow) in [(1, OverflowPolicy::FlushEarly), (2, OverflowPolicy::Shed), (3, OverflowPolicy::Reject)] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path());
+        let shard = ShardStore::new(db.clone(), 5);
+        let rules = rules(overflow);
+        let mut model = MemStore::default();
+        for (i, op) in workload(seed, 3_000).iter().enumerate() {
+            let expect = run(&mut model, op, &rules);
+            // Commit every op except a few, which share a batch with the next one, to exercise
+            // reads through the overlay.
+            let mut batch = shard.apply_batch();
+            let got = run(&mut batch, op, &rules);
+            assert_eq!(got, expect, "seed {seed} op {i}");
+            batch.commit().unwrap();
+        }
+        assert_eq!(shard.stats().unwrap(), model.stats, "seed {seed}");
+        // Everything that is buffered is indexed and due at the same times as in the model.
+        let mut batch = shard.apply_batch();
+        let due = batch.due(u64::MAX, usize::MAX).unwrap();
+        assert_eq!(due, model.index.iter().cloned().collect::<Vec<_>>());
+        for (_, key) in &due {
+            assert_eq!(batch.get(key).unwrap().as_ref(), model.buffers.get(key), "seed {seed} key {key:?}");
+        }
+    }
+}
+
+#[test]
+fn overlay_reads_its_own_writes_within_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = ShardStore::new(open(dir.path()), 0);
+    let rules = rules(OverflowPolicy::Reject);
+    let mut model = MemStore::default();
+    let mut batch = shard.apply_batch();
+    for op in workload(9, 400) {
+        assert_eq!(run(&mut batch, &op, &rules), run(&mut model, &op, &rules));
+    }
+    batch.commit().unwrap();
+    assert_eq!(shard.stats().unwrap(), model.stats);
+}
+
+#[test]
+fn state_survives_restart_and_moves_by_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = rules(OverflowPolicy::Reject);
+    let mut model = MemStore::default();
+    let ops = workload(4, 500);
+    {
+        let shard = ShardStore::new(open(dir.path()), 3);
+        for op in &ops {
+            let mut batch = shard.apply_batch();
+            run(&mut batch, op, &rules);
+            run(&mut model, op, &rules);
+            batch.commit().unwrap();
+        }
+        let mut batch = shard.apply_batch();
+        let out = Output {
+            stream: "s".into(),
+            key: "k".into(),
+            shard: 3,
+            seq: 7,
+            epoch: Default::default(),
+            window_start: 0,
+            window_end: 1,
+            first_input_at: 0,
+            last_input_at: 0,
+            first_event_at: 0,
+            last_event_at: 0,
+            inputs: 1,
+            reason: coalesce_core::window::SealReason::Time,
+            value: Aggregate::SumI64(5),
+        };
+        batch.outbox_put(&out).unwrap();
+        batch.session_put(77, &coalesce_core::session::Session { last_seq: 9, last_seen: 1 }).unwrap();
+        batch.commit().unwrap();
+    }
+    // Reopen: everything is still there.
+    let db = open(dir.path());
+    let shard = ShardStore::new(db.clone(), 3);
+    assert_eq!(shard.stats().unwrap(), model.stats);
+    assert_eq!(shard.outbox_from(0, 10).unwrap().len(), 1);
+    assert_eq!(shard.sessions().unwrap(), vec![(77, coalesce_core::session::Session { last_seq: 9, last_seen: 1 })]);
+
+    // Export to another shard in another database; it is the same state.
+    let data = shard.export_state().unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = ShardStore::new(open(other_dir.path()), 3);
+    // Pre-existing rows of the target are replaced.
+    let mut junk = other.apply_batch();
+    junk.session_put(1, &coalesce_core::session::Session { last_seq: 1, last_seen: 1 }).unwrap();
+    junk.commit().unwrap();
+    other.import_state(&data).unwrap();
+    assert_eq!(other.export_state().unwrap(), data, "byte-identical after a snapshot install");
+    assert_eq!(other.sessions().unwrap().len(), 1);
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks to build and test Coalesce. Idempotent and quiet when
+# everything is present. Needs root (or sudo) for apt.
+set -euo pipefail
+
+# System packages: libclang for RocksDB's bindgen.
+APT_PACKAGES=(libclang-dev)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Rust components used by CI.
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
