@@ -37,6 +37,16 @@ pub enum SeqCheck {
     Overlap { accepted: u64 },
 }
 
+/// The verdict for `range` given the producer's session (`None`: never seen or expired).
+pub fn check_range(session: Option<Session>, range: &ProducerRange) -> SeqCheck {
+    match session {
+        None => SeqCheck::New,
+        Some(s) if range.first_seq > s.last_seq => SeqCheck::New,
+        Some(s) if range.last_seq <= s.last_seq => SeqCheck::Duplicate,
+        Some(s) => SeqCheck::Overlap { accepted: s.last_seq },
+    }
+}
+
 /// One producer's state on one shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
@@ -58,12 +68,7 @@ pub const DEFAULT_SESSION_TTL_MS: u64 = 24 * 3600 * 1000;
 impl ProducerSessions {
     /// The verdict for `range` against what this table has accepted.
     pub fn check(&self, range: &ProducerRange) -> SeqCheck {
-        match self.sessions.get(&range.producer) {
-            None => SeqCheck::New,
-            Some(s) if range.first_seq > s.last_seq => SeqCheck::New,
-            Some(s) if range.last_seq <= s.last_seq => SeqCheck::Duplicate,
-            Some(s) => SeqCheck::Overlap { accepted: s.last_seq },
-        }
+        check_range(self.sessions.get(&range.producer).copied(), range)
     }
 
     /// Records that `range` was accepted at `stamp`.

@@ -21,4 +21,4 @@ pub mod shard;
 
 pub use db::{NodeDb, StorageOptions};
 pub use error::StorageError;
-pub use shard::{ApplyBatch, ShardStore};
+pub use shard::{ApplyBatch, ShardStore, StateExport};

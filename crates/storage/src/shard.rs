@@ -166,7 +166,15 @@ impl ShardStore {
 
     /// Starts applying one Raft entry.
     pub fn apply_batch(&self) -> ApplyBatch<'_> {
-        ApplyBatch { store: self, buffers: HashMap::new(), index: BTreeMap::new(), stats: None, rows: Vec::new() }
+        ApplyBatch {
+            store: self,
+            buffers: HashMap::new(),
+            index: BTreeMap::new(),
+            stats: None,
+            sessions: HashMap::new(),
+            rows: Vec::new(),
+            outbox_trims: Vec::new(),
+        }
     }
 
     /// Outbox entries with `seq >= from`, at most `limit`.
@@ -202,9 +210,8 @@ impl ShardStore {
         }
     }
 
-    /// Every state-machine row of the shard, read from one consistent RocksDB snapshot:
-    /// `(column family index in SM_CFS, key without shard prefix, value)`, encoded.
-    pub fn export_state(&self) -> Result<Vec<u8>, StorageError> {
+    /// Every state-machine row of the shard, read from one consistent RocksDB snapshot.
+    pub fn export_state(&self) -> Result<StateExport, StorageError> {
         let snap = self.db.raw().snapshot();
         let mut rows: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
         for (i, name) in keys::SM_CFS.iter().enumerate() {
@@ -217,13 +224,13 @@ impl ShardStore {
                 rows.push((i as u8, k[4..].to_vec(), v.into_vec()));
             }
         }
-        encode("state snapshot", &rows)
+        Ok(StateExport { rows })
     }
 
-    /// Replaces every state-machine row of the shard with `data` from [`ShardStore::export_state`],
-    /// atomically and durably.
+    /// Replaces every state-machine row of the shard with `data` (an encoded [`StateExport`],
+    /// possibly from another node), atomically and durably.
     pub fn import_state(&self, data: &[u8]) -> Result<(), StorageError> {
-        let rows: Vec<(u8, Vec<u8>, Vec<u8>)> = decode(self.shard, "state snapshot", data)?;
+        let rows = StateExport::decode(self.shard, data)?.rows;
         let mut batch = WriteBatch::default();
         for name in keys::SM_CFS {
             batch.delete_range_cf(
@@ -248,6 +255,41 @@ impl ShardStore {
     }
 }
 
+/// A shard's state-machine rows: `(index in SM_CFS, key without the shard prefix, value)`.
+/// It is what a Raft snapshot of the shard carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateExport {
+    rows: Vec<(u8, Vec<u8>, Vec<u8>)>,
+}
+
+impl StateExport {
+    /// The bytes shipped to another node.
+    pub fn encode(&self) -> Result<Vec<u8>, StorageError> {
+        encode("state snapshot", &self.rows)
+    }
+
+    /// Parses bytes from [`StateExport::encode`].
+    pub fn decode(shard: ShardId, data: &[u8]) -> Result<Self, StorageError> {
+        Ok(Self { rows: decode(shard, "state snapshot", data)? })
+    }
+
+    /// A state-machine metadata value in the export (read from the same consistent view).
+    pub fn sm_meta(&self, tag: SmMetaTag) -> Option<&[u8]> {
+        let cf = keys::SM_CFS.iter().position(|c| *c == keys::CF_SM_META)? as u8;
+        self.rows.iter().find(|(c, k, _)| *c == cf && k.as_slice() == [tag as u8]).map(|(_, _, v)| v.as_slice())
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
 /// Column families an [`ApplyBatch`] writes besides the buffer and index.
 #[derive(Debug, Clone, Copy)]
 enum Row {
@@ -265,7 +307,11 @@ pub struct ApplyBatch<'a> {
     /// Deadline-index overlay: `true` = inserted, `false` = removed in this batch.
     index: BTreeMap<(Millis, BufKey), bool>,
     stats: Option<ShardStats>,
+    /// Session overlay, so a producer appearing twice in one entry sees its first update.
+    sessions: HashMap<u64, Session>,
     rows: Vec<(Row, Vec<u8>, Option<Vec<u8>>)>,
+    /// Outbox seqs to delete: `[from, to)`.
+    outbox_trims: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for ApplyBatch<'_> {
@@ -289,13 +335,26 @@ impl ApplyBatch<'_> {
 
     /// Deletes outbox entries with `from <= seq < to`.
     pub fn outbox_trim(&mut self, from: u64, to: u64) {
-        for seq in from..to {
-            self.rows.push((Row::Outbox, keys::outbox_key(self.store.shard, seq).to_vec(), None));
+        if from < to {
+            self.outbox_trims.push((from, to));
+        }
+    }
+
+    /// A producer session, as of this batch's writes.
+    pub fn session_get(&mut self, producer: u64) -> Result<Option<Session>, StorageError> {
+        if let Some(s) = self.sessions.get(&producer) {
+            return Ok(Some(*s));
+        }
+        let db = &self.store.db;
+        match db.raw().get_pinned_cf(db.cf(keys::CF_SESSIONS)?, keys::session_key(self.store.shard, producer))? {
+            Some(bytes) => Ok(Some(decode(self.store.shard, "session", &bytes)?)),
+            None => Ok(None),
         }
     }
 
     /// Sets a producer session.
     pub fn session_put(&mut self, producer: u64, session: &Session) -> Result<(), StorageError> {
+        self.sessions.insert(producer, *session);
         let v = encode("session", session)?;
         self.rows.push((Row::Session, keys::session_key(self.store.shard, producer).to_vec(), Some(v)));
         Ok(())
@@ -336,6 +395,10 @@ impl ApplyBatch<'_> {
                 keys::sm_meta_key(shard, SmMetaTag::Stats),
                 encode("shard stats", stats)?,
             );
+        }
+        let cf_outbox = db.cf(keys::CF_OUTBOX)?;
+        for (from, to) in &self.outbox_trims {
+            batch.delete_range_cf(cf_outbox, keys::outbox_key(shard, *from), keys::outbox_key(shard, *to));
         }
         for (row, key, value) in self.rows {
             let cf = db.cf(match row {

@@ -195,7 +195,9 @@ fn state_survives_restart_and_moves_by_snapshot() {
     assert_eq!(shard.sessions().unwrap(), vec![(77, coalesce_core::session::Session { last_seq: 9, last_seen: 1 })]);
 
     // Export to another shard in another database; it is the same state.
-    let data = shard.export_state().unwrap();
+    let export = shard.export_state().unwrap();
+    assert!(export.sm_meta(coalesce_storage::keys::SmMetaTag::Stats).is_some());
+    let data = export.encode().unwrap();
     let other_dir = tempfile::tempdir().unwrap();
     let other = ShardStore::new(open(other_dir.path()), 3);
     // Pre-existing rows of the target are replaced.
@@ -203,6 +205,6 @@ fn state_survives_restart_and_moves_by_snapshot() {
     junk.session_put(1, &coalesce_core::session::Session { last_seq: 1, last_seen: 1 }).unwrap();
     junk.commit().unwrap();
     other.import_state(&data).unwrap();
-    assert_eq!(other.export_state().unwrap(), data, "byte-identical after a snapshot install");
+    assert_eq!(other.export_state().unwrap().encode().unwrap(), data, "byte-identical after a snapshot install");
     assert_eq!(other.sessions().unwrap().len(), 1);
 }

@@ -1,0 +1,307 @@
+//! A shard's replicated state machine: the core's buffer, the outbox and producer sessions in
+//! the node's RocksDB. Applying reads only the entry and the stored state — never the clock —
+//! so every replica holds byte-identical state after the same log.
+//!
+//! Each entry is applied as one atomic RocksDB write that also records the applied log id.
+//! Outputs sealed by an entry enter the outbox with gap-free, increasing per-shard seqs and
+//! the epoch (term, node) of the leader that wrote the entry.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use coalesce_core::buffer::{IngestBatch, PartialOutcome, ShardBuffer};
+use coalesce_core::output::Output;
+use coalesce_core::session::{self, SeqCheck, Session};
+use coalesce_storage::keys::SmMetaTag;
+use coalesce_storage::{ApplyBatch, ShardStore, StateExport, StorageError};
+use futures::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{EntryPayload, OptionalSend, StoredMembership};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, StoredMembershipT};
+use crate::types::{Command, GroupOutcome, IngestGroup, LogId, Response, TypeConfig, epoch_of};
+
+/// Replicated outbox bookkeeping of a shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxMeta {
+    /// The seq the next output gets (seqs start at 1).
+    pub next_seq: u64,
+    /// Outputs with a seq below this have been acked by every cursor and deleted.
+    pub low: u64,
+    /// Highest seq each consumer has acked.
+    pub cursors: BTreeMap<String, u64>,
+    /// Stamp at or after which the next Seal sweeps expired producer sessions.
+    pub next_session_sweep: u64,
+}
+
+impl Default for OutboxMeta {
+    fn default() -> Self {
+        Self { next_seq: 1, low: 1, cursors: BTreeMap::new(), next_session_sweep: 0 }
+    }
+}
+
+/// How often (in leader time) expired producer sessions are swept.
+const SESSION_SWEEP_INTERVAL_MS: u64 = 60_000;
+
+/// The latest snapshot built or installed: its metadata and data.
+type CurrentSnapshot = Arc<
+    Mutex<
+        Option<(
+            SnapshotMeta<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, crate::types::PeerNode>,
+            Vec<u8>,
+        )>,
+    >,
+>;
+
+/// A shard group's state machine.
+#[derive(Debug, Clone)]
+pub struct ShardStateMachine {
+    store: ShardStore,
+    /// Cached copy of the stored outbox meta; apply is sequential so it never goes stale.
+    outbox: OutboxMeta,
+    /// Shared with snapshot builders, which run in their own task.
+    current: CurrentSnapshot,
+}
+
+fn load_outbox(store: &ShardStore) -> Result<OutboxMeta, StorageError> {
+    match store.sm_meta_get(SmMetaTag::Outbox)? {
+        Some(b) => postcard::from_bytes(&b).map_err(|e| StorageError::Corrupt {
+            shard: store.shard(),
+            what: "outbox meta",
+            detail: e.to_string(),
+        }),
+        None => Ok(OutboxMeta::default()),
+    }
+}
+
+fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, StorageError> {
+    postcard::to_allocvec(v).map_err(|e| StorageError::Encode { what, detail: e.to_string() })
+}
+
+impl ShardStateMachine {
+    /// The state machine of `store`'s shard, as persisted.
+    pub fn open(store: ShardStore) -> Result<Self, StorageError> {
+        let outbox = load_outbox(&store)?;
+        Ok(Self { store, outbox, current: Arc::new(Mutex::new(None)) })
+    }
+
+    /// The shard's storage.
+    pub fn store(&self) -> &ShardStore {
+        &self.store
+    }
+
+    /// The outbox bookkeeping as of the last applied entry.
+    pub fn outbox(&self) -> &OutboxMeta {
+        &self.outbox
+    }
+
+    fn emit(&mut self, batch: &mut ApplyBatch<'_>, outputs: Vec<Output>, log_id: &LogId) -> Result<u32, StorageError> {
+        let n = outputs.len() as u32;
+        for mut o in outputs {
+            o.shard = self.store.shard();
+            o.seq = self.outbox.next_seq;
+            o.epoch = epoch_of(log_id);
+            self.outbox.next_seq += 1;
+            batch.outbox_put(&o)?;
+        }
+        Ok(n)
+    }
+
+    fn apply_ingest(
+        &mut self,
+        batch: &mut ApplyBatch<'_>,
+        log_id: &LogId,
+        stamp: u64,
+        rules: BTreeMap<String, coalesce_core::stream::StreamRules>,
+        limits: coalesce_core::stream::ShardLimits,
+        groups: Vec<IngestGroup>,
+    ) -> Result<Response, StorageError> {
+        let mut outcomes = Vec::with_capacity(groups.len());
+        // (outcome index, first partial, partial count) of every applied group
+        let mut applied = Vec::new();
+        let mut partials = Vec::new();
+        for g in groups {
+            let verdict = match &g.range {
+                None => SeqCheck::New,
+                Some(r) => session::check_range(batch.session_get(r.producer)?, r),
+            };
+            match verdict {
+                SeqCheck::New => {
+                    if let Some(r) = &g.range {
+                        let last_seq = batch.session_get(r.producer)?.map_or(0, |s| s.last_seq).max(r.last_seq);
+                        batch.session_put(r.producer, &Session { last_seq, last_seen: stamp })?;
+                    }
+                    applied.push((outcomes.len(), partials.len(), g.partials.len()));
+                    outcomes.push(GroupOutcome::Applied { shed: 0 });
+                    partials.extend(g.partials);
+                }
+                SeqCheck::Duplicate => outcomes.push(GroupOutcome::Duplicate),
+                SeqCheck::Overlap { accepted } => outcomes.push(GroupOutcome::Overlap { accepted }),
+            }
+        }
+        let input = IngestBatch { stamp, rules, limits, partials };
+        let result = ShardBuffer::apply_ingest(batch, &input)?;
+        for (outcome, first, count) in applied {
+            let shed: u64 = (first..first + count)
+                .filter(|&i| result.outcomes[i] == PartialOutcome::Shed)
+                .map(|i| input.partials[i].1.inputs)
+                .sum();
+            outcomes[outcome] = GroupOutcome::Applied { shed };
+        }
+        let sealed = self.emit(batch, result.outputs, log_id)?;
+        Ok(Response::Ingest { groups: outcomes, sealed })
+    }
+
+    fn apply_seal(
+        &mut self,
+        batch: &mut ApplyBatch<'_>,
+        log_id: &LogId,
+        stamp: u64,
+        max: u32,
+        session_ttl_ms: u64,
+    ) -> Result<Response, StorageError> {
+        let outputs = ShardBuffer::seal_due(batch, stamp, max as usize)?;
+        let sealed = self.emit(batch, outputs, log_id)?;
+        if stamp >= self.outbox.next_session_sweep {
+            let cutoff = stamp.saturating_sub(session_ttl_ms);
+            for (producer, s) in self.store.sessions()? {
+                if s.last_seen < cutoff {
+                    batch.session_delete(producer);
+                }
+            }
+            self.outbox.next_session_sweep = stamp.saturating_add(SESSION_SWEEP_INTERVAL_MS);
+        }
+        Ok(Response::Sealed { sealed, next_seq: self.outbox.next_seq })
+    }
+
+    fn apply_ack(&mut self, batch: &mut ApplyBatch<'_>, cursor: String, upto_seq: u64) -> Response {
+        // A consumer cannot ack what does not exist yet.
+        let upto = upto_seq.min(self.outbox.next_seq.saturating_sub(1));
+        let c = self.outbox.cursors.entry(cursor).or_insert(0);
+        *c = (*c).max(upto);
+        let low = self.outbox.cursors.values().min().map_or(self.outbox.low, |m| m + 1);
+        if low > self.outbox.low {
+            batch.outbox_trim(self.outbox.low, low);
+            self.outbox.low = low;
+        }
+        Response::Acked { trimmed_below: self.outbox.low }
+    }
+
+    fn apply_one(&mut self, entry: crate::codec::Entry) -> Result<Response, StorageError> {
+        let log_id = entry.log_id;
+        let before = self.outbox.clone();
+        let store = self.store.clone();
+        let mut batch = store.apply_batch();
+        let response = match entry.payload {
+            EntryPayload::Blank => Response::None,
+            EntryPayload::Membership(m) => {
+                batch.sm_meta_put(
+                    SmMetaTag::Membership,
+                    codec::encode_membership(&StoredMembership::new(Some(log_id), m))?,
+                );
+                Response::None
+            }
+            EntryPayload::Normal(Command::Ingest { stamp, rules, limits, groups }) => {
+                self.apply_ingest(&mut batch, &log_id, stamp, rules, limits, groups)?
+            }
+            EntryPayload::Normal(Command::Seal { stamp, max, session_ttl_ms }) => {
+                self.apply_seal(&mut batch, &log_id, stamp, max, session_ttl_ms)?
+            }
+            EntryPayload::Normal(Command::Ack { cursor, upto_seq }) => self.apply_ack(&mut batch, cursor, upto_seq),
+        };
+        if self.outbox != before {
+            batch.sm_meta_put(SmMetaTag::Outbox, encode("outbox meta", &self.outbox)?);
+        }
+        batch.sm_meta_put(SmMetaTag::Applied, codec::encode_log_id(&log_id)?);
+        match batch.commit() {
+            Ok(()) => Ok(response),
+            Err(e) => {
+                self.outbox = before;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<
+        Snapshot<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, crate::types::PeerNode, Vec<u8>>,
+        io::Error,
+    > {
+        let shard = self.store.shard();
+        let export: StateExport = self.store.export_state()?;
+        let last_log_id = export.sm_meta(SmMetaTag::Applied).map(|b| codec::decode_log_id(shard, b)).transpose()?;
+        let last_membership = match export.sm_meta(SmMetaTag::Membership) {
+            Some(b) => codec::decode_membership(shard, b)?,
+            None => StoredMembershipT::default(),
+        };
+        let meta = SnapshotMeta { last_log_id, last_membership };
+        let data = export.encode()?;
+        if let Ok(mut cur) = self.current.lock() {
+            *cur = Some((meta.clone(), data.clone()));
+        }
+        Ok(Snapshot { meta, snapshot: data })
+    }
+}
+
+type Meta = SnapshotMeta<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, crate::types::PeerNode>;
+
+impl RaftStateMachine<TypeConfig> for ShardStateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = ShardStateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembershipT), io::Error> {
+        let shard = self.store.shard();
+        let applied = match self.store.sm_meta_get(SmMetaTag::Applied)? {
+            Some(b) => Some(codec::decode_log_id(shard, &b)?),
+            None => None,
+        };
+        let membership = match self.store.sm_meta_get(SmMetaTag::Membership)? {
+            Some(b) => codec::decode_membership(shard, &b)?,
+            None => StoredMembershipT::default(),
+        };
+        Ok((applied, membership))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let response = self.apply_one(entry)?;
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Vec<u8>) -> Result<(), io::Error> {
+        self.store.import_state(&snapshot)?;
+        self.outbox = load_outbox(&self.store)?;
+        if let Ok(mut cur) = self.current.lock() {
+            *cur = Some((meta.clone(), snapshot));
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<
+        Option<Snapshot<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, crate::types::PeerNode, Vec<u8>>>,
+        io::Error,
+    > {
+        let cur = self.current.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
+        Ok(cur.clone().map(|(meta, snapshot)| Snapshot { meta, snapshot }))
+    }
+}

@@ -1,0 +1,106 @@
+//! The openraft type configuration and the commands a shard's log carries. This module and
+//! its siblings are the only code that names openraft types, so alpha API changes touch
+//! this crate alone.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use coalesce_core::batch::Partial;
+use coalesce_core::buffer::BufKey;
+use coalesce_core::output::Epoch;
+use coalesce_core::session::ProducerRange;
+use coalesce_core::stream::{ShardLimits, StreamRules};
+use coalesce_core::time::Millis;
+use openraft::type_config::alias::{LogIdOf, VoteOf};
+use serde::{Deserialize, Serialize};
+
+/// A node as its peers see it. `name` is the stable identity (the pod name, `coalesce-0`);
+/// the Raft node id is a fresh random peer id per data directory, so a wiped node rejoins as
+/// a new peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerNode {
+    pub name: String,
+    /// Address of the peer (Raft) port.
+    pub peer_addr: String,
+    /// Address of the client (API) port.
+    pub client_addr: String,
+}
+
+/// A producer's part of an Ingest entry: deduplicated as a unit at apply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IngestGroup {
+    pub range: Option<ProducerRange>,
+    pub partials: Vec<(BufKey, Partial)>,
+}
+
+/// What a shard's Raft log carries.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Pre-merged events. `stamp` is the leader's clock; `rules` and `limits` make apply
+    /// independent of local config.
+    Ingest { stamp: Millis, rules: BTreeMap<String, StreamRules>, limits: ShardLimits, groups: Vec<IngestGroup> },
+    /// Close up to `max` windows whose deadline is at or before the leader's `stamp`, and expire
+    /// producer sessions idle for longer than `session_ttl_ms`.
+    Seal { stamp: Millis, max: u32, session_ttl_ms: u64 },
+    /// A consumer (sink or subscriber) has durably processed every output up to `upto_seq`.
+    Ack { cursor: String, upto_seq: u64 },
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Ingest { stamp, groups, .. } => write!(f, "ingest(stamp={stamp}, groups={})", groups.len()),
+            Command::Seal { stamp, max, .. } => write!(f, "seal(stamp={stamp}, max={max})"),
+            Command::Ack { cursor, upto_seq } => write!(f, "ack({cursor}<={upto_seq})"),
+        }
+    }
+}
+
+/// The verdict on one producer group of an Ingest entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupOutcome {
+    /// Applied; `shed` inputs were dropped by a `shed` overflow policy.
+    Applied { shed: u64 },
+    /// Already applied earlier: acknowledged, not applied again.
+    Duplicate,
+    /// Overlaps seqs already accepted (up to `accepted`): refused.
+    Overlap { accepted: u64 },
+}
+
+/// What applying a command answers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Blank and membership entries.
+    #[default]
+    None,
+    Ingest {
+        groups: Vec<GroupOutcome>,
+        sealed: u32,
+    },
+    Sealed {
+        sealed: u32,
+        next_seq: u64,
+    },
+    Acked {
+        trimmed_below: u64,
+    },
+}
+
+openraft::declare_raft_types!(
+    /// The type configuration of every shard group.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = u64,
+        Node = PeerNode,
+);
+
+/// A log id of a shard group.
+pub type LogId = LogIdOf<TypeConfig>;
+/// A vote of a shard group.
+pub type Vote = VoteOf<TypeConfig>;
+
+/// The fencing epoch of the leader that wrote `log_id`.
+pub fn epoch_of(log_id: &LogId) -> Epoch {
+    Epoch { term: log_id.leader_id.term, node: log_id.leader_id.node_id }
+}
