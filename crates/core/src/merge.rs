@@ -33,10 +33,10 @@ pub enum NumType {
     F64,
 }
 
-/// A stream's merge operator, as written in config (`merge = "sum_i64"` or
-/// `merge = { op = "set_union", max_members = 500 }`).
+/// A stream's merge operator. In config it is written `merge = "sum_i64"` or
+/// `merge = { op = "set_union", max_members = 500 }` (see [`MergeOpConfig`]); its serde form
+/// here is externally tagged so binary formats (Raft entries) can carry it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum MergeOp {
     /// Keep the value with the greatest event time; ties go to the later arrival.
     Latest,
@@ -45,41 +45,78 @@ pub enum MergeOp {
     /// `f64` sum (ints are widened); NaN and infinities are rejected.
     SumF64,
     /// Minimum.
+    Min { value_type: NumType },
+    /// Maximum.
+    Max { value_type: NumType },
+    /// Number of events; values are ignored.
+    Count,
+    /// Union of string/int/bytes members, at most `max_members` per window.
+    SetUnion { max_members: usize },
+    /// All values in arrival order, at most `max_len` per window.
+    Append { max_len: usize },
+    /// RFC 7386 JSON merge-patch: patches compose in arrival order.
+    JsonMergePatch,
+    /// DDSketch quantile sketch of numeric values.
+    Ddsketch { relative_accuracy: f64, max_bins: u32 },
+    /// HyperLogLog distinct count of values.
+    Hll { precision: u8 },
+}
+
+/// The table form of a merge operator in config: `{ op = "name", params... }`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MergeOpConfig {
+    Latest,
+    SumI64,
+    SumF64,
     Min {
         #[serde(default)]
         value_type: NumType,
     },
-    /// Maximum.
     Max {
         #[serde(default)]
         value_type: NumType,
     },
-    /// Number of events; values are ignored.
     Count,
-    /// Union of string/int/bytes members, at most `max_members` per window.
     SetUnion {
         #[serde(default = "default_max_members")]
         max_members: usize,
     },
-    /// All values in arrival order, at most `max_len` per window.
     Append {
         #[serde(default = "default_max_len")]
         max_len: usize,
     },
-    /// RFC 7386 JSON merge-patch: patches compose in arrival order.
     JsonMergePatch,
-    /// DDSketch quantile sketch of numeric values.
     Ddsketch {
         #[serde(default = "default_relative_accuracy")]
         relative_accuracy: f64,
         #[serde(default = "default_max_bins")]
         max_bins: u32,
     },
-    /// HyperLogLog distinct count of values.
     Hll {
         #[serde(default = "default_precision")]
         precision: u8,
     },
+}
+
+impl From<MergeOpConfig> for MergeOp {
+    fn from(c: MergeOpConfig) -> Self {
+        match c {
+            MergeOpConfig::Latest => MergeOp::Latest,
+            MergeOpConfig::SumI64 => MergeOp::SumI64,
+            MergeOpConfig::SumF64 => MergeOp::SumF64,
+            MergeOpConfig::Min { value_type } => MergeOp::Min { value_type },
+            MergeOpConfig::Max { value_type } => MergeOp::Max { value_type },
+            MergeOpConfig::Count => MergeOp::Count,
+            MergeOpConfig::SetUnion { max_members } => MergeOp::SetUnion { max_members },
+            MergeOpConfig::Append { max_len } => MergeOp::Append { max_len },
+            MergeOpConfig::JsonMergePatch => MergeOp::JsonMergePatch,
+            MergeOpConfig::Ddsketch { relative_accuracy, max_bins } => {
+                MergeOp::Ddsketch { relative_accuracy, max_bins }
+            }
+            MergeOpConfig::Hll { precision } => MergeOp::Hll { precision },
+        }
+    }
 }
 
 fn default_max_members() -> usize {

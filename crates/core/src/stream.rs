@@ -25,7 +25,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::ConfigError;
-use crate::merge::MergeOp;
+use crate::merge::{MergeOp, MergeOpConfig};
 use crate::window::{WindowConfig, WindowPolicy};
 
 /// What a stream does when its shard's buffer is full.
@@ -128,7 +128,7 @@ impl<'de> Deserialize<'de> for MergeSpec {
                 })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MergeSpec, A::Error> {
-                MergeOp::deserialize(de::value::MapAccessDeserializer::new(map)).map(MergeSpec)
+                MergeOpConfig::deserialize(de::value::MapAccessDeserializer::new(map)).map(|c| MergeSpec(c.into()))
             }
         }
         d.deserialize_any(V)

@@ -8,14 +8,21 @@
 //! - [`codec`]: our on-disk encoding of openraft values (its serde is not a stable format).
 //! - [`log_store`]: the log store over `coalesce-storage`, durable through group commit.
 //! - [`state_machine`]: applying Ingest/Seal/Ack deterministically; snapshots.
+//! - [`network`]: the peer transport (tonic, one channel per peer, real pre-vote and
+//!   leadership transfer).
+//! - [`node`]: a node's groups — placement, bootstrap, proposals, the window scheduler,
+//!   graceful hand-off — and the peer gRPC service.
 //!
-//! Depends on `coalesce-core` and `coalesce-storage`; must not depend on tonic or the server.
+//! Depends on `coalesce-core`, `coalesce-storage` and `coalesce-proto`; not on the server.
 
 pub mod codec;
 pub mod log_store;
+pub mod network;
+pub mod node;
 pub mod state_machine;
 pub mod types;
 
 pub use log_store::LogStore;
+pub use node::{ClusterSpec, NodeSpec, PeerService, ProposeError, RaftNode, RaftTiming};
 pub use state_machine::ShardStateMachine;
 pub use types::{Command, GroupOutcome, IngestGroup, PeerNode, Response, TypeConfig};

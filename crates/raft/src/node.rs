@@ -1,0 +1,457 @@
+//! A node's shard groups: one openraft instance per shard this node replicates, all sharing
+//! the node's RocksDB, its WAL flusher and one gRPC channel per peer.
+//!
+//! Placement is static: with the peer names sorted (`coalesce-0`, `coalesce-1`, …), shard `s`
+//! lives on the `R` nodes starting at index `s mod N`. The first of them initializes the group,
+//! so each node starts out leading about `S/N` shards. Node ids are random per data directory
+//! (kept in the `node` column family): a wiped node comes back as a new peer, never reusing
+//! an id (reusing one can make a leader panic; openraft issue 898).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use coalesce_core::hash::ShardId;
+use coalesce_core::time::{Clock, SystemClock};
+use coalesce_proto::v1::raft_peer_client::RaftPeerClient;
+use coalesce_proto::v1::raft_peer_server::RaftPeer;
+use coalesce_proto::v1::{HelloRequest, HelloResponse, RaftMessage, SnapshotChunk};
+use coalesce_storage::{NodeDb, ShardStore, StorageError};
+use openraft::errors::{ClientWriteError, ForwardReason, RaftError};
+use openraft::storage::Snapshot;
+use openraft::{Config, Raft, SnapshotPolicy};
+use tonic::{Request, Response as TonicResponse, Status, Streaming};
+
+use crate::codec;
+use crate::log_store::LogStore;
+use crate::network::{Channels, GroupNetworkFactory};
+use crate::state_machine::ShardStateMachine;
+use crate::types::{Command, PeerNode, Response, TypeConfig};
+
+/// One node of the static peer list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSpec {
+    pub name: String,
+    pub peer_addr: String,
+    pub client_addr: String,
+}
+
+/// The cluster as configured.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    pub cluster: String,
+    pub shards: u32,
+    pub replication: usize,
+    pub nodes: Vec<NodeSpec>,
+}
+
+impl ClusterSpec {
+    /// The names of the nodes that replicate `shard`, first one initializing it.
+    pub fn placement(&self, shard: ShardId) -> Vec<&NodeSpec> {
+        let mut sorted: Vec<&NodeSpec> = self.nodes.iter().collect();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let n = sorted.len();
+        let r = self.replication.min(n);
+        (0..r).map(|k| sorted[(shard as usize + k) % n]).collect()
+    }
+}
+
+/// Raft timing. Failover takes about one election timeout.
+#[derive(Clone, Copy, Debug)]
+pub struct RaftTiming {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        Self { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800 }
+    }
+}
+
+impl RaftTiming {
+    fn config(&self, cluster: &str) -> Result<Config, String> {
+        Config {
+            cluster_name: cluster.to_owned(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_min_ms,
+            election_timeout_max: self.election_max_ms,
+            enable_pre_vote: Some(true),
+            // A leader that lost its quorum probes at this period instead of flooding (openraft #2080).
+            quorum_loss_probe_interval: Some(2 * self.election_max_ms + 400),
+            // A restarted node must win an election again: our applied state is not fsynced.
+            enable_leader_restore: Some(false),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
+            max_in_snapshot_log_to_keep: 2_000,
+            purge_batch_size: 256,
+            max_payload_entries: 512,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// The Raft instance of a shard group and its storage.
+#[derive(Clone)]
+pub struct Group {
+    pub shard: ShardId,
+    pub raft: Raft<TypeConfig, ShardStateMachine>,
+    pub store: ShardStore,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group").field("shard", &self.shard).finish()
+    }
+}
+
+/// Why a proposal was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("shard {0} is not replicated on this node")]
+    NoGroup(ShardId),
+    #[error("not the leader of shard {shard}")]
+    NotLeader { shard: ShardId, leader: Option<PeerNode> },
+    #[error("leader of shard {0} has lost its quorum lease")]
+    LeaseExpired(ShardId),
+    #[error("outcome unknown for shard {0}: the entry may or may not be committed")]
+    Unknown(ShardId),
+    #[error("shard {shard} is stopped: {detail}")]
+    Fatal { shard: ShardId, detail: String },
+}
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("node {0:?} is not in the cluster's node list")]
+    UnknownSelf(String),
+    #[error("raft config: {0}")]
+    Config(String),
+    #[error("starting shard {shard}: {detail}")]
+    Start { shard: ShardId, detail: String },
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
+}
+
+/// All shard groups of one node.
+pub struct RaftNode {
+    id: u64,
+    me: PeerNode,
+    spec: ClusterSpec,
+    channels: Arc<Channels>,
+    /// Written only at start-up; never held across an await.
+    groups: RwLock<BTreeMap<ShardId, Group>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for RaftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftNode").field("id", &self.id).field("name", &self.me.name).finish()
+    }
+}
+
+const PEER_ID_KEY: &str = "peer_id";
+
+impl RaftNode {
+    /// Opens the node `name` of `spec` on `db` and starts a Raft instance for every shard it
+    /// replicates. Groups are not initialized here; see [`RaftNode::bootstrap`].
+    pub async fn start(
+        db: Arc<NodeDb>,
+        spec: ClusterSpec,
+        name: &str,
+        timing: RaftTiming,
+    ) -> Result<Arc<Self>, NodeError> {
+        let me_spec =
+            spec.nodes.iter().find(|n| n.name == name).ok_or_else(|| NodeError::UnknownSelf(name.to_owned()))?;
+        let me = PeerNode {
+            name: me_spec.name.clone(),
+            peer_addr: me_spec.peer_addr.clone(),
+            client_addr: me_spec.client_addr.clone(),
+        };
+        let id = match db.node_get(PEER_ID_KEY)? {
+            Some(b) if b.len() == 8 => u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8])),
+            _ => {
+                let id = rand::random::<u64>() | 1; // never 0
+                db.node_put(PEER_ID_KEY, &id.to_be_bytes())?;
+                id
+            }
+        };
+        let config = Arc::new(timing.config(&spec.cluster).map_err(NodeError::Config)?);
+        let channels = Arc::new(Channels::default());
+        let mut groups = BTreeMap::new();
+        for shard in 0..spec.shards {
+            if !spec.placement(shard).iter().any(|n| n.name == name) {
+                continue;
+            }
+            let store = ShardStore::new(Arc::clone(&db), shard);
+            let sm = ShardStateMachine::open(store.clone())?;
+            let net = GroupNetworkFactory::new(shard, Arc::clone(&channels));
+            let raft = Raft::new(id, Arc::clone(&config), net, LogStore::new(store.clone()), sm)
+                .await
+                .map_err(|e| NodeError::Start { shard, detail: e.to_string() })?;
+            groups.insert(shard, Group { shard, raft, store });
+        }
+        Ok(Arc::new(Self { id, me, spec, channels, groups: RwLock::new(groups), clock: Arc::new(SystemClock) }))
+    }
+
+    /// This node's Raft id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// This node as peers see it.
+    pub fn me(&self) -> &PeerNode {
+        &self.me
+    }
+
+    /// The cluster spec.
+    pub fn spec(&self) -> &ClusterSpec {
+        &self.spec
+    }
+
+    /// The group of `shard`, if this node replicates it.
+    pub fn group(&self, shard: ShardId) -> Option<Group> {
+        self.groups.read().ok()?.get(&shard).cloned()
+    }
+
+    /// Every local group.
+    pub fn groups(&self) -> Vec<Group> {
+        self.groups.read().map(|g| g.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Asks the node at `addr` who it is.
+    pub async fn hello(&self, addr: &str) -> Result<HelloResponse, String> {
+        let channel = self.channels.get(addr)?;
+        let reply = RaftPeerClient::new(channel)
+            .hello(HelloRequest { cluster: self.spec.cluster.clone() })
+            .await
+            .map_err(|s| format!("{addr}: {}", s.message()))?
+            .into_inner();
+        if reply.cluster != self.spec.cluster {
+            return Err(format!("{addr} belongs to cluster {:?}, not {:?}", reply.cluster, self.spec.cluster));
+        }
+        Ok(reply)
+    }
+
+    /// Initializes every group this node is the first replica of, once all its replicas answer
+    /// (retrying until `within`). Groups initialized before are left alone.
+    pub async fn bootstrap(&self, within: Duration) -> Result<(), NodeError> {
+        let deadline = tokio::time::Instant::now() + within;
+        for group in self.groups() {
+            let placement = self.spec.placement(group.shard);
+            if placement.first().map(|n| n.name.as_str()) != Some(self.me.name.as_str()) {
+                continue;
+            }
+            if group.raft.is_initialized().await.map_err(|e| NodeError::Bootstrap(e.to_string()))? {
+                continue;
+            }
+            let mut members = BTreeMap::new();
+            for node in placement {
+                let id = loop {
+                    if node.name == self.me.name {
+                        break self.id;
+                    }
+                    match self.hello(&node.peer_addr).await {
+                        Ok(h) => break h.node_id,
+                        Err(e) if tokio::time::Instant::now() >= deadline => {
+                            return Err(NodeError::Bootstrap(format!("shard {}: {e}", group.shard)));
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                };
+                members.insert(
+                    id,
+                    PeerNode {
+                        name: node.name.clone(),
+                        peer_addr: node.peer_addr.clone(),
+                        client_addr: node.client_addr.clone(),
+                    },
+                );
+            }
+            match group.raft.initialize(members).await {
+                Ok(()) | Err(RaftError::APIError(openraft::errors::InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(NodeError::Bootstrap(format!("shard {}: {e}", group.shard))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Proposes `cmd` to `shard`'s log and waits until it is committed and applied here.
+    pub async fn propose(&self, shard: ShardId, cmd: Command) -> Result<Response, ProposeError> {
+        let group = self.group(shard).ok_or(ProposeError::NoGroup(shard))?;
+        match group.raft.client_write(cmd).await {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.reason {
+                ForwardReason::LeaseExpired => Err(ProposeError::LeaseExpired(shard)),
+                _ => Err(ProposeError::NotLeader { shard, leader: f.leader_node }),
+            },
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))) => Err(ProposeError::Unknown(shard)),
+            Err(e) => Err(ProposeError::Fatal { shard, detail: e.to_string() }),
+        }
+    }
+
+    /// Runs the window scheduler of every local group until `shutdown` resolves: while this
+    /// node leads a shard, it proposes a Seal whenever the earliest deadline has passed.
+    pub async fn run_sealer(self: Arc<Self>, tick: Duration, shutdown: impl std::future::Future<Output = ()>) {
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = interval.tick() => {}
+            }
+            for group in self.groups() {
+                if !group.raft.is_leader() {
+                    continue;
+                }
+                let now = self.clock.now();
+                let due = {
+                    let mut view = group.store.apply_batch();
+                    coalesce_core::buffer::ShardBuffer::next_deadline(&mut view)
+                };
+                if matches!(due, Ok(Some(d)) if d <= now) {
+                    let cmd = Command::Seal {
+                        stamp: now,
+                        max: 10_000,
+                        session_ttl_ms: coalesce_core::session::DEFAULT_SESSION_TTL_MS,
+                    };
+                    if let Err(e) = self.propose(group.shard, cmd).await {
+                        tracing::debug!(shard = group.shard, error = %e, "seal not proposed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands leadership of every shard this node leads to another replica, then stops every
+    /// group. Bounded by `within`.
+    pub async fn shutdown(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        for group in self.groups() {
+            if group.raft.is_leader() {
+                let target = group.raft.voter_ids().find(|id| *id != self.id);
+                if let Some(to) = target {
+                    let _ = group.raft.trigger().transfer_leader(to).await;
+                }
+            }
+        }
+        for group in self.groups() {
+            while group.raft.is_leader() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        for group in self.groups() {
+            let _ = group.raft.shutdown().await;
+        }
+    }
+
+    /// Shard ids led by this node (per local Raft state).
+    pub fn led_shards(&self) -> BTreeSet<ShardId> {
+        self.groups().into_iter().filter(|g| g.raft.is_leader()).map(|g| g.shard).collect()
+    }
+}
+
+/// The server side of `coalesce.v1.RaftPeer`: dispatches to the target group's Raft.
+#[derive(Debug, Clone)]
+pub struct PeerService {
+    node: Arc<RaftNode>,
+}
+
+impl PeerService {
+    /// Serves `node`'s groups.
+    pub fn new(node: Arc<RaftNode>) -> Self {
+        Self { node }
+    }
+
+    fn group(&self, shard: ShardId) -> Result<Group, Status> {
+        self.node.group(shard).ok_or_else(|| Status::not_found(format!("shard {shard} is not replicated on this node")))
+    }
+}
+
+fn bad(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn reply<T: serde::Serialize>(group: ShardId, what: &'static str, v: &T) -> Result<TonicResponse<RaftMessage>, Status> {
+    let payload = codec::encode_msg(what, v).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(TonicResponse::new(RaftMessage { group, payload }))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn hello(&self, request: Request<HelloRequest>) -> Result<TonicResponse<HelloResponse>, Status> {
+        let me = self.node.me();
+        Ok(TonicResponse::new(HelloResponse {
+            cluster: self.node.spec.cluster.clone(),
+            node_id: self.node.id,
+            name: me.name.clone(),
+            peer_addr: me.peer_addr.clone(),
+            client_addr: me.client_addr.clone(),
+        }))
+        .inspect(|_| drop(request))
+    }
+
+    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        let m = request.into_inner();
+        let g = self.group(m.group)?;
+        let rpc = codec::decode_msg("append_entries", &m.payload).map_err(bad)?;
+        let resp = g.raft.append_entries(rpc).await.map_err(unavailable)?;
+        reply(m.group, "append_entries", &resp)
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        let m = request.into_inner();
+        let g = self.group(m.group)?;
+        let rpc = codec::decode_msg("vote", &m.payload).map_err(bad)?;
+        let resp = g.raft.vote(rpc).await.map_err(unavailable)?;
+        reply(m.group, "vote", &resp)
+    }
+
+    async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        let m = request.into_inner();
+        let g = self.group(m.group)?;
+        let rpc = codec::decode_msg("pre_vote", &m.payload).map_err(bad)?;
+        let resp = g.raft.pre_vote(rpc).await.map_err(unavailable)?;
+        reply(m.group, "pre_vote", &resp)
+    }
+
+    async fn transfer_leader(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        let m = request.into_inner();
+        let g = self.group(m.group)?;
+        let req = codec::decode_msg("transfer_leader", &m.payload).map_err(bad)?;
+        let resp = g.raft.handle_transfer_leader(req).await.map_err(unavailable)?;
+        reply(m.group, "transfer_leader", &resp)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<TonicResponse<RaftMessage>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream.message().await?.ok_or_else(|| bad("empty snapshot stream"))?;
+        let g = self.group(first.group)?;
+        let vote = codec::decode_vote(first.group, &first.vote).map_err(bad)?;
+        let meta = codec::decode_snapshot_meta(first.group, &first.meta).map_err(bad)?;
+        let mut data = first.data;
+        while let Some(chunk) = stream.message().await? {
+            if chunk.group != first.group {
+                return Err(bad("snapshot chunks of different groups"));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        // Refuse data that does not parse before openraft sees it (it panics on inconsistent
+        // snapshots, so corrupt input must never reach it).
+        coalesce_storage::StateExport::decode(first.group, &data).map_err(bad)?;
+        let resp = g.raft.install_full_snapshot(vote, Snapshot { meta, snapshot: data }).await.map_err(unavailable)?;
+        reply(first.group, "snapshot response", &resp)
+    }
+}
