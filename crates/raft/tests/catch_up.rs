@@ -1,0 +1,172 @@
+//! A replica that was down while its shard moved on (and purged its log) catches up through a
+//! snapshot after restarting from its data directory, and then holds byte-identical state.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use coalesce_core::batch::{BatchBuilder, Event};
+use coalesce_core::stream::StreamsFile;
+use coalesce_core::value::Value;
+use coalesce_proto::v1::raft_peer_server::RaftPeerServer;
+use coalesce_raft::{ClusterSpec, Command, IngestGroup, NodeSpec, PeerService, RaftNode, RaftTiming};
+use coalesce_storage::{NodeDb, StorageOptions};
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::oneshot;
+
+struct Running {
+    node: Arc<RaftNode>,
+    stop: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+async fn start(spec: &ClusterSpec, name: &str, dir: &Path, listener: tokio::net::TcpListener) -> Running {
+    // The previous incarnation's database may still be closing: retry until it is released.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let db = loop {
+        match NodeDb::open(dir, &StorageOptions::default()) {
+            Ok(db) => break db,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopen {}: {e}", dir.display()),
+        }
+    };
+    let timing = RaftTiming { heartbeat_ms: 50, election_min_ms: 300, election_max_ms: 600 };
+    let node = RaftNode::start(db, spec.clone(), name, timing).await.unwrap();
+    let (stop, rx) = oneshot::channel::<()>();
+    let svc = RaftPeerServer::new(PeerService::new(node.clone()));
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    Running { node, stop, server }
+}
+
+async fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_replica_catches_up_through_a_snapshot() {
+    let table = StreamsFile::parse("[streams.sums]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"1h\" }")
+        .and_then(|f| f.validate(&[]))
+        .unwrap();
+    let rules: BTreeMap<_, _> = table.iter().map(|d| (d.name.clone(), d.rules.clone())).collect();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    let mut nodes_spec = Vec::new();
+    for i in 0..3 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        nodes_spec.push(NodeSpec { name: format!("coalesce-{i}"), peer_addr: addr.clone(), client_addr: addr });
+        listeners.push(l);
+    }
+    let spec = ClusterSpec { cluster: "catch-up".into(), shards: 1, replication: 3, nodes: nodes_spec };
+    let mut nodes = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        nodes.push(Some(start(&spec, &format!("coalesce-{i}"), dirs[i].path(), l).await));
+    }
+    for n in nodes.iter().flatten() {
+        n.node.bootstrap(Duration::from_secs(10)).await.unwrap();
+    }
+    let leader = |nodes: &Vec<Option<Running>>| {
+        nodes.iter().flatten().find(|r| r.node.group(0).is_some_and(|g| g.raft.is_leader())).map(|r| r.node.clone())
+    };
+    wait_for("a leader", Duration::from_secs(10), || leader(&nodes).is_some()).await;
+
+    // Stop a follower (keeping its data directory).
+    let lagging =
+        nodes.iter().position(|r| r.as_ref().is_some_and(|r| !r.node.group(0).unwrap().raft.is_leader())).unwrap();
+    let addr = spec.nodes[lagging].peer_addr.clone();
+    let old_id = {
+        let r = nodes[lagging].take().unwrap();
+        let id = r.node.id();
+        r.stop.send(()).unwrap();
+        r.server.await.unwrap();
+        for g in r.node.groups() {
+            g.raft.shutdown().await.unwrap();
+        }
+        id
+    };
+
+    // The shard moves on: many entries, then a snapshot and a purge of the whole log.
+    let l = leader(&nodes).unwrap();
+    let mut seq = 0;
+    for round in 0..200u64 {
+        let mut b = BatchBuilder::new(&table, 1, 1_000);
+        for i in 0..20u64 {
+            seq += 1;
+            let ev = Event {
+                stream: "sums".into(),
+                key: format!("k{}", (round * 20 + i) % 300),
+                value: Value::Int(1),
+                event_time: None,
+                producer: Some((5, seq)),
+            };
+            b.add(&ev).unwrap();
+        }
+        let groups = b
+            .finish()
+            .into_values()
+            .flat_map(|b| b.groups)
+            .map(|g| IngestGroup { range: g.range, partials: g.partials })
+            .collect();
+        l.propose(0, Command::Ingest { stamp: 1_000 + round, rules: rules.clone(), limits: table.limits(), groups })
+            .await
+            .unwrap();
+    }
+    let g = l.group(0).unwrap();
+    g.raft.trigger().snapshot().await.unwrap();
+    g.raft.wait(Some(Duration::from_secs(10))).metrics(|m| m.snapshot.is_some(), "snapshot built").await.unwrap();
+    let snap_index = g.raft.metrics().borrow_watched().snapshot.unwrap().index;
+    g.raft.trigger().purge_log(snap_index).await.unwrap();
+    g.raft
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= snap_index), "log purged")
+        .await
+        .unwrap();
+
+    // Restart the lagging node from its directory on its old address.
+    let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    let back = start(&spec, &spec.nodes[lagging].name.clone(), dirs[lagging].path(), listener).await;
+    assert_eq!(back.node.id(), old_id, "a restarted node keeps its peer id");
+    let target = g.raft.metrics().borrow_watched().last_applied.unwrap().index;
+    let bg = back.node.group(0).unwrap();
+    bg.raft
+        .wait(Some(Duration::from_secs(20)))
+        .metrics(|m| m.last_applied.is_some_and(|a| a.index >= target), "caught up")
+        .await
+        .unwrap();
+    assert!(
+        bg.raft.metrics().borrow_watched().snapshot.is_some_and(|s| s.index >= snap_index),
+        "caught up through a snapshot"
+    );
+    // Byte-identical state machines.
+    wait_for("identical state", Duration::from_secs(10), || {
+        let a = bg.store.export_state().unwrap().encode().unwrap();
+        let b = g.store.export_state().unwrap().encode().unwrap();
+        a == b
+    })
+    .await;
+    assert_eq!(bg.store.stats().unwrap().inputs_total, 4_000);
+
+    nodes[lagging] = Some(back);
+    for r in nodes.into_iter().flatten() {
+        let _ = r.stop.send(());
+        r.node.shutdown(Duration::from_secs(2)).await;
+    }
+}
