@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use coalesce_core::buffer::ShardBuffer;
 use coalesce_core::hash::ShardId;
+use coalesce_core::stream::{OverflowPolicy, StreamTable};
 use coalesce_core::time::{Clock, SystemClock};
 use coalesce_proto::v1::raft_peer_client::RaftPeerClient;
 use coalesce_proto::v1::raft_peer_server::RaftPeer;
@@ -26,7 +28,8 @@ use crate::codec;
 use crate::log_store::LogStore;
 use crate::network::{Channels, GroupNetworkFactory};
 use crate::state_machine::ShardStateMachine;
-use crate::types::{Command, PeerNode, Response, TypeConfig};
+use crate::types::{Command, IngestGroup, PeerNode, Response, TypeConfig};
+use openraft::async_runtime::WatchReceiver;
 
 /// One node of the static peer list.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,8 +110,8 @@ impl std::fmt::Debug for Group {
     }
 }
 
-/// Why a proposal was not applied.
-#[derive(Debug, thiserror::Error)]
+/// Why a proposal was not applied. Serializable: a forwarding node relays it to its client.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ProposeError {
     #[error("shard {0} is not replicated on this node")]
     NoGroup(ShardId),
@@ -120,6 +123,31 @@ pub enum ProposeError {
     Unknown(ShardId),
     #[error("shard {shard} is stopped: {detail}")]
     Fatal { shard: ShardId, detail: String },
+    #[error("shard {shard} buffer is full ({what}); retry after {retry_after_ms} ms")]
+    BufferFull { shard: ShardId, what: String, retry_after_ms: u64 },
+    #[error("stream {stream:?} is not configured on the leader of shard {shard}")]
+    UnknownStream { shard: ShardId, stream: String },
+    #[error("forwarding to the leader of shard {shard} failed: {detail}")]
+    Unreachable { shard: ShardId, detail: String },
+}
+
+/// A node's view of one shard group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardView {
+    pub shard: ShardId,
+    pub is_leader: bool,
+    /// (node id, node) of the current leader, when known.
+    pub leader: Option<(u64, PeerNode)>,
+    /// The leader's epoch (term, node), once its vote is committed.
+    pub epoch: Option<coalesce_core::output::Epoch>,
+    pub last_applied: u64,
+}
+
+/// What a node forwards to a shard leader over the peer port.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+enum Forwarded {
+    Ingest(Vec<IngestGroup>),
+    Ack { cursor: String, upto_seq: u64 },
 }
 
 /// Errors starting a node.
@@ -142,6 +170,8 @@ pub struct RaftNode {
     id: u64,
     me: PeerNode,
     spec: ClusterSpec,
+    /// The streams this node runs with; a leader stamps their rules into Ingest entries.
+    streams: StreamTable,
     channels: Arc<Channels>,
     /// Written only at start-up; never held across an await.
     groups: RwLock<BTreeMap<ShardId, Group>>,
@@ -164,6 +194,7 @@ impl RaftNode {
         spec: ClusterSpec,
         name: &str,
         timing: RaftTiming,
+        streams: StreamTable,
     ) -> Result<Arc<Self>, NodeError> {
         let me_spec =
             spec.nodes.iter().find(|n| n.name == name).ok_or_else(|| NodeError::UnknownSelf(name.to_owned()))?;
@@ -195,7 +226,15 @@ impl RaftNode {
                 .map_err(|e| NodeError::Start { shard, detail: e.to_string() })?;
             groups.insert(shard, Group { shard, raft, store });
         }
-        Ok(Arc::new(Self { id, me, spec, channels, groups: RwLock::new(groups), clock: Arc::new(SystemClock) }))
+        Ok(Arc::new(Self {
+            id,
+            me,
+            spec,
+            streams,
+            channels,
+            groups: RwLock::new(groups),
+            clock: Arc::new(SystemClock),
+        }))
     }
 
     /// This node's Raft id.
@@ -292,6 +331,115 @@ impl RaftNode {
             Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))) => Err(ProposeError::Unknown(shard)),
             Err(e) => Err(ProposeError::Fatal { shard, detail: e.to_string() }),
         }
+    }
+
+    /// The streams this node runs with.
+    pub fn streams(&self) -> &StreamTable {
+        &self.streams
+    }
+
+    /// What this node knows of `shard`'s group right now.
+    pub fn shard_view(&self, shard: ShardId) -> Option<ShardView> {
+        let group = self.group(shard)?;
+        let metrics = group.raft.metrics();
+        let m = metrics.borrow_watched();
+        let leader =
+            m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).cloned().map(|n| (id, n)));
+        Some(ShardView {
+            shard,
+            is_leader: m.state.is_leader(),
+            leader,
+            epoch: m.vote.committed.then_some(coalesce_core::output::Epoch {
+                term: m.vote.leader_id.term,
+                node: m.vote.leader_id.node_id,
+            }),
+            last_applied: m.last_applied.map_or(0, |l| l.index),
+        })
+    }
+
+    /// The leader of `shard` as this node knows it.
+    pub fn leader_of(&self, shard: ShardId) -> Option<(u64, PeerNode)> {
+        let group = self.group(shard)?;
+        let leader = group.raft.metrics().borrow_watched().current_leader?;
+        let node = group.raft.metrics().borrow_watched().membership_config.membership().get_node(&leader).cloned()?;
+        Some((leader, node))
+    }
+
+    /// Applies producer groups to `shard`: proposed here when this node leads it, else
+    /// forwarded once to the leader, which stamps and proposes them.
+    pub async fn ingest(&self, shard: ShardId, groups: Vec<IngestGroup>) -> Result<Response, ProposeError> {
+        self.submit(shard, Forwarded::Ingest(groups)).await
+    }
+
+    /// Records a consumer's progress on `shard` (through the leader).
+    pub async fn ack(&self, shard: ShardId, cursor: String, upto_seq: u64) -> Result<Response, ProposeError> {
+        self.submit(shard, Forwarded::Ack { cursor, upto_seq }).await
+    }
+
+    async fn on_leader(&self, group: &Group, req: Forwarded) -> Result<Response, ProposeError> {
+        match req {
+            Forwarded::Ingest(groups) => self.ingest_as_leader(group, groups).await,
+            Forwarded::Ack { cursor, upto_seq } => self.propose(group.shard, Command::Ack { cursor, upto_seq }).await,
+        }
+    }
+
+    async fn submit(&self, shard: ShardId, req: Forwarded) -> Result<Response, ProposeError> {
+        let group = self.group(shard).ok_or(ProposeError::NoGroup(shard))?;
+        if group.raft.is_leader() {
+            return self.on_leader(&group, req).await;
+        }
+        let (_, leader) = self.leader_of(shard).ok_or(ProposeError::NotLeader { shard, leader: None })?;
+        let payload =
+            codec::encode_msg("forward", &req).map_err(|e| ProposeError::Fatal { shard, detail: e.to_string() })?;
+        let channel =
+            self.channels.get(&leader.peer_addr).map_err(|detail| ProposeError::Unreachable { shard, detail })?;
+        let reply = RaftPeerClient::new(channel)
+            .forward(RaftMessage { group: shard, payload })
+            .await
+            .map_err(|s| ProposeError::Unreachable { shard, detail: format!("{}: {}", leader.name, s.message()) })?;
+        codec::decode_msg::<Result<Response, ProposeError>>("forward reply", &reply.into_inner().payload)
+            .map_err(|e| ProposeError::Unreachable { shard, detail: e.to_string() })?
+    }
+
+    /// Admission and proposal on the leader.
+    async fn ingest_as_leader(&self, group: &Group, groups: Vec<IngestGroup>) -> Result<Response, ProposeError> {
+        let shard = group.shard;
+        let mut rules = BTreeMap::new();
+        let (mut new_keys, mut new_bytes) = (0u64, 0u64);
+        {
+            let mut view = group.store.apply_batch();
+            for (key, partial) in groups.iter().flat_map(|g| g.partials.iter()) {
+                let def = self
+                    .streams
+                    .get(&key.stream)
+                    .ok_or_else(|| ProposeError::UnknownStream { shard, stream: key.stream.clone() })?;
+                if def.rules.overflow == OverflowPolicy::Reject
+                    && coalesce_core::buffer::BufferStore::get(&mut view, key)
+                        .map_err(|e| ProposeError::Fatal { shard, detail: e.to_string() })?
+                        .is_none()
+                {
+                    new_keys += 1;
+                    new_bytes += ShardBuffer::new_key_bytes(key, partial);
+                }
+                rules.entry(key.stream.clone()).or_insert_with(|| def.rules.clone());
+            }
+            if new_keys > 0 {
+                let stats = group.store.stats().map_err(|e| ProposeError::Fatal { shard, detail: e.to_string() })?;
+                let now = self.clock.now();
+                let next = ShardBuffer::next_deadline(&mut view).ok().flatten().unwrap_or(now);
+                let retry_after_ms = next.saturating_sub(now).clamp(100, 5_000);
+                if let Err(e) = ShardBuffer::admit(&stats, &self.streams.limits(), new_keys, new_bytes, retry_after_ms)
+                {
+                    let what = match &e {
+                        coalesce_core::EventError::BufferFull { what, .. } => (*what).to_owned(),
+                        other => other.to_string(),
+                    };
+                    return Err(ProposeError::BufferFull { shard, what, retry_after_ms });
+                }
+            }
+        }
+        let cmd = Command::Ingest { stamp: self.clock.now(), rules, limits: self.streams.limits(), groups };
+        self.propose(shard, cmd).await
     }
 
     /// Runs the window scheduler of every local group until `shutdown` resolves: while this
@@ -430,6 +578,18 @@ impl RaftPeer for PeerService {
         let req = codec::decode_msg("transfer_leader", &m.payload).map_err(bad)?;
         let resp = g.raft.handle_transfer_leader(req).await.map_err(unavailable)?;
         reply(m.group, "transfer_leader", &resp)
+    }
+
+    async fn forward(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        let m = request.into_inner();
+        let g = self.group(m.group)?;
+        let req: Forwarded = codec::decode_msg("forward", &m.payload).map_err(bad)?;
+        let outcome = if g.raft.is_leader() {
+            self.node.on_leader(&g, req).await
+        } else {
+            Err(ProposeError::NotLeader { shard: m.group, leader: self.node.leader_of(m.group).map(|(_, n)| n) })
+        };
+        reply(m.group, "forward reply", &outcome)
     }
 
     async fn install_snapshot(

@@ -65,7 +65,8 @@ pub struct ShardStateMachine {
     current: CurrentSnapshot,
 }
 
-fn load_outbox(store: &ShardStore) -> Result<OutboxMeta, StorageError> {
+/// The outbox bookkeeping of `store`'s shard as last applied there.
+pub fn load_outbox(store: &ShardStore) -> Result<OutboxMeta, StorageError> {
     match store.sm_meta_get(SmMetaTag::Outbox)? {
         Some(b) => postcard::from_bytes(&b).map_err(|e| StorageError::Corrupt {
             shard: store.shard(),

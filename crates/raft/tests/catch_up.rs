@@ -37,7 +37,8 @@ async fn start(spec: &ClusterSpec, name: &str, dir: &Path, listener: tokio::net:
         }
     };
     let timing = RaftTiming { heartbeat_ms: 50, election_min_ms: 300, election_max_ms: 600 };
-    let node = RaftNode::start(db, spec.clone(), name, timing).await.unwrap();
+    let node =
+        RaftNode::start(db, spec.clone(), name, timing, coalesce_core::stream::StreamTable::default()).await.unwrap();
     let (stop, rx) = oneshot::channel::<()>();
     let svc = RaftPeerServer::new(PeerService::new(node.clone()));
     let server = tokio::spawn(async move {

@@ -33,7 +33,8 @@ async fn start(spec: &ClusterSpec, name: &str, listener: tokio::net::TcpListener
     let dir = tempfile::tempdir().unwrap();
     let db = NodeDb::open(dir.path(), &StorageOptions::default()).unwrap();
     let timing = RaftTiming { heartbeat_ms: 50, election_min_ms: 300, election_max_ms: 600 };
-    let node = RaftNode::start(db, spec.clone(), name, timing).await.unwrap();
+    let node =
+        RaftNode::start(db, spec.clone(), name, timing, coalesce_core::stream::StreamTable::default()).await.unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let svc = RaftPeerServer::new(PeerService::new(node.clone()));
     tokio::spawn(async move {

@@ -1,0 +1,115 @@
+//! All the wiring of a node in one place; the binary only parses flags and calls [`run`].
+//!
+//! ```text
+//!  start:    open RocksDB → start shard groups → bind peer + client ports → bootstrap
+//!            (initialize the groups this node is first replica of) → window scheduler
+//!  shutdown: stop the client port → hand leadership of every local shard to a peer →
+//!            stop the groups → stop the peer port → close RocksDB (bounded by the grace period)
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use coalesce_proto::v1::coalesce_server::CoalesceServer;
+use coalesce_proto::v1::raft_peer_server::RaftPeerServer;
+use coalesce_raft::{PeerService, RaftNode};
+use coalesce_storage::{NodeDb, StorageOptions};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::Loaded;
+use crate::grpc::CoalesceService;
+
+/// How long shutdown may take before the process gives up on a clean hand-off.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
+/// Addresses a running node listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub peer: SocketAddr,
+    pub client: SocketAddr,
+}
+
+async fn wait(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Runs a node until `shutdown` resolves, then shuts it down gracefully. `on_bound` is told the
+/// bound addresses once both ports listen.
+pub async fn run(
+    loaded: Loaded,
+    on_bound: impl FnOnce(Bound),
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let cfg = &loaded.config;
+    std::fs::create_dir_all(&cfg.node.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.node.data_dir.display()))?;
+    let db = NodeDb::open(&cfg.node.data_dir, &StorageOptions::default()).context("opening RocksDB")?;
+    let node = RaftNode::start(db, cfg.cluster_spec(), &cfg.node.name, cfg.raft_timing(), loaded.streams.clone())
+        .await
+        .context("starting shard groups")?;
+    let peer_listener = TcpListener::bind(cfg.node.peer_listen)
+        .await
+        .with_context(|| format!("binding peer port {}", cfg.node.peer_listen))?;
+    let client_listener = TcpListener::bind(cfg.node.client_listen)
+        .await
+        .with_context(|| format!("binding client port {}", cfg.node.client_listen))?;
+    let bound = Bound { peer: peer_listener.local_addr()?, client: client_listener.local_addr()? };
+    tracing::info!(node = %cfg.node.name, id = node.id(), peer = %bound.peer, client = %bound.client, "listening");
+
+    let (stop_peer, stop_peer_rx) = watch::channel(false);
+    let (stop_client, stop_client_rx) = watch::channel(false);
+    let peer_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RaftPeerServer::new(PeerService::new(node.clone())).max_decoding_message_size(64 << 20))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), wait(stop_peer_rx.clone())),
+    );
+    let client_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                CoalesceServer::new(CoalesceService::new(node.clone(), cfg.api))
+                    .max_decoding_message_size(cfg.api.max_request_bytes + 1024),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), wait(stop_client_rx)),
+    );
+    on_bound(bound);
+
+    let boot_node = node.clone();
+    let bootstrap = tokio::spawn(async move {
+        loop {
+            match boot_node.bootstrap(Duration::from_secs(30)).await {
+                Ok(()) => {
+                    tracing::info!("bootstrap complete");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "bootstrap incomplete, retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
+    let sealer = tokio::spawn(Arc::clone(&node).run_sealer(Duration::from_millis(20), wait(stop_peer_rx)));
+
+    shutdown.await;
+    tracing::info!("shutting down: closing the client port, handing off leadership");
+    let _ = stop_client.send(true);
+    bootstrap.abort();
+    node.shutdown(SHUTDOWN_GRACE).await;
+    let _ = stop_peer.send(true);
+    let _ = sealer.await;
+    for (name, server) in [("client", client_server), ("peer", peer_server)] {
+        match tokio::time::timeout(Duration::from_secs(5), server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "{name} server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "{name} server task failed"),
+            Err(_) => tracing::warn!("{name} server did not stop in time"),
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

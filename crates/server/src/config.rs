@@ -1,0 +1,222 @@
+//! The node's configuration: one typed TOML file (unknown fields are errors), overridden by
+//! environment variables and flags (see `coalesced --help`), validated before any port is
+//! bound. The streams live in their own file (`streams_file`), the one a Kubernetes ConfigMap
+//! mounts; see `deploy/examples/streams.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use coalesce_core::stream::{StreamTable, StreamsFile};
+use coalesce_raft::{ClusterSpec, NodeSpec, RaftTiming};
+use serde::Deserialize;
+
+/// Sink kinds this build can run.
+pub const SINK_KINDS: &[&str] = &["file", "postgres", "http", "grpc"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    #[serde(default)]
+    pub api: ApiLimits,
+    /// Path of the streams file, relative to the config file.
+    pub streams_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's name; must appear in `cluster.nodes`.
+    pub name: String,
+    pub data_dir: PathBuf,
+    /// Where the peer (Raft) port listens.
+    pub peer_listen: SocketAddr,
+    /// Where the client (API) port listens.
+    pub client_listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: String,
+    /// Number of shards; fixed when the cluster is created.
+    pub shards: u32,
+    #[serde(default = "default_replication")]
+    pub replication: usize,
+    /// The static peer list: stable names and advertised addresses.
+    pub nodes: Vec<NodeEntry>,
+}
+
+fn default_replication() -> usize {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    pub name: String,
+    /// Peer port address as other nodes reach it (`host:port`).
+    pub peer: String,
+    /// Client port address as clients reach it.
+    pub client: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaftConfig {
+    #[serde(with = "humantime_serde", default = "default_heartbeat")]
+    pub heartbeat: Duration,
+    #[serde(with = "humantime_serde", default = "default_election_min")]
+    pub election_timeout_min: Duration,
+    #[serde(with = "humantime_serde", default = "default_election_max")]
+    pub election_timeout_max: Duration,
+}
+
+fn default_heartbeat() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_election_min() -> Duration {
+    Duration::from_millis(400)
+}
+fn default_election_max() -> Duration {
+    Duration::from_millis(800)
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: default_heartbeat(),
+            election_timeout_min: default_election_min(),
+            election_timeout_max: default_election_max(),
+        }
+    }
+}
+
+/// Limits on client requests (defaults documented in docs/api.md).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiLimits {
+    #[serde(default = "default_max_events")]
+    pub max_events_per_request: usize,
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+}
+
+fn default_max_events() -> usize {
+    10_000
+}
+fn default_max_request_bytes() -> usize {
+    8 << 20
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self { max_events_per_request: default_max_events(), max_request_bytes: default_max_request_bytes() }
+    }
+}
+
+/// A configuration problem, found before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Streams { path: PathBuf, source: coalesce_core::ConfigError },
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+/// Everything a node needs, validated.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub streams: StreamTable,
+}
+
+impl Config {
+    /// Reads and validates `path` and the streams file it names.
+    pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.finish(base)
+    }
+
+    /// Validates this config, reading the streams file relative to `base`.
+    pub fn finish(mut self, base: &Path) -> Result<Loaded, ConfigError> {
+        if self.streams_file.is_relative() {
+            self.streams_file = base.join(&self.streams_file);
+        }
+        let text = std::fs::read_to_string(&self.streams_file)
+            .map_err(|source| ConfigError::Read { path: self.streams_file.clone(), source })?;
+        let streams = StreamsFile::parse(&text)
+            .and_then(|f| f.validate(SINK_KINDS))
+            .map_err(|source| ConfigError::Streams { path: self.streams_file.clone(), source })?;
+        self.validate()?;
+        Ok(Loaded { config: self, streams })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: String| Err(ConfigError::Invalid { field, message });
+        if self.cluster.shards == 0 || self.cluster.shards > 4096 {
+            return invalid("cluster.shards", format!("must be in 1..=4096, got {}", self.cluster.shards));
+        }
+        if self.cluster.replication == 0 || self.cluster.replication > self.cluster.nodes.len() {
+            return invalid(
+                "cluster.replication",
+                format!(
+                    "must be in 1..={} (the number of nodes), got {}",
+                    self.cluster.nodes.len(),
+                    self.cluster.replication
+                ),
+            );
+        }
+        let mut names: Vec<&str> = self.cluster.nodes.iter().map(|n| n.name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return invalid("cluster.nodes", "node names must be unique".into());
+        }
+        if !names.contains(&self.node.name.as_str()) {
+            return invalid("node.name", format!("{:?} is not in cluster.nodes", self.node.name));
+        }
+        let r = &self.raft;
+        if !(r.heartbeat < r.election_timeout_min && r.election_timeout_min < r.election_timeout_max) {
+            return invalid("raft", "need heartbeat < election_timeout_min < election_timeout_max".into());
+        }
+        if self.api.max_events_per_request == 0 {
+            return invalid("api.max_events_per_request", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The cluster as the Raft layer sees it.
+    pub fn cluster_spec(&self) -> ClusterSpec {
+        ClusterSpec {
+            cluster: self.cluster.name.clone(),
+            shards: self.cluster.shards,
+            replication: self.cluster.replication,
+            nodes: self
+                .cluster
+                .nodes
+                .iter()
+                .map(|n| NodeSpec { name: n.name.clone(), peer_addr: n.peer.clone(), client_addr: n.client.clone() })
+                .collect(),
+        }
+    }
+
+    /// Raft timing in milliseconds.
+    pub fn raft_timing(&self) -> RaftTiming {
+        RaftTiming {
+            heartbeat_ms: self.raft.heartbeat.as_millis() as u64,
+            election_min_ms: self.raft.election_timeout_min.as_millis() as u64,
+            election_max_ms: self.raft.election_timeout_max.as_millis() as u64,
+        }
+    }
+}

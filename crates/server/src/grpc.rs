@@ -1,0 +1,267 @@
+//! The client API (`coalesce.v1.Coalesce`) on the client port.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use coalesce_core::batch::BatchBuilder;
+use coalesce_core::error::Category;
+use coalesce_core::time::{Clock, SystemClock};
+use coalesce_proto::v1 as pb;
+use coalesce_proto::v1::EventCode;
+use coalesce_raft::state_machine::load_outbox;
+use coalesce_raft::{GroupOutcome, IngestGroup, ProposeError, RaftNode, Response};
+use futures::Stream;
+use prost::Message;
+use tonic::{Request, Response as TonicResponse, Status};
+
+use crate::config::ApiLimits;
+use crate::convert;
+
+/// The client-facing service of one node.
+#[derive(Debug, Clone)]
+pub struct CoalesceService {
+    node: Arc<RaftNode>,
+    limits: ApiLimits,
+}
+
+impl CoalesceService {
+    pub fn new(node: Arc<RaftNode>, limits: ApiLimits) -> Self {
+        Self { node, limits }
+    }
+}
+
+fn status(code: EventCode, reason: &str, message: String) -> pb::EventStatus {
+    pb::EventStatus { code: code as i32, reason: reason.to_owned(), message, ..Default::default() }
+}
+
+/// The per-event status for every event of a shard's part when it could not be applied.
+fn failure(e: &ProposeError) -> pb::EventStatus {
+    let mut s = match e {
+        ProposeError::BufferFull { retry_after_ms, .. } => {
+            let mut s = status(EventCode::ResourceExhausted, "buffer_full", e.to_string());
+            s.retry_after_ms = *retry_after_ms;
+            s
+        }
+        ProposeError::UnknownStream { .. } => status(EventCode::NotFound, "unknown_stream", e.to_string()),
+        ProposeError::Unknown(_) => status(EventCode::Unknown, "outcome_unknown", e.to_string()),
+        ProposeError::NotLeader { leader, .. } => {
+            let mut s = status(EventCode::Unavailable, "not_leader", e.to_string());
+            s.leader_hint = leader.as_ref().map(|l| l.client_addr.clone()).unwrap_or_default();
+            s.retry_after_ms = 100;
+            s
+        }
+        ProposeError::LeaseExpired(_)
+        | ProposeError::Unreachable { .. }
+        | ProposeError::NoGroup(_)
+        | ProposeError::Fatal { .. } => {
+            let mut s = status(EventCode::Unavailable, "unavailable", e.to_string());
+            s.retry_after_ms = 200;
+            s
+        }
+    };
+    if let ProposeError::NotLeader { shard, .. }
+    | ProposeError::BufferFull { shard, .. }
+    | ProposeError::UnknownStream { shard, .. }
+    | ProposeError::Unreachable { shard, .. }
+    | ProposeError::Fatal { shard, .. } = e
+    {
+        s.shard = *shard;
+    }
+    s
+}
+
+type OutputStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::coalesce_server::Coalesce for CoalesceService {
+    async fn ingest(&self, request: Request<pb::IngestRequest>) -> Result<TonicResponse<pb::IngestResponse>, Status> {
+        let req = request.into_inner();
+        if req.events.len() > self.limits.max_events_per_request {
+            return Err(Status::invalid_argument(format!(
+                "events: {} events, the limit is {} per request",
+                req.events.len(),
+                self.limits.max_events_per_request
+            )));
+        }
+        let bytes = req.encoded_len();
+        if bytes > self.limits.max_request_bytes {
+            return Err(Status::invalid_argument(format!(
+                "request is {bytes} bytes, the limit is {}",
+                self.limits.max_request_bytes
+            )));
+        }
+        let spec = self.node.spec();
+        let mut statuses: Vec<pb::EventStatus> = vec![pb::EventStatus::default(); req.events.len()];
+        let mut builder = BatchBuilder::new(self.node.streams(), spec.shards, SystemClock.now());
+        for (i, e) in req.events.iter().enumerate() {
+            let result = convert::event(e, req.producer_id).map_err(|(field, msg)| {
+                status(EventCode::InvalidArgument, "invalid_value", format!("events[{i}].{field}: {msg}"))
+            });
+            match result.and_then(|ev| {
+                builder.add(&ev).map_err(|err| {
+                    let code = match err.category() {
+                        Category::InvalidArgument => EventCode::InvalidArgument,
+                        Category::NotFound => EventCode::NotFound,
+                        Category::ResourceExhausted => EventCode::ResourceExhausted,
+                        Category::FailedPrecondition => EventCode::FailedPrecondition,
+                    };
+                    status(code, err.code(), format!("events[{i}].{}: {err}", err.field()))
+                })
+            }) {
+                Ok(shard) => statuses[i].shard = shard,
+                Err(s) => statuses[i] = s,
+            }
+        }
+        let batches = builder.finish();
+        let calls = batches.into_iter().map(|(shard, batch)| {
+            let node = self.node.clone();
+            async move {
+                let events: Vec<Vec<u32>> = batch.groups.iter().map(|g| g.events.clone()).collect();
+                let groups =
+                    batch.groups.into_iter().map(|g| IngestGroup { range: g.range, partials: g.partials }).collect();
+                (shard, events, node.ingest(shard, groups).await)
+            }
+        });
+        for (shard, events, outcome) in futures::future::join_all(calls).await {
+            match outcome {
+                Ok(Response::Ingest { groups, .. }) => {
+                    for (g, idx) in groups.iter().zip(events) {
+                        let s = match g {
+                            GroupOutcome::Applied { shed: 0 } => status(EventCode::Ok, "", String::new()),
+                            GroupOutcome::Applied { shed } => status(
+                                EventCode::Shed,
+                                "shed",
+                                format!("{shed} inputs of this request were shed: the buffer of shard {shard} is full"),
+                            ),
+                            GroupOutcome::Duplicate => status(EventCode::Duplicate, "duplicate", String::new()),
+                            GroupOutcome::Overlap { accepted } => status(
+                                EventCode::FailedPrecondition,
+                                "sequence_overlap",
+                                format!(
+                                    "producer_seq overlaps seqs already accepted by shard {shard} (up to {accepted})"
+                                ),
+                            ),
+                        };
+                        for i in idx {
+                            statuses[i as usize] = pb::EventStatus { shard, ..s.clone() };
+                        }
+                    }
+                }
+                Ok(other) => {
+                    return Err(Status::internal(format!("unexpected response from shard {shard}: {other:?}")));
+                }
+                Err(e) => {
+                    let s = failure(&e);
+                    for i in events.into_iter().flatten() {
+                        statuses[i as usize] = pb::EventStatus { shard, ..s.clone() };
+                    }
+                }
+            }
+        }
+        Ok(TonicResponse::new(pb::IngestResponse { statuses }))
+    }
+
+    type SubscribeStream = OutputStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<TonicResponse<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        if req.consumer.is_empty() {
+            return Err(Status::invalid_argument("consumer: must not be empty"));
+        }
+        let local: Vec<u32> = self.node.groups().iter().map(|g| g.shard).collect();
+        let shards = if req.shards.is_empty() { local.clone() } else { req.shards.clone() };
+        let mut next: BTreeMap<u32, u64> = BTreeMap::new();
+        for shard in &shards {
+            let group = self
+                .node
+                .group(*shard)
+                .ok_or_else(|| Status::not_found(format!("shards: shard {shard} is not replicated on this node")))?;
+            let from = match req.from_seq.get(shard) {
+                Some(after) => after + 1,
+                None => {
+                    let meta = load_outbox(&group.store).map_err(|e| Status::internal(e.to_string()))?;
+                    meta.cursors.get(&req.consumer).map_or(meta.low, |acked| acked + 1)
+                }
+            };
+            next.insert(*shard, from);
+        }
+        let node = self.node.clone();
+        let stream = async_stream(node, next);
+        Ok(TonicResponse::new(Box::pin(stream)))
+    }
+
+    async fn ack(&self, request: Request<pb::AckRequest>) -> Result<TonicResponse<pb::AckResponse>, Status> {
+        let req = request.into_inner();
+        if req.consumer.is_empty() {
+            return Err(Status::invalid_argument("consumer: must not be empty"));
+        }
+        match self.node.ack(req.shard, req.consumer, req.upto_seq).await {
+            Ok(Response::Acked { trimmed_below }) => Ok(TonicResponse::new(pb::AckResponse { trimmed_below })),
+            Ok(other) => Err(Status::internal(format!("unexpected response {other:?}"))),
+            Err(ProposeError::NoGroup(s)) => {
+                Err(Status::not_found(format!("shard: shard {s} is not replicated on this node")))
+            }
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<TonicResponse<pb::StatusResponse>, Status> {
+        let spec = self.node.spec();
+        let mut local = Vec::new();
+        for g in self.node.groups() {
+            let view = self.node.shard_view(g.shard).ok_or_else(|| Status::internal("group vanished"))?;
+            let stats = g.store.stats().map_err(|e| Status::internal(e.to_string()))?;
+            let outbox = load_outbox(&g.store).map_err(|e| Status::internal(e.to_string()))?;
+            local.push(pb::ShardStatus {
+                shard: g.shard,
+                leader: view.leader.map(|(_, n)| n.name).unwrap_or_default(),
+                epoch: view.epoch.map(|e| pb::Epoch { term: e.term, node: e.node }),
+                replicas: spec.placement(g.shard).iter().map(|n| n.name.clone()).collect(),
+                buffered_keys: stats.keys,
+                buffered_bytes: stats.bytes,
+                next_seq: outbox.next_seq,
+                last_applied: view.last_applied,
+            });
+        }
+        Ok(TonicResponse::new(pb::StatusResponse {
+            cluster: spec.cluster.clone(),
+            node: self.node.me().name.clone(),
+            node_id: self.node.id(),
+            shards: spec.shards,
+            local_shards: local,
+        }))
+    }
+}
+
+/// Polls the local outboxes and streams new outputs, in seq order per shard.
+fn async_stream(
+    node: Arc<RaftNode>,
+    next: BTreeMap<u32, u64>,
+) -> impl Stream<Item = Result<pb::SubscribeResponse, Status>> + Send {
+    futures::stream::unfold((node, next), |(node, mut cursor)| async move {
+        loop {
+            let mut outputs = Vec::new();
+            for (shard, from) in cursor.iter_mut() {
+                let Some(group) = node.group(*shard) else { continue };
+                match group.store.outbox_from(*from, 1_000) {
+                    Ok(batch) => {
+                        if let Some(last) = batch.last() {
+                            *from = last.seq + 1;
+                        }
+                        outputs.extend(batch.iter().map(convert::output));
+                    }
+                    Err(e) => return Some((Err(Status::internal(e.to_string())), (node, cursor))),
+                }
+            }
+            if !outputs.is_empty() {
+                return Some((Ok(pb::SubscribeResponse { outputs }), (node, cursor)));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}

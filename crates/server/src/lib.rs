@@ -1,0 +1,16 @@
+//! # coalesce-server — a Coalesce node
+//!
+//! - [`config`]: the typed config file (and the streams file it names), validated up front.
+//! - [`app`]: all wiring — storage, shard groups, peer and client ports, bootstrap, window
+//!   scheduler, graceful shutdown.
+//! - [`grpc`]: the client API (`coalesce.v1.Coalesce`): ingest with per-event statuses and
+//!   any-node forwarding, subscribe, ack, status.
+//! - [`convert`]: proto ↔ domain conversions.
+//!
+//! The binary `coalesced` parses flags and calls [`app::run`]. Libraries used: tonic/prost
+//! (gRPC), clap (flags), toml + serde + humantime-serde (config), tracing-subscriber (logs).
+
+pub mod app;
+pub mod config;
+pub mod convert;
+pub mod grpc;
