@@ -1,0 +1,279 @@
+//! `coalescectl demo`: the embedded default. Starts a local cluster of real `coalesced`
+//! processes on loopback (data and logs under `--dir`), runs a Zipf-skewed producer on three
+//! example streams and a subscriber, and prints every second what goes in and what comes out,
+//! until Ctrl-C (or `--seconds`). Stopping sends SIGTERM: nodes hand off leadership and exit.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use coalesce_proto::v1 as pb;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use rand_distr::{Distribution, Zipf};
+use tokio::sync::Mutex;
+
+use crate::local;
+
+const STREAMS: &str = r#"# Demo streams (see deploy/examples/streams.toml for every option).
+[streams.page-views]
+merge = "sum_i64"
+window = { tumbling = "1s" }
+
+[streams.visitors]
+merge = { op = "hll", precision = 12 }
+window = { tumbling = "2s" }
+
+[streams.profile]
+merge = "latest"
+window = { debounce = "300ms", max_wait = "2s" }
+"#;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct DemoArgs {
+    /// Directory for configs, data and logs (wiped at start, kept after exit).
+    #[arg(long, default_value = ".coalesce-data/demo")]
+    dir: PathBuf,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Number of shards.
+    #[arg(long, default_value_t = 8)]
+    shards: u32,
+    /// Target input events per second.
+    #[arg(long, default_value_t = 20_000)]
+    rate: u64,
+    /// Number of distinct keys (Zipf(1.1)-skewed).
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// Stop after this many seconds instead of waiting for Ctrl-C.
+    #[arg(long)]
+    seconds: Option<u64>,
+}
+
+#[derive(Default)]
+struct Counters {
+    inputs: AtomicU64,
+    outputs: AtomicU64,
+    output_inputs: AtomicU64,
+    retries: AtomicU64,
+}
+
+pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if args.nodes == 0 || args.shards == 0 || args.rate == 0 || args.keys == 0 {
+        bail!("--nodes, --shards, --rate and --keys must be at least 1");
+    }
+    if args.dir.exists() {
+        let ours = args.dir.join("streams.toml").exists() || std::fs::read_dir(&args.dir)?.next().is_none();
+        if !ours {
+            bail!("{} exists and is not a demo directory; choose another --dir", args.dir.display());
+        }
+        std::fs::remove_dir_all(&args.dir).with_context(|| format!("clearing {}", args.dir.display()))?;
+    }
+    let mut nodes = local::start(&args.dir, args.nodes, args.shards, STREAMS)?;
+    println!(
+        "started {} coalesced nodes (logs: {}/node-*.log); waiting for shard leaders…",
+        nodes.len(),
+        args.dir.display()
+    );
+    let addrs: Vec<String> = nodes.iter().map(|n| n.client_addr.clone()).collect();
+    if let Err(e) = wait_ready(&addrs, args.shards, Duration::from_secs(60)).await {
+        local::stop(&mut nodes, Duration::from_secs(5));
+        return Err(e);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(Counters::default());
+    let sample: Arc<Mutex<Option<pb::Output>>> = Arc::default();
+    let lanes = 4u64;
+    let mut tasks = Vec::new();
+    for lane in 0..lanes {
+        tasks.push(tokio::spawn(produce(
+            addrs.clone(),
+            args.rate / lanes,
+            args.keys,
+            lane,
+            stop.clone(),
+            counters.clone(),
+        )));
+    }
+    let subscriber = tokio::spawn(subscribe(addrs[0].clone(), counters.clone(), sample.clone(), stop.clone()));
+
+    println!("\n{:>5} {:>10} {:>10} {:>8}  leaders", "sec", "inputs/s", "outputs/s", "ratio");
+    let started = Instant::now();
+    let (mut last_in, mut last_out) = (0, 0);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        let (inputs, outputs) = (counters.inputs.load(Ordering::Relaxed), counters.outputs.load(Ordering::Relaxed));
+        let (din, dout) = (inputs - last_in, outputs - last_out);
+        (last_in, last_out) = (inputs, outputs);
+        let leaders = leader_counts(&addrs).await;
+        let secs = started.elapsed().as_secs();
+        println!("{secs:>5} {din:>10} {dout:>10} {:>7.1}x  {leaders}", din as f64 / dout.max(1) as f64);
+        if secs.is_multiple_of(5)
+            && let Some(o) = sample.lock().await.take()
+        {
+            println!(
+                "      e.g. {} {:?} shard {} seq {}: {} inputs → {}",
+                o.stream, o.key, o.shard, o.seq, o.inputs, o.value_json
+            );
+        }
+        if args.seconds.is_some_and(|s| secs >= s) {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    subscriber.abort();
+    println!("\nstopping: SIGTERM → each node hands off its shards and exits…");
+    local::stop(&mut nodes, Duration::from_secs(20));
+    let (inputs, outputs) = (counters.inputs.load(Ordering::Relaxed), counters.outputs.load(Ordering::Relaxed));
+    println!(
+        "{inputs} events acknowledged, {outputs} outputs received ({:.1}x fewer writes downstream); {} retried requests",
+        inputs as f64 / outputs.max(1) as f64,
+        counters.retries.load(Ordering::Relaxed)
+    );
+    println!("data and logs kept in {}", args.dir.display());
+    Ok(())
+}
+
+async fn wait_ready(addrs: &[String], shards: u32, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut led = std::collections::BTreeSet::new();
+        for a in addrs {
+            if let Ok(mut c) = crate::connect(a).await
+                && let Ok(st) = c.status(pb::StatusRequest {}).await
+            {
+                led.extend(st.into_inner().local_shards.iter().filter(|s| !s.leader.is_empty()).map(|s| s.shard));
+            }
+        }
+        if led.len() == shards as usize {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {} of {shards} shards have a leader after {within:?}; see the node logs", led.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn leader_counts(addrs: &[String]) -> String {
+    let mut by_node: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for a in addrs {
+        if let Ok(mut c) = crate::connect(a).await
+            && let Ok(st) = c.status(pb::StatusRequest {}).await
+        {
+            for s in st.into_inner().local_shards {
+                if !s.leader.is_empty() && seen.insert(s.shard) {
+                    *by_node.entry(s.leader).or_default() += 1;
+                }
+            }
+        }
+    }
+    by_node.iter().map(|(n, c)| format!("{n}:{c}")).collect::<Vec<_>>().join(" ")
+}
+
+/// One producer lane: an idempotent producer id, one request in flight, retried with the same
+/// seqs until every event is acknowledged.
+async fn produce(addrs: Vec<String>, rate: u64, keys: u64, lane: u64, stop: Arc<AtomicBool>, counters: Arc<Counters>) {
+    let mut rng = StdRng::seed_from_u64(lane);
+    let Ok(zipf) = Zipf::new(keys as f64, 1.1) else { return };
+    let producer_id = rand::random::<u64>() | 1;
+    let per_tick = (rate / 20).max(1);
+    let mut seq = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let events: Vec<pb::Event> = (0..per_tick)
+            .map(|i| {
+                seq += 1;
+                let key = format!("page-{}", zipf.sample(&mut rng) as u64);
+                let (stream, value) = match i % 4 {
+                    0 | 1 => ("page-views", pb::value::Kind::Int(1)),
+                    2 => ("visitors", pb::value::Kind::Str(format!("visitor-{}", rng.random_range(0..5_000)))),
+                    _ => ("profile", pb::value::Kind::Str(format!("{{\"rev\":{seq}}}"))),
+                };
+                pb::Event {
+                    stream: stream.into(),
+                    key,
+                    value: Some(pb::Value { kind: Some(value) }),
+                    event_time_ms: None,
+                    producer_seq: seq,
+                }
+            })
+            .collect();
+        let req = pb::IngestRequest { producer_id, events };
+        let mut attempt = rng.random_range(0..addrs.len());
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let ok = match crate::connect(&addrs[attempt % addrs.len()]).await {
+                Ok(mut c) => match c.ingest(req.clone()).await {
+                    Ok(r) => r
+                        .into_inner()
+                        .statuses
+                        .iter()
+                        .all(|s| s.code == pb::EventCode::Ok as i32 || s.code == pb::EventCode::Duplicate as i32),
+                    Err(_) => false,
+                },
+                Err(_) => false,
+            };
+            if ok {
+                counters.inputs.fetch_add(req.events.len() as u64, Ordering::Relaxed);
+                break;
+            }
+            counters.retries.fetch_add(1, Ordering::Relaxed);
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Follows every shard's outputs on one node and acks them once a second.
+async fn subscribe(
+    addr: String,
+    counters: Arc<Counters>,
+    sample: Arc<Mutex<Option<pb::Output>>>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut client) = crate::connect(&addr).await else { return };
+        let req = pb::SubscribeRequest { consumer: "demo".into(), shards: Vec::new(), from_seq: Default::default() };
+        let Ok(resp) = client.subscribe(req).await else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let mut stream = resp.into_inner();
+        let mut acked: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut last_ack = Instant::now();
+        while let Ok(Some(batch)) = stream.message().await {
+            for o in batch.outputs {
+                counters.outputs.fetch_add(1, Ordering::Relaxed);
+                counters.output_inputs.fetch_add(o.inputs, Ordering::Relaxed);
+                acked.insert(o.shard, o.seq);
+                if o.stream == "page-views" && o.inputs > 3 {
+                    *sample.lock().await = Some(o);
+                }
+            }
+            if last_ack.elapsed() >= Duration::from_secs(1) {
+                for (shard, seq) in &acked {
+                    let _ = client.ack(pb::AckRequest { consumer: "demo".into(), shard: *shard, upto_seq: *seq }).await;
+                }
+                last_ack = Instant::now();
+            }
+        }
+    }
+}
