@@ -43,7 +43,7 @@ pub(crate) struct DemoArgs {
     /// Number of shards.
     #[arg(long, default_value_t = 8)]
     shards: u32,
-    /// Target input events per second.
+    /// Target input events per second (0: no producer and no subscriber, an idle cluster).
     #[arg(long, default_value_t = 20_000)]
     rate: u64,
     /// Number of distinct keys (Zipf(1.1)-skewed).
@@ -63,8 +63,8 @@ struct Counters {
 }
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    if args.nodes == 0 || args.shards == 0 || args.rate == 0 || args.keys == 0 {
-        bail!("--nodes, --shards, --rate and --keys must be at least 1");
+    if args.nodes == 0 || args.shards == 0 || args.keys == 0 {
+        bail!("--nodes, --shards and --keys must be at least 1");
     }
     if args.dir.exists() {
         let ours = args.dir.join("streams.toml").exists() || std::fs::read_dir(&args.dir)?.next().is_none();
@@ -88,19 +88,20 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters::default());
     let sample: Arc<Mutex<Option<pb::Output>>> = Arc::default();
-    let lanes = 4u64;
+    let lanes = if args.rate == 0 { 0 } else { 4u64 };
     let mut tasks = Vec::new();
     for lane in 0..lanes {
         tasks.push(tokio::spawn(produce(
             addrs.clone(),
-            args.rate / lanes,
+            (args.rate / lanes).max(1),
             args.keys,
             lane,
             stop.clone(),
             counters.clone(),
         )));
     }
-    let subscriber = tokio::spawn(subscribe(addrs[0].clone(), counters.clone(), sample.clone(), stop.clone()));
+    let subscriber = (args.rate > 0)
+        .then(|| tokio::spawn(subscribe(addrs[0].clone(), counters.clone(), sample.clone(), stop.clone())));
 
     println!("\n{:>5} {:>10} {:>10} {:>8}  leaders", "sec", "inputs/s", "outputs/s", "ratio");
     let started = Instant::now();
@@ -134,7 +135,9 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for t in tasks {
         let _ = t.await;
     }
-    subscriber.abort();
+    if let Some(s) = subscriber {
+        s.abort();
+    }
     println!("\nstopping: SIGTERM → each node hands off its shards and exits…");
     local::stop(&mut nodes, Duration::from_secs(20));
     let (inputs, outputs) = (counters.inputs.load(Ordering::Relaxed), counters.outputs.load(Ordering::Relaxed));

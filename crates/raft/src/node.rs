@@ -102,6 +102,8 @@ pub struct Group {
     pub shard: ShardId,
     pub raft: Raft<TypeConfig, ShardStateMachine>,
     pub store: ShardStore,
+    /// The state machine's change counter (see [`ShardStateMachine::version`]).
+    pub version: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Group {
@@ -220,11 +222,12 @@ impl RaftNode {
             }
             let store = ShardStore::new(Arc::clone(&db), shard);
             let sm = ShardStateMachine::open(store.clone())?;
+            let version = sm.version();
             let net = GroupNetworkFactory::new(shard, Arc::clone(&channels));
             let raft = Raft::new(id, Arc::clone(&config), net, LogStore::new(store.clone()), sm)
                 .await
                 .map_err(|e| NodeError::Start { shard, detail: e.to_string() })?;
-            groups.insert(shard, Group { shard, raft, store });
+            groups.insert(shard, Group { shard, raft, store, version });
         }
         Ok(Arc::new(Self {
             id,
@@ -443,11 +446,15 @@ impl RaftNode {
     }
 
     /// Runs the window scheduler of every local group until `shutdown` resolves: while this
-    /// node leads a shard, it proposes a Seal whenever the earliest deadline has passed.
+    /// node leads a shard, it proposes a Seal whenever the earliest deadline has passed. The
+    /// earliest deadline is read from the deadline index only when the state machine changed
+    /// since the last look, so an idle shard costs an atomic load per tick.
     pub async fn run_sealer(self: Arc<Self>, tick: Duration, shutdown: impl std::future::Future<Output = ()>) {
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
+        // shard → (state version, earliest deadline at that version)
+        let mut cache: BTreeMap<ShardId, (u64, Option<u64>)> = BTreeMap::new();
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
@@ -458,11 +465,17 @@ impl RaftNode {
                     continue;
                 }
                 let now = self.clock.now();
-                let due = {
-                    let mut view = group.store.apply_batch();
-                    coalesce_core::buffer::ShardBuffer::next_deadline(&mut view)
+                let version = group.version.load(std::sync::atomic::Ordering::Acquire);
+                let due = match cache.get(&group.shard) {
+                    Some((v, d)) if *v == version => *d,
+                    _ => {
+                        let mut view = group.store.apply_batch();
+                        let Ok(d) = ShardBuffer::next_deadline(&mut view) else { continue };
+                        cache.insert(group.shard, (version, d));
+                        d
+                    }
                 };
-                if matches!(due, Ok(Some(d)) if d <= now) {
+                if due.is_some_and(|d| d <= now) {
                     let cmd = Command::Seal {
                         stamp: now,
                         max: 10_000,

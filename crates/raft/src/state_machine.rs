@@ -63,6 +63,9 @@ pub struct ShardStateMachine {
     outbox: OutboxMeta,
     /// Shared with snapshot builders, which run in their own task.
     current: CurrentSnapshot,
+    /// Bumped after every applied entry or installed snapshot, so readers of derived state
+    /// (the scheduler's cached next deadline) know when to look again.
+    version: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The outbox bookkeeping of `store`'s shard as last applied there.
@@ -85,12 +88,17 @@ impl ShardStateMachine {
     /// The state machine of `store`'s shard, as persisted.
     pub fn open(store: ShardStore) -> Result<Self, StorageError> {
         let outbox = load_outbox(&store)?;
-        Ok(Self { store, outbox, current: Arc::new(Mutex::new(None)) })
+        Ok(Self { store, outbox, current: Arc::new(Mutex::new(None)), version: Arc::default() })
     }
 
     /// The shard's storage.
     pub fn store(&self) -> &ShardStore {
         &self.store
+    }
+
+    /// A counter bumped whenever the state changes (entry applied, snapshot installed).
+    pub fn version(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        Arc::clone(&self.version)
     }
 
     /// The outbox bookkeeping as of the last applied entry.
@@ -217,7 +225,10 @@ impl ShardStateMachine {
         }
         batch.sm_meta_put(SmMetaTag::Applied, codec::encode_log_id(&log_id)?);
         match batch.commit() {
-            Ok(()) => Ok(response),
+            Ok(()) => {
+                self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+                Ok(response)
+            }
             Err(e) => {
                 self.outbox = before;
                 Err(e)
@@ -290,6 +301,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     async fn install_snapshot(&mut self, meta: &Meta, snapshot: Vec<u8>) -> Result<(), io::Error> {
         self.store.import_state(&snapshot)?;
         self.outbox = load_outbox(&self.store)?;
+        self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
         if let Ok(mut cur) = self.current.lock() {
             *cur = Some((meta.clone(), snapshot));
         }

@@ -238,28 +238,38 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
     }
 }
 
-/// Polls the local outboxes and streams new outputs, in seq order per shard.
+/// Streams new outputs of the local outboxes, in seq order per shard. A shard's outbox is read
+/// only when its state machine changed since the last read (an atomic load otherwise).
 fn async_stream(
     node: Arc<RaftNode>,
     next: BTreeMap<u32, u64>,
 ) -> impl Stream<Item = Result<pb::SubscribeResponse, Status>> + Send {
-    futures::stream::unfold((node, next), |(node, mut cursor)| async move {
+    let seen: BTreeMap<u32, u64> = BTreeMap::new();
+    futures::stream::unfold((node, next, seen), |(node, mut cursor, mut seen)| async move {
         loop {
             let mut outputs = Vec::new();
             for (shard, from) in cursor.iter_mut() {
                 let Some(group) = node.group(*shard) else { continue };
+                let version = group.version.load(std::sync::atomic::Ordering::Acquire);
+                if seen.get(shard) == Some(&version) {
+                    continue;
+                }
                 match group.store.outbox_from(*from, 1_000) {
                     Ok(batch) => {
                         if let Some(last) = batch.last() {
                             *from = last.seq + 1;
                         }
+                        // A full page may have more behind it: read again next round.
+                        if batch.len() < 1_000 {
+                            seen.insert(*shard, version);
+                        }
                         outputs.extend(batch.iter().map(convert::output));
                     }
-                    Err(e) => return Some((Err(Status::internal(e.to_string())), (node, cursor))),
+                    Err(e) => return Some((Err(Status::internal(e.to_string())), (node, cursor, seen))),
                 }
             }
             if !outputs.is_empty() {
-                return Some((Ok(pb::SubscribeResponse { outputs }), (node, cursor)));
+                return Some((Ok(pb::SubscribeResponse { outputs }), (node, cursor, seen)));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
