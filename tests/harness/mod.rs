@@ -101,6 +101,25 @@ impl Cluster {
         }
     }
 
+    /// SIGTERMs node `i` and waits for it to exit; returns how long it took.
+    pub fn terminate(&mut self, i: usize, within: Duration) -> Duration {
+        let started = Instant::now();
+        self.signal(i, "TERM");
+        let mut child = self.nodes[i].child.take().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "{} exited with {status} after SIGTERM", self.nodes[i].name);
+                return started.elapsed();
+            }
+            if started.elapsed() > within {
+                let _ = child.kill();
+                self.dump_logs();
+                panic!("{} did not exit within {within:?} of SIGTERM", self.nodes[i].name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends a signal (e.g. "STOP", "CONT", "TERM") to node `i`.
     pub fn signal(&self, i: usize, sig: &str) {
         if let Some(c) = &self.nodes[i].child {

@@ -1,0 +1,43 @@
+//! The committed example node config parses and validates; bad configs fail with errors that
+//! name the field.
+
+use std::path::Path;
+
+use coalesce_server::config::Config;
+
+fn example_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/examples"))
+}
+
+#[test]
+fn example_node_config_is_valid() {
+    let loaded = Config::load(&example_dir().join("node.toml")).expect("example node config is valid");
+    assert_eq!(loaded.config.cluster.shards, 64);
+    assert_eq!(loaded.config.cluster_spec().placement(0).len(), 3);
+    assert_eq!(loaded.config.raft_timing().election_max_ms, 800);
+    assert!(loaded.streams.get("query-counts").is_some());
+}
+
+fn err(mutate: impl Fn(&mut String)) -> String {
+    let mut text = std::fs::read_to_string(example_dir().join("node.toml")).expect("example");
+    mutate(&mut text);
+    match toml::from_str::<Config>(&text) {
+        Err(e) => e.to_string(),
+        Ok(c) => c.finish(example_dir()).expect_err("should be invalid").to_string(),
+    }
+}
+
+#[test]
+fn invalid_configs_name_the_field() {
+    assert!(err(|t| *t = t.replace("shards = 64", "shards = 0")).contains("cluster.shards"));
+    assert!(err(|t| *t = t.replace("replication = 3", "replication = 4")).contains("cluster.replication"));
+    assert!(
+        err(|t| *t = t.replace("name = \"coalesce-0\"                 #", "name = \"nobody\" #")).contains("node.name")
+    );
+    assert!(err(|t| *t = t.replace("heartbeat = \"100ms\"", "heartbeat = \"1s\"")).contains("raft"));
+    assert!(err(|t| t.push_str("\n[extra]\nx = 1\n")).contains("unknown field"));
+    assert!(
+        err(|t| *t = t.replace("streams_file = \"streams.toml\"", "streams_file = \"missing.toml\""))
+            .contains("missing.toml")
+    );
+}
