@@ -273,6 +273,18 @@ async fn rolling_restart_with_sigterm_loses_nothing() {
     stop.store(true, Ordering::Relaxed);
     let (acked, requests, retries) = producer.await.unwrap();
     let emitted = collect(&cluster).await;
+    // After the restarts, leadership returns to each shard's preferred replica (shard s → the
+    // node at s mod 3): every node leads again.
+    let t = Instant::now();
+    loop {
+        let leaders = cluster.leaders().await;
+        let balanced = (0..SHARDS).all(|s| leaders.get(&s) == Some(&format!("coalesce-{}", s % 3)));
+        if balanced {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "leadership not rebalanced: {leaders:?} (seed {seed})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     eprintln!(
         "rolling restart: {requests} requests, {retries} retried attempts ({:.1}%), SIGTERM→exit {exits:?}",
         100.0 * retries as f64 / requests.max(1) as f64

@@ -489,6 +489,52 @@ impl RaftNode {
         }
     }
 
+    /// Keeps leadership balanced until `shutdown` resolves: every `period`, for each shard this
+    /// node leads although another replica is its preferred leader (the first node of its
+    /// placement, so about S/N shards per node), leadership is handed to that replica once it
+    /// has replicated the whole log. After a failover the restarted node gets its shards back.
+    pub async fn run_balancer(self: Arc<Self>, period: Duration, shutdown: impl std::future::Future<Output = ()>) {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = interval.tick() => {}
+            }
+            for group in self.groups() {
+                let Some(preferred) = self.spec.placement(group.shard).first().map(|n| n.name.clone()) else {
+                    continue;
+                };
+                if preferred == self.me.name {
+                    continue;
+                }
+                let target = {
+                    let metrics = group.raft.metrics();
+                    let m = metrics.borrow_watched();
+                    if !m.state.is_leader() {
+                        continue;
+                    }
+                    let Some(last) = m.last_log_index else { continue };
+                    let membership = m.membership_config.membership();
+                    let Some(id) = membership.nodes().find(|(_, n)| n.name == preferred).map(|(id, _)| *id) else {
+                        continue;
+                    };
+                    let caught_up = m
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id).cloned().flatten())
+                        .is_some_and(|matched| matched.index >= last);
+                    caught_up.then_some(id)
+                };
+                if let Some(to) = target {
+                    tracing::info!(shard = group.shard, to = %preferred, "handing leadership to the preferred replica");
+                    let _ = group.raft.trigger().transfer_leader(to).await;
+                }
+            }
+        }
+    }
+
     /// Hands leadership of every shard this node leads to another replica, then stops every
     /// group. Bounded by `within`.
     pub async fn shutdown(&self, within: Duration) {
@@ -626,5 +672,49 @@ impl RaftPeer for PeerService {
         coalesce_storage::StateExport::decode(first.group, &data).map_err(bad)?;
         let resp = g.raft.install_full_snapshot(vote, Snapshot { meta, snapshot: data }).await.map_err(unavailable)?;
         reply(first.group, "snapshot response", &resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(n: usize, shards: u32, replication: usize) -> ClusterSpec {
+        ClusterSpec {
+            cluster: "t".into(),
+            shards,
+            replication,
+            nodes: (0..n)
+                .rev()
+                .map(|i| NodeSpec {
+                    name: format!("coalesce-{i}"),
+                    peer_addr: String::new(),
+                    client_addr: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn placement_spreads_replicas_and_preferred_leaders() {
+        for (n, r) in [(3, 3), (5, 3), (7, 3), (4, 2), (1, 1)] {
+            let s = spec(n, 64, r);
+            let mut preferred = BTreeMap::<String, u32>::new();
+            let mut replicas = BTreeMap::<String, u32>::new();
+            for shard in 0..64 {
+                let p = s.placement(shard);
+                let names: BTreeSet<&str> = p.iter().map(|n| n.name.as_str()).collect();
+                assert_eq!(names.len(), r, "n={n} r={r} shard {shard}: distinct replicas");
+                *preferred.entry(p[0].name.clone()).or_default() += 1;
+                for x in p {
+                    *replicas.entry(x.name.clone()).or_default() += 1;
+                }
+            }
+            // Every node is the preferred leader of ⌊S/N⌋ or ⌈S/N⌉ shards, and holds about R·S/N.
+            let (lo, hi) = (64 / n as u32, 64u32.div_ceil(n as u32));
+            assert!(preferred.values().all(|c| (lo..=hi).contains(c)), "n={n}: {preferred:?}");
+            assert_eq!(preferred.len(), n);
+            assert!(replicas.values().all(|c| (lo * r as u32..=hi * r as u32).contains(c)), "n={n}: {replicas:?}");
+        }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  start:    open RocksDB → start shard groups → bind peer + client ports → bootstrap
-//!            (initialize the groups this node is first replica of) → window scheduler
+//!            (initialize the groups this node is first replica of) → window scheduler,
+//!            leader balancer
 //!  shutdown: stop the client port → hand leadership of every local shard to a peer →
 //!            stop the groups → stop the peer port → close RocksDB (bounded by the grace period)
 //! ```
@@ -63,6 +64,7 @@ pub async fn run(
 
     let (stop_peer, stop_peer_rx) = watch::channel(false);
     let (stop_client, stop_client_rx) = watch::channel(false);
+    let stop_client_rx2 = stop_client_rx.clone();
     let peer_server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(RaftPeerServer::new(PeerService::new(node.clone())).max_decoding_message_size(64 << 20))
@@ -93,12 +95,14 @@ pub async fn run(
             }
         }
     });
-    let sealer = tokio::spawn(Arc::clone(&node).run_sealer(Duration::from_millis(20), wait(stop_peer_rx)));
+    let sealer = tokio::spawn(Arc::clone(&node).run_sealer(Duration::from_millis(20), wait(stop_peer_rx.clone())));
+    let balancer = tokio::spawn(Arc::clone(&node).run_balancer(Duration::from_secs(2), wait(stop_client_rx2)));
 
     shutdown.await;
     tracing::info!("shutting down: closing the client port, handing off leadership");
     let _ = stop_client.send(true);
     bootstrap.abort();
+    let _ = balancer.await;
     node.shutdown(SHUTDOWN_GRACE).await;
     let _ = stop_peer.send(true);
     let _ = sealer.await;
