@@ -120,11 +120,22 @@ impl Cluster {
         }
     }
 
-    /// Sends a signal (e.g. "STOP", "CONT", "TERM") to node `i`.
+    /// Sends a signal ("STOP", "CONT", "TERM") to node `i`.
     pub fn signal(&self, i: usize, sig: &str) {
-        if let Some(c) = &self.nodes[i].child {
-            let status = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status().unwrap();
-            assert!(status.success());
+        self.try_signal(i, sig).unwrap();
+    }
+
+    fn try_signal(&self, i: usize, sig: &str) -> nix::Result<()> {
+        use nix::sys::signal::{Signal, kill};
+        let signal = match sig {
+            "STOP" => Signal::SIGSTOP,
+            "CONT" => Signal::SIGCONT,
+            "TERM" => Signal::SIGTERM,
+            other => panic!("unsupported signal {other}"),
+        };
+        match &self.nodes[i].child {
+            Some(c) => kill(nix::unistd::Pid::from_raw(c.id() as i32), signal),
+            None => Ok(()),
         }
     }
 
@@ -208,7 +219,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
-            self.signal(i, "CONT");
+            let _ = self.try_signal(i, "CONT"); // a paused node must wake up to die
             self.kill(i);
         }
     }
