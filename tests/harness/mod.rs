@@ -1,13 +1,14 @@
-//! A local cluster of real `coalesced` processes for integration tests: free loopback ports,
-//! config files in a temp dir, readiness polled with a deadline, SIGKILL / SIGSTOP / restart.
+//! A local cluster of real `coalesced` processes for integration tests, built on
+//! `coalesce_cli::local` (the same code `coalescectl demo` runs): free loopback ports, configs in
+//! a temp dir, readiness polled with a deadline, SIGKILL / SIGSTOP / SIGTERM / restart.
 
 #![allow(dead_code, unreachable_pub, missing_debug_implementations, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use coalesce_cli::local::{LocalCluster, LocalOptions, Signal};
 use coalesce_proto::v1 as pb;
 use coalesce_proto::v1::coalesce_client::CoalesceClient;
 use tonic::transport::Channel;
@@ -15,29 +16,10 @@ use tonic::transport::Channel;
 /// The `coalesced` binary built for these tests.
 pub const COALESCED: &str = env!("CARGO_BIN_EXE_coalesced");
 
-/// A free loopback port for a node to bind. Chosen at random below the kernel's ephemeral
-/// range (32768+ by default), so no outgoing connection can take it between this check and
-/// the node binding it; checked by binding it once.
-pub fn free_port() -> u16 {
-    loop {
-        let port = 20_000 + (rand::random::<u16>() % 12_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-pub struct NodeProc {
-    pub name: String,
-    pub config: PathBuf,
-    pub client_addr: String,
-    pub log: PathBuf,
-    pub child: Option<Child>,
-}
-
 pub struct Cluster {
-    pub dir: tempfile::TempDir,
-    pub nodes: Vec<NodeProc>,
+    /// Dropped first: its Drop kills the processes before the directory goes.
+    pub local: LocalCluster,
+    dir: tempfile::TempDir,
     pub shards: u32,
 }
 
@@ -45,111 +27,62 @@ impl Cluster {
     /// Writes configs for `n` nodes and `shards` shards with `streams` (TOML) and starts them.
     pub fn start(n: usize, shards: u32, streams: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("streams.toml"), streams).unwrap();
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let mut members = String::new();
-        for (i, (peer, client)) in ports.iter().enumerate() {
-            members.push_str(&format!(
-                "[[cluster.nodes]]\nname = \"coalesce-{i}\"\npeer = \"127.0.0.1:{peer}\"\nclient = \"127.0.0.1:{client}\"\n\n"
-            ));
-        }
-        let mut nodes = Vec::new();
-        for (i, (peer, client)) in ports.iter().enumerate() {
-            let cfg = format!(
-                "streams_file = \"streams.toml\"\n\n[node]\nname = \"coalesce-{i}\"\ndata_dir = \"{}\"\npeer_listen = \"127.0.0.1:{peer}\"\nclient_listen = \"127.0.0.1:{client}\"\n\n\
-                 [raft]\nheartbeat = \"50ms\"\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"\n\n\
-                 [cluster]\nname = \"test\"\nshards = {shards}\nreplication = 3\n\n{members}",
-                dir.path().join(format!("data-{i}")).display()
-            );
-            let path = dir.path().join(format!("node-{i}.toml"));
-            std::fs::write(&path, cfg).unwrap();
-            nodes.push(NodeProc {
-                name: format!("coalesce-{i}"),
-                config: path,
-                client_addr: format!("127.0.0.1:{client}"),
-                log: dir.path().join(format!("node-{i}.log")),
-                child: None,
-            });
-        }
-        let mut c = Cluster { dir, nodes, shards };
-        for i in 0..n {
-            c.spawn(i);
-        }
-        c
+        let opts = LocalOptions {
+            cluster: "test".into(),
+            nodes: n,
+            shards,
+            streams: streams.into(),
+            raft: "heartbeat = \"50ms\"\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"".into(),
+            log_filter: "info,openraft=warn".into(),
+        };
+        let mut local = LocalCluster::create(dir.path(), PathBuf::from(COALESCED), &opts).unwrap();
+        local.spawn_all().unwrap();
+        Cluster { local, dir, shards }
     }
 
-    /// Starts node `i` (again), appending to its log.
+    /// Starts node `i` again (same data directory and ports).
     pub fn spawn(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log).unwrap();
-        let child = Command::new(COALESCED)
-            .arg("--config")
-            .arg(&node.config)
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        node.child = Some(child);
+        self.local.spawn(i).unwrap();
     }
 
     /// SIGKILLs node `i`.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERMs node `i` and waits for it to exit; returns how long it took.
-    pub fn terminate(&mut self, i: usize, within: Duration) -> Duration {
-        let started = Instant::now();
-        self.signal(i, "TERM");
-        let mut child = self.nodes[i].child.take().unwrap();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "{} exited with {status} after SIGTERM", self.nodes[i].name);
-                return started.elapsed();
-            }
-            if started.elapsed() > within {
-                let _ = child.kill();
-                self.dump_logs();
-                panic!("{} did not exit within {within:?} of SIGTERM", self.nodes[i].name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.local.kill(i);
     }
 
     /// Sends a signal ("STOP", "CONT", "TERM") to node `i`.
     pub fn signal(&self, i: usize, sig: &str) {
-        self.try_signal(i, sig).unwrap();
-    }
-
-    fn try_signal(&self, i: usize, sig: &str) -> nix::Result<()> {
-        use nix::sys::signal::{Signal, kill};
         let signal = match sig {
             "STOP" => Signal::SIGSTOP,
             "CONT" => Signal::SIGCONT,
             "TERM" => Signal::SIGTERM,
             other => panic!("unsupported signal {other}"),
         };
-        match &self.nodes[i].child {
-            Some(c) => kill(nix::unistd::Pid::from_raw(c.id() as i32), signal),
-            None => Ok(()),
+        self.local.signal(i, signal).unwrap();
+    }
+
+    /// SIGTERMs node `i` and waits for a clean exit; returns how long it took.
+    pub fn terminate(&mut self, i: usize, within: Duration) -> Duration {
+        match self.local.terminate(i, within) {
+            Ok(d) => d,
+            Err(e) => {
+                self.dump_logs();
+                panic!("{e:#}");
+            }
         }
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.nodes.iter().position(|n| n.name == name)
+        self.local.nodes.iter().position(|n| n.name == name)
     }
 
     pub fn is_running(&self, i: usize) -> bool {
-        self.nodes[i].child.is_some()
+        self.local.is_running(i)
     }
 
     /// A client for node `i` (connects lazily).
     pub fn client(&self, i: usize) -> CoalesceClient<Channel> {
-        let ch = Channel::from_shared(format!("http://{}", self.nodes[i].client_addr))
+        let ch = Channel::from_shared(format!("http://{}", self.local.nodes[i].client_addr))
             .unwrap()
             .connect_timeout(Duration::from_millis(300))
             .timeout(Duration::from_secs(5))
@@ -162,10 +95,10 @@ impl Cluster {
         self.client(i).status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
     }
 
-    /// Leader name per shard, as reported by running nodes that agree a leader exists.
+    /// Leader name per shard, as reported by running nodes, counting only running leaders.
     pub async fn leaders(&self) -> BTreeMap<u32, String> {
         let mut out = BTreeMap::new();
-        for i in 0..self.nodes.len() {
+        for i in 0..self.local.nodes.len() {
             if !self.is_running(i) {
                 continue;
             }
@@ -196,15 +129,15 @@ impl Cluster {
         }
     }
 
-    /// Prints the tail of every node's log (on failure).
+    /// Prints errors and the tail of every node's log (on failure).
     pub fn dump_logs(&self) {
-        for n in &self.nodes {
+        for n in &self.local.nodes {
             let text = std::fs::read_to_string(&n.log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
             eprintln!("==== {} ({}) ====", n.name, n.log.display());
             for l in text.lines().filter(|l| l.contains("panicked") || l.contains("ERROR")).take(10) {
                 eprintln!("!! {l}");
             }
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
             for l in tail.into_iter().rev() {
                 eprintln!("{l}");
             }
@@ -213,15 +146,6 @@ impl Cluster {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            let _ = self.try_signal(i, "CONT"); // a paused node must wake up to die
-            self.kill(i);
-        }
     }
 }
 

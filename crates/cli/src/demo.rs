@@ -16,7 +16,7 @@ use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 use tokio::sync::Mutex;
 
-use crate::local;
+use coalesce_cli::local::{self, LocalCluster, LocalOptions};
 
 const STREAMS: &str = r#"# Demo streams (see deploy/examples/streams.toml for every option).
 [streams.page-views]
@@ -73,15 +73,24 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         std::fs::remove_dir_all(&args.dir).with_context(|| format!("clearing {}", args.dir.display()))?;
     }
-    let mut nodes = local::start(&args.dir, args.nodes, args.shards, STREAMS)?;
+    let opts = LocalOptions {
+        cluster: "demo".into(),
+        nodes: args.nodes,
+        shards: args.shards,
+        streams: STREAMS.into(),
+        raft: String::new(),
+        log_filter: "info,openraft=error".into(),
+    };
+    let mut cluster = LocalCluster::create(&args.dir, local::coalesced_bin()?, &opts)?;
+    cluster.spawn_all()?;
     println!(
         "started {} coalesced nodes (logs: {}/node-*.log); waiting for shard leaders…",
-        nodes.len(),
+        args.nodes,
         args.dir.display()
     );
-    let addrs: Vec<String> = nodes.iter().map(|n| n.client_addr.clone()).collect();
+    let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.client_addr.clone()).collect();
     if let Err(e) = wait_ready(&addrs, args.shards, Duration::from_secs(60)).await {
-        local::stop(&mut nodes, Duration::from_secs(5));
+        cluster.stop_all(Duration::from_secs(5));
         return Err(e);
     }
 
@@ -139,7 +148,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         s.abort();
     }
     println!("\nstopping: SIGTERM → each node hands off its shards and exits…");
-    local::stop(&mut nodes, Duration::from_secs(20));
+    cluster.stop_all(Duration::from_secs(20));
     let (inputs, outputs) = (counters.inputs.load(Ordering::Relaxed), counters.outputs.load(Ordering::Relaxed));
     println!(
         "{inputs} events acknowledged, {outputs} outputs received ({:.1}x fewer writes downstream); {} retried requests",

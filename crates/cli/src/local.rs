@@ -1,16 +1,18 @@
-//! A local cluster of `coalesced` processes on loopback: configs, processes, shutdown.
+//! A local cluster of `coalesced` processes on loopback: config files, processes, signals,
+//! graceful stop. Used by `coalescectl demo` and by the multi-process tests in `tests/`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use nix::sys::signal::{Signal, kill};
+pub use nix::sys::signal::Signal;
+use nix::sys::signal::kill;
 use nix::unistd::Pid;
 
-/// A free loopback port, chosen below the kernel's ephemeral range so no outgoing connection
-/// can take it before the node binds it.
-pub(crate) fn free_port() -> u16 {
+/// A free loopback port, chosen below the kernel's ephemeral range (32768+ by default) so no
+/// outgoing connection can take it between this check and the node binding it.
+pub fn free_port() -> u16 {
     loop {
         let port = 20_000 + (rand::random::<u16>() % 12_000);
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
@@ -20,7 +22,7 @@ pub(crate) fn free_port() -> u16 {
 }
 
 /// The `coalesced` binary: `$COALESCED_BIN`, or next to this executable.
-pub(crate) fn coalesced_bin() -> anyhow::Result<PathBuf> {
+pub fn coalesced_bin() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("COALESCED_BIN") {
         return Ok(PathBuf::from(p));
     }
@@ -32,72 +34,173 @@ pub(crate) fn coalesced_bin() -> anyhow::Result<PathBuf> {
     Ok(candidate)
 }
 
-#[derive(Debug)]
-pub(crate) struct LocalNode {
-    pub client_addr: String,
-    pub child: Child,
+/// How to lay out a local cluster.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    pub cluster: String,
+    pub nodes: usize,
+    pub shards: u32,
+    /// The streams file's contents.
+    pub streams: String,
+    /// `[raft]` table contents (e.g. `heartbeat = "50ms"`), or empty for the defaults.
+    pub raft: String,
+    /// `RUST_LOG` for the nodes.
+    pub log_filter: String,
 }
 
-/// Writes node configs under `dir` and starts `n` nodes.
-pub(crate) fn start(dir: &Path, n: usize, shards: u32, streams: &str) -> anyhow::Result<Vec<LocalNode>> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join("streams.toml"), streams)?;
-    let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-    let members: String = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (p, c))| {
-            format!(
-                "[[cluster.nodes]]\nname = \"coalesce-{i}\"\npeer = \"127.0.0.1:{p}\"\nclient = \"127.0.0.1:{c}\"\n\n"
-            )
-        })
-        .collect();
-    let bin = coalesced_bin()?;
-    let mut nodes = Vec::new();
-    for (i, (peer, client)) in ports.iter().enumerate() {
-        let config = dir.join(format!("node-{i}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "streams_file = \"streams.toml\"\n\n[node]\nname = \"coalesce-{i}\"\ndata_dir = \"{}\"\n\
-                 peer_listen = \"127.0.0.1:{peer}\"\nclient_listen = \"127.0.0.1:{client}\"\n\n\
-                 [cluster]\nname = \"demo\"\nshards = {shards}\nreplication = {}\n\n{members}",
-                dir.join(format!("data-{i}")).display(),
-                n.min(3)
-            ),
-        )?;
-        let log = dir.join(format!("node-{i}.log"));
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        let child = Command::new(&bin)
+/// One node of a local cluster.
+#[derive(Debug)]
+pub struct LocalNode {
+    pub name: String,
+    pub config: PathBuf,
+    pub client_addr: String,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+/// Node processes, their configs and logs under one directory.
+#[derive(Debug)]
+pub struct LocalCluster {
+    pub dir: PathBuf,
+    pub nodes: Vec<LocalNode>,
+    bin: PathBuf,
+    log_filter: String,
+}
+
+impl LocalCluster {
+    /// Writes the streams file and one config per node under `dir` (nothing is started).
+    pub fn create(dir: &Path, bin: PathBuf, opts: &LocalOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("streams.toml"), &opts.streams)?;
+        let ports: Vec<(u16, u16)> = (0..opts.nodes).map(|_| (free_port(), free_port())).collect();
+        let members: String = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (p, c))| {
+                format!("[[cluster.nodes]]\nname = \"coalesce-{i}\"\npeer = \"127.0.0.1:{p}\"\nclient = \"127.0.0.1:{c}\"\n\n")
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (peer, client)) in ports.iter().enumerate() {
+            let config = dir.join(format!("node-{i}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "streams_file = \"streams.toml\"\n\n[node]\nname = \"coalesce-{i}\"\ndata_dir = \"{}\"\n\
+                     peer_listen = \"127.0.0.1:{peer}\"\nclient_listen = \"127.0.0.1:{client}\"\n\n\
+                     [raft]\n{}\n\n[cluster]\nname = \"{}\"\nshards = {}\nreplication = {}\n\n{members}",
+                    dir.join(format!("data-{i}")).display(),
+                    opts.raft,
+                    opts.cluster,
+                    opts.shards,
+                    opts.nodes.min(3)
+                ),
+            )?;
+            nodes.push(LocalNode {
+                name: format!("coalesce-{i}"),
+                config,
+                client_addr: format!("127.0.0.1:{client}"),
+                log: dir.join(format!("node-{i}.log")),
+                child: None,
+            });
+        }
+        Ok(Self { dir: dir.to_owned(), nodes, bin, log_filter: opts.log_filter.clone() })
+    }
+
+    /// Starts node `i` (again), appending to its log.
+    pub fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let child = Command::new(&self.bin)
             .arg("--config")
-            .arg(&config)
+            .arg(&node.config)
+            .env("RUST_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log_file)
+            .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        nodes.push(LocalNode { client_addr: format!("127.0.0.1:{client}"), child });
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        node.child = Some(child);
+        Ok(())
     }
-    Ok(nodes)
+
+    /// Starts every node.
+    pub fn spawn_all(&mut self) -> anyhow::Result<()> {
+        (0..self.nodes.len()).try_for_each(|i| self.spawn(i))
+    }
+
+    /// Whether node `i` has a process.
+    pub fn is_running(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some()
+    }
+
+    /// SIGKILLs node `i` and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends `signal` to node `i` (a no-op when it is not running).
+    pub fn signal(&self, i: usize, signal: Signal) -> nix::Result<()> {
+        match &self.nodes[i].child {
+            Some(c) => kill(Pid::from_raw(c.id() as i32), signal),
+            None => Ok(()),
+        }
+    }
+
+    /// SIGTERMs node `i` and waits for it to exit cleanly within `within` (SIGKILL after).
+    /// Returns how long it took.
+    pub fn terminate(&mut self, i: usize, within: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        self.signal(i, Signal::SIGTERM)?;
+        let Some(mut child) = self.nodes[i].child.take() else { return Ok(Duration::ZERO) };
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!("{} exited with {status} after SIGTERM", self.nodes[i].name);
+                }
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > within {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{} did not exit within {within:?} of SIGTERM", self.nodes[i].name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERMs every node (each hands off its shards) and waits up to `grace` before SIGKILL.
+    pub fn stop_all(&mut self, grace: Duration) {
+        for i in 0..self.nodes.len() {
+            let _ = self.signal(i, Signal::SIGCONT);
+            let _ = self.signal(i, Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        for n in &mut self.nodes {
+            let Some(mut child) = n.child.take() else { continue };
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+    }
 }
 
-/// SIGTERMs every node (graceful hand-off) and waits up to `grace` before SIGKILL.
-pub(crate) fn stop(nodes: &mut [LocalNode], grace: Duration) {
-    for n in nodes.iter() {
-        let _ = kill(Pid::from_raw(n.child.id() as i32), Signal::SIGTERM);
-    }
-    let deadline = Instant::now() + grace;
-    for n in nodes.iter_mut() {
-        loop {
-            match n.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() >= deadline => {
-                    let _ = n.child.kill();
-                    let _ = n.child.wait();
-                    break;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            }
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            let _ = self.signal(i, Signal::SIGCONT); // a paused node must wake up to die
+            self.kill(i);
         }
     }
 }

@@ -3,7 +3,6 @@
 //! Exit codes: 0 success, 1 error (message on stderr), 2 usage error (from clap).
 
 mod demo;
-mod local;
 
 use std::time::Duration;
 

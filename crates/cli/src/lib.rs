@@ -1,0 +1,9 @@
+//! # coalesce-cli — `coalescectl` and the local cluster
+//!
+//! - [`local`]: a cluster of real `coalesced` processes on loopback (configs, processes,
+//!   signals, graceful stop), used by `coalescectl demo` and by the multi-process tests.
+//!
+//! The binary talks to nodes over the client API only (generated from `proto/`).
+//! Libraries: clap (flags), tonic (gRPC), nix (signals), rand/rand_distr (demo load).
+
+pub mod local;
