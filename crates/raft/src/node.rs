@@ -362,10 +362,7 @@ impl RaftNode {
 
     /// The leader of `shard` as this node knows it.
     pub fn leader_of(&self, shard: ShardId) -> Option<(u64, PeerNode)> {
-        let group = self.group(shard)?;
-        let leader = group.raft.metrics().borrow_watched().current_leader?;
-        let node = group.raft.metrics().borrow_watched().membership_config.membership().get_node(&leader).cloned()?;
-        Some((leader, node))
+        self.shard_view(shard)?.leader
     }
 
     /// Applies producer groups to `shard`: proposed here when this node leads it, else

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -11,8 +13,7 @@ use std::time::Duration;
 use coalesce_core::batch::{BatchBuilder, Event};
 use coalesce_core::stream::StreamsFile;
 use coalesce_core::value::Value;
-use coalesce_proto::v1::raft_peer_server::RaftPeerServer;
-use coalesce_raft::{ClusterSpec, Command, IngestGroup, NodeSpec, PeerService, RaftNode, RaftTiming};
+use coalesce_raft::{ClusterSpec, Command, IngestGroup, NodeSpec, RaftNode};
 use coalesce_storage::{NodeDb, StorageOptions};
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::oneshot;
@@ -36,20 +37,7 @@ async fn start(spec: &ClusterSpec, name: &str, dir: &Path, listener: tokio::net:
             Err(e) => panic!("reopen {}: {e}", dir.display()),
         }
     };
-    let timing = RaftTiming { heartbeat_ms: 50, election_min_ms: 300, election_max_ms: 600 };
-    let node =
-        RaftNode::start(db, spec.clone(), name, timing, coalesce_core::stream::StreamTable::default()).await.unwrap();
-    let (stop, rx) = oneshot::channel::<()>();
-    let svc = RaftPeerServer::new(PeerService::new(node.clone()));
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
+    let (node, stop, server) = common::serve(db, spec, name, listener).await;
     Running { node, stop, server }
 }
 

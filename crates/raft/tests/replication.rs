@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,11 +14,7 @@ use coalesce_core::batch::{BatchBuilder, Event};
 use coalesce_core::merge::Aggregate;
 use coalesce_core::stream::StreamsFile;
 use coalesce_core::value::Value;
-use coalesce_proto::v1::raft_peer_server::RaftPeerServer;
-use coalesce_raft::{
-    ClusterSpec, Command, GroupOutcome, IngestGroup, NodeSpec, PeerService, ProposeError, RaftNode, RaftTiming,
-    Response,
-};
+use coalesce_raft::{ClusterSpec, Command, GroupOutcome, IngestGroup, NodeSpec, ProposeError, RaftNode, Response};
 use coalesce_storage::{NodeDb, StorageOptions};
 use tokio::sync::oneshot;
 
@@ -32,20 +30,7 @@ struct Running {
 async fn start(spec: &ClusterSpec, name: &str, listener: tokio::net::TcpListener) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let db = NodeDb::open(dir.path(), &StorageOptions::default()).unwrap();
-    let timing = RaftTiming { heartbeat_ms: 50, election_min_ms: 300, election_max_ms: 600 };
-    let node =
-        RaftNode::start(db, spec.clone(), name, timing, coalesce_core::stream::StreamTable::default()).await.unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let svc = RaftPeerServer::new(PeerService::new(node.clone()));
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
+    let (node, tx, _server) = common::serve(db, spec, name, listener).await;
     let (stx, srx) = oneshot::channel::<()>();
     tokio::spawn(node.clone().run_sealer(Duration::from_millis(20), async {
         let _ = srx.await;

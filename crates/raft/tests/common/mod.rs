@@ -1,0 +1,37 @@
+//! Shared by the in-process raft tests: start a node on a database and serve its peer port.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use coalesce_proto::v1::raft_peer_server::RaftPeerServer;
+use coalesce_raft::{ClusterSpec, PeerService, RaftNode, RaftTiming};
+use coalesce_storage::NodeDb;
+use tokio::sync::oneshot;
+
+/// Raft timing for tests: fast elections on loopback.
+pub const TIMING: RaftTiming = RaftTiming { heartbeat_ms: 50, election_min_ms: 300, election_max_ms: 600 };
+
+/// Starts node `name` of `spec` on `db` and serves its peer port on `listener` until the
+/// returned sender fires.
+pub async fn serve(
+    db: Arc<NodeDb>,
+    spec: &ClusterSpec,
+    name: &str,
+    listener: tokio::net::TcpListener,
+) -> (Arc<RaftNode>, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let node =
+        RaftNode::start(db, spec.clone(), name, TIMING, coalesce_core::stream::StreamTable::default()).await.unwrap();
+    let (stop, rx) = oneshot::channel::<()>();
+    let svc = RaftPeerServer::new(PeerService::new(node.clone()));
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    (node, stop, server)
+}
