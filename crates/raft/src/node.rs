@@ -292,13 +292,17 @@ impl RaftNode {
                 continue;
             }
             let mut members = BTreeMap::new();
+            let mut running_elsewhere = false;
             for node in placement {
                 let id = loop {
                     if node.name == self.me.name {
                         break self.id;
                     }
                     match self.hello(&node.peer_addr).await {
-                        Ok(h) => break h.node_id,
+                        Ok(h) => {
+                            running_elsewhere |= h.initialized.contains(&group.shard);
+                            break h.node_id;
+                        }
                         Err(e) if tokio::time::Instant::now() >= deadline => {
                             return Err(NodeError::Bootstrap(format!("shard {}: {e}", group.shard)));
                         }
@@ -313,6 +317,12 @@ impl RaftNode {
                         client_addr: node.client_addr.clone(),
                     },
                 );
+            }
+            if running_elsewhere {
+                // Our data was wiped (or lost): the group lives on without us. Its leader adds
+                // this node back under its new id (see `run_balancer`).
+                tracing::warn!(shard = group.shard, "group already runs on peers; waiting to be added back");
+                continue;
             }
             match group.raft.initialize(members).await {
                 Ok(()) | Err(RaftError::APIError(openraft::errors::InitializeError::NotAllowed(_))) => {}
@@ -499,7 +509,15 @@ impl RaftNode {
                 _ = &mut shutdown => return,
                 _ = interval.tick() => {}
             }
+            // Current ids of the peers, to notice one that came back with wiped data.
+            let mut ids = BTreeMap::new();
+            for peer in self.spec.nodes.iter().filter(|n| n.name != self.me.name) {
+                if let Ok(h) = self.hello(&peer.peer_addr).await {
+                    ids.insert(h.name, h.node_id);
+                }
+            }
             for group in self.groups() {
+                self.replace_wiped_members(&group, &ids).await;
                 let Some(preferred) = self.spec.placement(group.shard).first().map(|n| n.name.clone()) else {
                     continue;
                 };
@@ -528,6 +546,41 @@ impl RaftNode {
                     tracing::info!(shard = group.shard, to = %preferred, "handing leadership to the preferred replica");
                     let _ = group.raft.trigger().transfer_leader(to).await;
                 }
+            }
+        }
+    }
+
+    /// On the leader of `group`: a member whose node now answers Hello with a different id
+    /// lost its data and came back as a new peer. Add the new id as a learner (it catches up
+    /// from the log or a snapshot), then make it a voter in place of the old id. Ids are never
+    /// reused, so the old id can never come back (openraft issue 898).
+    async fn replace_wiped_members(&self, group: &Group, current_ids: &BTreeMap<String, u64>) {
+        let (members, voters) = {
+            let metrics = group.raft.metrics();
+            let m = metrics.borrow_watched();
+            if !m.state.is_leader() {
+                return;
+            }
+            let membership = m.membership_config.membership();
+            let members: Vec<(u64, PeerNode)> = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+            let voters: BTreeSet<u64> = membership.voter_ids().collect();
+            (members, voters)
+        };
+        for (old_id, node) in members {
+            let Some(&new_id) = current_ids.get(&node.name) else { continue };
+            if old_id == self.id || new_id == old_id || voters.contains(&new_id) {
+                continue;
+            }
+            tracing::warn!(shard = group.shard, node = %node.name, old_id, new_id, "peer came back with a new id; replacing it");
+            if let Err(e) = group.raft.add_learner(new_id, node.clone(), true).await {
+                tracing::warn!(shard = group.shard, error = %e, "adding the returning peer failed");
+                continue;
+            }
+            let mut next: BTreeSet<u64> = voters.clone();
+            next.remove(&old_id);
+            next.insert(new_id);
+            if let Err(e) = group.raft.change_membership(next, false).await {
+                tracing::warn!(shard = group.shard, error = %e, "replacing the returning peer failed");
             }
         }
     }
@@ -593,15 +646,22 @@ fn unavailable(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
     async fn hello(&self, request: Request<HelloRequest>) -> Result<TonicResponse<HelloResponse>, Status> {
+        drop(request);
         let me = self.node.me();
+        let mut initialized = Vec::new();
+        for g in self.node.groups() {
+            if g.raft.is_initialized().await.unwrap_or(false) {
+                initialized.push(g.shard);
+            }
+        }
         Ok(TonicResponse::new(HelloResponse {
             cluster: self.node.spec.cluster.clone(),
             node_id: self.node.id,
             name: me.name.clone(),
             peer_addr: me.peer_addr.clone(),
             client_addr: me.client_addr.clone(),
+            initialized,
         }))
-        .inspect(|_| drop(request))
     }
 
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {

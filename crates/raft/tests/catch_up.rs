@@ -22,6 +22,23 @@ struct Running {
     node: Arc<RaftNode>,
     stop: oneshot::Sender<()>,
     server: tokio::task::JoinHandle<()>,
+    balancer: (oneshot::Sender<()>, tokio::task::JoinHandle<()>),
+}
+
+impl Running {
+    /// Stops the server and the balancer and every group; the database closes once the last
+    /// handle is gone.
+    async fn halt(self) -> u64 {
+        let id = self.node.id();
+        let _ = self.stop.send(());
+        self.server.await.unwrap();
+        let _ = self.balancer.0.send(());
+        self.balancer.1.await.unwrap();
+        for g in self.node.groups() {
+            g.raft.shutdown().await.unwrap();
+        }
+        id
+    }
 }
 
 async fn start(spec: &ClusterSpec, name: &str, dir: &Path, listener: tokio::net::TcpListener) -> Running {
@@ -38,7 +55,11 @@ async fn start(spec: &ClusterSpec, name: &str, dir: &Path, listener: tokio::net:
         }
     };
     let (node, stop, server) = common::serve(db, spec, name, listener).await;
-    Running { node, stop, server }
+    let (balancer_stop, brx) = oneshot::channel::<()>();
+    let balancer = tokio::spawn(node.clone().run_balancer(Duration::from_millis(200), async {
+        let _ = brx.await;
+    }));
+    Running { node, stop, server, balancer: (balancer_stop, balancer) }
 }
 
 async fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
@@ -81,16 +102,7 @@ async fn lagging_replica_catches_up_through_a_snapshot() {
     let lagging =
         nodes.iter().position(|r| r.as_ref().is_some_and(|r| !r.node.group(0).unwrap().raft.is_leader())).unwrap();
     let addr = spec.nodes[lagging].peer_addr.clone();
-    let old_id = {
-        let r = nodes[lagging].take().unwrap();
-        let id = r.node.id();
-        r.stop.send(()).unwrap();
-        r.server.await.unwrap();
-        for g in r.node.groups() {
-            g.raft.shutdown().await.unwrap();
-        }
-        id
-    };
+    let old_id = nodes[lagging].take().unwrap().halt().await;
 
     // The shard moves on: many entries, then a snapshot and a purge of the whole log.
     let l = leader(&nodes).unwrap();
@@ -155,7 +167,100 @@ async fn lagging_replica_catches_up_through_a_snapshot() {
 
     nodes[lagging] = Some(back);
     for r in nodes.into_iter().flatten() {
-        let _ = r.stop.send(());
-        r.node.shutdown(Duration::from_secs(2)).await;
+        r.halt().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_replica_rejoins_as_a_new_peer() {
+    let table = StreamsFile::parse("[streams.sums]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"1h\" }")
+        .and_then(|f| f.validate(&[]))
+        .unwrap();
+    let rules: BTreeMap<_, _> = table.iter().map(|d| (d.name.clone(), d.rules.clone())).collect();
+    let mut dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    let mut nodes_spec = Vec::new();
+    for i in 0..3 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        nodes_spec.push(NodeSpec { name: format!("coalesce-{i}"), peer_addr: addr.clone(), client_addr: addr });
+        listeners.push(l);
+    }
+    let spec = ClusterSpec { cluster: "wiped".into(), shards: 1, replication: 3, nodes: nodes_spec };
+    let mut nodes = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        nodes.push(Some(start(&spec, &format!("coalesce-{i}"), dirs[i].path(), l).await));
+    }
+    for n in nodes.iter().flatten() {
+        n.node.bootstrap(Duration::from_secs(10)).await.unwrap();
+    }
+    let leader = |nodes: &Vec<Option<Running>>| {
+        nodes.iter().flatten().find(|r| r.node.group(0).is_some_and(|g| g.raft.is_leader())).map(|r| r.node.clone())
+    };
+    wait_for("a leader", Duration::from_secs(10), || leader(&nodes).is_some()).await;
+    let l = leader(&nodes).unwrap();
+    for round in 0..20u64 {
+        let mut b = BatchBuilder::new(&table, 1, 1_000);
+        b.add(&Event {
+            stream: "sums".into(),
+            key: format!("k{round}"),
+            value: Value::Int(1),
+            event_time: None,
+            producer: None,
+        })
+        .unwrap();
+        let groups = b
+            .finish()
+            .into_values()
+            .flat_map(|b| b.groups)
+            .map(|g| IngestGroup { range: g.range, partials: g.partials })
+            .collect();
+        l.propose(0, Command::Ingest { stamp: 1_000 + round, rules: rules.clone(), limits: table.limits(), groups })
+            .await
+            .unwrap();
+    }
+
+    // Wipe coalesce-0 — the node that initialized the group, most likely its leader: stop it,
+    // delete its data, start it again on the same address. It must not initialize the group
+    // again (its peers report it initialized); the new leader adds it back under its new id.
+    let victim = 0;
+    let addr = spec.nodes[victim].peer_addr.clone();
+    let old_id = nodes[victim].take().unwrap().halt().await;
+    let fresh = tempfile::tempdir().unwrap();
+    dirs[victim] = fresh;
+    let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    let back = start(&spec, &spec.nodes[victim].name.clone(), dirs[victim].path(), listener).await;
+    assert_ne!(back.node.id(), old_id, "a wiped node comes back with a new id");
+    back.node.bootstrap(Duration::from_secs(10)).await.unwrap(); // must not initialize anything
+
+    // The leader replaces the old id with the new one, and the new peer catches up.
+    wait_for("a leader among the survivors", Duration::from_secs(10), || leader(&nodes).is_some()).await;
+    let l = leader(&nodes).unwrap();
+    let g = l.group(0).unwrap();
+    let new_id = back.node.id();
+    g.raft
+        .wait(Some(Duration::from_secs(30)))
+        .metrics(
+            |m| {
+                let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+                voters.contains(&new_id) && !voters.contains(&old_id)
+            },
+            "membership replaced the wiped peer",
+        )
+        .await
+        .unwrap();
+    // Every acknowledged input survived the wipe, and the new peer holds identical state.
+    let bg = back.node.group(0).unwrap();
+    wait_for("all 20 inputs on the new leader and the new peer, identical state", Duration::from_secs(20), || {
+        let (a, b) = (bg.store.stats().unwrap(), g.store.stats().unwrap());
+        a.inputs_total == 20
+            && b.inputs_total == 20
+            && bg.store.export_state().unwrap().encode().unwrap() == g.store.export_state().unwrap().encode().unwrap()
+    })
+    .await;
+
+    nodes[victim] = Some(back);
+    for r in nodes.into_iter().flatten() {
+        r.halt().await;
     }
 }
