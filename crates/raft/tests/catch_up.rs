@@ -70,12 +70,13 @@ async fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn lagging_replica_catches_up_through_a_snapshot() {
-    let table = StreamsFile::parse("[streams.sums]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"1h\" }")
-        .and_then(|f| f.validate(&[]))
-        .unwrap();
-    let rules: BTreeMap<_, _> = table.iter().map(|d| (d.name.clone(), d.rules.clone())).collect();
+/// The node of `nodes` that leads shard 0, if any.
+fn leader(nodes: &[Option<Running>]) -> Option<Arc<RaftNode>> {
+    nodes.iter().flatten().find(|r| r.node.group(0).is_some_and(|g| g.raft.is_leader())).map(|r| r.node.clone())
+}
+
+/// Three nodes replicating one shard over loopback gRPC, bootstrapped, with a leader.
+async fn three_nodes(cluster: &str) -> (ClusterSpec, Vec<tempfile::TempDir>, Vec<Option<Running>>) {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut listeners = Vec::new();
     let mut nodes_spec = Vec::new();
@@ -85,7 +86,7 @@ async fn lagging_replica_catches_up_through_a_snapshot() {
         nodes_spec.push(NodeSpec { name: format!("coalesce-{i}"), peer_addr: addr.clone(), client_addr: addr });
         listeners.push(l);
     }
-    let spec = ClusterSpec { cluster: "catch-up".into(), shards: 1, replication: 3, nodes: nodes_spec };
+    let spec = ClusterSpec { cluster: cluster.into(), shards: 1, replication: 3, nodes: nodes_spec };
     let mut nodes = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
         nodes.push(Some(start(&spec, &format!("coalesce-{i}"), dirs[i].path(), l).await));
@@ -93,10 +94,17 @@ async fn lagging_replica_catches_up_through_a_snapshot() {
     for n in nodes.iter().flatten() {
         n.node.bootstrap(Duration::from_secs(10)).await.unwrap();
     }
-    let leader = |nodes: &Vec<Option<Running>>| {
-        nodes.iter().flatten().find(|r| r.node.group(0).is_some_and(|g| g.raft.is_leader())).map(|r| r.node.clone())
-    };
     wait_for("a leader", Duration::from_secs(10), || leader(&nodes).is_some()).await;
+    (spec, dirs, nodes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_replica_catches_up_through_a_snapshot() {
+    let table = StreamsFile::parse("[streams.sums]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"1h\" }")
+        .and_then(|f| f.validate(&[]))
+        .unwrap();
+    let rules: BTreeMap<_, _> = table.iter().map(|d| (d.name.clone(), d.rules.clone())).collect();
+    let (spec, dirs, mut nodes) = three_nodes("catch-up").await;
 
     // Stop a follower (keeping its data directory).
     let lagging =
@@ -177,27 +185,7 @@ async fn a_wiped_replica_rejoins_as_a_new_peer() {
         .and_then(|f| f.validate(&[]))
         .unwrap();
     let rules: BTreeMap<_, _> = table.iter().map(|d| (d.name.clone(), d.rules.clone())).collect();
-    let mut dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut listeners = Vec::new();
-    let mut nodes_spec = Vec::new();
-    for i in 0..3 {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        nodes_spec.push(NodeSpec { name: format!("coalesce-{i}"), peer_addr: addr.clone(), client_addr: addr });
-        listeners.push(l);
-    }
-    let spec = ClusterSpec { cluster: "wiped".into(), shards: 1, replication: 3, nodes: nodes_spec };
-    let mut nodes = Vec::new();
-    for (i, l) in listeners.into_iter().enumerate() {
-        nodes.push(Some(start(&spec, &format!("coalesce-{i}"), dirs[i].path(), l).await));
-    }
-    for n in nodes.iter().flatten() {
-        n.node.bootstrap(Duration::from_secs(10)).await.unwrap();
-    }
-    let leader = |nodes: &Vec<Option<Running>>| {
-        nodes.iter().flatten().find(|r| r.node.group(0).is_some_and(|g| g.raft.is_leader())).map(|r| r.node.clone())
-    };
-    wait_for("a leader", Duration::from_secs(10), || leader(&nodes).is_some()).await;
+    let (spec, mut dirs, mut nodes) = three_nodes("wiped").await;
     let l = leader(&nodes).unwrap();
     for round in 0..20u64 {
         let mut b = BatchBuilder::new(&table, 1, 1_000);
