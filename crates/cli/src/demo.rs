@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
+use coalesce_client::{Client, event};
 use coalesce_proto::v1 as pb;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -66,13 +67,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.nodes == 0 || args.shards == 0 || args.keys == 0 {
         bail!("--nodes, --shards and --keys must be at least 1");
     }
-    if args.dir.exists() {
-        let ours = args.dir.join("streams.toml").exists() || std::fs::read_dir(&args.dir)?.next().is_none();
-        if !ours {
-            bail!("{} exists and is not a demo directory; choose another --dir", args.dir.display());
-        }
-        std::fs::remove_dir_all(&args.dir).with_context(|| format!("clearing {}", args.dir.display()))?;
-    }
+    local::reset_dir(&args.dir, "demo")?;
     let opts = LocalOptions {
         cluster: "demo".into(),
         nodes: args.nodes,
@@ -89,9 +84,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.dir.display()
     );
     let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.client_addr.clone()).collect();
-    if let Err(e) = wait_ready(&addrs, args.shards, Duration::from_secs(60)).await {
+    let client = Client::connect_lazy(addrs.iter().cloned())?;
+    if let Err(e) = client.wait_ready(Duration::from_secs(60)).await {
         cluster.stop_all(Duration::from_secs(5));
-        return Err(e);
+        return Err(anyhow::anyhow!("{e}; see the node logs"));
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -101,7 +97,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for lane in 0..lanes {
         tasks.push(tokio::spawn(produce(
-            addrs.clone(),
+            client.clone(),
             (args.rate / lanes).max(1),
             args.keys,
             lane,
@@ -125,7 +121,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let (inputs, outputs) = (counters.inputs.load(Ordering::Relaxed), counters.outputs.load(Ordering::Relaxed));
         let (din, dout) = (inputs - last_in, outputs - last_out);
         (last_in, last_out) = (inputs, outputs);
-        let leaders = leader_counts(&addrs).await;
+        let leaders = leader_counts(&client).await;
         let secs = started.elapsed().as_secs();
         println!("{secs:>5} {din:>10} {dout:>10} {:>7.1}x  {leaders}", din as f64 / dout.max(1) as f64);
         if secs.is_multiple_of(5)
@@ -159,97 +155,47 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_ready(addrs: &[String], shards: u32, within: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut led = std::collections::BTreeSet::new();
-        for a in addrs {
-            if let Ok(mut c) = crate::connect(a).await
-                && let Ok(st) = c.status(pb::StatusRequest {}).await
-            {
-                led.extend(st.into_inner().local_shards.iter().filter(|s| !s.leader.is_empty()).map(|s| s.shard));
-            }
-        }
-        if led.len() == shards as usize {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("only {} of {shards} shards have a leader after {within:?}; see the node logs", led.len());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn leader_counts(addrs: &[String]) -> String {
+async fn leader_counts(client: &Client) -> String {
     let mut by_node: BTreeMap<String, usize> = BTreeMap::new();
     let mut seen = std::collections::BTreeSet::new();
-    for a in addrs {
-        if let Ok(mut c) = crate::connect(a).await
-            && let Ok(st) = c.status(pb::StatusRequest {}).await
-        {
-            for s in st.into_inner().local_shards {
-                if !s.leader.is_empty() && seen.insert(s.shard) {
-                    *by_node.entry(s.leader).or_default() += 1;
-                }
+    for (_, st) in client.statuses().await {
+        for s in st.map(|st| st.local_shards).unwrap_or_default() {
+            if !s.leader.is_empty() && seen.insert(s.shard) {
+                *by_node.entry(s.leader).or_default() += 1;
             }
         }
     }
     by_node.iter().map(|(n, c)| format!("{n}:{c}")).collect::<Vec<_>>().join(" ")
 }
 
-/// One producer lane: an idempotent producer id, one request in flight, retried with the same
-/// seqs until every event is acknowledged.
-async fn produce(addrs: Vec<String>, rate: u64, keys: u64, lane: u64, stop: Arc<AtomicBool>, counters: Arc<Counters>) {
+/// One producer lane: an idempotent producer sending to the shard leaders, retrying with the
+/// same seqs until every event is acknowledged.
+async fn produce(client: Client, rate: u64, keys: u64, lane: u64, stop: Arc<AtomicBool>, counters: Arc<Counters>) {
     let mut rng = StdRng::seed_from_u64(lane);
     let Ok(zipf) = Zipf::new(keys as f64, 1.1) else { return };
-    let producer_id = rand::random::<u64>() | 1;
+    let mut producer = client.producer();
     let per_tick = (rate / 20).max(1);
-    let mut seq = 0u64;
+    let mut n = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         let events: Vec<pb::Event> = (0..per_tick)
             .map(|i| {
-                seq += 1;
+                n += 1;
                 let key = format!("page-{}", zipf.sample(&mut rng) as u64);
-                let (stream, value) = match i % 4 {
-                    0 | 1 => ("page-views", pb::value::Kind::Int(1)),
-                    2 => ("visitors", pb::value::Kind::Str(format!("visitor-{}", rng.random_range(0..5_000)))),
-                    _ => ("profile", pb::value::Kind::Str(format!("{{\"rev\":{seq}}}"))),
-                };
-                pb::Event {
-                    stream: stream.into(),
-                    key,
-                    value: Some(pb::Value { kind: Some(value) }),
-                    event_time_ms: None,
-                    producer_seq: seq,
+                match i % 4 {
+                    0 | 1 => event("page-views", &key, 1i64),
+                    2 => event("visitors", &key, format!("visitor-{}", rng.random_range(0..5_000))),
+                    _ => event("profile", &key, format!("{{\"rev\":{n}}}")),
                 }
             })
             .collect();
-        let req = pb::IngestRequest { producer_id, events };
-        let mut attempt = rng.random_range(0..addrs.len());
-        loop {
-            if stop.load(Ordering::Relaxed) {
-                return;
+        match producer.send(events).await {
+            Ok(report) => {
+                counters.inputs.fetch_add(report.acked() as u64, Ordering::Relaxed);
+                counters.retries.fetch_add(report.retries, Ordering::Relaxed);
             }
-            let ok = match crate::connect(&addrs[attempt % addrs.len()]).await {
-                Ok(mut c) => match c.ingest(req.clone()).await {
-                    Ok(r) => r
-                        .into_inner()
-                        .statuses
-                        .iter()
-                        .all(|s| s.code == pb::EventCode::Ok as i32 || s.code == pb::EventCode::Duplicate as i32),
-                    Err(_) => false,
-                },
-                Err(_) => false,
-            };
-            if ok {
-                counters.inputs.fetch_add(req.events.len() as u64, Ordering::Relaxed);
-                break;
-            }
-            counters.retries.fetch_add(1, Ordering::Relaxed);
-            attempt += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(e) => eprintln!("producer: {e}"),
         }
     }
 }

@@ -34,6 +34,19 @@ pub fn coalesced_bin() -> anyhow::Result<PathBuf> {
     Ok(candidate)
 }
 
+/// Empties `dir` for a new local cluster, refusing a non-empty directory that does not look
+/// like one (no `streams.toml`), so a typo cannot wipe unrelated data. `what` names the caller.
+pub fn reset_dir(dir: &Path, what: &str) -> anyhow::Result<()> {
+    if dir.exists() {
+        let ours = dir.join("streams.toml").exists() || std::fs::read_dir(dir)?.next().is_none();
+        if !ours {
+            anyhow::bail!("{} exists and is not a {what} directory; choose another --dir", dir.display());
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// How to lay out a local cluster.
 #[derive(Debug, Clone)]
 pub struct LocalOptions {

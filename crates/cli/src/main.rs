@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 error (message on stderr), 2 usage error (from clap).
 
+mod bench;
 mod demo;
 
 use std::time::Duration;
@@ -28,6 +29,9 @@ enum Cmd {
     /// Start a local 3-node cluster of real `coalesced` processes with a demo producer and
     /// show what goes in and what comes out, until Ctrl-C.
     Demo(demo::DemoArgs),
+    /// Benchmarks that print numbers: ingest throughput and ack latency, failover time.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
 }
 
 fn main() {
@@ -43,6 +47,7 @@ fn main() {
         match cli.command {
             Cmd::Status => status(&cli.addr).await,
             Cmd::Demo(args) => demo::run(args).await,
+            Cmd::Bench(cmd) => bench::run(cmd).await,
         }
     });
     if let Err(e) = result {

@@ -532,7 +532,17 @@ impl RaftNode {
                     }
                     let Some(last) = m.last_log_index else { continue };
                     let membership = m.membership_config.membership();
-                    let Some(id) = membership.nodes().find(|(_, n)| n.name == preferred).map(|(id, _)| *id) else {
+                    // Not while a membership change is under way (joint config, or a returning
+                    // peer still a learner): the preferred name may then map to two ids, and a
+                    // learner cannot take over.
+                    let settled = membership.get_joint_config().len() == 1
+                        && membership.nodes().count() == membership.voter_ids().count();
+                    if !settled {
+                        continue;
+                    }
+                    let Some(id) =
+                        membership.voter_ids().find(|id| membership.get_node(id).is_some_and(|n| n.name == preferred))
+                    else {
                         continue;
                     };
                     let caught_up = m

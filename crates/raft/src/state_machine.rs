@@ -175,7 +175,7 @@ impl ShardStateMachine {
         let sealed = self.emit(batch, outputs, log_id)?;
         if stamp >= self.outbox.next_session_sweep {
             let cutoff = stamp.saturating_sub(session_ttl_ms);
-            for (producer, s) in self.store.sessions()? {
+            for (producer, s) in batch.sessions_all()? {
                 if s.last_seen < cutoff {
                     batch.session_delete(producer);
                 }
@@ -198,12 +198,36 @@ impl ShardStateMachine {
         Response::Acked { trimmed_below: self.outbox.low }
     }
 
-    fn apply_one(&mut self, entry: crate::codec::Entry) -> Result<Response, StorageError> {
-        let log_id = entry.log_id;
+    /// Applies `entries` (consecutive, committed) in one atomic RocksDB write and returns their
+    /// responses. The result is the same for any split of a log into such calls: reads see the
+    /// batch's own writes.
+    pub fn apply_entries(&mut self, entries: Vec<crate::codec::Entry>) -> Result<Vec<Response>, StorageError> {
+        let Some(last) = entries.last().map(|e| e.log_id) else { return Ok(Vec::new()) };
         let before = self.outbox.clone();
         let store = self.store.clone();
         let mut batch = store.apply_batch();
-        let response = match entry.payload {
+        let mut responses = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match self.apply_entry(&mut batch, entry) {
+                Ok(r) => responses.push(r),
+                Err(e) => {
+                    self.outbox = before;
+                    return Err(e);
+                }
+            }
+        }
+        self.commit(batch, &last, &before)?;
+        Ok(responses)
+    }
+
+    /// Applies one entry's effects to `batch` (not yet written).
+    fn apply_entry(
+        &mut self,
+        batch: &mut ApplyBatch<'_>,
+        entry: crate::codec::Entry,
+    ) -> Result<Response, StorageError> {
+        let log_id = entry.log_id;
+        Ok(match entry.payload {
             EntryPayload::Blank => Response::None,
             EntryPayload::Membership(m) => {
                 batch.sm_meta_put(
@@ -213,29 +237,42 @@ impl ShardStateMachine {
                 Response::None
             }
             EntryPayload::Normal(Command::Ingest { stamp, rules, limits, groups }) => {
-                self.apply_ingest(&mut batch, &log_id, stamp, rules, limits, groups)?
+                self.apply_ingest(batch, &log_id, stamp, rules, limits, groups)?
             }
             EntryPayload::Normal(Command::Seal { stamp, max, session_ttl_ms }) => {
-                self.apply_seal(&mut batch, &log_id, stamp, max, session_ttl_ms)?
+                self.apply_seal(batch, &log_id, stamp, max, session_ttl_ms)?
             }
-            EntryPayload::Normal(Command::Ack { cursor, upto_seq }) => self.apply_ack(&mut batch, cursor, upto_seq),
-        };
-        if self.outbox != before {
-            batch.sm_meta_put(SmMetaTag::Outbox, encode("outbox meta", &self.outbox)?);
-        }
-        batch.sm_meta_put(SmMetaTag::Applied, codec::encode_log_id(&log_id)?);
-        match batch.commit() {
+            EntryPayload::Normal(Command::Ack { cursor, upto_seq }) => self.apply_ack(batch, cursor, upto_seq),
+        })
+    }
+
+    /// Writes `batch` with the outbox meta and the applied log id `last` in one atomic write.
+    /// On failure the cached outbox meta returns to `before`.
+    fn commit(&mut self, mut batch: ApplyBatch<'_>, last: &LogId, before: &OutboxMeta) -> Result<(), StorageError> {
+        let result = (|| {
+            if self.outbox != *before {
+                batch.sm_meta_put(SmMetaTag::Outbox, encode("outbox meta", &self.outbox)?);
+            }
+            batch.sm_meta_put(SmMetaTag::Applied, codec::encode_log_id(last)?);
+            batch.commit()
+        })();
+        match result {
             Ok(()) => {
                 self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
-                Ok(response)
+                Ok(())
             }
             Err(e) => {
-                self.outbox = before;
+                self.outbox = before.clone();
                 Err(e)
             }
         }
     }
 }
+
+/// Entries applied in one RocksDB write at most. Applying several committed entries together
+/// costs one write and lets a key touched by several of them be read and written once; the
+/// result is the same as applying them one by one, because reads see the batch's own writes.
+const MAX_ENTRIES_PER_WRITE: usize = 64;
 
 impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
     type SnapshotData = Vec<u8>;
@@ -285,10 +322,24 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
-        while let Some((entry, responder)) = entries.try_next().await? {
-            let response = self.apply_one(entry)?;
-            if let Some(r) = responder {
-                r.send(response);
+        let mut next = entries.try_next().await?;
+        while next.is_some() {
+            let mut chunk = Vec::new();
+            let mut responders = Vec::new();
+            while let Some((entry, responder)) = next.take() {
+                chunk.push(entry);
+                responders.push(responder);
+                // The stream holds committed entries only: pulling the next never waits.
+                next = entries.try_next().await?;
+                if chunk.len() >= MAX_ENTRIES_PER_WRITE {
+                    break;
+                }
+            }
+            let responses = self.apply_entries(chunk)?;
+            for (responder, response) in responders.into_iter().zip(responses) {
+                if let Some(r) = responder {
+                    r.send(response);
+                }
             }
         }
         Ok(())

@@ -217,9 +217,11 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
             let view = self.node.shard_view(g.shard).ok_or_else(|| Status::internal("group vanished"))?;
             let stats = g.store.stats().map_err(|e| Status::internal(e.to_string()))?;
             let outbox = load_outbox(&g.store).map_err(|e| Status::internal(e.to_string()))?;
+            let (leader, leader_addr) = view.leader.map(|(_, n)| (n.name, n.client_addr)).unwrap_or_default();
             local.push(pb::ShardStatus {
                 shard: g.shard,
-                leader: view.leader.map(|(_, n)| n.name).unwrap_or_default(),
+                leader,
+                leader_addr,
                 epoch: view.epoch.map(|e| pb::Epoch { term: e.term, node: e.node }),
                 replicas: spec.placement(g.shard).iter().map(|n| n.name.clone()).collect(),
                 buffered_keys: stats.keys,

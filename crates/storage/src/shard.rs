@@ -173,7 +173,6 @@ impl ShardStore {
             stats: None,
             sessions: HashMap::new(),
             rows: Vec::new(),
-            outbox_trims: Vec::new(),
         }
     }
 
@@ -296,6 +295,9 @@ enum Row {
     Outbox,
     Session,
     SmMeta,
+    /// Outbox seqs `[from, to)` deleted (key = from, value = to), in order with outbox puts so
+    /// a trim after a put in the same batch deletes it.
+    OutboxTrim,
 }
 
 /// One Raft entry's state-machine effects, committed atomically. Reads see earlier writes of
@@ -307,11 +309,10 @@ pub struct ApplyBatch<'a> {
     /// Deadline-index overlay: `true` = inserted, `false` = removed in this batch.
     index: BTreeMap<(Millis, BufKey), bool>,
     stats: Option<ShardStats>,
-    /// Session overlay, so a producer appearing twice in one entry sees its first update.
-    sessions: HashMap<u64, Session>,
+    /// Session overlay (`None` = deleted), so later reads in the batch see earlier writes.
+    sessions: HashMap<u64, Option<Session>>,
+    /// Other writes, in order.
     rows: Vec<(Row, Vec<u8>, Option<Vec<u8>>)>,
-    /// Outbox seqs to delete: `[from, to)`.
-    outbox_trims: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for ApplyBatch<'_> {
@@ -336,14 +337,15 @@ impl ApplyBatch<'_> {
     /// Deletes outbox entries with `from <= seq < to`.
     pub fn outbox_trim(&mut self, from: u64, to: u64) {
         if from < to {
-            self.outbox_trims.push((from, to));
+            let (from, to) = (keys::outbox_key(self.store.shard, from), keys::outbox_key(self.store.shard, to));
+            self.rows.push((Row::OutboxTrim, from.to_vec(), Some(to.to_vec())));
         }
     }
 
     /// A producer session, as of this batch's writes.
     pub fn session_get(&mut self, producer: u64) -> Result<Option<Session>, StorageError> {
         if let Some(s) = self.sessions.get(&producer) {
-            return Ok(Some(*s));
+            return Ok(*s);
         }
         let db = &self.store.db;
         match db.raw().get_pinned_cf(db.cf(keys::CF_SESSIONS)?, keys::session_key(self.store.shard, producer))? {
@@ -354,14 +356,27 @@ impl ApplyBatch<'_> {
 
     /// Sets a producer session.
     pub fn session_put(&mut self, producer: u64, session: &Session) -> Result<(), StorageError> {
-        self.sessions.insert(producer, *session);
+        self.sessions.insert(producer, Some(*session));
         let v = encode("session", session)?;
         self.rows.push((Row::Session, keys::session_key(self.store.shard, producer).to_vec(), Some(v)));
         Ok(())
     }
 
+    /// Every producer session as of this batch's writes, by producer id.
+    pub fn sessions_all(&self) -> Result<Vec<(u64, Session)>, StorageError> {
+        let mut all: BTreeMap<u64, Session> = self.store.sessions()?.into_iter().collect();
+        for (producer, s) in &self.sessions {
+            match s {
+                Some(s) => all.insert(*producer, *s),
+                None => all.remove(producer),
+            };
+        }
+        Ok(all.into_iter().collect())
+    }
+
     /// Deletes a producer session.
     pub fn session_delete(&mut self, producer: u64) {
+        self.sessions.insert(producer, None);
         self.rows.push((Row::Session, keys::session_key(self.store.shard, producer).to_vec(), None));
     }
 
@@ -396,19 +411,16 @@ impl ApplyBatch<'_> {
                 encode("shard stats", stats)?,
             );
         }
-        let cf_outbox = db.cf(keys::CF_OUTBOX)?;
-        for (from, to) in &self.outbox_trims {
-            batch.delete_range_cf(cf_outbox, keys::outbox_key(shard, *from), keys::outbox_key(shard, *to));
-        }
         for (row, key, value) in self.rows {
             let cf = db.cf(match row {
-                Row::Outbox => keys::CF_OUTBOX,
+                Row::Outbox | Row::OutboxTrim => keys::CF_OUTBOX,
                 Row::Session => keys::CF_SESSIONS,
                 Row::SmMeta => keys::CF_SM_META,
             })?;
-            match value {
-                Some(v) => batch.put_cf(cf, key, v),
-                None => batch.delete_cf(cf, key),
+            match (row, value) {
+                (Row::OutboxTrim, Some(to)) => batch.delete_range_cf(cf, key, to),
+                (_, Some(v)) => batch.put_cf(cf, key, v),
+                (_, None) => batch.delete_cf(cf, key),
             }
         }
         db.write(batch)
