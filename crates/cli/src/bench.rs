@@ -399,8 +399,16 @@ async fn failover_rounds(args: &FailoverArgs, cluster: &mut LocalCluster) -> any
                 while !stop.load(Ordering::Relaxed) {
                     tick.tick().await;
                     match producer.send(keys.batch("bench", per_request)).await {
-                        Ok(r) => failed.fetch_add((r.statuses.len() - r.acked()) as u64, Ordering::Relaxed),
-                        Err(_) => failed.fetch_add(per_request as u64, Ordering::Relaxed),
+                        Ok(r) => {
+                            for (_, s) in r.failures() {
+                                eprintln!("background event not acknowledged: {} {}", s.reason, s.message);
+                            }
+                            failed.fetch_add((r.statuses.len() - r.acked()) as u64, Ordering::Relaxed)
+                        }
+                        Err(e) => {
+                            eprintln!("background request failed: {e}");
+                            failed.fetch_add(per_request as u64, Ordering::Relaxed)
+                        }
                     };
                 }
             }));

@@ -399,23 +399,11 @@ impl Producer {
         let mut backoff = self.policy.min_backoff;
         loop {
             let shards = self.client.shards().max(1);
-            // Route: by the shard's known leader, else round-robin over the endpoints.
-            let mut by_target: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-            {
+            self.rr = self.rr.wrapping_add(1);
+            let by_target = {
                 let routes = self.client.routes();
-                for &i in &pending {
-                    let e = &events[i];
-                    let shard = shard_for(&e.stream, &e.key, shards);
-                    let target = match routes.leaders.get(&shard) {
-                        Some((_, addr)) => addr.clone(),
-                        _ => {
-                            self.rr = self.rr.wrapping_add(1);
-                            self.client.inner.endpoints[self.rr % self.client.inner.endpoints.len()].clone()
-                        }
-                    };
-                    by_target.entry(target).or_default().push(i);
-                }
-            }
+                route(&events, &pending, shards, &routes.leaders, &self.client.inner.endpoints, self.rr)
+            };
             let calls = by_target.into_iter().map(|(addr, idx)| {
                 let req = pb::IngestRequest {
                     producer_id: self.id,
@@ -496,6 +484,32 @@ impl Producer {
     }
 }
 
+/// Splits the `pending` events by target node: a shard's known leader, else an endpoint
+/// chosen per shard (rotating with `rr`). All of a shard's events go to one target, so a
+/// producer never has two requests for one shard in flight: a shard applies a producer's
+/// seqs in order, and a later, higher range applied first would make the earlier one look
+/// like a duplicate.
+fn route(
+    events: &[Event],
+    pending: &[usize],
+    shards: u32,
+    leaders: &HashMap<u32, (u64, String)>,
+    endpoints: &[String],
+    rr: usize,
+) -> BTreeMap<String, Vec<usize>> {
+    let mut by_target: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for &i in pending {
+        let e = &events[i];
+        let shard = shard_for(&e.stream, &e.key, shards);
+        let target = match leaders.get(&shard) {
+            Some((_, addr)) => addr.clone(),
+            None => endpoints[rr.wrapping_add(shard as usize) % endpoints.len()].clone(),
+        };
+        by_target.entry(target).or_default().push(i);
+    }
+    by_target
+}
+
 /// Errors that retrying elsewhere cannot fix: the request itself is refused.
 fn is_request_error(s: &tonic::Status) -> bool {
     matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated)
@@ -520,6 +534,30 @@ mod tests {
         assert!(!is_retryable(&s(EventCode::ResourceExhausted, "set_too_large")));
         assert!(!is_retryable(&s(EventCode::InvalidArgument, "type_mismatch")));
         assert!(!is_retryable(&s(EventCode::FailedPrecondition, "sequence_overlap")));
+    }
+
+    #[test]
+    fn a_shard_never_spans_two_targets_in_one_round() {
+        let events: Vec<Event> = (0..200).map(|k| event("s", &format!("k{k}"), 1i64)).collect();
+        let pending: Vec<usize> = (0..events.len()).collect();
+        let endpoints: Vec<String> = (0..3).map(|i| format!("n{i}:1")).collect();
+        let leaders = HashMap::from([(2u32, (7u64, "leader-of-2:1".to_owned()))]);
+        for rr in 0..5 {
+            let routed = route(&events, &pending, 8, &leaders, &endpoints, rr);
+            let mut target_of: HashMap<u32, &String> = HashMap::new();
+            let mut seen = 0;
+            for (target, idx) in &routed {
+                for &i in idx {
+                    seen += 1;
+                    let shard = shard_for("s", &events[i].key, 8);
+                    assert_eq!(*target_of.entry(shard).or_insert(target), target, "shard {shard} split");
+                    if shard == 2 {
+                        assert_eq!(target, "leader-of-2:1");
+                    }
+                }
+            }
+            assert_eq!(seen, events.len());
+        }
     }
 
     #[tokio::test]

@@ -415,35 +415,42 @@ impl RaftNode {
     async fn ingest_as_leader(&self, group: &Group, groups: Vec<IngestGroup>) -> Result<Response, ProposeError> {
         let shard = group.shard;
         let mut rules = BTreeMap::new();
-        let (mut new_keys, mut new_bytes) = (0u64, 0u64);
-        {
-            let mut view = group.store.apply_batch();
-            for (key, partial) in groups.iter().flat_map(|g| g.partials.iter()) {
-                let def = self
-                    .streams
-                    .get(&key.stream)
-                    .ok_or_else(|| ProposeError::UnknownStream { shard, stream: key.stream.clone() })?;
-                if def.rules.overflow == OverflowPolicy::Reject
-                    && coalesce_core::buffer::BufferStore::get(&mut view, key)
-                        .map_err(|e| ProposeError::Fatal { shard, detail: e.to_string() })?
-                        .is_none()
-                {
-                    new_keys += 1;
-                    new_bytes += ShardBuffer::new_key_bytes(key, partial);
-                }
-                rules.entry(key.stream.clone()).or_insert_with(|| def.rules.clone());
+        let fatal = |e: coalesce_storage::StorageError| ProposeError::Fatal { shard, detail: e.to_string() };
+        // Keys of `reject` streams may be refused when the buffer is full. First assume every
+        // one is new: if even that fits, no key needs looking up (the common case).
+        let mut gated = Vec::new();
+        for (key, partial) in groups.iter().flat_map(|g| g.partials.iter()) {
+            let def = self
+                .streams
+                .get(&key.stream)
+                .ok_or_else(|| ProposeError::UnknownStream { shard, stream: key.stream.clone() })?;
+            if def.rules.overflow == OverflowPolicy::Reject {
+                gated.push((key, ShardBuffer::new_key_bytes(key, partial)));
             }
-            if new_keys > 0 {
-                let stats = group.store.stats().map_err(|e| ProposeError::Fatal { shard, detail: e.to_string() })?;
-                let now = self.clock.now();
-                let next = ShardBuffer::next_deadline(&mut view).ok().flatten().unwrap_or(now);
-                let retry_after_ms = next.saturating_sub(now).clamp(100, 5_000);
-                if let Err(e) = ShardBuffer::admit(&stats, &self.streams.limits(), new_keys, new_bytes, retry_after_ms)
-                {
+            rules.entry(key.stream.clone()).or_insert_with(|| def.rules.clone());
+        }
+        if !gated.is_empty() {
+            let stats = group.store.stats().map_err(fatal)?;
+            let limits = self.streams.limits();
+            let all_new_bytes = gated.iter().map(|(_, b)| b).sum();
+            if ShardBuffer::admit(&stats, &limits, gated.len() as u64, all_new_bytes, 0).is_err() {
+                let mut view = group.store.apply_batch();
+                let (mut new_keys, mut new_bytes) = (0u64, 0u64);
+                for (key, bytes) in &gated {
+                    if coalesce_core::buffer::BufferStore::get(&mut view, key).map_err(fatal)?.is_none() {
+                        new_keys += 1;
+                        new_bytes += bytes;
+                    }
+                }
+                if let Err(e) = ShardBuffer::admit(&stats, &limits, new_keys, new_bytes, 0) {
                     let what = match &e {
                         coalesce_core::EventError::BufferFull { what, .. } => (*what).to_owned(),
                         other => other.to_string(),
                     };
+                    // Room comes back when the earliest window closes.
+                    let now = self.clock.now();
+                    let next = ShardBuffer::next_deadline(&mut view).ok().flatten().unwrap_or(now);
+                    let retry_after_ms = next.saturating_sub(now).clamp(100, 5_000);
                     return Err(ProposeError::BufferFull { shard, what, retry_after_ms });
                 }
             }

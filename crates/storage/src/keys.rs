@@ -157,6 +157,13 @@ pub fn deadline_key(shard: ShardId, deadline: Millis, key: &BufKey) -> Vec<u8> {
     k
 }
 
+/// The first possible deadline-index key of `shard` with a deadline of at least `deadline`.
+pub fn deadline_from(shard: ShardId, deadline: Millis) -> Vec<u8> {
+    let mut k = shard.to_be_bytes().to_vec();
+    k.extend_from_slice(&deadline.to_be_bytes());
+    k
+}
+
 /// Decodes a deadline-index key.
 pub fn decode_deadline_key(bytes: &[u8]) -> Option<(ShardId, Millis, BufKey)> {
     let shard = ShardId::from_be_bytes(bytes.get(..4)?.try_into().ok()?);
@@ -167,11 +174,7 @@ pub fn decode_deadline_key(bytes: &[u8]) -> Option<(ShardId, Millis, BufKey)> {
 /// The exclusive upper bound of deadline rows of `shard` with deadline <= `upto`.
 pub fn deadline_upper_bound(shard: ShardId, upto: Millis) -> Vec<u8> {
     match upto.checked_add(1) {
-        Some(next) => {
-            let mut k = shard.to_be_bytes().to_vec();
-            k.extend_from_slice(&next.to_be_bytes());
-            k
-        }
+        Some(next) => deadline_from(shard, next),
         None => shard_end(shard),
     }
 }

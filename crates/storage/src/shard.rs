@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use coalesce_core::buffer::{BufKey, BufferStore, Buffered, ShardStats};
 use coalesce_core::hash::ShardId;
@@ -36,12 +37,18 @@ pub(crate) fn decode<T: DeserializeOwned>(shard: ShardId, what: &'static str, by
 pub struct ShardStore {
     db: Arc<NodeDb>,
     shard: ShardId,
+    /// No deadline-index row below this deadline exists: scans seek here instead of walking
+    /// the tombstones that sealed windows leave (RocksDB's queue anti-pattern). Raised only by
+    /// committed apply batches (which are sequential), lowered by their inserts before the
+    /// write is visible to anyone who checks the state version; reset by snapshot installs.
+    /// Shared by every clone; in memory only (0 after a restart, raised by the first seal).
+    deadline_floor: Arc<AtomicU64>,
 }
 
 impl ShardStore {
     /// The rows of `shard` in `db`.
     pub fn new(db: Arc<NodeDb>, shard: ShardId) -> Self {
-        Self { db, shard }
+        Self { db, shard, deadline_floor: Arc::default() }
     }
 
     /// The shard id.
@@ -173,6 +180,7 @@ impl ShardStore {
             stats: None,
             sessions: HashMap::new(),
             rows: Vec::new(),
+            floor_seen: None,
         }
     }
 
@@ -246,7 +254,9 @@ impl ShardStore {
             key.extend_from_slice(&suffix);
             batch.put_cf(self.db.cf(name)?, key, value);
         }
-        self.db.write_sync(batch)
+        self.db.write_sync(batch)?;
+        self.deadline_floor.store(0, Ordering::Release);
+        Ok(())
     }
 
     fn corrupt(&self, what: &'static str, detail: &str) -> StorageError {
@@ -313,6 +323,8 @@ pub struct ApplyBatch<'a> {
     sessions: HashMap<u64, Option<Session>>,
     /// Other writes, in order.
     rows: Vec<(Row, Vec<u8>, Option<Vec<u8>>)>,
+    /// What deadline scans of the database proved: no stored row below this deadline.
+    floor_seen: Option<Millis>,
 }
 
 impl std::fmt::Debug for ApplyBatch<'_> {
@@ -423,7 +435,19 @@ impl ApplyBatch<'_> {
                 (_, None) => batch.delete_cf(cf, key),
             }
         }
-        db.write(batch)
+        db.write(batch)?;
+        // The rows below `floor_seen` that this batch did not insert are gone.
+        let inserted = self.index.iter().find(|(_, present)| **present).map(|((d, _), _)| *d);
+        let floor = &self.store.deadline_floor;
+        let mut next = floor.load(Ordering::Acquire);
+        if let Some(seen) = self.floor_seen {
+            next = next.max(seen);
+        }
+        if let Some(d) = inserted {
+            next = next.min(d);
+        }
+        floor.store(next, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -468,7 +492,9 @@ impl BufferStore for ApplyBatch<'_> {
         if limit > 0 {
             let mut ro = ReadOptions::default();
             ro.set_iterate_upper_bound(keys::deadline_upper_bound(shard, upto));
-            let start = keys::shard_prefix(shard);
+            let floor = self.store.deadline_floor.load(Ordering::Acquire);
+            let start = keys::deadline_from(shard, floor);
+            let mut first = None;
             for item in
                 db.raw().iterator_cf_opt(db.cf(keys::CF_DEADLINE)?, ro, IteratorMode::From(&start, Direction::Forward))
             {
@@ -478,6 +504,7 @@ impl BufferStore for ApplyBatch<'_> {
                     what: "deadline key",
                     detail: "undecodable".into(),
                 })?;
+                first.get_or_insert(deadline);
                 let entry = (deadline, key);
                 if self.index.get(&entry) == Some(&false) {
                     continue;
@@ -487,6 +514,9 @@ impl BufferStore for ApplyBatch<'_> {
                     break;
                 }
             }
+            // Nothing stored below the first row seen (or up to `upto` when none was).
+            let proved = first.unwrap_or_else(|| upto.saturating_add(1));
+            self.floor_seen = Some(self.floor_seen.map_or(proved, |f| f.max(proved)));
         }
         let mut all: BTreeSet<(Millis, BufKey)> = from_db.into_iter().collect();
         all.extend(self.index.iter().filter(|((d, _), present)| **present && *d <= upto).map(|(e, _)| e.clone()));
