@@ -85,52 +85,6 @@ async fn produce(
     (acked, requests, retries)
 }
 
-/// Waits until every shard's windows are closed, then reads each shard's outbox from its leader.
-async fn collect(cluster: &Cluster) -> BTreeMap<String, i64> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut emitted = BTreeMap::new();
-    for shard in 0..SHARDS {
-        let (node, next_seq) = loop {
-            assert!(Instant::now() < deadline, "shard {shard} did not drain");
-            let leaders = cluster.leaders().await;
-            if let Some(i) = leaders.get(&shard).and_then(|l| cluster.index_of(l))
-                && let Some(st) = cluster.status(i).await
-                && let Some(s) = st.local_shards.iter().find(|s| s.shard == shard)
-                && s.buffered_keys == 0
-            {
-                break (i, s.next_seq);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let mut stream = cluster
-            .client(node)
-            .subscribe(pb::SubscribeRequest {
-                consumer: "checker".into(),
-                shards: vec![shard],
-                from_seq: [(shard, 0)].into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut expect_seq = 1;
-        let mut last_epoch = (0, 0);
-        while expect_seq < next_seq {
-            let batch =
-                tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
-            for o in batch.outputs {
-                assert_eq!(o.seq, expect_seq, "shard {shard}: seqs are gap-free");
-                let e = o.epoch.unwrap();
-                assert!((e.term, e.node) >= last_epoch, "shard {shard}: epochs never decrease");
-                last_epoch = (e.term, e.node);
-                expect_seq += 1;
-                let v: i64 = o.value_json.parse().unwrap();
-                *emitted.entry(o.key).or_insert(0) += v;
-            }
-        }
-    }
-    emitted
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sums_are_exact_across_repeated_leader_kills() {
     let seed = seed();
@@ -167,7 +121,7 @@ async fn sums_are_exact_across_repeated_leader_kills() {
     stop.store(true, Ordering::Relaxed);
     let (acked, requests, _) = producer.await.unwrap();
     cluster.wait_ready(Duration::from_secs(30)).await;
-    let emitted = collect(&cluster).await;
+    let emitted = cluster.collect_outputs().await;
     failovers.sort();
     eprintln!(
         "{requests} requests acknowledged; failover (kill → new leader seen) p50 {:?} max {:?}",
@@ -201,7 +155,7 @@ async fn whole_cluster_restart_keeps_buffered_state() {
         cluster.spawn(i);
     }
     cluster.wait_ready(Duration::from_secs(60)).await;
-    let emitted = collect(&cluster).await;
+    let emitted = cluster.collect_outputs().await;
     assert_eq!(emitted, acked, "buffered state survived a whole-cluster restart (seed {seed})");
 }
 
@@ -250,7 +204,7 @@ async fn a_paused_leader_never_seals_with_its_old_epoch() {
     cluster.wait_ready(Duration::from_secs(30)).await;
     // `collect` asserts seqs are gap-free and epochs never decrease in seq order: an output
     // sealed by the zombie's old epoch after the new leader's would fail it.
-    let emitted = collect(&cluster).await;
+    let emitted = cluster.collect_outputs().await;
     assert_eq!(emitted, acked, "Σ emitted per key == Σ acknowledged per key (seed {seed})");
 }
 
@@ -272,7 +226,7 @@ async fn rolling_restart_with_sigterm_loses_nothing() {
     }
     stop.store(true, Ordering::Relaxed);
     let (acked, requests, retries) = producer.await.unwrap();
-    let emitted = collect(&cluster).await;
+    let emitted = cluster.collect_outputs().await;
     // After the restarts, leadership returns to each shard's preferred replica (shard s → the
     // node at s mod 3): every node leads again.
     let t = Instant::now();

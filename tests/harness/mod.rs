@@ -144,6 +144,53 @@ impl Cluster {
         }
     }
 
+    /// Waits until every shard's windows are closed, then reads each shard's whole outbox from
+    /// its leader, checking seqs are gap-free and epochs never decrease. Σ of values per key.
+    pub async fn collect_outputs(&self) -> BTreeMap<String, i64> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut emitted = BTreeMap::new();
+        for shard in 0..self.shards {
+            let (node, next_seq) = loop {
+                assert!(Instant::now() < deadline, "shard {shard} did not drain");
+                let leaders = self.leaders().await;
+                if let Some(i) = leaders.get(&shard).and_then(|l| self.index_of(l))
+                    && let Some(st) = self.status(i).await
+                    && let Some(s) = st.local_shards.iter().find(|s| s.shard == shard)
+                    && s.buffered_keys == 0
+                {
+                    break (i, s.next_seq);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let mut stream = self
+                .client(node)
+                .subscribe(pb::SubscribeRequest {
+                    consumer: "checker".into(),
+                    shards: vec![shard],
+                    from_seq: [(shard, 0)].into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut expect_seq = 1;
+            let mut last_epoch = (0, 0);
+            while expect_seq < next_seq {
+                let batch =
+                    tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+                for o in batch.outputs {
+                    assert_eq!(o.seq, expect_seq, "shard {shard}: seqs are gap-free");
+                    let e = o.epoch.unwrap();
+                    assert!((e.term, e.node) >= last_epoch, "shard {shard}: epochs never decrease");
+                    last_epoch = (e.term, e.node);
+                    expect_seq += 1;
+                    let v: i64 = o.value_json.parse().unwrap();
+                    *emitted.entry(o.key).or_insert(0) += v;
+                }
+            }
+        }
+        emitted
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

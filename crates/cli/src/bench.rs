@@ -58,6 +58,33 @@ struct LocalArgs {
     /// Print one JSON object instead of the report.
     #[arg(long)]
     json: bool,
+    /// Raft heartbeat of the local cluster (default: the node default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat: Option<Duration>,
+    /// Raft election timeout range of the local cluster, e.g. `300ms..450ms`.
+    #[arg(long, value_parser = parse_range)]
+    election_timeout: Option<(Duration, Duration)>,
+}
+
+fn parse_range(s: &str) -> Result<(Duration, Duration), String> {
+    let (a, b) = s.split_once("..").ok_or("expected MIN..MAX, e.g. 300ms..450ms")?;
+    let parse = |v: &str| humantime::parse_duration(v.trim()).map_err(|e| format!("{v:?}: {e}"));
+    Ok((parse(a)?, parse(b)?))
+}
+
+impl LocalArgs {
+    /// The `[raft]` table for the nodes' configs.
+    fn raft_toml(&self) -> String {
+        let ms = |d: Duration| format!("\"{}ms\"", d.as_millis());
+        let mut t = String::new();
+        if let Some(h) = self.heartbeat {
+            t += &format!("heartbeat = {}\n", ms(h));
+        }
+        if let Some((min, max)) = self.election_timeout {
+            t += &format!("election_timeout_min = {}\nelection_timeout_max = {}\n", ms(min), ms(max));
+        }
+        t
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -146,7 +173,7 @@ async fn start_local(args: &LocalArgs, streams: &str) -> anyhow::Result<LocalClu
         nodes: args.nodes,
         shards: args.shards,
         streams: streams.into(),
-        raft: String::new(),
+        raft: args.raft_toml(),
         log_filter: "warn".into(),
     };
     let mut cluster = LocalCluster::create(&args.dir, local::coalesced_bin()?, &opts)?;
@@ -380,8 +407,13 @@ async fn failover_rounds(args: &FailoverArgs, cluster: &mut LocalCluster) -> any
     let client = Client::connect_lazy(endpoints.iter().cloned())?;
     client.wait_ready(Duration::from_secs(60)).await?;
     say(format!(
-        "bench failover: {} kills, {} nodes, {} shards, background {} events/s, seed {}",
-        args.kills, args.local.nodes, args.local.shards, args.rate, args.seed
+        "bench failover: {} kills, {} nodes, {} shards, background {} events/s, seed {}, raft [{}]",
+        args.kills,
+        args.local.nodes,
+        args.local.shards,
+        args.rate,
+        args.seed,
+        args.local.raft_toml().trim().replace('\n', ", ")
     ));
 
     // Background load: a few lanes spread over all shards.
@@ -474,6 +506,7 @@ async fn failover_rounds(args: &FailoverArgs, cluster: &mut LocalCluster) -> any
         "kills": args.kills,
         "seed": args.seed,
         "background_events_per_s": args.rate,
+        "raft": args.local.raft_toml(),
         "background_failed_events": background_failed.load(Ordering::Relaxed),
         "failover": quantiles_ms(&hist),
         "failover_ms": times,

@@ -429,6 +429,15 @@ impl Producer {
             for (addr, idx, result) in futures::future::join_all(calls).await {
                 match result {
                     Ok(resp) if resp.statuses.len() == idx.len() => {
+                        if !resp.leader_hints.is_empty() || resp.shards != shards {
+                            let mut routes = self.client.routes();
+                            if resp.shards > 0 {
+                                routes.shards = resp.shards;
+                            }
+                            for (shard, addr) in resp.leader_hints {
+                                routes.leaders.insert(shard, (0, addr));
+                            }
+                        }
                         for (i, s) in idx.into_iter().zip(resp.statuses) {
                             if is_retryable(&s) {
                                 if !s.leader_hint.is_empty() {

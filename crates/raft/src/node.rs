@@ -74,6 +74,15 @@ impl Default for RaftTiming {
 }
 
 impl RaftTiming {
+    /// Heartbeats to a follower that acknowledged an RPC this recently are skipped. openraft
+    /// requires `heartbeat + min_interval + tick < election_min` (tick = heartbeat × 13/64),
+    /// so suppression never delays a heartbeat past a follower's election timeout.
+    fn heartbeat_min_interval(&self) -> Option<u64> {
+        let tick = self.heartbeat_ms * 13 / 64;
+        let room = self.election_min_ms.saturating_sub(self.heartbeat_ms + tick + 1);
+        (room > 0).then(|| room.min(self.heartbeat_ms))
+    }
+
     fn config(&self, cluster: &str) -> Result<Config, String> {
         Config {
             cluster_name: cluster.to_owned(),
@@ -81,6 +90,8 @@ impl RaftTiming {
             election_timeout_min: self.election_min_ms,
             election_timeout_max: self.election_max_ms,
             enable_pre_vote: Some(true),
+            // Under load, replication responses prove liveness: skip redundant heartbeats.
+            heartbeat_min_interval: self.heartbeat_min_interval(),
             // A leader that lost its quorum probes at this period instead of flooding (openraft #2080).
             quorum_loss_probe_interval: Some(2 * self.election_max_ms + 400),
             // A restarted node must win an election again: our applied state is not fsynced.

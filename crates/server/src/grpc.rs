@@ -115,6 +115,15 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
             }
         }
         let batches = builder.finish();
+        let mut leader_hints = std::collections::HashMap::new();
+        for shard in batches.keys() {
+            if let Some(view) = self.node.shard_view(*shard)
+                && !view.is_leader
+                && let Some((_, leader)) = view.leader
+            {
+                leader_hints.insert(*shard, leader.client_addr);
+            }
+        }
         let calls = batches.into_iter().map(|(shard, batch)| {
             let node = self.node.clone();
             async move {
@@ -160,7 +169,7 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
                 }
             }
         }
-        Ok(TonicResponse::new(pb::IngestResponse { statuses }))
+        Ok(TonicResponse::new(pb::IngestResponse { statuses, leader_hints, shards: spec.shards }))
     }
 
     type SubscribeStream = OutputStream;

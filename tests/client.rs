@@ -1,0 +1,75 @@
+//! The Rust client against a 3-node cluster of real `coalesced` processes: events sent with
+//! `coalesce_client::Producer` come out of Subscribe with exact totals, and a client that
+//! starts with no routes learns every shard's leader from the nodes' leader hints, without
+//! asking for Status. Replay with `COALESCE_TEST_SEED=<seed>`.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "harness/mod.rs"]
+mod harness;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use coalesce_client::{Client, event};
+use harness::Cluster;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+const STREAMS: &str = "[streams.sums]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"200ms\" }\n";
+const SHARDS: u32 = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn producer_totals_come_out_of_subscribe_and_hints_fix_routes() {
+    let seed = std::env::var("COALESCE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("seed = {seed} (replay with COALESCE_TEST_SEED={seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let cluster = Cluster::start(3, SHARDS, STREAMS);
+    let leaders = cluster.wait_ready(Duration::from_secs(60)).await;
+    let leader_addr: BTreeMap<u32, String> = leaders
+        .iter()
+        .map(|(shard, name)| (*shard, cluster.local.nodes[cluster.index_of(name).unwrap()].client_addr.clone()))
+        .collect();
+
+    // No routes yet: the first request goes to arbitrary nodes, which forward and hint.
+    let addrs: Vec<String> = cluster.local.nodes.iter().map(|n| n.client_addr.clone()).collect();
+    let client = Client::connect_lazy(addrs).unwrap();
+    assert!((0..SHARDS).all(|s| client.leader_addr(s).is_none()));
+    let mut producer = client.producer();
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    let mut batch = Vec::new();
+    for k in 0..64 {
+        let (key, v) = (format!("key-{k}"), rng.random_range(-50..50i64));
+        *expected.entry(key.clone()).or_default() += v;
+        batch.push(event("sums", &key, v));
+    }
+    let report = producer.send(batch).await.unwrap();
+    assert!(report.all_acked(), "{:?}", report.failures().collect::<Vec<_>>());
+    for shard in 0..SHARDS {
+        if let Some(learned) = client.leader_addr(shard) {
+            assert_eq!(learned, leader_addr[&shard], "shard {shard}: a hint names the leader");
+        }
+    }
+    // The request went to one node (the client knew no shard count yet), which leads only
+    // some shards: the others came back hinted. Learning took no Status call.
+    assert_eq!(client.shards(), SHARDS, "the response taught the shard count");
+    let learned = (0..SHARDS).filter(|s| client.leader_addr(*s).is_some()).count();
+    assert!(learned >= 1, "at least one shard's leader was learned from a hint");
+
+    // More traffic, then exact totals out of Subscribe.
+    for _ in 0..20 {
+        let events: Vec<_> = (0..250)
+            .map(|_| {
+                let (key, v) = (format!("key-{}", rng.random_range(0..500)), rng.random_range(-50..50i64));
+                *expected.entry(key.clone()).or_default() += v;
+                event("sums", &key, v)
+            })
+            .collect();
+        let report = producer.send(events).await.unwrap();
+        assert!(report.all_acked(), "{:?}", report.failures().collect::<Vec<_>>());
+    }
+    let emitted = cluster.collect_outputs().await;
+    let expected: BTreeMap<String, i64> = expected.into_iter().filter(|(_, v)| *v != 0).collect();
+    let emitted: BTreeMap<String, i64> = emitted.into_iter().filter(|(_, v)| *v != 0).collect();
+    assert_eq!(emitted, expected, "Σ outputs per key == Σ acked inputs per key (seed {seed})");
+}
