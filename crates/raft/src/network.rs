@@ -125,7 +125,7 @@ impl GroupClient {
         Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
     {
         let payload = codec::encode_msg(what, req).map_err(network_err)?;
-        let msg = RaftMessage { group: self.group, payload };
+        let msg = RaftMessage { group: self.group, payload, target: self.target };
         let reply = tokio::time::timeout(ttl, f(self.client()?, msg))
             .await
             .map_err(|_| network_err(format!("{what} to peer {} timed out after {ttl:?}", self.target)))?
@@ -185,10 +185,16 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let data = snapshot.snapshot;
         let mut chunks: Vec<SnapshotChunk> = data
             .chunks(SNAPSHOT_CHUNK_BYTES)
-            .map(|c| SnapshotChunk { group, vote: Vec::new(), meta: Vec::new(), data: c.to_vec() })
+            .map(|c| SnapshotChunk { group, target: self.target, vote: Vec::new(), meta: Vec::new(), data: c.to_vec() })
             .collect();
         if chunks.is_empty() {
-            chunks.push(SnapshotChunk { group, vote: Vec::new(), meta: Vec::new(), data: Vec::new() });
+            chunks.push(SnapshotChunk {
+                group,
+                target: self.target,
+                vote: Vec::new(),
+                meta: Vec::new(),
+                data: Vec::new(),
+            });
         }
         chunks[0].vote = vote_bytes;
         chunks[0].meta = meta_bytes;

@@ -409,13 +409,13 @@ impl RaftNode {
         if group.raft.is_leader() {
             return self.on_leader(&group, req).await;
         }
-        let (_, leader) = self.leader_of(shard).ok_or(ProposeError::NotLeader { shard, leader: None })?;
+        let (leader_id, leader) = self.leader_of(shard).ok_or(ProposeError::NotLeader { shard, leader: None })?;
         let payload =
             codec::encode_msg("forward", &req).map_err(|e| ProposeError::Fatal { shard, detail: e.to_string() })?;
         let channel =
             self.channels.get(&leader.peer_addr).map_err(|detail| ProposeError::Unreachable { shard, detail })?;
         let reply = RaftPeerClient::new(channel)
-            .forward(RaftMessage { group: shard, payload })
+            .forward(RaftMessage { group: shard, payload, target: leader_id })
             .await
             .map_err(|s| ProposeError::Unreachable { shard, detail: format!("{}: {}", leader.name, s.message()) })?;
         codec::decode_msg::<Result<Response, ProposeError>>("forward reply", &reply.into_inner().payload)
@@ -653,7 +653,15 @@ impl PeerService {
         Self { node }
     }
 
-    fn group(&self, shard: ShardId) -> Result<Group, Status> {
+    /// The local group of `shard`, for a message meant for node id `target`.
+    fn group(&self, shard: ShardId, target: u64) -> Result<Group, Status> {
+        if target != self.node.id {
+            // NOT_FOUND reads as "unreachable" to the sender: that peer id no longer exists.
+            return Err(Status::not_found(format!(
+                "peer id {target} is not here: {} is now id {} (its data was replaced)",
+                self.node.me.name, self.node.id
+            )));
+        }
         self.node.group(shard).ok_or_else(|| Status::not_found(format!("shard {shard} is not replicated on this node")))
     }
 }
@@ -664,7 +672,7 @@ fn bad(e: impl std::fmt::Display) -> Status {
 
 fn reply<T: serde::Serialize>(group: ShardId, what: &'static str, v: &T) -> Result<TonicResponse<RaftMessage>, Status> {
     let payload = codec::encode_msg(what, v).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(TonicResponse::new(RaftMessage { group, payload }))
+    Ok(TonicResponse::new(RaftMessage { group, payload, target: 0 }))
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Status {
@@ -694,7 +702,7 @@ impl RaftPeer for PeerService {
 
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
         let m = request.into_inner();
-        let g = self.group(m.group)?;
+        let g = self.group(m.group, m.target)?;
         let rpc = codec::decode_msg("append_entries", &m.payload).map_err(bad)?;
         let resp = g.raft.append_entries(rpc).await.map_err(unavailable)?;
         reply(m.group, "append_entries", &resp)
@@ -702,7 +710,7 @@ impl RaftPeer for PeerService {
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
         let m = request.into_inner();
-        let g = self.group(m.group)?;
+        let g = self.group(m.group, m.target)?;
         let rpc = codec::decode_msg("vote", &m.payload).map_err(bad)?;
         let resp = g.raft.vote(rpc).await.map_err(unavailable)?;
         reply(m.group, "vote", &resp)
@@ -710,7 +718,7 @@ impl RaftPeer for PeerService {
 
     async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
         let m = request.into_inner();
-        let g = self.group(m.group)?;
+        let g = self.group(m.group, m.target)?;
         let rpc = codec::decode_msg("pre_vote", &m.payload).map_err(bad)?;
         let resp = g.raft.pre_vote(rpc).await.map_err(unavailable)?;
         reply(m.group, "pre_vote", &resp)
@@ -718,7 +726,7 @@ impl RaftPeer for PeerService {
 
     async fn transfer_leader(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
         let m = request.into_inner();
-        let g = self.group(m.group)?;
+        let g = self.group(m.group, m.target)?;
         let req = codec::decode_msg("transfer_leader", &m.payload).map_err(bad)?;
         let resp = g.raft.handle_transfer_leader(req).await.map_err(unavailable)?;
         reply(m.group, "transfer_leader", &resp)
@@ -726,7 +734,7 @@ impl RaftPeer for PeerService {
 
     async fn forward(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
         let m = request.into_inner();
-        let g = self.group(m.group)?;
+        let g = self.group(m.group, m.target)?;
         let req: Forwarded = codec::decode_msg("forward", &m.payload).map_err(bad)?;
         let outcome = if g.raft.is_leader() {
             self.node.on_leader(&g, req).await
@@ -742,7 +750,7 @@ impl RaftPeer for PeerService {
     ) -> Result<TonicResponse<RaftMessage>, Status> {
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| bad("empty snapshot stream"))?;
-        let g = self.group(first.group)?;
+        let g = self.group(first.group, first.target)?;
         let vote = codec::decode_vote(first.group, &first.vote).map_err(bad)?;
         let meta = codec::decode_snapshot_meta(first.group, &first.meta).map_err(bad)?;
         let mut data = first.data;
