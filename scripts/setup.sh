@@ -21,3 +21,12 @@ fi
 # Rust components used by CI.
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+
+# Python with grpcio-tools, for the test that drives the cluster from a client generated from
+# proto/ (tests/python/). A venv outside the clone, reused across runs.
+VENV="${COALESCE_VENV:-$HOME/.cache/coalesce-venv}"
+if ! "$VENV/bin/python" -c "import grpc_tools, grpc" >/dev/null 2>&1; then
+  echo "setup: creating $VENV with grpcio-tools"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "grpcio==1.85.*" "grpcio-tools==1.85.*"
+fi
