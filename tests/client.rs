@@ -68,6 +68,40 @@ async fn producer_totals_come_out_of_subscribe_and_hints_fix_routes() {
         let report = producer.send(events).await.unwrap();
         assert!(report.all_acked(), "{:?}", report.failures().collect::<Vec<_>>());
     }
+    // Standard health and reflection on the client port.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", cluster.local.nodes[0].client_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest { service: "coalesce.v1.Coalesce".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = replies.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("reflection did not list services")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"coalesce.v1.Coalesce".to_owned()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("RaftPeer")), "peer traffic is not on the client port: {names:?}");
+
     let emitted = cluster.collect_outputs().await;
     let expected: BTreeMap<String, i64> = expected.into_iter().filter(|(_, v)| *v != 0).collect();
     let emitted: BTreeMap<String, i64> = emitted.into_iter().filter(|(_, v)| *v != 0).collect();

@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // For gRPC server reflection on the client port.
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    config.file_descriptor_set_path(out.join("coalesce_descriptor.bin"));
     tonic_prost_build::configure().compile_with_config(config, &files, &[root])?;
     Ok(())
 }

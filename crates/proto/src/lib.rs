@@ -7,3 +7,6 @@
 pub mod v1 {
     tonic::include_proto!("coalesce.v1");
 }
+
+/// The encoded `FileDescriptorSet` of every Coalesce proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("coalesce_descriptor");

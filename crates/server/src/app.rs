@@ -70,8 +70,21 @@ pub async fn run(
             .add_service(RaftPeerServer::new(PeerService::new(node.clone())).max_decoding_message_size(64 << 20))
             .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), wait(stop_peer_rx.clone())),
     );
+    // Standard gRPC health (`grpc.health.v1`) and server reflection on the client port.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CoalesceServer<CoalesceService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(coalesce_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Only what this port serves (the descriptors also hold the peer service).
+        .with_service_name("coalesce.v1.Coalesce")
+        .with_service_name("grpc.health.v1.Health")
+        .build_v1()
+        .context("building the reflection service")?;
     let client_server = tokio::spawn(
         tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
             .add_service(
                 CoalesceServer::new(CoalesceService::new(node.clone(), cfg.api))
                     .max_decoding_message_size(cfg.api.max_request_bytes + 1024),
@@ -100,6 +113,7 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!("shutting down: closing the client port, handing off leadership");
+    health.set_not_serving::<CoalesceServer<CoalesceService>>().await;
     let _ = stop_client.send(true);
     bootstrap.abort();
     let _ = balancer.await;
