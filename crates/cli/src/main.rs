@@ -4,6 +4,8 @@
 
 mod bench;
 mod demo;
+mod send;
+mod tail;
 
 use std::time::Duration;
 
@@ -26,6 +28,11 @@ struct Cli {
 enum Cmd {
     /// Show the shards a node replicates: leader, epoch, replicas, buffered keys.
     Status,
+    /// Send events read as JSON lines from stdin, e.g. `{"stream": "s", "key": "k", "value": 1}`.
+    /// Exits 1 if any event was not acknowledged.
+    Send(send::SendArgs),
+    /// Follow emitted outputs and print them as JSON lines.
+    Tail(tail::TailArgs),
     /// Start a local 3-node cluster of real `coalesced` processes with a demo producer and
     /// show what goes in and what comes out, until Ctrl-C.
     Demo(demo::DemoArgs),
@@ -46,6 +53,8 @@ fn main() {
     let result = runtime.block_on(async {
         match cli.command {
             Cmd::Status => status(&cli.addr).await,
+            Cmd::Send(args) => send::run(&cli.addr, args).await,
+            Cmd::Tail(args) => tail::run(&cli.addr, args).await,
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Bench(cmd) => bench::run(cmd).await,
         }
