@@ -77,13 +77,13 @@ pub struct RaftConfig {
 }
 
 fn default_heartbeat() -> Duration {
-    Duration::from_millis(100)
+    Duration::from_millis(RaftTiming::default().heartbeat_ms)
 }
 fn default_election_min() -> Duration {
-    Duration::from_millis(400)
+    Duration::from_millis(RaftTiming::default().election_min_ms)
 }
 fn default_election_max() -> Duration {
-    Duration::from_millis(800)
+    Duration::from_millis(RaftTiming::default().election_max_ms)
 }
 
 impl Default for RaftConfig {
