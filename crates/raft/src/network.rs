@@ -2,9 +2,7 @@
 //!
 //! One lazily connected tonic channel per peer address carries the messages of every shard
 //! group; each message names its group. We implement openraft's network traits ourselves
-//! (rather than the multi-raft adapter) to get a real pre-vote, leadership transfer and
-//! pipelined replication (`stream_append` over one bidirectional gRPC stream per group and
-//! follower: requests are sent as openraft produces them, responses arrive in order).
+//! (rather than the multi-raft adapter) to get a real pre-vote and leadership transfer.
 //! Errors map to openraft's: a refused or broken connection is `Unreachable` (openraft backs
 //! off at once), anything else is a `NetworkError`.
 
@@ -16,12 +14,8 @@ use std::time::Duration;
 use coalesce_core::hash::ShardId;
 use coalesce_proto::v1::raft_peer_client::RaftPeerClient;
 use coalesce_proto::v1::{RaftMessage, SnapshotChunk};
-use futures::future::BoxFuture;
-use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
-use openraft::raft::StreamAppendResult;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
     VoteRequest, VoteResponse,
@@ -149,47 +143,6 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.call("append_entries", &rpc, option.hard_ttl(), |mut c, m| async move { c.append_entries(m).await }).await
-    }
-
-    fn stream_append<'s, S>(
-        &'s mut self,
-        input: S,
-        _option: RPCOption,
-    ) -> BoxFuture<
-        's,
-        Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>,
-    >
-    where
-        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + openraft::OptionalSend + Unpin + 'static,
-    {
-        Box::pin(async move {
-            let mut client = self.client()?;
-            let (group, target) = (self.group, self.target);
-            // A request that cannot be encoded ends the stream; openraft then restarts
-            // replication (and the sequential path reports the error).
-            let outbound = input
-                .map(move |rpc| {
-                    codec::encode_msg("stream_append", &rpc).map(|payload| RaftMessage { group, payload, target })
-                })
-                .take_while(|r| futures::future::ready(r.is_ok()))
-                .filter_map(|r| futures::future::ready(r.ok()));
-            let addr = self.addr.clone();
-            let mut request = tonic::Request::new(outbound);
-            let md = request.metadata_mut();
-            md.insert(crate::node::STREAM_GROUP_HEADER, group.into());
-            md.insert(crate::node::STREAM_TARGET_HEADER, target.into());
-            let inbound = client.stream_append(request).await.map_err(|s| status_err(target, &addr, s))?.into_inner();
-            let responses = inbound.map(move |m| match m {
-                Ok(m) => codec::decode_msg::<Result<StreamAppendResult<TypeConfig>, String>>(
-                    "stream_append reply",
-                    &m.payload,
-                )
-                .map_err(network_err)?
-                .map_err(|fatal| network_err(format!("peer {target}: {fatal}"))),
-                Err(s) => Err(status_err(target, &addr, s)),
-            });
-            Ok(Box::pin(responses) as BoxStream<'s, _>)
-        })
     }
 
     async fn vote(

@@ -671,10 +671,6 @@ impl PeerService {
     }
 }
 
-/// Metadata of a `StreamAppend` call: the group, and the node id meant.
-pub(crate) const STREAM_GROUP_HEADER: &str = "x-coalesce-group";
-pub(crate) const STREAM_TARGET_HEADER: &str = "x-coalesce-target";
-
 fn bad(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
 }
@@ -715,40 +711,6 @@ impl RaftPeer for PeerService {
         let rpc = codec::decode_msg("append_entries", &m.payload).map_err(bad)?;
         let resp = g.raft.append_entries(rpc).await.map_err(unavailable)?;
         reply(m.group, "append_entries", &resp)
-    }
-
-    type StreamAppendStream =
-        std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftMessage, Status>> + Send + 'static>>;
-
-    async fn stream_append(
-        &self,
-        request: Request<Streaming<RaftMessage>>,
-    ) -> Result<TonicResponse<Self::StreamAppendStream>, Status> {
-        use futures::StreamExt;
-        // Group and target come in the metadata: the sender produces its first request only
-        // once this call has answered, so nothing here may wait for a message.
-        let meta = |name: &str| -> Result<u64, Status> {
-            request
-                .metadata()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| bad(format!("stream_append: missing or bad {name} metadata")))
-        };
-        let group = u32::try_from(meta(STREAM_GROUP_HEADER)?).map_err(bad)?;
-        let g = self.group(group, meta(STREAM_TARGET_HEADER)?)?;
-        // Requests until the sender ends the stream or sends something undecodable.
-        let input = request
-            .into_inner()
-            .map(move |m| m.ok().and_then(|m| codec::decode_msg("stream_append", &m.payload).ok()))
-            .take_while(|r| futures::future::ready(r.is_some()))
-            .filter_map(futures::future::ready);
-        let replies = g.raft.stream_append(input).map(move |r| {
-            let r: Result<_, String> = r.map_err(|fatal| fatal.to_string());
-            let payload = codec::encode_msg("stream_append reply", &r).map_err(|e| Status::internal(e.to_string()))?;
-            Ok(RaftMessage { group, payload, target: 0 })
-        });
-        Ok(TonicResponse::new(Box::pin(replies)))
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
