@@ -3,8 +3,10 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let files = ["coalesce/v1/peer.proto", "coalesce/v1/coalesce.proto"].map(|f| root.join(f));
-    for f in &files {
-        println!("cargo:rerun-if-changed={}", f.display());
+    // Relative paths (resolved against this package's directory): two checkouts that share a
+    // target directory (CI's clean clone and a working tree) then each notice their own edits.
+    for f in ["coalesce/v1/peer.proto", "coalesce/v1/coalesce.proto"] {
+        println!("cargo:rerun-if-changed=../../proto/{f}");
     }
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);

@@ -30,13 +30,15 @@ impl Running {
     /// handle is gone.
     async fn halt(self) -> u64 {
         let id = self.node.id();
-        let _ = self.stop.send(());
-        self.server.await.unwrap();
         let _ = self.balancer.0.send(());
         self.balancer.1.await.unwrap();
+        // Groups first (ending their replication streams), then the server: a graceful server
+        // stop waits for open streams, as `coalesced` shuts down too.
         for g in self.node.groups() {
             g.raft.shutdown().await.unwrap();
         }
+        let _ = self.stop.send(());
+        self.server.await.unwrap();
         id
     }
 }
