@@ -14,7 +14,7 @@ fn example_node_config_is_valid() {
     let loaded = Config::load(&example_dir().join("node.toml")).expect("example node config is valid");
     assert_eq!(loaded.config.cluster.shards, 64);
     assert_eq!(loaded.config.cluster_spec().placement(0).len(), 3);
-    assert_eq!(loaded.config.raft_timing().election_max_ms, 800);
+    assert_eq!(loaded.config.raft_timing().election_max_ms, 350);
     assert!(loaded.streams.get("query-counts").is_some());
 }
 
