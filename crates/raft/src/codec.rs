@@ -182,12 +182,8 @@ mod tests {
                 })
                 .expect("valid");
         }
-        let groups = builder
-            .finish()
-            .into_values()
-            .flat_map(|b| b.groups)
-            .map(|g| crate::types::IngestGroup { range: g.range, partials: g.partials })
-            .collect();
+        let groups =
+            builder.finish().into_values().flat_map(|b| b.groups).map(crate::types::IngestGroup::from).collect();
         let rules = table.iter().map(|d| (d.name.clone(), d.rules.clone())).collect();
         let ingest = Entry {
             log_id: log_id(2, 7, 3),

@@ -33,6 +33,13 @@ pub struct IngestGroup {
     pub partials: Vec<(BufKey, Partial)>,
 }
 
+impl From<coalesce_core::batch::ProducerGroup> for IngestGroup {
+    /// A pre-merged producer group as the log carries it (the event indices stay behind).
+    fn from(g: coalesce_core::batch::ProducerGroup) -> Self {
+        Self { range: g.range, partials: g.partials }
+    }
+}
+
 /// What a shard's Raft log carries.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {

@@ -70,12 +70,7 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
                     })
                     .unwrap();
                 }
-                let groups = b
-                    .finish()
-                    .into_values()
-                    .flat_map(|b| b.groups)
-                    .map(|g| IngestGroup { range: g.range, partials: g.partials })
-                    .collect();
+                let groups = b.finish().into_values().flat_map(|b| b.groups).map(IngestGroup::from).collect();
                 Command::Ingest { stamp: now, rules: rules.clone(), limits: table.limits(), groups }
             }
             Op::Seal => Command::Seal { stamp: now, max: 3, session_ttl_ms: 10_000 },

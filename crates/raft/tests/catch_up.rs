@@ -130,12 +130,7 @@ async fn lagging_replica_catches_up_through_a_snapshot() {
             };
             b.add(&ev).unwrap();
         }
-        let groups = b
-            .finish()
-            .into_values()
-            .flat_map(|b| b.groups)
-            .map(|g| IngestGroup { range: g.range, partials: g.partials })
-            .collect();
+        let groups = b.finish().into_values().flat_map(|b| b.groups).map(IngestGroup::from).collect();
         l.propose(0, Command::Ingest { stamp: 1_000 + round, rules: rules.clone(), limits: table.limits(), groups })
             .await
             .unwrap();
@@ -199,12 +194,7 @@ async fn a_wiped_replica_rejoins_as_a_new_peer() {
             producer: None,
         })
         .unwrap();
-        let groups = b
-            .finish()
-            .into_values()
-            .flat_map(|b| b.groups)
-            .map(|g| IngestGroup { range: g.range, partials: g.partials })
-            .collect();
+        let groups = b.finish().into_values().flat_map(|b| b.groups).map(IngestGroup::from).collect();
         l.propose(0, Command::Ingest { stamp: 1_000 + round, rules: rules.clone(), limits: table.limits(), groups })
             .await
             .unwrap();

@@ -75,8 +75,7 @@ async fn send(
         .unwrap();
     }
     for (shard, batch) in b.finish() {
-        let groups: Vec<IngestGroup> =
-            batch.groups.into_iter().map(|g| IngestGroup { range: g.range, partials: g.partials }).collect();
+        let groups: Vec<IngestGroup> = batch.groups.into_iter().map(IngestGroup::from).collect();
         loop {
             let leader = leader_of(nodes, shard, Duration::from_secs(10)).await;
             let cmd =

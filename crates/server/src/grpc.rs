@@ -127,9 +127,9 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
         let calls = batches.into_iter().map(|(shard, batch)| {
             let node = self.node.clone();
             async move {
-                let events: Vec<Vec<u32>> = batch.groups.iter().map(|g| g.events.clone()).collect();
-                let groups =
-                    batch.groups.into_iter().map(|g| IngestGroup { range: g.range, partials: g.partials }).collect();
+                // Each group's event indices stay here, for the per-event statuses.
+                let (events, groups): (Vec<Vec<u32>>, Vec<IngestGroup>) =
+                    batch.groups.into_iter().map(|mut g| (std::mem::take(&mut g.events), IngestGroup::from(g))).unzip();
                 (shard, events, node.ingest(shard, groups).await)
             }
         });
