@@ -24,7 +24,7 @@ use rand_distr::{Distribution, Zipf};
 use serde_json::json;
 use tokio::time::Instant;
 
-use coalesce_cli::local::{self, LocalCluster, LocalOptions};
+use coalesce_cli::local::{LocalCluster, LocalOptions};
 
 /// The benchmark's stream: per-key sums in 1 s tumbling windows, limits sized for the load.
 const STREAMS: &str = r#"[limits]
@@ -167,7 +167,6 @@ async fn start_local(args: &LocalArgs, streams: &str) -> anyhow::Result<LocalClu
     if args.nodes == 0 || args.shards == 0 {
         bail!("--nodes and --shards must be at least 1");
     }
-    local::reset_dir(&args.dir, "bench")?;
     let opts = LocalOptions {
         cluster: "bench".into(),
         nodes: args.nodes,
@@ -176,9 +175,7 @@ async fn start_local(args: &LocalArgs, streams: &str) -> anyhow::Result<LocalClu
         raft: args.raft_toml(),
         log_filter: "warn".into(),
     };
-    let mut cluster = LocalCluster::create(&args.dir, local::coalesced_bin()?, &opts)?;
-    cluster.spawn_all()?;
-    Ok(cluster)
+    LocalCluster::launch(&args.dir, &opts)
 }
 
 fn histogram() -> Histogram<u64> {

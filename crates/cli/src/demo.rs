@@ -17,7 +17,7 @@ use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 use tokio::sync::Mutex;
 
-use coalesce_cli::local::{self, LocalCluster, LocalOptions};
+use coalesce_cli::local::{LocalCluster, LocalOptions};
 
 const STREAMS: &str = r#"# Demo streams (see deploy/examples/streams.toml for every option).
 [streams.page-views]
@@ -67,7 +67,6 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.nodes == 0 || args.shards == 0 || args.keys == 0 {
         bail!("--nodes, --shards and --keys must be at least 1");
     }
-    local::reset_dir(&args.dir, "demo")?;
     let opts = LocalOptions {
         cluster: "demo".into(),
         nodes: args.nodes,
@@ -76,8 +75,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         raft: String::new(),
         log_filter: "info,openraft=error".into(),
     };
-    let mut cluster = LocalCluster::create(&args.dir, local::coalesced_bin()?, &opts)?;
-    cluster.spawn_all()?;
+    let mut cluster = LocalCluster::launch(&args.dir, &opts)?;
     println!(
         "started {} coalesced nodes (logs: {}/node-*.log); waiting for shard leaders…",
         args.nodes,

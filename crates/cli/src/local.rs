@@ -120,6 +120,15 @@ impl LocalCluster {
         Ok(Self { dir: dir.to_owned(), nodes, bin, log_filter: opts.log_filter.clone() })
     }
 
+    /// Empties `dir` (see [`reset_dir`]; `opts.cluster` names what it is for), writes the
+    /// configs and starts every node with the `coalesced` next to this executable.
+    pub fn launch(dir: &Path, opts: &LocalOptions) -> anyhow::Result<Self> {
+        reset_dir(dir, &opts.cluster)?;
+        let mut cluster = Self::create(dir, coalesced_bin()?, opts)?;
+        cluster.spawn_all()?;
+        Ok(cluster)
+    }
+
     /// Starts node `i` (again), appending to its log.
     pub fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
