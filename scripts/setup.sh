@@ -3,8 +3,9 @@
 # everything is present. Needs root (or sudo) for apt.
 set -euo pipefail
 
-# System packages: libclang for RocksDB's bindgen.
-APT_PACKAGES=(libclang-dev)
+# System packages: libclang for RocksDB's bindgen; a PostgreSQL server for the Postgres sink's
+# tests (they run their own throw-away instance, tests/harness/postgres.rs).
+APT_PACKAGES=(libclang-dev postgresql)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -4,13 +4,21 @@
 
 #![allow(dead_code, unreachable_pub, missing_debug_implementations, clippy::unwrap_used)]
 
+pub mod postgres;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use coalesce_cli::local::{LocalCluster, LocalOptions, Signal};
 use coalesce_proto::v1 as pb;
+use coalesce_proto::v1::EventCode;
 use coalesce_proto::v1::coalesce_client::CoalesceClient;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use tonic::transport::Channel;
 
 /// The `coalesced` binary built for these tests.
@@ -194,6 +202,73 @@ impl Cluster {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// The stream `produce` writes to (a `sum_i64` stream the test configures).
+pub const STREAM: &str = "sums";
+
+/// The seed of a randomized test: `COALESCE_TEST_SEED` or a fresh one, printed for replay.
+pub fn seed() -> u64 {
+    let seed = std::env::var("COALESCE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("seed = {seed} (replay with COALESCE_TEST_SEED={seed})");
+    seed
+}
+
+/// Sends requests of 50 events until `stop`; every request is retried with the same seqs until
+/// all its events are acknowledged. Returns the acknowledged sums per key.
+pub async fn produce(
+    clients: Vec<pb::coalesce_client::CoalesceClient<tonic::transport::Channel>>,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> (BTreeMap<String, i64>, u64, u64) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let producer_id = rng.random::<u64>() | 1;
+    let (mut seq, mut acked, mut requests, mut retries) = (0u64, BTreeMap::<String, i64>::new(), 0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        let events: Vec<pb::Event> = (0..50)
+            .map(|_| {
+                seq += 1;
+                sum_event(STREAM, &format!("key-{}", rng.random_range(0..1000)), rng.random_range(1..100), seq)
+            })
+            .collect();
+        let req = pb::IngestRequest { producer_id, events: events.clone() };
+        let started = Instant::now();
+        let mut attempt = rng.random_range(0..clients.len());
+        loop {
+            assert!(started.elapsed() < Duration::from_secs(60), "request {requests} not acknowledged within 60s");
+            let mut client = clients[attempt % clients.len()].clone();
+            attempt += 1;
+            // A transport error means the node is down: the next attempt tries another.
+            if let Ok(resp) = client.ingest(req.clone()).await {
+                let statuses = resp.into_inner().statuses;
+                for s in &statuses {
+                    let code = EventCode::try_from(s.code).unwrap();
+                    assert!(
+                        matches!(
+                            code,
+                            EventCode::Ok
+                                | EventCode::Duplicate
+                                | EventCode::Unavailable
+                                | EventCode::Unknown
+                                | EventCode::ResourceExhausted
+                        ),
+                        "unexpected status {s:?}"
+                    );
+                }
+                if statuses.iter().all(|s| s.code == EventCode::Ok as i32 || s.code == EventCode::Duplicate as i32) {
+                    break;
+                }
+            }
+            retries += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for e in events {
+            let Some(pb::value::Kind::Int(v)) = e.value.and_then(|v| v.kind) else { unreachable!() };
+            *acked.entry(e.key).or_insert(0) += v;
+        }
+        requests += 1;
+    }
+    (acked, requests, retries)
 }
 
 /// An event of a sum stream.

@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod dlq;
 mod send;
 mod tail;
 
@@ -33,6 +34,11 @@ enum Cmd {
     Send(send::SendArgs),
     /// Follow emitted outputs and print them as JSON lines.
     Tail(tail::TailArgs),
+    /// Show the node's sinks and their delivery counters.
+    Sinks,
+    /// Dead-letter queues: outputs a sink refused for good.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCmd),
     /// Start a local 3-node cluster of real `coalesced` processes with a demo producer and
     /// show what goes in and what comes out, until Ctrl-C.
     Demo(demo::DemoArgs),
@@ -55,6 +61,8 @@ fn main() {
             Cmd::Status => status(&cli.addr).await,
             Cmd::Send(args) => send::run(&cli.addr, args).await,
             Cmd::Tail(args) => tail::run(&cli.addr, args).await,
+            Cmd::Sinks => dlq::sinks(&cli.addr).await,
+            Cmd::Dlq(cmd) => dlq::run(&cli.addr, cmd).await,
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Bench(cmd) => bench::run(cmd).await,
         }

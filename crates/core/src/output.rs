@@ -70,3 +70,18 @@ impl Output {
         })
     }
 }
+
+/// An output a sink refused permanently, kept (replicated) in the shard's dead-letter queue
+/// until an operator replays or purges it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The sink that refused it.
+    pub sink: String,
+    pub output: Output,
+    /// Why the sink refused it (e.g. `HTTP 422: ...`).
+    pub reason: String,
+    /// Leader time of the refusal.
+    pub failed_at: Millis,
+    /// Delivery attempts made.
+    pub attempts: u32,
+}

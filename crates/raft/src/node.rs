@@ -165,7 +165,12 @@ pub struct ShardView {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 enum Forwarded {
     Ingest(Vec<IngestGroup>),
-    Ack { cursor: String, upto_seq: u64 },
+    Ack {
+        cursor: String,
+        upto_seq: u64,
+    },
+    /// Any other command, proposed as it is.
+    Command(Command),
 }
 
 /// Errors starting a node.
@@ -194,6 +199,8 @@ pub struct RaftNode {
     /// Written only at start-up; never held across an await.
     groups: RwLock<BTreeMap<ShardId, Group>>,
     clock: Arc<dyn Clock>,
+    /// How long a quorum acknowledgement keeps this node's leadership valid for delivery.
+    lease: Duration,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -253,6 +260,7 @@ impl RaftNode {
             channels,
             groups: RwLock::new(groups),
             clock: Arc::new(SystemClock),
+            lease: Duration::from_millis(timing.election_min_ms),
         }))
     }
 
@@ -402,10 +410,33 @@ impl RaftNode {
         self.submit(shard, Forwarded::Ack { cursor, upto_seq }).await
     }
 
+    /// Proposes `cmd` to `shard` here when this node leads it, else through the leader.
+    pub async fn submit_command(&self, shard: ShardId, cmd: Command) -> Result<Response, ProposeError> {
+        self.submit(shard, Forwarded::Command(cmd)).await
+    }
+
+    /// The epoch under which this node may deliver `shard`'s outputs right now: `Some` only
+    /// while it leads the shard with a valid lease — a quorum acknowledged it within the
+    /// minimum election timeout, before which no other replica can be elected.
+    pub fn delivery_epoch(&self, shard: ShardId) -> Option<coalesce_core::output::Epoch> {
+        let group = self.group(shard)?;
+        let metrics = group.raft.metrics();
+        let m = metrics.borrow_watched();
+        if !m.state.is_leader() || !m.vote.committed {
+            return None;
+        }
+        let acked = m.last_quorum_acked.as_ref()?;
+        if openraft::Instant::elapsed(&**acked) >= self.lease {
+            return None;
+        }
+        Some(coalesce_core::output::Epoch { term: m.vote.leader_id.term, node: m.vote.leader_id.node_id })
+    }
+
     async fn on_leader(&self, group: &Group, req: Forwarded) -> Result<Response, ProposeError> {
         match req {
             Forwarded::Ingest(groups) => self.ingest_as_leader(group, groups).await,
             Forwarded::Ack { cursor, upto_seq } => self.propose(group.shard, Command::Ack { cursor, upto_seq }).await,
+            Forwarded::Command(cmd) => self.propose(group.shard, cmd).await,
         }
     }
 

@@ -243,6 +243,19 @@ impl ShardStateMachine {
                 self.apply_seal(batch, &log_id, stamp, max, session_ttl_ms)?
             }
             EntryPayload::Normal(Command::Ack { cursor, upto_seq }) => self.apply_ack(batch, cursor, upto_seq),
+            EntryPayload::Normal(Command::DeadLetter { cursor, upto_seq, letters }) => {
+                let acked = self.outbox.cursors.get(&cursor).copied().unwrap_or(0);
+                for letter in letters.iter().filter(|l| l.output.seq > acked && l.output.seq <= upto_seq) {
+                    batch.dlq_put(letter)?;
+                }
+                self.apply_ack(batch, cursor, upto_seq)
+            }
+            EntryPayload::Normal(Command::DlqRemove { sink, seqs }) => {
+                for seq in seqs {
+                    batch.dlq_delete(&sink, seq);
+                }
+                Response::None
+            }
         })
     }
 

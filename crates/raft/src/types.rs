@@ -7,7 +7,7 @@ use std::fmt;
 
 use coalesce_core::batch::Partial;
 use coalesce_core::buffer::BufKey;
-use coalesce_core::output::Epoch;
+use coalesce_core::output::{DeadLetter, Epoch};
 use coalesce_core::session::ProducerRange;
 use coalesce_core::stream::{ShardLimits, StreamRules};
 use coalesce_core::time::Millis;
@@ -51,6 +51,12 @@ pub enum Command {
     Seal { stamp: Millis, max: u32, session_ttl_ms: u64 },
     /// A consumer (sink or subscriber) has durably processed every output up to `upto_seq`.
     Ack { cursor: String, upto_seq: u64 },
+    /// A sink refused `letters` permanently: they enter its dead-letter queue and `cursor`
+    /// advances to `upto_seq`, as one step. Letters at or below the cursor are ignored, so a
+    /// retried proposal changes nothing.
+    DeadLetter { cursor: String, upto_seq: u64, letters: Vec<DeadLetter> },
+    /// Removes dead letters of `sink` (replayed successfully, or purged).
+    DlqRemove { sink: String, seqs: Vec<u64> },
 }
 
 impl fmt::Display for Command {
@@ -59,6 +65,10 @@ impl fmt::Display for Command {
             Command::Ingest { stamp, groups, .. } => write!(f, "ingest(stamp={stamp}, groups={})", groups.len()),
             Command::Seal { stamp, max, .. } => write!(f, "seal(stamp={stamp}, max={max})"),
             Command::Ack { cursor, upto_seq } => write!(f, "ack({cursor}<={upto_seq})"),
+            Command::DeadLetter { cursor, upto_seq, letters } => {
+                write!(f, "dead_letter({cursor}<={upto_seq}, letters={})", letters.len())
+            }
+            Command::DlqRemove { sink, seqs } => write!(f, "dlq_remove({sink}, {})", seqs.len()),
         }
     }
 }

@@ -1,14 +1,18 @@
 //! Applying committed entries several per RocksDB write must give exactly the state and the
 //! responses of applying them one by one (replicas see different batch boundaries, and must
 //! still hold byte-identical state). Random logs of ingests with producer sessions (including
-//! retries), seals, session sweeps and acks that trim what the same batch emitted.
+//! retries), seals, session sweeps, acks that trim what the same batch emitted, and
+//! dead-letter moves and removals.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 
 use coalesce_core::batch::{BatchBuilder, Event};
+use coalesce_core::merge::Aggregate;
+use coalesce_core::output::{DeadLetter, Output};
 use coalesce_core::stream::StreamsFile;
 use coalesce_core::value::Value;
+use coalesce_core::window::SealReason;
 use coalesce_raft::codec::{Entry, log_id};
 use coalesce_raft::{Command, IngestGroup, Response, ShardStateMachine};
 use coalesce_storage::{NodeDb, ShardStore, StorageOptions};
@@ -31,6 +35,10 @@ enum Op {
     Ingest(u64, u64, Vec<(usize, u8, i64)>),
     Seal,
     Ack(u8, u64),
+    /// (cursor, upto, seqs refused)
+    Dead(u8, u64, Vec<u64>),
+    /// (sink, seqs)
+    DlqRemove(u8, Vec<u64>),
     /// Leader time moves on by this many ms.
     Advance(u64),
 }
@@ -41,8 +49,31 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(p, s, e)| Op::Ingest(p, s, e)),
         2 => Just(Op::Seal),
         1 => (0u8..2, 0u64..12).prop_map(|(c, s)| Op::Ack(c, s)),
+        1 => (0u8..2, 0u64..12, prop::collection::vec(0u64..12, 0..3)).prop_map(|(c, u, s)| Op::Dead(c, u, s)),
+        1 => (0u8..2, prop::collection::vec(0u64..12, 0..3)).prop_map(|(c, s)| Op::DlqRemove(c, s)),
         2 => prop_oneof![1u64..80, 20_000u64..40_000].prop_map(Op::Advance),
     ]
+}
+
+/// A dead letter of sink `c{c}` for output `seq` (its content does not matter here).
+fn letter(c: u8, seq: u64, now: u64) -> DeadLetter {
+    let output = Output {
+        stream: "sums".into(),
+        key: format!("k{seq}"),
+        shard: 3,
+        seq,
+        epoch: Default::default(),
+        window_start: now,
+        window_end: now,
+        first_input_at: now,
+        last_input_at: now,
+        first_event_at: now,
+        last_event_at: now,
+        inputs: 1,
+        reason: SealReason::Time,
+        value: Aggregate::SumI64(seq as i64),
+    };
+    DeadLetter { sink: format!("c{c}"), output, reason: "HTTP 400".into(), failed_at: now, attempts: 1 }
 }
 
 /// Turns ops into log entries (index from 1).
@@ -75,6 +106,12 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
             }
             Op::Seal => Command::Seal { stamp: now, max: 3, session_ttl_ms: 10_000 },
             Op::Ack(c, upto) => Command::Ack { cursor: format!("c{c}"), upto_seq: *upto },
+            Op::Dead(c, upto, seqs) => Command::DeadLetter {
+                cursor: format!("c{c}"),
+                upto_seq: *upto,
+                letters: seqs.iter().map(|seq| letter(*c, *seq, now)).collect(),
+            },
+            Op::DlqRemove(c, seqs) => Command::DlqRemove { sink: format!("c{c}"), seqs: seqs.clone() },
         };
         out.push(Entry { log_id: log_id(1, 1, out.len() as u64 + 1), payload: EntryPayload::Normal(cmd) });
     }

@@ -1,11 +1,12 @@
 //! All the wiring of a node in one place; the binary only parses flags and calls [`run`].
 //!
 //! ```text
-//!  start:    open RocksDB → start shard groups → bind peer + client ports → bootstrap
-//!            (initialize the groups this node is first replica of) → window scheduler,
-//!            leader balancer
-//!  shutdown: stop the client port → hand leadership of every local shard to a peer →
-//!            stop the groups → stop the peer port → close RocksDB (bounded by the grace period)
+//!  start:    open RocksDB → start shard groups → build sinks → bind peer + client ports →
+//!            bootstrap (initialize the groups this node is first replica of) → window
+//!            scheduler, leader balancer, delivery
+//!  shutdown: stop the client port → stop delivery (workers ack what they delivered) → hand
+//!            leadership of every local shard to a peer → stop the groups → stop the peer port
+//!            → close RocksDB (bounded by the grace period)
 //! ```
 
 use std::future::Future;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use coalesce_proto::v1::admin_server::AdminServer;
 use coalesce_proto::v1::coalesce_server::CoalesceServer;
 use coalesce_proto::v1::raft_peer_server::RaftPeerServer;
 use coalesce_raft::{PeerService, RaftNode};
@@ -22,8 +24,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::admin::AdminService;
 use crate::config::Loaded;
 use crate::grpc::CoalesceService;
+use crate::sinks::delivery::Delivery;
 
 /// How long shutdown may take before the process gives up on a clean hand-off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
@@ -53,6 +57,9 @@ pub async fn run(
     let node = RaftNode::start(db, cfg.cluster_spec(), &cfg.node.name, cfg.raft_timing(), loaded.streams.clone())
         .await
         .context("starting shard groups")?;
+    let delivery = Delivery::new(node.clone(), &loaded.sinks, &cfg.node.name, &cfg.node.data_dir)
+        .await
+        .context("building sinks")?;
     let peer_listener = TcpListener::bind(cfg.node.peer_listen)
         .await
         .with_context(|| format!("binding peer port {}", cfg.node.peer_listen))?;
@@ -78,6 +85,7 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         // Only what this port serves (the descriptors also hold the peer service).
         .with_service_name("coalesce.v1.Coalesce")
+        .with_service_name("coalesce.v1.Admin")
         .with_service_name("grpc.health.v1.Health")
         .build_v1()
         .context("building the reflection service")?;
@@ -85,8 +93,9 @@ pub async fn run(
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(AdminServer::new(AdminService::new(node.clone(), delivery.clone())))
             .add_service(
-                CoalesceServer::new(CoalesceService::new(node.clone(), cfg.api))
+                CoalesceServer::new(CoalesceService::new(node.clone(), cfg.api, delivery.clone()))
                     .max_decoding_message_size(cfg.api.max_request_bytes + 1024),
             )
             .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), wait(stop_client_rx)),
@@ -109,7 +118,8 @@ pub async fn run(
         }
     });
     let sealer = tokio::spawn(Arc::clone(&node).run_sealer(Duration::from_millis(20), wait(stop_peer_rx.clone())));
-    let balancer = tokio::spawn(Arc::clone(&node).run_balancer(Duration::from_secs(2), wait(stop_client_rx2)));
+    let balancer = tokio::spawn(Arc::clone(&node).run_balancer(Duration::from_secs(2), wait(stop_client_rx2.clone())));
+    let delivering = tokio::spawn(Arc::clone(&delivery).run(wait(stop_client_rx2)));
 
     shutdown.await;
     tracing::info!("shutting down: closing the client port, handing off leadership");
@@ -117,6 +127,7 @@ pub async fn run(
     let _ = stop_client.send(true);
     bootstrap.abort();
     let _ = balancer.await;
+    let _ = delivering.await;
     node.shutdown(SHUTDOWN_GRACE).await;
     let _ = stop_peer.send(true);
     let _ = sealer.await;

@@ -11,8 +11,7 @@ use coalesce_core::stream::{StreamTable, StreamsFile};
 use coalesce_raft::{ClusterSpec, NodeSpec, RaftTiming};
 use serde::Deserialize;
 
-/// Sink kinds this build can run.
-pub const SINK_KINDS: &[&str] = &["file", "postgres", "http", "grpc"];
+use crate::sinks::{SINK_KINDS, SinkConfig, SinkKind};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +129,8 @@ pub enum ConfigError {
     Streams { path: PathBuf, source: coalesce_core::ConfigError },
     #[error("{field}: {message}")]
     Invalid { field: &'static str, message: String },
+    #[error("{path}: {source}")]
+    Sink { path: PathBuf, source: crate::sinks::SinkConfigError },
 }
 
 /// Everything a node needs, validated.
@@ -137,6 +138,7 @@ pub enum ConfigError {
 pub struct Loaded {
     pub config: Config,
     pub streams: StreamTable,
+    pub sinks: Vec<SinkConfig>,
 }
 
 impl Config {
@@ -156,11 +158,30 @@ impl Config {
         }
         let text = std::fs::read_to_string(&self.streams_file)
             .map_err(|source| ConfigError::Read { path: self.streams_file.clone(), source })?;
-        let streams = StreamsFile::parse(&text)
-            .and_then(|f| f.validate(SINK_KINDS))
+        let file = StreamsFile::parse(&text)
             .map_err(|source| ConfigError::Streams { path: self.streams_file.clone(), source })?;
+        let streams = file
+            .validate(SINK_KINDS)
+            .map_err(|source| ConfigError::Streams { path: self.streams_file.clone(), source })?;
+        let sinks = SinkConfig::parse_all(&file.sinks, &streams)
+            .map_err(|source| ConfigError::Sink { path: self.streams_file.clone(), source })?;
         self.validate()?;
-        Ok(Loaded { config: self, streams })
+        for sink in &sinks {
+            if let SinkKind::Http(h) = &sink.kind
+                && let Some(rate) = h.rate_limit
+                && rate < self.cluster.shards
+            {
+                return Err(ConfigError::Invalid {
+                    field: "sinks",
+                    message: format!(
+                        "sinks.{}: rate_limit {rate} is below the number of shards ({}): nodes split the ceiling by \
+                         the shards they lead, so it must allow at least one request per second per shard",
+                        sink.name, self.cluster.shards
+                    ),
+                });
+            }
+        }
+        Ok(Loaded { config: self, streams, sinks })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

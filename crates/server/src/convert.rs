@@ -47,3 +47,14 @@ pub fn output(o: &Output) -> pb::Output {
         value_json: o.value.to_json().to_string(),
     }
 }
+
+/// A dead letter as a proto message.
+pub fn dead_letter(l: &coalesce_core::output::DeadLetter) -> pb::DeadLetter {
+    pb::DeadLetter {
+        sink: l.sink.clone(),
+        output: Some(output(&l.output)),
+        reason: l.reason.clone(),
+        failed_at: l.failed_at,
+        attempts: l.attempts,
+    }
+}

@@ -18,17 +18,34 @@ use tonic::{Request, Response as TonicResponse, Status};
 
 use crate::config::ApiLimits;
 use crate::convert;
+use crate::sinks::delivery::Delivery;
 
 /// The client-facing service of one node.
 #[derive(Debug, Clone)]
 pub struct CoalesceService {
     node: Arc<RaftNode>,
     limits: ApiLimits,
+    delivery: Arc<Delivery>,
 }
 
 impl CoalesceService {
-    pub fn new(node: Arc<RaftNode>, limits: ApiLimits) -> Self {
-        Self { node, limits }
+    pub fn new(node: Arc<RaftNode>, limits: ApiLimits, delivery: Arc<Delivery>) -> Self {
+        Self { node, limits, delivery }
+    }
+
+    /// Checks a subscriber's consumer name: the cursor it acks must not be a sink's.
+    fn consumer(&self, name: &str) -> Result<(), Status> {
+        if !coalesce_core::stream::valid_name(name) {
+            return Err(Status::invalid_argument(format!(
+                "consumer: {name:?} must be 1-64 characters of a-z, 0-9, '_', '.', '-'"
+            )));
+        }
+        if self.delivery.is_push_sink(name) {
+            return Err(Status::invalid_argument(format!(
+                "consumer: {name:?} is a sink the cluster delivers itself; subscribe under another name"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -179,9 +196,7 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<TonicResponse<Self::SubscribeStream>, Status> {
         let req = request.into_inner();
-        if req.consumer.is_empty() {
-            return Err(Status::invalid_argument("consumer: must not be empty"));
-        }
+        self.consumer(&req.consumer)?;
         let local: Vec<u32> = self.node.groups().iter().map(|g| g.shard).collect();
         let shards = if req.shards.is_empty() { local.clone() } else { req.shards.clone() };
         let mut next: BTreeMap<u32, u64> = BTreeMap::new();
@@ -206,9 +221,7 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Result<TonicResponse<pb::AckResponse>, Status> {
         let req = request.into_inner();
-        if req.consumer.is_empty() {
-            return Err(Status::invalid_argument("consumer: must not be empty"));
-        }
+        self.consumer(&req.consumer)?;
         match self.node.ack(req.shard, req.consumer, req.upto_seq).await {
             Ok(Response::Acked { trimmed_below }) => Ok(TonicResponse::new(pb::AckResponse { trimmed_below })),
             Ok(other) => Err(Status::internal(format!("unexpected response {other:?}"))),

@@ -5,12 +5,18 @@
 //!   scheduler, graceful shutdown.
 //! - [`grpc`]: the client API (`coalesce.v1.Coalesce`): ingest with per-event statuses and
 //!   any-node forwarding, subscribe, ack, status.
+//! - [`admin`]: the operator API (`coalesce.v1.Admin`): dead-letter queues, sink status.
 //! - [`convert`]: proto ↔ domain conversions.
+//! - [`sinks`]: sink kinds (file, HTTP, PostgreSQL, durable gRPC subscribers) and the
+//!   delivery engine that runs them on each shard's leader.
 //!
 //! The binary `coalesced` parses flags and calls [`app::run`]. Libraries used: tonic/prost
-//! (gRPC), clap (flags), toml + serde + humantime-serde (config), tracing-subscriber (logs).
+//! (gRPC), clap (flags), toml + serde + humantime-serde (config), tracing-subscriber (logs),
+//! reqwest (HTTP sink), tokio-postgres (PostgreSQL sink).
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod convert;
 pub mod grpc;
+pub mod sinks;

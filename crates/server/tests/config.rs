@@ -41,3 +41,17 @@ fn invalid_configs_name_the_field() {
             .contains("missing.toml")
     );
 }
+
+/// The four cases of DESIGN.md, as shipped in deploy/examples/cases: each validates with the
+/// example node config (64 shards).
+#[test]
+fn example_cases_are_valid() {
+    let node = std::fs::read_to_string(example_dir().join("node.toml")).expect("example");
+    for case in ["write-coalescing", "rate-limited-api", "bulk-postgres", "alert-digest"] {
+        let text = node.replace("streams_file = \"streams.toml\"", &format!("streams_file = \"cases/{case}.toml\""));
+        let config: Config = toml::from_str(&text).expect("node config");
+        let loaded = config.finish(example_dir()).unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert!(!loaded.sinks.is_empty(), "{case} declares sinks");
+        assert!(loaded.sinks.iter().all(|s| !s.streams.is_empty()), "{case}: every sink is fed");
+    }
+}

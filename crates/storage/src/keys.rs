@@ -14,10 +14,11 @@
 //! | `outbox`      | shard ‖ seq u64                                | `Output`              |
 //! | `sessions`    | shard ‖ producer u64                           | `Session`             |
 //! | `sm_meta`     | shard ‖ tag u8                                 | encoded value         |
+//! | `dlq`         | shard ‖ sink ‖ 0x00 ‖ seq u64                  | `DeadLetter`          |
 //! | `node`        | name (no shard)                                | node-level facts      |
 //!
-//! Stream names never contain 0x00 (they are `[a-z0-9_.-]`), so `stream ‖ 0x00 ‖ key` sorts
-//! exactly like the pair (stream, key).
+//! Stream and sink names never contain 0x00 (they are `[a-z0-9_.-]`), so `stream ‖ 0x00 ‖ key`
+//! sorts exactly like the pair (stream, key), and `sink ‖ 0x00 ‖ seq` like (sink, seq).
 
 use coalesce_core::buffer::BufKey;
 use coalesce_core::hash::ShardId;
@@ -31,13 +32,15 @@ pub const CF_OUTBOX: &str = "outbox";
 pub const CF_SESSIONS: &str = "sessions";
 pub const CF_SM_META: &str = "sm_meta";
 pub const CF_NODE: &str = "node";
+pub const CF_DLQ: &str = "dlq";
 
 /// Every column family, in creation order.
 pub const ALL_CFS: &[&str] =
-    &[CF_RAFT_LOG, CF_RAFT_META, CF_BUFFER, CF_DEADLINE, CF_OUTBOX, CF_SESSIONS, CF_SM_META, CF_NODE];
+    &[CF_RAFT_LOG, CF_RAFT_META, CF_BUFFER, CF_DEADLINE, CF_OUTBOX, CF_SESSIONS, CF_SM_META, CF_NODE, CF_DLQ];
 
-/// The column families that hold a shard's state machine (what a snapshot carries).
-pub const SM_CFS: &[&str] = &[CF_BUFFER, CF_DEADLINE, CF_OUTBOX, CF_SESSIONS, CF_SM_META];
+/// The column families that hold a shard's state machine (what a snapshot carries). Snapshot
+/// rows name their family by index in this list: append only.
+pub const SM_CFS: &[&str] = &[CF_BUFFER, CF_DEADLINE, CF_OUTBOX, CF_SESSIONS, CF_SM_META, CF_DLQ];
 
 /// Tags of per-shard Raft metadata rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +151,34 @@ pub fn decode_buffer_key(bytes: &[u8]) -> Option<(ShardId, BufKey)> {
     Some((shard, parse_bufkey(&bytes[4..])?))
 }
 
+/// The first dead-letter key of `sink` on `shard` with a seq of at least `seq`.
+pub fn dlq_key(shard: ShardId, sink: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(13 + sink.len());
+    k.extend_from_slice(&shard.to_be_bytes());
+    k.extend_from_slice(sink.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The exclusive upper bound of `sink`'s dead letters on `shard`.
+pub fn dlq_end(shard: ShardId, sink: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + sink.len());
+    k.extend_from_slice(&shard.to_be_bytes());
+    k.extend_from_slice(sink.as_bytes());
+    k.push(1);
+    k
+}
+
+/// Decodes a dead-letter key into (sink, seq).
+pub fn decode_dlq_key(bytes: &[u8]) -> Option<(String, u64)> {
+    let rest = bytes.get(4..)?;
+    let nul = rest.iter().position(|&b| b == 0)?;
+    let sink = std::str::from_utf8(&rest[..nul]).ok()?.to_owned();
+    let seq = u64::from_be_bytes(rest.get(nul + 1..)?.try_into().ok()?);
+    Some((sink, seq))
+}
+
 /// Key of a deadline-index row.
 pub fn deadline_key(shard: ShardId, deadline: Millis, key: &BufKey) -> Vec<u8> {
     let mut k = Vec::with_capacity(13 + key.stream.len() + key.key.len());
@@ -216,5 +247,14 @@ mod tests {
         assert_eq!(decode_deadline_key(&deadline_key(9, 77, &k)), Some((9, 77, k)));
         assert_eq!(decode_u64_suffix(&outbox_key(4, 99)), Some(99));
         assert_eq!(decode_buffer_key(b"\0\0"), None);
+        assert_eq!(decode_dlq_key(&dlq_key(3, "pg", 7)), Some(("pg".into(), 7)));
+    }
+
+    #[test]
+    fn dead_letters_sort_by_sink_then_seq() {
+        assert!(dlq_key(0, "a", u64::MAX) < dlq_key(0, "a.", 0));
+        assert!(dlq_key(0, "a", u64::MAX) < dlq_end(0, "a"));
+        assert!(dlq_end(0, "a") <= dlq_key(0, "a.", 0));
+        assert!(dlq_key(0, "a", 255) < dlq_key(0, "a", 256));
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use coalesce_core::buffer::{BufKey, BufferStore, Buffered, ShardStats};
 use coalesce_core::hash::ShardId;
-use coalesce_core::output::Output;
+use coalesce_core::output::{DeadLetter, Output};
 use coalesce_core::session::Session;
 use coalesce_core::time::Millis;
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
@@ -196,6 +196,31 @@ impl ShardStore {
         Ok(out)
     }
 
+    /// Dead letters of `sink` with `seq >= from`, at most `limit`, in seq order.
+    pub fn dlq_from(&self, sink: &str, from: u64, limit: usize) -> Result<Vec<DeadLetter>, StorageError> {
+        let cf = self.db.cf(keys::CF_DLQ)?;
+        let (ro, start) = self.range_opts(&keys::dlq_key(self.shard, sink, from), keys::dlq_end(self.shard, sink));
+        let mut out = Vec::new();
+        for item in self.db.raw().iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)).take(limit) {
+            let (_, v) = item?;
+            out.push(decode(self.shard, "dead letter", &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Number of dead letters per sink (a scan: dead-letter queues are meant to stay small).
+    pub fn dlq_counts(&self) -> Result<BTreeMap<String, u64>, StorageError> {
+        let cf = self.db.cf(keys::CF_DLQ)?;
+        let (ro, start) = self.range_opts(&keys::shard_prefix(self.shard), keys::shard_end(self.shard));
+        let mut out = BTreeMap::new();
+        for item in self.db.raw().iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)) {
+            let (k, _) = item?;
+            let (sink, _) = keys::decode_dlq_key(&k).ok_or_else(|| self.corrupt("dead-letter key", "undecodable"))?;
+            *out.entry(sink).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
     /// Every producer session of the shard.
     pub fn sessions(&self) -> Result<Vec<(u64, Session)>, StorageError> {
         let cf = self.db.cf(keys::CF_SESSIONS)?;
@@ -305,6 +330,7 @@ enum Row {
     Outbox,
     Session,
     SmMeta,
+    Dlq,
     /// Outbox seqs `[from, to)` deleted (key = from, value = to), in order with outbox puts so
     /// a trim after a put in the same batch deletes it.
     OutboxTrim,
@@ -392,6 +418,19 @@ impl ApplyBatch<'_> {
         self.rows.push((Row::Session, keys::session_key(self.store.shard, producer).to_vec(), None));
     }
 
+    /// Stores a dead letter under its sink and seq.
+    pub fn dlq_put(&mut self, letter: &DeadLetter) -> Result<(), StorageError> {
+        let v = encode("dead letter", letter)?;
+        let k = keys::dlq_key(self.store.shard, &letter.sink, letter.output.seq);
+        self.rows.push((Row::Dlq, k, Some(v)));
+        Ok(())
+    }
+
+    /// Deletes a dead letter (nothing happens when it does not exist).
+    pub fn dlq_delete(&mut self, sink: &str, seq: u64) {
+        self.rows.push((Row::Dlq, keys::dlq_key(self.store.shard, sink, seq), None));
+    }
+
     /// Sets a state-machine metadata value.
     pub fn sm_meta_put(&mut self, tag: SmMetaTag, value: Vec<u8>) {
         self.rows.push((Row::SmMeta, keys::sm_meta_key(self.store.shard, tag).to_vec(), Some(value)));
@@ -428,6 +467,7 @@ impl ApplyBatch<'_> {
                 Row::Outbox | Row::OutboxTrim => keys::CF_OUTBOX,
                 Row::Session => keys::CF_SESSIONS,
                 Row::SmMeta => keys::CF_SM_META,
+                Row::Dlq => keys::CF_DLQ,
             })?;
             match (row, value) {
                 (Row::OutboxTrim, Some(to)) => batch.delete_range_cf(cf, key, to),

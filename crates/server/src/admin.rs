@@ -1,0 +1,178 @@
+//! The operator API (`coalesce.v1.Admin`) on the client port: dead-letter queues and sink
+//! status.
+
+use std::sync::Arc;
+
+use coalesce_proto::v1 as pb;
+use coalesce_raft::{Command, ProposeError, RaftNode};
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::sinks::delivery::{Delivery, ReplayError};
+
+/// Most dead letters one list, replay or purge call handles.
+pub const MAX_LETTERS: usize = 1_000;
+
+/// The operator service of one node.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    node: Arc<RaftNode>,
+    delivery: Arc<Delivery>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<RaftNode>, delivery: Arc<Delivery>) -> Self {
+        Self { node, delivery }
+    }
+
+    fn store(&self, shard: u32) -> Result<coalesce_storage::ShardStore, Status> {
+        self.node
+            .group(shard)
+            .map(|g| g.store)
+            .ok_or_else(|| Status::not_found(format!("shard: shard {shard} is not replicated on this node")))
+    }
+
+    fn sink(&self, name: &str) -> Result<(), Status> {
+        if name.is_empty() {
+            return Err(Status::invalid_argument("sink: must not be empty"));
+        }
+        if !self.delivery.sinks().iter().any(|(c, _)| c.name == name) {
+            return Err(Status::not_found(format!("sink: {name:?} is not configured")));
+        }
+        Ok(())
+    }
+
+    /// The seqs a replay or purge names: the listed ones, or every letter with `all`.
+    fn selected(&self, shard: u32, sink: &str, seqs: &[u64], all: bool) -> Result<Vec<u64>, Status> {
+        match (all, seqs.is_empty()) {
+            (true, true) => Ok(self
+                .store(shard)?
+                .dlq_from(sink, 0, MAX_LETTERS)
+                .map_err(|e| Status::internal(e.to_string()))?
+                .iter()
+                .map(|l| l.output.seq)
+                .collect()),
+            (false, false) if seqs.len() <= MAX_LETTERS => Ok(seqs.to_vec()),
+            (false, false) => Err(Status::invalid_argument(format!("seqs: at most {MAX_LETTERS} per call"))),
+            _ => Err(Status::invalid_argument("seqs: name seqs, or set all (not both)")),
+        }
+    }
+
+    /// UNAVAILABLE with the leader's client address in `coalesce-leader` metadata.
+    fn not_leader(&self, shard: u32, what: &str) -> Status {
+        let mut status = Status::unavailable(format!("this node does not lead shard {shard}: {what}"));
+        if let Some((_, leader)) = self.node.leader_of(shard)
+            && let Ok(v) = leader.client_addr.parse()
+        {
+            status.metadata_mut().insert("coalesce-leader", v);
+        }
+        status
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let req = request.into_inner();
+        if !req.sink.is_empty() {
+            self.sink(&req.sink)?;
+        }
+        let limit = match req.limit {
+            0 => MAX_LETTERS,
+            n => (n as usize).min(MAX_LETTERS),
+        };
+        let shards: Vec<u32> =
+            if req.shards.is_empty() { self.node.groups().iter().map(|g| g.shard).collect() } else { req.shards };
+        let mut resp = pb::ListDeadLettersResponse::default();
+        for shard in shards {
+            let store = self.store(shard)?;
+            let counts = store.dlq_counts().map_err(|e| Status::internal(e.to_string()))?;
+            for (sink, n) in counts {
+                if !req.sink.is_empty() && sink != req.sink {
+                    continue;
+                }
+                *resp.counts.entry(sink.clone()).or_insert(0) += n;
+                let room = limit - resp.letters.len();
+                if room > 0 {
+                    let letters = store.dlq_from(&sink, 0, room).map_err(|e| Status::internal(e.to_string()))?;
+                    resp.letters.extend(letters.iter().map(convert::dead_letter));
+                }
+            }
+        }
+        Ok(Response::new(resp))
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        request: Request<pb::ReplayDeadLettersRequest>,
+    ) -> Result<Response<pb::ReplayDeadLettersResponse>, Status> {
+        let req = request.into_inner();
+        self.sink(&req.sink)?;
+        let seqs = self.selected(req.shard, &req.sink, &req.seqs, req.all)?;
+        match self.delivery.replay(req.shard, &req.sink, &seqs).await {
+            Ok((delivered, refused)) => Ok(Response::new(pb::ReplayDeadLettersResponse {
+                delivered,
+                refused: refused.into_iter().map(|(seq, reason)| pb::RefusedLetter { seq, reason }).collect(),
+            })),
+            Err(ReplayError::NotLeader(shard)) => Err(self.not_leader(shard, "replay runs on the leader")),
+            Err(ReplayError::NotFound(m)) => Err(Status::not_found(m)),
+            Err(ReplayError::Invalid(m)) => Err(Status::failed_precondition(m)),
+            Err(ReplayError::Internal(m)) => Err(Status::unavailable(m)),
+        }
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        request: Request<pb::PurgeDeadLettersRequest>,
+    ) -> Result<Response<pb::PurgeDeadLettersResponse>, Status> {
+        let req = request.into_inner();
+        self.sink(&req.sink)?;
+        let seqs = self.selected(req.shard, &req.sink, &req.seqs, req.all)?;
+        let store = self.store(req.shard)?;
+        let mut present = Vec::new();
+        for seq in seqs {
+            if store
+                .dlq_from(&req.sink, seq, 1)
+                .map_err(|e| Status::internal(e.to_string()))?
+                .first()
+                .map(|l| l.output.seq)
+                == Some(seq)
+            {
+                present.push(seq);
+            }
+        }
+        if present.is_empty() {
+            return Ok(Response::new(pb::PurgeDeadLettersResponse { purged: 0 }));
+        }
+        let purged = present.len() as u64;
+        match self.node.submit_command(req.shard, Command::DlqRemove { sink: req.sink, seqs: present }).await {
+            Ok(_) => Ok(Response::new(pb::PurgeDeadLettersResponse { purged })),
+            Err(ProposeError::NotLeader { shard, .. }) => Err(self.not_leader(shard, "no leader reachable")),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    async fn sink_status(
+        &self,
+        _request: Request<pb::SinkStatusRequest>,
+    ) -> Result<Response<pb::SinkStatusResponse>, Status> {
+        let sinks = self
+            .delivery
+            .sinks()
+            .into_iter()
+            .map(|(c, s)| pb::SinkStatus {
+                name: c.name.clone(),
+                kind: c.kind_name().to_owned(),
+                streams: c.streams.iter().cloned().collect(),
+                delivered: s.delivered,
+                retries: s.retries,
+                dead_lettered: s.dead_lettered,
+                breaker_open: s.breaker_open,
+            })
+            .collect();
+        Ok(Response::new(pb::SinkStatusResponse { node: self.node.me().name.clone(), sinks }))
+    }
+}

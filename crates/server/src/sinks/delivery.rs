@@ -1,0 +1,473 @@
+//! Delivery: moves each shard's outbox into its sinks, on the shard's leader.
+//!
+//! ```text
+//!  supervisor (every 50 ms): shards this node leads with a valid lease → one worker per
+//!                            (sink, shard); sinks with a cluster-wide budget get the share
+//!  worker:  cursor (replicated) → read outbox after it → outputs of the sink's streams,
+//!           ≤ batch_max → lease still valid? → deliver → Ack through Raft
+//!           transient failure → retry with exponential backoff + jitter (circuit breaker per sink)
+//!           permanent refusal → isolate the refused outputs → DeadLetter through Raft
+//! ```
+//!
+//! A worker stops when the leader's epoch changes or its lease lapses; the next leader's
+//! worker starts from the replicated cursor, so the unacknowledged suffix is delivered again
+//! with the same seqs (at least once; fencing sinks make it exactly once). A sink's cursor is
+//! registered (at the outbox's low end) the first time a leader runs its worker, so outputs are
+//! kept for it from then on.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coalesce_core::output::{DeadLetter, Epoch, Output};
+use coalesce_core::time::{Clock, SystemClock};
+use coalesce_raft::state_machine::load_outbox;
+use coalesce_raft::{Command, ProposeError, RaftNode, Response};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{Batch, DeliveryError, Sink, SinkConfig};
+
+/// How often the supervisor looks at leadership.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(50);
+/// How often an idle worker looks for new outputs.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+/// Consecutive-failure circuit breaker shared by a sink's workers.
+#[derive(Debug)]
+struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    state: Mutex<(u32, Option<Instant>)>,
+}
+
+impl Breaker {
+    fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self { threshold, cooldown, state: Mutex::new((0, None)) }
+    }
+
+    /// When an open breaker lets the next trial through.
+    fn open_until(&self) -> Option<Instant> {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.1.filter(|t| *t > Instant::now())
+    }
+
+    fn success(&self) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (0, None);
+    }
+
+    /// Records a failure; true when it opened the breaker.
+    fn failure(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = s.0.saturating_add(1);
+        if s.0 >= self.threshold && s.1.is_none_or(|t| t <= Instant::now()) {
+            s.1 = Some(Instant::now() + self.cooldown);
+            return true;
+        }
+        false
+    }
+}
+
+/// One configured sink on this node.
+#[derive(Debug)]
+struct SinkRuntime {
+    config: SinkConfig,
+    /// `None` for durable subscribers (`grpc`): nothing to push, the cursor is all.
+    sink: Option<Arc<dyn Sink>>,
+    breaker: Breaker,
+}
+
+/// Delivery counters, per sink (summed over shards).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkStats {
+    pub delivered: u64,
+    pub retries: u64,
+    pub dead_lettered: u64,
+    pub breaker_open: bool,
+}
+
+/// The delivery engine of a node.
+#[derive(Debug)]
+pub struct Delivery {
+    node: Arc<RaftNode>,
+    sinks: Vec<Arc<SinkRuntime>>,
+    stats: Mutex<BTreeMap<String, SinkStats>>,
+    clock: SystemClock,
+}
+
+/// What delivering one batch came to.
+enum Outcome {
+    Delivered,
+    /// Some outputs were refused for good (the rest were delivered).
+    Refused(Vec<DeadLetter>),
+    /// Lost the lease, was fenced, or shutting down: stop this worker.
+    Stop,
+}
+
+impl Delivery {
+    /// Builds every configured sink for this node (opening files, HTTP clients; PostgreSQL
+    /// connects lazily).
+    pub async fn new(
+        node: Arc<RaftNode>,
+        configs: &[SinkConfig],
+        node_name: &str,
+        data_dir: &Path,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mut sinks = Vec::new();
+        for config in configs {
+            let sink =
+                config.build(node_name, data_dir).await.map_err(|e| anyhow::anyhow!("sinks.{}: {e}", config.name))?;
+            let d = &config.delivery;
+            sinks.push(Arc::new(SinkRuntime {
+                config: config.clone(),
+                sink,
+                breaker: Breaker::new(d.breaker_failures, d.breaker_cooldown),
+            }));
+        }
+        let stats = sinks.iter().map(|s| (s.config.name.clone(), SinkStats::default())).collect();
+        Ok(Arc::new(Self { node, sinks, stats: Mutex::new(stats), clock: SystemClock }))
+    }
+
+    /// Every configured sink with its counters since start.
+    pub fn sinks(&self) -> Vec<(SinkConfig, SinkStats)> {
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.sinks
+            .iter()
+            .map(|rt| {
+                let mut st = stats.get(&rt.config.name).cloned().unwrap_or_default();
+                st.breaker_open = rt.breaker.open_until().is_some();
+                (rt.config.clone(), st)
+            })
+            .collect()
+    }
+
+    /// Whether `name` is a sink the cluster delivers to itself (not a subscriber name).
+    pub fn is_push_sink(&self, name: &str) -> bool {
+        self.sinks.iter().any(|s| s.config.name == name && s.sink.is_some())
+    }
+
+    fn count(&self, sink: &str, f: impl FnOnce(&mut SinkStats)) {
+        if let Some(s) = self.stats.lock().unwrap_or_else(|p| p.into_inner()).get_mut(sink) {
+            f(s);
+        }
+    }
+
+    /// Runs the supervisor until `shutdown` resolves; then stops every worker (bounded).
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut workers: BTreeMap<(usize, u32), (Epoch, JoinHandle<()>)> = BTreeMap::new();
+        let mut share = (u32::MAX, 0);
+        let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tick.tick() => {}
+            }
+            let total = self.node.spec().shards;
+            let led: Vec<(u32, Epoch)> = self
+                .node
+                .groups()
+                .iter()
+                .filter_map(|g| self.node.delivery_epoch(g.shard).map(|e| (g.shard, e)))
+                .collect();
+            if share != (led.len() as u32, total) {
+                share = (led.len() as u32, total);
+                for rt in &self.sinks {
+                    if let Some(s) = &rt.sink {
+                        s.set_share(share.0, share.1);
+                    }
+                }
+            }
+            workers.retain(|_, (_, h)| !h.is_finished());
+            for (i, rt) in self.sinks.iter().enumerate() {
+                for (shard, epoch) in &led {
+                    if workers.contains_key(&(i, *shard)) {
+                        continue;
+                    }
+                    let worker = Worker {
+                        delivery: Arc::clone(&self),
+                        rt: Arc::clone(rt),
+                        shard: *shard,
+                        epoch: *epoch,
+                        stop: stop_rx.clone(),
+                    };
+                    workers.insert((i, *shard), (*epoch, tokio::spawn(worker.run())));
+                }
+            }
+        }
+        let _ = stop_tx.send(true);
+        for (_, (_, handle)) in workers {
+            if tokio::time::timeout(Duration::from_secs(5), handle).await.is_err() {
+                tracing::warn!("a delivery worker did not stop in time");
+            }
+        }
+    }
+
+    /// Delivers dead letters of `sink` on `shard` again (on this node, which must lead the
+    /// shard), removing the delivered ones from the queue. Returns (delivered, still refused).
+    pub async fn replay(&self, shard: u32, sink: &str, seqs: &[u64]) -> Result<(u64, Vec<(u64, String)>), ReplayError> {
+        let rt = self
+            .sinks
+            .iter()
+            .find(|s| s.config.name == sink)
+            .ok_or_else(|| ReplayError::NotFound(format!("sink {sink:?} is not configured")))?;
+        let Some(target) = &rt.sink else {
+            return Err(ReplayError::Invalid(format!("sink {sink:?} is a subscriber: nothing to replay into")));
+        };
+        let epoch = self.node.delivery_epoch(shard).ok_or(ReplayError::NotLeader(shard))?;
+        let group = self.node.group(shard).ok_or(ReplayError::NotLeader(shard))?;
+        let mut letters = Vec::new();
+        for seq in seqs {
+            if let Some(l) = group
+                .store
+                .dlq_from(sink, *seq, 1)
+                .map_err(|e| ReplayError::Internal(e.to_string()))?
+                .into_iter()
+                .find(|l| l.output.seq == *seq)
+            {
+                letters.push(l);
+            }
+        }
+        let mut done = Vec::new();
+        let mut refused = Vec::new();
+        for l in letters {
+            let outputs = [l.output.clone()];
+            match target.deliver(Batch { shard, epoch, outputs: &outputs }).await {
+                Ok(()) => done.push(l.output.seq),
+                Err(e) => refused.push((l.output.seq, e.to_string())),
+            }
+        }
+        if !done.is_empty() {
+            self.node
+                .submit_command(shard, Command::DlqRemove { sink: sink.to_owned(), seqs: done.clone() })
+                .await
+                .map_err(|e| ReplayError::Internal(e.to_string()))?;
+        }
+        Ok((done.len() as u64, refused))
+    }
+}
+
+/// Why a replay did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("this node does not lead shard {0} (or its lease lapsed)")]
+    NotLeader(u32),
+    #[error("{0}")]
+    Internal(String),
+}
+
+struct Worker {
+    delivery: Arc<Delivery>,
+    rt: Arc<SinkRuntime>,
+    shard: u32,
+    epoch: Epoch,
+    stop: watch::Receiver<bool>,
+}
+
+impl Worker {
+    fn valid(&self) -> bool {
+        !*self.stop.borrow() && self.delivery.node.delivery_epoch(self.shard) == Some(self.epoch)
+    }
+
+    async fn propose(&self, cmd: Command) -> Result<Response, ProposeError> {
+        self.delivery.node.propose(self.shard, cmd).await
+    }
+
+    async fn run(mut self) {
+        let name = self.rt.config.name.clone();
+        if let Err(e) = self.deliver_loop().await {
+            tracing::debug!(sink = %name, shard = self.shard, error = %e, "delivery worker stopped");
+        }
+    }
+
+    async fn deliver_loop(&mut self) -> Result<(), String> {
+        let name = self.rt.config.name.clone();
+        let Some(group) = self.delivery.node.group(self.shard) else { return Ok(()) };
+        let meta = load_outbox(&group.store).map_err(|e| e.to_string())?;
+        let mut acked = match meta.cursors.get(&name) {
+            Some(c) => *c,
+            None => {
+                // Register the cursor so outputs are kept for this sink from now on.
+                self.propose(Command::Ack { cursor: name.clone(), upto_seq: 0 }).await.map_err(|e| e.to_string())?;
+                0
+            }
+        };
+        let Some(sink) = self.rt.sink.clone() else {
+            // A durable subscriber: its consumers ack through the API.
+            while self.valid() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = self.stop.changed() => {}
+                }
+            }
+            return Ok(());
+        };
+        // `next`: the first seq not yet handled (delivered or skipped); `pending`: read ahead
+        // from the outbox. Progress is acknowledged through Raft at most every `ack_interval`
+        // (and when stopping): what a dying leader delivered but had not acknowledged yet is
+        // delivered again by the next one.
+        let mut next = (acked + 1).max(meta.low);
+        let mut pending: VecDeque<Output> = VecDeque::new();
+        let mut last_ack = Instant::now();
+        let ack_interval = self.rt.config.delivery.ack_interval;
+        let batch_max = self.rt.config.batch_max();
+        let page_size = batch_max.clamp(256, 2_000);
+        loop {
+            if !self.valid() {
+                break;
+            }
+            if next - 1 > acked && last_ack.elapsed() >= ack_interval {
+                self.propose(Command::Ack { cursor: name.clone(), upto_seq: next - 1 })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                acked = next - 1;
+                last_ack = Instant::now();
+            }
+            if pending.is_empty() {
+                let version = group.version.load(std::sync::atomic::Ordering::Acquire);
+                pending.extend(group.store.outbox_from(next, page_size).map_err(|e| e.to_string())?);
+                if pending.is_empty() {
+                    // Caught up: wait for new outputs, or until an acknowledgement is due.
+                    while self.valid()
+                        && group.version.load(std::sync::atomic::Ordering::Acquire) == version
+                        && !(next - 1 > acked && last_ack.elapsed() >= ack_interval)
+                    {
+                        tokio::select! {
+                            _ = tokio::time::sleep(IDLE_POLL) => {}
+                            _ = self.stop.changed() => {}
+                        }
+                    }
+                    continue;
+                }
+            }
+            // The next batch: up to batch_max of this sink's outputs, skipping other streams'.
+            let mut ours: Vec<Output> = Vec::new();
+            let mut upto = next - 1;
+            while let Some(o) = pending.front() {
+                let seq = o.seq;
+                if self.rt.config.streams.contains(&o.stream) {
+                    if ours.len() == batch_max {
+                        break;
+                    }
+                    ours.extend(pending.pop_front());
+                } else {
+                    pending.pop_front();
+                }
+                upto = seq;
+            }
+            if !ours.is_empty() {
+                match self.deliver(sink.as_ref(), &ours).await {
+                    Outcome::Stop => break,
+                    Outcome::Delivered => self.delivery.count(&name, |s| s.delivered += ours.len() as u64),
+                    Outcome::Refused(letters) => {
+                        let n = letters.len() as u64;
+                        self.delivery.count(&name, |s| {
+                            s.delivered += ours.len() as u64 - n;
+                            s.dead_lettered += n;
+                        });
+                        tracing::warn!(sink = %name, shard = self.shard, outputs = n, "outputs refused by the sink, moved to its dead-letter queue");
+                        // The letters and the cursor move together, now.
+                        self.propose(Command::DeadLetter { cursor: name.clone(), upto_seq: upto, letters })
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        acked = upto;
+                        last_ack = Instant::now();
+                    }
+                }
+            }
+            next = upto + 1;
+        }
+        // Stopping (shutdown, lost lease, fenced): record what was delivered if this node may
+        // still speak for the shard (a graceful shutdown); otherwise the next leader repeats it.
+        if next - 1 > acked && self.delivery.node.delivery_epoch(self.shard) == Some(self.epoch) {
+            self.propose(Command::Ack { cursor: name, upto_seq: next - 1 }).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Delivers `outputs` (retrying transient failures); refused batches are split to find
+    /// the outputs the sink refuses.
+    async fn deliver(&mut self, sink: &dyn Sink, outputs: &[Output]) -> Outcome {
+        let d = self.rt.config.delivery;
+        let mut attempts = 0u32;
+        loop {
+            while let Some(until) = self.rt.breaker.open_until() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    _ = self.stop.changed() => {}
+                }
+                if *self.stop.borrow() {
+                    return Outcome::Stop;
+                }
+            }
+            // Fencing: deliver only under a valid lease of the epoch this worker started in.
+            if !self.valid() {
+                return Outcome::Stop;
+            }
+            attempts += 1;
+            match sink.deliver(Batch { shard: self.shard, epoch: self.epoch, outputs }).await {
+                Ok(()) => {
+                    self.rt.breaker.success();
+                    return Outcome::Delivered;
+                }
+                Err(DeliveryError::Transient { reason, retry_after }) => {
+                    let opened = self.rt.breaker.failure();
+                    self.delivery.count(&self.rt.config.name, |s| s.retries += 1);
+                    if attempts == 1 || opened || attempts.is_multiple_of(10) {
+                        tracing::warn!(sink = %self.rt.config.name, shard = self.shard, attempts, breaker_opened = opened, %reason, "delivery failed, retrying");
+                    }
+                    let exp = d.retry_initial.saturating_mul(1u32 << (attempts - 1).min(20)).min(d.retry_max);
+                    let jitter = 0.5 + rand::random::<f64>();
+                    let wait = retry_after.unwrap_or_default().max(exp.mul_f64(jitter));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.stop.changed() => return Outcome::Stop,
+                    }
+                }
+                Err(DeliveryError::Rejected { reason }) => {
+                    self.rt.breaker.success();
+                    if let [one] = outputs {
+                        return Outcome::Refused(vec![DeadLetter {
+                            sink: self.rt.config.name.clone(),
+                            output: one.clone(),
+                            reason,
+                            failed_at: self.delivery.clock.now(),
+                            attempts,
+                        }]);
+                    }
+                    // Find the refused ones: halves, recursively (boxed: async recursion).
+                    let (a, b) = outputs.split_at(outputs.len() / 2);
+                    let mut letters = Vec::new();
+                    for half in [a, b] {
+                        match Box::pin(self.deliver(sink, half)).await {
+                            Outcome::Stop => return Outcome::Stop,
+                            Outcome::Delivered => {}
+                            Outcome::Refused(l) => letters.extend(l),
+                        }
+                    }
+                    return if letters.is_empty() { Outcome::Delivered } else { Outcome::Refused(letters) };
+                }
+                Err(DeliveryError::Fenced { reason }) => {
+                    tracing::warn!(sink = %self.rt.config.name, shard = self.shard, epoch = %self.epoch, %reason, "fenced by the sink: a newer leader delivers this shard");
+                    // Not again under this epoch: wait for it to end.
+                    while self.valid() {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                            _ = self.stop.changed() => {}
+                        }
+                    }
+                    return Outcome::Stop;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Sinks against a 3-node cluster of real `coalesced` processes.
+//!
+//! HTTP: a local webhook records every request. A burst of outputs is delivered one request
+//! per output under a cluster-wide ceiling of 20 requests/s, which must hold in every
+//! 1-second window the server sees; 503 and 429 answers are retried; 422 answers put the
+//! output in the dead-letter queue, from where it is replayed once the server accepts it.
+//! The JSON-lines file sink receives every output as well.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "harness/mod.rs"]
+mod harness;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use coalesce_client::{Client, event};
+use coalesce_proto::v1 as pb;
+use coalesce_proto::v1::admin_client::AdminClient;
+use harness::Cluster;
+
+const RATE: usize = 20;
+
+#[derive(Default)]
+struct Hook {
+    /// (arrival, key, status answered)
+    requests: Mutex<Vec<(Instant, String, u16)>>,
+    attempts: Mutex<BTreeMap<String, u32>>,
+    /// Accepted outputs: (shard, seq) → (key, value)
+    accepted: Mutex<BTreeMap<(u32, u64), (String, serde_json::Value)>>,
+    accept_all: AtomicBool,
+}
+
+async fn hook(
+    State(h): State<Arc<Hook>>,
+    headers: HeaderMap,
+    body: axum::Json<serde_json::Value>,
+) -> (StatusCode, HeaderMap) {
+    let at = Instant::now();
+    let outputs = body["outputs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(outputs.len(), 1, "batch_max = 1: one output per request");
+    let o = &outputs[0];
+    let key = o["key"].as_str().unwrap().to_owned();
+    let (shard, seq) = (o["shard"].as_u64().unwrap() as u32, o["seq"].as_u64().unwrap());
+    assert_eq!(headers["idempotency-key"].to_str().unwrap(), format!("{shard}-{seq}-{seq}"));
+    let attempt = {
+        let mut a = h.attempts.lock().unwrap();
+        let n = a.entry(key.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let mut reply = HeaderMap::new();
+    let status = if h.accept_all.load(Ordering::SeqCst) {
+        StatusCode::OK
+    } else if key.starts_with("bad-") {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else if key.starts_with("flaky-") && attempt == 1 {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if key.starts_with("flaky-") && attempt == 2 {
+        reply.insert("retry-after", "0".parse().unwrap());
+        StatusCode::TOO_MANY_REQUESTS
+    } else {
+        StatusCode::OK
+    };
+    if status == StatusCode::OK {
+        h.accepted.lock().unwrap().insert((shard, seq), (key.clone(), o["value"].clone()));
+    }
+    h.requests.lock().unwrap().push((at, key, status.as_u16()));
+    (status, reply)
+}
+
+/// The most requests that arrived within any window of one second.
+fn max_per_second(times: &[Instant]) -> usize {
+    let mut t = times.to_vec();
+    t.sort();
+    (0..t.len()).map(|i| t[i..].iter().take_while(|x| **x < t[i] + Duration::from_secs(1)).count()).max().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_rate_limit_retries_dead_letters_and_file_sink() {
+    let state = Arc::new(Hook::default());
+    let app = axum::Router::new().route("/hook", axum::routing::post(hook)).with_state(Arc::clone(&state));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let streams = format!(
+        "[sinks.hook]\nkind = \"http\"\nurl = \"{url}\"\nrate_limit = {RATE}\nbatch_max = 1\nretry_initial = \"50ms\"\n\
+         headers = {{ authorization = \"Bearer s3cret\" }}\n\n\
+         [sinks.lines]\nkind = \"file\"\npath = \"../outputs-{{node}}.jsonl\"\n\n\
+         [streams.accounts]\nmerge = \"latest\"\nwindow = {{ tumbling = \"200ms\" }}\nsinks = [\"hook\", \"lines\"]\n"
+    );
+    let cluster = Cluster::start(3, 4, &streams);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+
+    // A subscriber may not take a push sink's name (it would ack the sink's cursor).
+    let err = cluster
+        .client(0)
+        .subscribe(pb::SubscribeRequest { consumer: "hook".into(), shards: vec![], from_seq: Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    // A burst: 100 good, 10 flaky, 10 bad accounts, all at once.
+    let addrs: Vec<String> = cluster.local.nodes.iter().map(|n| n.client_addr.clone()).collect();
+    let client = Client::connect(addrs).await.unwrap();
+    let mut producer = client.producer();
+    let keys: Vec<String> = (0..100)
+        .map(|i| format!("acct-{i}"))
+        .chain((0..10).map(|i| format!("flaky-{i}")))
+        .chain((0..10).map(|i| format!("bad-{i}")))
+        .collect();
+    let events = keys.iter().enumerate().map(|(i, k)| event("accounts", k, i as i64)).collect();
+    let report = producer.send(events).await.unwrap();
+    assert!(report.all_acked(), "{:?}", report.failures().collect::<Vec<_>>());
+
+    // Everything but the bad accounts arrives, retried where the server said so.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: BTreeSet<String> = state.accepted.lock().unwrap().values().map(|(k, _)| k.clone()).collect();
+        let dlq = list_dead_letters(&cluster).await;
+        if got.len() == 110 && dlq.len() == 10 {
+            break;
+        }
+        if Instant::now() > deadline {
+            cluster.dump_logs();
+            panic!("delivered {} of 110, {} dead letters of 10", got.len(), dlq.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    {
+        let accepted = state.accepted.lock().unwrap();
+        for (key, value) in accepted.values() {
+            let i = keys.iter().position(|k| k == key).unwrap();
+            assert_eq!(value, &serde_json::json!(i), "{key} carries its latest value");
+        }
+        let attempts = state.attempts.lock().unwrap();
+        for i in 0..10 {
+            assert!(attempts[&format!("flaky-{i}")] >= 3, "503 and 429 were retried: {attempts:?}");
+            assert_eq!(attempts[&format!("bad-{i}")], 1, "a 422 is not retried");
+        }
+    }
+    let times: Vec<Instant> = state.requests.lock().unwrap().iter().map(|r| r.0).collect();
+    let peak = max_per_second(&times);
+    eprintln!("{} requests, at most {peak} in any second (ceiling {RATE})", times.len());
+    assert!(peak <= RATE, "the cluster-wide ceiling holds in every 1-second window: {peak} > {RATE}");
+    assert!(times.len() >= 140, "every output and every retry is a request: {}", times.len());
+
+    // The dead letters name the sink, the output and the reason.
+    let letters = list_dead_letters(&cluster).await;
+    let bad: BTreeSet<String> = letters.iter().map(|l| l.output.as_ref().unwrap().key.clone()).collect();
+    assert_eq!(bad, (0..10).map(|i| format!("bad-{i}")).collect());
+    assert!(letters.iter().all(|l| l.sink == "hook" && l.reason.starts_with("HTTP 422")), "{letters:?}");
+
+    // Replay them on each shard's leader once the server accepts them.
+    state.accept_all.store(true, Ordering::SeqCst);
+    let leaders = cluster.wait_ready(Duration::from_secs(10)).await;
+    let shards: BTreeSet<u32> = letters.iter().map(|l| l.output.as_ref().unwrap().shard).collect();
+    let mut replayed = 0;
+    for shard in shards {
+        let i = cluster.index_of(&leaders[&shard]).unwrap();
+        let r = admin(&cluster, i)
+            .replay_dead_letters(pb::ReplayDeadLettersRequest { sink: "hook".into(), shard, seqs: vec![], all: true })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.refused.is_empty(), "{r:?}");
+        replayed += r.delivered;
+        // A follower refuses, pointing at the leader.
+        let follower = (i + 1) % 3;
+        let err = admin(&cluster, follower)
+            .replay_dead_letters(pb::ReplayDeadLettersRequest { sink: "hook".into(), shard, seqs: vec![], all: true })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            err.metadata().get("coalesce-leader").unwrap().to_str().unwrap(),
+            cluster.local.nodes[i].client_addr
+        );
+    }
+    assert_eq!(replayed, 10);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !list_dead_letters(&cluster).await.is_empty() {
+        assert!(Instant::now() < deadline, "replayed letters leave the queue on every replica");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got: BTreeSet<String> = state.accepted.lock().unwrap().values().map(|(k, _)| k.clone()).collect();
+    assert_eq!(got.len(), 120, "after the replay every account arrived");
+
+    // Unknown sinks and bad selections are named.
+    let err = admin(&cluster, 0)
+        .purge_dead_letters(pb::PurgeDeadLettersRequest { sink: "nope".into(), shard: 0, seqs: vec![], all: true })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = admin(&cluster, 0)
+        .purge_dead_letters(pb::PurgeDeadLettersRequest { sink: "hook".into(), shard: 0, seqs: vec![1], all: true })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // The file sink: every output, each (shard, seq) once after dedupe, in the nodes' files.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut seen: BTreeMap<(u64, u64), String> = BTreeMap::new();
+        for i in 0..3 {
+            let path = cluster.path().join(format!("outputs-coalesce-{i}.jsonl"));
+            for line in std::fs::read_to_string(&path).unwrap_or_default().lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                seen.insert(
+                    (v["shard"].as_u64().unwrap(), v["seq"].as_u64().unwrap()),
+                    v["key"].as_str().unwrap().into(),
+                );
+            }
+        }
+        let keys_seen: BTreeSet<&String> = seen.values().collect();
+        if seen.len() == 120 && keys_seen.len() == 120 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "file sink has {} outputs of 120", seen.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Counters per sink, summed over the nodes.
+    let mut dead = 0;
+    for i in 0..3 {
+        let s = admin(&cluster, i).sink_status(pb::SinkStatusRequest {}).await.unwrap().into_inner();
+        let hook = s.sinks.iter().find(|s| s.name == "hook").unwrap();
+        assert_eq!(hook.kind, "http");
+        dead += hook.dead_lettered;
+    }
+    assert_eq!(dead, 10);
+    // Header values are secrets: never in the logs.
+    for n in &cluster.local.nodes {
+        assert!(!std::fs::read_to_string(&n.log).unwrap().contains("s3cret"), "{} logs a header value", n.name);
+    }
+    eprintln!("replay and checks took {:?}", started.elapsed());
+}
+
+fn admin(cluster: &Cluster, i: usize) -> AdminClient<tonic::transport::Channel> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", cluster.local.nodes[i].client_addr))
+        .unwrap()
+        .connect_lazy();
+    AdminClient::new(ch)
+}
+
+/// Every dead letter, as node 0 (which replicates every shard here) holds them.
+async fn list_dead_letters(cluster: &Cluster) -> Vec<pb::DeadLetter> {
+    admin(cluster, 0)
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await
+        .map(|r| r.into_inner().letters)
+        .unwrap_or_default()
+}
