@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use coalesce_cli::pg::TempPostgres;
 use coalesce_proto::v1 as pb;
-use harness::postgres::Postgres;
 use harness::{Cluster, produce, seed};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -35,7 +35,7 @@ async fn table(pg: &tokio_postgres::Client) -> BTreeMap<String, (i64, i64)> {
 async fn totals_in_postgres_are_exact_across_leader_kills_during_delivery() {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
-    let pg = Postgres::start();
+    let pg = TempPostgres::start().unwrap();
     // Small batches: many deliveries, so kills land in the middle of them. `audit` is a
     // durable subscriber that never acks, so the test can read every output afterwards.
     let streams = format!(
@@ -47,7 +47,7 @@ async fn totals_in_postgres_are_exact_across_leader_kills_during_delivery() {
     );
     let mut cluster = Cluster::start(3, SHARDS, &streams);
     cluster.wait_ready(Duration::from_secs(60)).await;
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients = (0..3).map(|i| cluster.client(i)).collect();

@@ -257,3 +257,68 @@ async fn list_dead_letters(cluster: &Cluster) -> Vec<pb::DeadLetter> {
         .map(|r| r.into_inner().letters)
         .unwrap_or_default()
 }
+
+/// Debounce with a max-wait cap (the failure Vector's `reduce` had): a key with steady traffic
+/// — never quiet for the debounce — still flushes every max-wait, and an idle key flushes when
+/// its debounce ends, with no new input. Checked on the leader stamps the outputs carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn debounce_with_max_wait_flushes_steady_and_idle_keys() {
+    let streams = "[sinks.watch]\nkind = \"grpc\"\n\n\
+                   [streams.settle]\nmerge = \"latest\"\nwindow = { debounce = \"300ms\", max_wait = \"1s\" }\n\
+                   sinks = [\"watch\"]\n";
+    let cluster = Cluster::start(3, 2, streams);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let addrs: Vec<String> = cluster.local.nodes.iter().map(|n| n.client_addr.clone()).collect();
+    let client = Client::connect(addrs).await.unwrap();
+    let mut producer = client.producer();
+    let report = producer.send(vec![event("settle", "idle", 1i64)]).await.unwrap();
+    assert!(report.all_acked());
+    let mut sent = 0i64;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(3500) {
+        sent += 1;
+        let report = producer.send(vec![event("settle", "steady", sent)]).await.unwrap();
+        assert!(report.all_acked());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Every output of both keys, from each shard's outbox (the `watch` subscriber never acks).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let outputs = loop {
+        let mut all = Vec::new();
+        let leaders = cluster.wait_ready(Duration::from_secs(10)).await;
+        for (shard, leader) in &leaders {
+            let i = cluster.index_of(leader).unwrap();
+            let mut s = cluster
+                .client(i)
+                .subscribe(pb::SubscribeRequest {
+                    consumer: "watch".into(),
+                    shards: vec![*shard],
+                    from_seq: Default::default(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            while let Ok(Ok(Some(batch))) = tokio::time::timeout(Duration::from_millis(300), s.message()).await {
+                all.extend(batch.outputs);
+            }
+        }
+        let steady_inputs: u64 = all.iter().filter(|o| o.key == "steady").map(|o| o.inputs).sum();
+        if steady_inputs == sent as u64 && all.iter().any(|o| o.key == "idle") {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "outputs incomplete: {steady_inputs} of {sent} steady inputs");
+    };
+    let steady: Vec<_> = outputs.iter().filter(|o| o.key == "steady").collect();
+    let (last, capped) = steady.split_last().unwrap();
+    assert!(capped.len() >= 2, "steady traffic for 3.5 s flushed at max-wait at least twice: {steady:?}");
+    for o in capped {
+        assert_eq!(o.window_end - o.window_start, 1000, "closed by max-wait, 1 s after its first input: {o:?}");
+        assert_eq!(o.reason, "time");
+    }
+    assert_eq!(last.window_end, last.last_input_at + 300, "the last window closed by debounce: {last:?}");
+    let idle: Vec<_> = outputs.iter().filter(|o| o.key == "idle").collect();
+    assert_eq!(idle.len(), 1);
+    assert_eq!(idle[0].inputs, 1);
+    assert_eq!(idle[0].window_end, idle[0].last_input_at + 300, "an idle key closes when its debounce ends: {idle:?}");
+}

@@ -42,10 +42,13 @@ pub(crate) enum BenchCmd {
     Ingest(IngestArgs),
     /// Failover time: kill → first acknowledged write, over repeated leader kills.
     Failover(FailoverArgs),
+    /// The same workload into PostgreSQL as per-event upserts, through the coalesced sink, and
+    /// the sink's raw COPY rate.
+    Postgres(crate::bench_pg::PostgresArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
-struct LocalArgs {
+pub(crate) struct LocalArgs {
     /// Directory for the local cluster's configs, data and logs (wiped first).
     #[arg(long, default_value = ".coalesce-data/bench")]
     dir: PathBuf,
@@ -57,7 +60,7 @@ struct LocalArgs {
     shards: u32,
     /// Print one JSON object instead of the report.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Raft heartbeat of the local cluster (default: the node default).
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat: Option<Duration>,
@@ -139,11 +142,12 @@ pub(crate) async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Ingest(args) => ingest(args).await,
         BenchCmd::Failover(args) => failover(args).await,
+        BenchCmd::Postgres(args) => crate::bench_pg::run(args).await,
     }
 }
 
 /// The machine and build a result was measured on.
-fn machine() -> serde_json::Value {
+pub(crate) fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -163,7 +167,7 @@ fn machine() -> serde_json::Value {
     })
 }
 
-async fn start_local(args: &LocalArgs, streams: &str) -> anyhow::Result<LocalCluster> {
+pub(crate) async fn start_local(args: &LocalArgs, streams: &str) -> anyhow::Result<LocalCluster> {
     if args.nodes == 0 || args.shards == 0 {
         bail!("--nodes and --shards must be at least 1");
     }
@@ -194,14 +198,14 @@ fn quantiles_ms(h: &Histogram<u64>) -> serde_json::Value {
 }
 
 /// Pre-generated keys and a Zipf sampler over them.
-struct KeyGen {
+pub(crate) struct KeyGen {
     keys: Vec<String>,
     zipf: Option<Zipf<f64>>,
     rng: StdRng,
 }
 
 impl KeyGen {
-    fn new(keys: u64, s: f64, seed: u64) -> anyhow::Result<Self> {
+    pub(crate) fn new(keys: u64, s: f64, seed: u64) -> anyhow::Result<Self> {
         if keys == 0 {
             bail!("--keys must be at least 1");
         }
@@ -209,7 +213,7 @@ impl KeyGen {
         Ok(Self { keys: (0..keys).map(|k| format!("key-{k:08}")).collect(), zipf, rng: StdRng::seed_from_u64(seed) })
     }
 
-    fn next(&mut self) -> &str {
+    pub(crate) fn next(&mut self) -> &str {
         let i = match &self.zipf {
             Some(z) => (z.sample(&mut self.rng) as usize).saturating_sub(1),
             None => self.rng.random_range(0..self.keys.len()),

@@ -2,8 +2,11 @@
 //!
 //! - [`local`]: a cluster of real `coalesced` processes on loopback (configs, processes,
 //!   signals, graceful stop), used by `coalescectl demo` and by the multi-process tests.
+//! - [`pg`]: a throw-away PostgreSQL server (for the Postgres sink's tests and benchmark).
 //!
 //! The binary talks to nodes over the client API only (generated from `proto/`).
-//! Libraries: clap (flags), tonic (gRPC), nix (signals), rand/rand_distr (demo load).
+//! Libraries: clap (flags), tonic (gRPC), nix (signals), rand/rand_distr (demo load),
+//! tokio-postgres and tempfile (the throw-away PostgreSQL).
 
 pub mod local;
+pub mod pg;

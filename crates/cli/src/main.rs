@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 error (message on stderr), 2 usage error (from clap).
 
 mod bench;
+mod bench_pg;
 mod demo;
 mod dlq;
 mod send;

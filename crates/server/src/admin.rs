@@ -8,7 +8,7 @@ use coalesce_raft::{Command, ProposeError, RaftNode};
 use tonic::{Request, Response, Status};
 
 use crate::convert;
-use crate::sinks::delivery::{Delivery, ReplayError};
+use crate::delivery::{Delivery, ReplayError};
 
 /// Most dead letters one list, replay or purge call handles.
 pub const MAX_LETTERS: usize = 1_000;

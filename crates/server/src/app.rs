@@ -26,8 +26,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::AdminService;
 use crate::config::Loaded;
+use crate::delivery::Delivery;
 use crate::grpc::CoalesceService;
-use crate::sinks::delivery::Delivery;
 
 /// How long shutdown may take before the process gives up on a clean hand-off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);

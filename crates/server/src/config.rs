@@ -11,7 +11,7 @@ use coalesce_core::stream::{StreamTable, StreamsFile};
 use coalesce_raft::{ClusterSpec, NodeSpec, RaftTiming};
 use serde::Deserialize;
 
-use crate::sinks::{SINK_KINDS, SinkConfig, SinkKind};
+use coalesce_sinks::{SINK_KINDS, SinkConfig, SinkKind};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,7 +130,7 @@ pub enum ConfigError {
     #[error("{field}: {message}")]
     Invalid { field: &'static str, message: String },
     #[error("{path}: {source}")]
-    Sink { path: PathBuf, source: crate::sinks::SinkConfigError },
+    Sink { path: PathBuf, source: coalesce_sinks::SinkConfigError },
 }
 
 /// Everything a node needs, validated.

@@ -18,7 +18,7 @@ use tonic::{Request, Response as TonicResponse, Status};
 
 use crate::config::ApiLimits;
 use crate::convert;
-use crate::sinks::delivery::Delivery;
+use crate::delivery::Delivery;
 
 /// The client-facing service of one node.
 #[derive(Debug, Clone)]

@@ -7,16 +7,16 @@
 //!   any-node forwarding, subscribe, ack, status.
 //! - [`admin`]: the operator API (`coalesce.v1.Admin`): dead-letter queues, sink status.
 //! - [`convert`]: proto ↔ domain conversions.
-//! - [`sinks`]: sink kinds (file, HTTP, PostgreSQL, durable gRPC subscribers) and the
-//!   delivery engine that runs them on each shard's leader.
+//! - [`delivery`]: runs the sinks (crate `coalesce-sinks`: file, HTTP, PostgreSQL, durable
+//!   gRPC subscribers) on each shard's leader.
 //!
 //! The binary `coalesced` parses flags and calls [`app::run`]. Libraries used: tonic/prost
 //! (gRPC), clap (flags), toml + serde + humantime-serde (config), tracing-subscriber (logs),
-//! reqwest (HTTP sink), tokio-postgres (PostgreSQL sink).
+//! and the sinks' own (see `coalesce-sinks`).
 
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod convert;
+pub mod delivery;
 pub mod grpc;
-pub mod sinks;

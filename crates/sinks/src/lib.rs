@@ -1,3 +1,5 @@
+//! # coalesce-sinks — where outputs go
+//!
 //! Sinks: where outputs go. Each sink is declared once in the streams file (`[sinks.NAME]`)
 //! and named by the streams that feed it; see `docs/sinks.md` for every parameter.
 //!
@@ -8,16 +10,16 @@
 //! | `postgres` | a table, via `COPY` into a staging table and one upsert | exactly once: fenced on (shard, seq, epoch) |
 //! | `grpc` | nothing itself: a durable subscriber name whose cursor holds outputs until it acks | at least once |
 //!
-//! Delivery ([`delivery`]) runs on the leader of each shard, only while its lease is valid,
-//! per sink and shard in seq order, with retries, a circuit breaker per sink and a replicated
-//! dead-letter queue for outputs a sink refuses for good.
+//! This crate holds the sink kinds, their configuration and the [`Sink`] trait. Delivery — the
+//! workers on each shard's leader that feed them, only while its lease is valid, per sink and
+//! shard in seq order, with retries, a circuit breaker per sink and a replicated dead-letter
+//! queue — lives in the server crate (`coalesce_server::delivery`).
 //!
 //! Libraries: `reqwest` (HTTP client), `tokio-postgres` (PostgreSQL, binary `COPY`). The
 //! request-rate ceiling is our own sliding-window limiter ([`limiter`]): it bounds requests in
 //! *every* 1-second window exactly and its limit can change (as leadership moves) without
 //! losing its history, which the token-bucket crates cannot.
 
-pub mod delivery;
 pub mod file;
 pub mod http;
 pub mod limiter;
@@ -69,7 +71,7 @@ pub struct Batch<'a> {
 }
 
 /// A destination for outputs.
-#[tonic::async_trait]
+#[async_trait::async_trait]
 pub trait Sink: Send + Sync + std::fmt::Debug + 'static {
     /// Delivers a batch. `Ok` means it is durable downstream: the shard's cursor then
     /// advances past it.

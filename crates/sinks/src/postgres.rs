@@ -28,7 +28,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
 
-use super::{Batch, DeliveryError, Sink};
+use crate::{Batch, DeliveryError, Sink};
 
 /// How outputs land in the target table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -89,7 +89,7 @@ fn valid_ident(s: &str) -> bool {
 }
 
 impl PostgresParams {
-    pub(super) fn validate<'a>(
+    pub(crate) fn validate<'a>(
         self,
         streams: impl Iterator<Item = &'a std::sync::Arc<StreamDef>>,
     ) -> Result<Self, String> {
@@ -358,7 +358,7 @@ impl PostgresSink {
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl Sink for PostgresSink {
     async fn deliver(&self, batch: Batch<'_>) -> Result<(), DeliveryError> {
         let slot = &self.conns[batch.shard as usize % self.conns.len()];

@@ -9,7 +9,7 @@
 //!
 //! `rate_limit` is a ceiling on requests per second for the whole cluster: each node takes the
 //! share of the shards it leads (with a valid lease), so the sum over nodes never exceeds it,
-//! in any 1-second window (see [`super::limiter`]).
+//! in any 1-second window (see [`crate::limiter`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,8 +17,8 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 
-use super::limiter::WindowLimiter;
-use super::{Batch, DeliveryError, Sink};
+use crate::limiter::WindowLimiter;
+use crate::{Batch, DeliveryError, Sink};
 
 #[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,7 +51,7 @@ fn default_timeout() -> Duration {
 }
 
 impl HttpParams {
-    pub(super) fn validate(self) -> Result<Self, String> {
+    pub(crate) fn validate(self) -> Result<Self, String> {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             return Err(format!("url must start with http:// or https://, got {:?}", self.url));
         }
@@ -114,7 +114,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl Sink for HttpSink {
     async fn deliver(&self, batch: Batch<'_>) -> Result<(), DeliveryError> {
         let (Some(first), Some(last)) = (batch.outputs.first(), batch.outputs.last()) else { return Ok(()) };

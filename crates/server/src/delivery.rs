@@ -1,4 +1,5 @@
-//! Delivery: moves each shard's outbox into its sinks, on the shard's leader.
+//! Delivery: moves each shard's outbox into its sinks (`coalesce_sinks`), on the shard's
+//! leader.
 //!
 //! ```text
 //!  supervisor (every 50 ms): shards this node leads with a valid lease → one worker per
@@ -29,7 +30,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Batch, DeliveryError, Sink, SinkConfig};
+use coalesce_sinks::{Batch, DeliveryError, Sink, SinkConfig};
 
 /// How often the supervisor looks at leadership.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(50);

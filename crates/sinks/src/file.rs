@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use super::{Batch, DeliveryError, Sink};
+use crate::{Batch, DeliveryError, Sink};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,7 +56,7 @@ impl FileSink {
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl Sink for FileSink {
     async fn deliver(&self, batch: Batch<'_>) -> Result<(), DeliveryError> {
         let mut buf = Vec::with_capacity(batch.outputs.len() * 256);
