@@ -42,7 +42,7 @@ pub(crate) struct Selection {
     all: bool,
 }
 
-fn admin(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
+pub(crate) fn admin(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .with_context(|| format!("bad address {addr:?}"))?
         .connect_timeout(Duration::from_secs(2))

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 error (message on stderr), 2 usage error (from clap).
 
+mod admin;
 mod bench;
 mod bench_pg;
 mod demo;
@@ -37,6 +38,38 @@ enum Cmd {
     Tail(tail::TailArgs),
     /// Show the node's sinks and their delivery counters.
     Sinks,
+    /// Every shard's leader lease, as Kubernetes `coordination.k8s.io/v1` Leases (asks every node).
+    Leases {
+        /// Print a Kubernetes List of Leases as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The shards a node replicates in detail: role, term, commit/apply lag, replication lag,
+    /// buffer and outbox.
+    Shards {
+        /// One JSON object per shard.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The streams the node runs with.
+    Streams,
+    /// Move a shard's leadership to a replica and keep it there (replicated), or `--reset` to
+    /// return to the default placement.
+    TransferLeader {
+        #[arg(long)]
+        shard: u32,
+        /// Node name of a replica, e.g. coalesce-2.
+        #[arg(long, required_unless_present = "reset", conflicts_with = "reset")]
+        to: Option<String>,
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Move leadership of every shard away from the node at --addr and keep it away (e.g.
+    /// before maintenance); `--undrain` ends it.
+    Drain {
+        #[arg(long)]
+        undrain: bool,
+    },
     /// Dead-letter queues: outputs a sink refused for good.
     #[command(subcommand)]
     Dlq(dlq::DlqCmd),
@@ -63,6 +96,11 @@ fn main() {
             Cmd::Send(args) => send::run(&cli.addr, args).await,
             Cmd::Tail(args) => tail::run(&cli.addr, args).await,
             Cmd::Sinks => dlq::sinks(&cli.addr).await,
+            Cmd::Leases { json } => admin::leases(&cli.addr, json).await,
+            Cmd::Shards { json } => admin::shards(&cli.addr, json).await,
+            Cmd::Streams => admin::streams(&cli.addr).await,
+            Cmd::TransferLeader { shard, to, reset: _ } => admin::transfer_leader(&cli.addr, shard, to).await,
+            Cmd::Drain { undrain } => admin::drain(&cli.addr, undrain).await,
             Cmd::Dlq(cmd) => dlq::run(&cli.addr, cmd).await,
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Bench(cmd) => bench::run(cmd).await,

@@ -41,6 +41,17 @@ pub enum OverflowPolicy {
     Shed,
 }
 
+impl OverflowPolicy {
+    /// The name as written in config.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OverflowPolicy::Reject => "reject",
+            OverflowPolicy::FlushEarly => "flush_early",
+            OverflowPolicy::Shed => "shed",
+        }
+    }
+}
+
 /// Per-shard buffer limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -56,6 +56,40 @@ pub struct WindowPolicy {
     pub max_bytes: Option<u64>,
 }
 
+/// A duration in the units a config would use: `250ms`, `10s`, `2m`, `1h`.
+fn fmt_ms(ms: u64) -> String {
+    match ms {
+        m if m >= 3_600_000 && m % 3_600_000 == 0 => format!("{}h", m / 3_600_000),
+        m if m >= 60_000 && m % 60_000 == 0 => format!("{}m", m / 60_000),
+        m if m >= 1_000 && m % 1_000 == 0 => format!("{}s", m / 1_000),
+        m => format!("{m}ms"),
+    }
+}
+
+impl std::fmt::Display for WindowPolicy {
+    /// The triggers as config would name them: `tumbling 10s, max_count 50`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        for (name, v) in [
+            ("tumbling", self.tumbling_ms),
+            ("max_wait", self.max_wait_ms),
+            ("debounce", self.debounce_ms),
+            ("idle", self.idle_ms),
+        ] {
+            if let Some(ms) = v {
+                parts.push(format!("{name} {}", fmt_ms(ms)));
+            }
+        }
+        if let Some(n) = self.max_count {
+            parts.push(format!("max_count {n}"));
+        }
+        if let Some(n) = self.max_bytes {
+            parts.push(format!("max_bytes {n}"));
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
 impl WindowConfig {
     /// Validates the policy of stream `stream`; errors name the field.
     pub fn validate(&self, stream: &str) -> Result<WindowPolicy, ConfigError> {
@@ -242,6 +276,14 @@ mod tests {
         let e = cfg("debounce = \"30s\"\nmax_wait = \"10s\"").validate("api-calls").unwrap_err();
         assert_eq!(e.to_string(), "stream \"api-calls\": window.debounce must be <= window.max_wait");
         assert!(cfg("debounce = \"30s\"\nmax_wait = \"2m\"").validate("api-calls").is_ok());
+    }
+
+    #[test]
+    fn policies_display_as_config_names_them() {
+        let p = cfg("tumbling = \"1m\"\nmax_count = 50\nidle = \"20s\"").validate("s").unwrap();
+        assert_eq!(p.to_string(), "tumbling 1m, idle 20s, max_count 50");
+        let p = cfg("debounce = \"250ms\"\nmax_wait = \"2h\"").validate("s").unwrap();
+        assert_eq!(p.to_string(), "max_wait 2h, debounce 250ms");
     }
 
     #[test]

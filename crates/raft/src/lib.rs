@@ -23,6 +23,9 @@ pub mod state_machine;
 pub mod types;
 
 pub use log_store::LogStore;
-pub use node::{ClusterSpec, NodeSpec, PeerService, ProposeError, RaftNode, RaftTiming, ShardView};
+pub use node::{
+    ClusterSpec, Leadership, NodeSpec, PeerService, ProposeError, RaftNode, RaftTiming, ReplicaDetail, ShardDetail,
+    ShardView,
+};
 pub use state_machine::ShardStateMachine;
 pub use types::{Command, GroupOutcome, IngestGroup, PeerNode, Response, TypeConfig};

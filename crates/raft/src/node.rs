@@ -147,6 +147,8 @@ pub enum ProposeError {
     UnknownStream { shard: ShardId, stream: String },
     #[error("forwarding to the leader of shard {shard} failed: {detail}")]
     Unreachable { shard: ShardId, detail: String },
+    #[error("{node:?} is not a replica of shard {shard}")]
+    NotReplica { shard: ShardId, node: String },
 }
 
 /// A node's view of one shard group.
@@ -159,6 +161,37 @@ pub struct ShardView {
     /// The leader's epoch (term, node), once its vote is committed.
     pub epoch: Option<coalesce_core::output::Epoch>,
     pub last_applied: u64,
+}
+
+/// A node's leadership of a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leadership {
+    pub epoch: coalesce_core::output::Epoch,
+    /// Since a quorum last acknowledged this leader (zero for a single-replica group).
+    pub quorum_acked_ago: Duration,
+}
+
+/// A replica as the local Raft state sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaDetail {
+    pub name: String,
+    pub id: u64,
+    pub voter: bool,
+    /// Highest log index known replicated to it (the leader's view; 0 elsewhere).
+    pub matched: u64,
+}
+
+/// Raft state of one shard on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardDetail {
+    pub shard: ShardId,
+    pub role: &'static str,
+    pub leader: Option<String>,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub committed: u64,
+    pub last_applied: u64,
+    pub replicas: Vec<ReplicaDetail>,
 }
 
 /// What a node forwards to a shard leader over the peer port.
@@ -201,6 +234,10 @@ pub struct RaftNode {
     clock: Arc<dyn Clock>,
     /// How long a quorum acknowledgement keeps this node's leadership valid for delivery.
     lease: Duration,
+    /// The maximum election timeout: how long followers wait before campaigning.
+    lease_max: Duration,
+    /// Set by an operator's drain: balancing moves leadership away from this node.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -261,6 +298,8 @@ impl RaftNode {
             groups: RwLock::new(groups),
             clock: Arc::new(SystemClock),
             lease: Duration::from_millis(timing.election_min_ms),
+            lease_max: Duration::from_millis(timing.election_max_ms),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -415,21 +454,75 @@ impl RaftNode {
         self.submit(shard, Forwarded::Command(cmd)).await
     }
 
-    /// The epoch under which this node may deliver `shard`'s outputs right now: `Some` only
-    /// while it leads the shard with a valid lease — a quorum acknowledged it within the
-    /// minimum election timeout, before which no other replica can be elected.
-    pub fn delivery_epoch(&self, shard: ShardId) -> Option<coalesce_core::output::Epoch> {
+    /// This node's leadership of `shard`, if it leads it with a committed vote.
+    pub fn leadership(&self, shard: ShardId) -> Option<Leadership> {
         let group = self.group(shard)?;
         let metrics = group.raft.metrics();
         let m = metrics.borrow_watched();
         if !m.state.is_leader() || !m.vote.committed {
             return None;
         }
-        let acked = m.last_quorum_acked.as_ref()?;
-        if openraft::Instant::elapsed(&**acked) >= self.lease {
-            return None;
-        }
-        Some(coalesce_core::output::Epoch { term: m.vote.leader_id.term, node: m.vote.leader_id.node_id })
+        let alone = m.membership_config.membership().voter_ids().count() == 1;
+        let quorum_acked_ago = match m.last_quorum_acked.as_ref() {
+            _ if alone => Duration::ZERO,
+            Some(acked) => openraft::Instant::elapsed(&**acked),
+            None => return None,
+        };
+        Some(Leadership {
+            epoch: coalesce_core::output::Epoch { term: m.vote.leader_id.term, node: m.vote.leader_id.node_id },
+            quorum_acked_ago,
+        })
+    }
+
+    /// The epoch under which this node may deliver `shard`'s outputs right now: `Some` only
+    /// while it leads the shard with a valid lease — a quorum acknowledged it within the
+    /// minimum election timeout, before which no other replica can be elected.
+    pub fn delivery_epoch(&self, shard: ShardId) -> Option<coalesce_core::output::Epoch> {
+        self.leadership(shard).filter(|l| l.quorum_acked_ago < self.lease).map(|l| l.epoch)
+    }
+
+    /// How long a follower waits without hearing from a leader before it may campaign: the
+    /// leader lease's duration as others see it.
+    pub fn lease_duration(&self) -> Duration {
+        self.lease_max
+    }
+
+    /// Raft state of `shard` on this node, for operators.
+    pub fn shard_detail(&self, shard: ShardId) -> Option<ShardDetail> {
+        let group = self.group(shard)?;
+        let metrics = group.raft.metrics();
+        let m = metrics.borrow_watched();
+        let membership = m.membership_config.membership();
+        let last = m.last_log_index.unwrap_or(0);
+        let replicas = membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index);
+                ReplicaDetail {
+                    name: node.name.clone(),
+                    id: *id,
+                    voter: membership.voter_ids().any(|v| v == *id),
+                    matched: matched.unwrap_or(if *id == self.id { last } else { 0 }),
+                }
+            })
+            .collect();
+        let role = match m.state {
+            openraft::ServerState::Leader => "leader",
+            openraft::ServerState::Follower => "follower",
+            openraft::ServerState::Candidate => "candidate",
+            openraft::ServerState::Learner => "learner",
+            openraft::ServerState::Shutdown => "shutdown",
+        };
+        Some(ShardDetail {
+            shard,
+            role,
+            leader: m.current_leader.and_then(|id| membership.get_node(&id).map(|n| n.name.clone())),
+            term: m.current_term,
+            last_log_index: last,
+            committed: m.cluster_committed.map_or(0, |c| c.index),
+            last_applied: m.last_applied.map_or(0, |a| a.index),
+            replicas,
+        })
     }
 
     async fn on_leader(&self, group: &Group, req: Forwarded) -> Result<Response, ProposeError> {
@@ -550,10 +643,9 @@ impl RaftNode {
         }
     }
 
-    /// Keeps leadership balanced until `shutdown` resolves: every `period`, for each shard this
-    /// node leads although another replica is its preferred leader (the first node of its
-    /// placement, so about S/N shards per node), leadership is handed to that replica once it
-    /// has replicated the whole log. After a failover the restarted node gets its shards back.
+    /// Keeps leadership balanced until `shutdown` resolves: every `period`, each shard this
+    /// node leads is handed to its desired leader (see [`RaftNode::balance_once`]). After a
+    /// failover the restarted node gets its shards back; a drained node loses them.
     pub async fn run_balancer(self: Arc<Self>, period: Duration, shutdown: impl std::future::Future<Output = ()>) {
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -563,55 +655,119 @@ impl RaftNode {
                 _ = &mut shutdown => return,
                 _ = interval.tick() => {}
             }
-            // Current ids of the peers, to notice one that came back with wiped data.
-            let mut ids = BTreeMap::new();
-            for peer in self.spec.nodes.iter().filter(|n| n.name != self.me.name) {
-                if let Ok(h) = self.hello(&peer.peer_addr).await {
-                    ids.insert(h.name, h.node_id);
+            self.balance_once().await;
+        }
+    }
+
+    /// One balancing round. For each shard this node leads, the desired leader is the replica
+    /// an operator chose (`SetPreferredLeader`) unless it is draining, else the first replica of
+    /// the placement that is not draining (so about S/N shards per node); leadership is handed
+    /// to it once it has replicated the whole log. Peers answer Hello with their id (to notice
+    /// one that came back with wiped data) and whether they are draining.
+    pub async fn balance_once(&self) {
+        let mut ids = BTreeMap::new();
+        let mut draining = BTreeSet::new();
+        if self.is_draining() {
+            draining.insert(self.me.name.clone());
+        }
+        for peer in self.spec.nodes.iter().filter(|n| n.name != self.me.name) {
+            if let Ok(h) = self.hello(&peer.peer_addr).await {
+                if h.draining {
+                    draining.insert(h.name.clone());
                 }
-            }
-            for group in self.groups() {
-                self.replace_wiped_members(&group, &ids).await;
-                let Some(preferred) = self.spec.placement(group.shard).first().map(|n| n.name.clone()) else {
-                    continue;
-                };
-                if preferred == self.me.name {
-                    continue;
-                }
-                let target = {
-                    let metrics = group.raft.metrics();
-                    let m = metrics.borrow_watched();
-                    if !m.state.is_leader() {
-                        continue;
-                    }
-                    let Some(last) = m.last_log_index else { continue };
-                    let membership = m.membership_config.membership();
-                    // Not while a membership change is under way (joint config, or a returning
-                    // peer still a learner): the preferred name may then map to two ids, and a
-                    // learner cannot take over.
-                    let settled = membership.get_joint_config().len() == 1
-                        && membership.nodes().count() == membership.voter_ids().count();
-                    if !settled {
-                        continue;
-                    }
-                    let Some(id) =
-                        membership.voter_ids().find(|id| membership.get_node(id).is_some_and(|n| n.name == preferred))
-                    else {
-                        continue;
-                    };
-                    let caught_up = m
-                        .replication
-                        .as_ref()
-                        .and_then(|r| r.get(&id).cloned().flatten())
-                        .is_some_and(|matched| matched.index >= last);
-                    caught_up.then_some(id)
-                };
-                if let Some(to) = target {
-                    tracing::info!(shard = group.shard, to = %preferred, "handing leadership to the preferred replica");
-                    let _ = group.raft.trigger().transfer_leader(to).await;
-                }
+                ids.insert(h.name, h.node_id);
             }
         }
+        for group in self.groups() {
+            self.replace_wiped_members(&group, &ids).await;
+            let Some(preferred) = self.desired_leader(&group, &draining) else { continue };
+            if preferred == self.me.name {
+                continue;
+            }
+            let target = {
+                let metrics = group.raft.metrics();
+                let m = metrics.borrow_watched();
+                if !m.state.is_leader() {
+                    continue;
+                }
+                let Some(last) = m.last_log_index else { continue };
+                let membership = m.membership_config.membership();
+                // Not while a membership change is under way (joint config, or a returning
+                // peer still a learner): the preferred name may then map to two ids, and a
+                // learner cannot take over.
+                let settled = membership.get_joint_config().len() == 1
+                    && membership.nodes().count() == membership.voter_ids().count();
+                if !settled {
+                    continue;
+                }
+                let Some(id) =
+                    membership.voter_ids().find(|id| membership.get_node(id).is_some_and(|n| n.name == preferred))
+                else {
+                    continue;
+                };
+                let caught_up = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned().flatten())
+                    .is_some_and(|matched| matched.index >= last);
+                caught_up.then_some(id)
+            };
+            if let Some(to) = target {
+                tracing::info!(shard = group.shard, to = %preferred, "handing leadership to the desired replica");
+                let _ = group.raft.trigger().transfer_leader(to).await;
+            }
+        }
+    }
+
+    /// The replica that should lead `group`'s shard, given the names of draining nodes.
+    fn desired_leader(&self, group: &Group, draining: &BTreeSet<String>) -> Option<String> {
+        let placement: Vec<String> = self.spec.placement(group.shard).iter().map(|n| n.name.clone()).collect();
+        let chosen = crate::state_machine::load_preferred_leader(&group.store).ok().flatten();
+        chosen
+            .filter(|c| placement.contains(c) && !draining.contains(c))
+            .or_else(|| placement.into_iter().find(|n| !draining.contains(n)))
+    }
+
+    /// Starts or ends draining this node: while draining, leader balancing (here and on the
+    /// peers, which learn it through Hello) moves every shard's leadership to other replicas.
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether this node is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Drains this node: moves leadership of every shard it leads to another replica, waiting
+    /// up to `within`. Returns the shards it still leads (a replica that was not caught up; the
+    /// balancer keeps trying).
+    pub async fn drain(&self, within: Duration) -> BTreeSet<ShardId> {
+        self.set_draining(true);
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            self.balance_once().await;
+            let led = self.led_shards();
+            if led.is_empty() || tokio::time::Instant::now() >= deadline {
+                return led;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Makes `node` (a replica of `shard`) the shard's preferred leader, or with `None` returns
+    /// to the placement's order; replicated, so every future leader balances towards it.
+    pub async fn set_preferred_leader(&self, shard: ShardId, node: Option<String>) -> Result<(), ProposeError> {
+        if let Some(n) = &node
+            && !self.spec.placement(shard).iter().any(|p| &p.name == n)
+        {
+            return Err(ProposeError::NotReplica { shard, node: n.clone() });
+        }
+        self.submit_command(shard, Command::SetPreferredLeader { node }).await?;
+        if self.group(shard).is_some_and(|g| g.raft.is_leader()) {
+            self.balance_once().await;
+        }
+        Ok(())
     }
 
     /// On the leader of `group`: a member whose node now answers Hello with a different id
@@ -733,6 +889,7 @@ impl RaftPeer for PeerService {
             peer_addr: me.peer_addr.clone(),
             client_addr: me.client_addr.clone(),
             initialized,
+            draining: self.node.is_draining(),
         }))
     }
 

@@ -84,6 +84,18 @@ fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, StorageErr
     postcard::to_allocvec(v).map_err(|e| StorageError::Encode { what, detail: e.to_string() })
 }
 
+/// The replica an operator chose to lead `store`'s shard, if any.
+pub fn load_preferred_leader(store: &ShardStore) -> Result<Option<String>, StorageError> {
+    match store.sm_meta_get(SmMetaTag::PreferredLeader)? {
+        Some(b) => postcard::from_bytes(&b).map_err(|e| StorageError::Corrupt {
+            shard: store.shard(),
+            what: "preferred leader",
+            detail: e.to_string(),
+        }),
+        None => Ok(None),
+    }
+}
+
 impl ShardStateMachine {
     /// The state machine of `store`'s shard, as persisted.
     pub fn open(store: ShardStore) -> Result<Self, StorageError> {
@@ -249,6 +261,10 @@ impl ShardStateMachine {
                     batch.dlq_put(letter)?;
                 }
                 self.apply_ack(batch, cursor, upto_seq)
+            }
+            EntryPayload::Normal(Command::SetPreferredLeader { node }) => {
+                batch.sm_meta_put(SmMetaTag::PreferredLeader, encode("preferred leader", &node)?);
+                Response::None
             }
             EntryPayload::Normal(Command::DlqRemove { sink, seqs }) => {
                 for seq in seqs {

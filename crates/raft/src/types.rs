@@ -57,6 +57,9 @@ pub enum Command {
     DeadLetter { cursor: String, upto_seq: u64, letters: Vec<DeadLetter> },
     /// Removes dead letters of `sink` (replayed successfully, or purged).
     DlqRemove { sink: String, seqs: Vec<u64> },
+    /// Sets (or with `None` clears) the replica that leader balancing keeps the shard's
+    /// leadership on, instead of the first of its placement.
+    SetPreferredLeader { node: Option<String> },
 }
 
 impl fmt::Display for Command {
@@ -69,6 +72,7 @@ impl fmt::Display for Command {
                 write!(f, "dead_letter({cursor}<={upto_seq}, letters={})", letters.len())
             }
             Command::DlqRemove { sink, seqs } => write!(f, "dlq_remove({sink}, {})", seqs.len()),
+            Command::SetPreferredLeader { node } => write!(f, "set_preferred_leader({node:?})"),
         }
     }
 }

@@ -1,14 +1,19 @@
-//! The operator API (`coalesce.v1.Admin`) on the client port: dead-letter queues and sink
-//! status.
+//! The operator API (`coalesce.v1.Admin`) on the client port: dead-letter queues, sink
+//! status, leases, shard details, streams, leader transfer and draining.
 
 use std::sync::Arc;
 
 use coalesce_proto::v1 as pb;
+use coalesce_raft::state_machine::{load_outbox, load_preferred_leader};
 use coalesce_raft::{Command, ProposeError, RaftNode};
 use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::delivery::{Delivery, ReplayError};
+use crate::leases::LeaseBook;
+
+/// How long transfer-leader and drain wait for leadership to move before answering.
+const TRANSFER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most dead letters one list, replay or purge call handles.
 pub const MAX_LETTERS: usize = 1_000;
@@ -18,11 +23,12 @@ pub const MAX_LETTERS: usize = 1_000;
 pub struct AdminService {
     node: Arc<RaftNode>,
     delivery: Arc<Delivery>,
+    leases: Arc<LeaseBook>,
 }
 
 impl AdminService {
-    pub fn new(node: Arc<RaftNode>, delivery: Arc<Delivery>) -> Self {
-        Self { node, delivery }
+    pub fn new(node: Arc<RaftNode>, delivery: Arc<Delivery>, leases: Arc<LeaseBook>) -> Self {
+        Self { node, delivery, leases }
     }
 
     fn store(&self, shard: u32) -> Result<coalesce_storage::ShardStore, Status> {
@@ -174,5 +180,122 @@ impl pb::admin_server::Admin for AdminService {
             })
             .collect();
         Ok(Response::new(pb::SinkStatusResponse { node: self.node.me().name.clone(), sinks }))
+    }
+
+    async fn leases(&self, _request: Request<pb::LeasesRequest>) -> Result<Response<pb::LeasesResponse>, Status> {
+        Ok(Response::new(pb::LeasesResponse { node: self.node.me().name.clone(), leases: self.leases.leases() }))
+    }
+
+    async fn shards(&self, _request: Request<pb::ShardsRequest>) -> Result<Response<pb::ShardsResponse>, Status> {
+        let internal = |e: coalesce_storage::StorageError| Status::internal(e.to_string());
+        let mut shards = Vec::new();
+        for g in self.node.groups() {
+            let Some(d) = self.node.shard_detail(g.shard) else { continue };
+            let stats = g.store.stats().map_err(internal)?;
+            let outbox = load_outbox(&g.store).map_err(internal)?;
+            let leading = d.role == "leader";
+            shards.push(pb::ShardDetail {
+                shard: d.shard,
+                role: d.role.to_owned(),
+                leader: d.leader.clone().unwrap_or_default(),
+                epoch: self
+                    .node
+                    .shard_view(g.shard)
+                    .and_then(|v| v.epoch)
+                    .map(|e| pb::Epoch { term: e.term, node: e.node }),
+                term: d.term,
+                last_log_index: d.last_log_index,
+                committed: d.committed,
+                last_applied: d.last_applied,
+                apply_lag: d.committed.saturating_sub(d.last_applied),
+                replicas: d
+                    .replicas
+                    .iter()
+                    .map(|r| pb::ReplicaState {
+                        name: r.name.clone(),
+                        node_id: r.id,
+                        voter: r.voter,
+                        matched: if leading { r.matched } else { 0 },
+                        lag: if leading { d.last_log_index.saturating_sub(r.matched) } else { 0 },
+                    })
+                    .collect(),
+                buffered_keys: stats.keys,
+                buffered_bytes: stats.bytes,
+                next_seq: outbox.next_seq,
+                outbox_low: outbox.low,
+                cursors: outbox.cursors.into_iter().collect(),
+                preferred_leader: load_preferred_leader(&g.store).map_err(internal)?.unwrap_or_default(),
+                lease_valid: self.node.delivery_epoch(g.shard).is_some(),
+            });
+        }
+        Ok(Response::new(pb::ShardsResponse {
+            node: self.node.me().name.clone(),
+            draining: self.node.is_draining(),
+            shards,
+        }))
+    }
+
+    async fn streams(&self, _request: Request<pb::StreamsRequest>) -> Result<Response<pb::StreamsResponse>, Status> {
+        let streams = self
+            .node
+            .streams()
+            .iter()
+            .map(|d| pb::StreamInfo {
+                name: d.name.clone(),
+                description: d.description.clone(),
+                merge: d.rules.op.name().to_owned(),
+                window: d.rules.window.to_string(),
+                overflow: d.rules.overflow.as_str().to_owned(),
+                sinks: d.sinks.clone(),
+                max_key_bytes: d.max_key_bytes as u64,
+                max_value_bytes: d.max_value_bytes as u64,
+            })
+            .collect();
+        Ok(Response::new(pb::StreamsResponse { streams }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let req = request.into_inner();
+        let target = match (req.reset, req.to.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some(req.to.clone()),
+            _ => return Err(Status::invalid_argument("to: name a replica, or set reset (not both)")),
+        };
+        self.store(req.shard)?;
+        match self.node.set_preferred_leader(req.shard, target.clone()).await {
+            Ok(()) => {}
+            Err(ProposeError::NotReplica { shard, node }) => {
+                return Err(Status::invalid_argument(format!("to: {node:?} is not a replica of shard {shard}")));
+            }
+            Err(ProposeError::NotLeader { shard, .. }) => return Err(self.not_leader(shard, "no leader reachable")),
+            Err(e) => return Err(Status::unavailable(e.to_string())),
+        }
+        // Wait (bounded) for the move; balancing on the leader makes it.
+        let expect = target.unwrap_or_else(|| {
+            self.node.spec().placement(req.shard).first().map(|n| n.name.clone()).unwrap_or_default()
+        });
+        let deadline = tokio::time::Instant::now() + TRANSFER_WAIT;
+        loop {
+            let leader = self.node.leader_of(req.shard).map(|(_, n)| n.name).unwrap_or_default();
+            if leader == expect || tokio::time::Instant::now() >= deadline {
+                return Ok(Response::new(pb::TransferLeaderResponse { leader }));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        let req = request.into_inner();
+        let still_leading = if req.undrain {
+            self.node.set_draining(false);
+            self.node.balance_once().await;
+            Vec::new()
+        } else {
+            self.node.drain(TRANSFER_WAIT).await.into_iter().collect()
+        };
+        Ok(Response::new(pb::DrainResponse { node: self.node.me().name.clone(), still_leading }))
     }
 }

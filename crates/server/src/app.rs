@@ -28,6 +28,7 @@ use crate::admin::AdminService;
 use crate::config::Loaded;
 use crate::delivery::Delivery;
 use crate::grpc::CoalesceService;
+use crate::leases::LeaseBook;
 
 /// How long shutdown may take before the process gives up on a clean hand-off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
@@ -60,6 +61,7 @@ pub async fn run(
     let delivery = Delivery::new(node.clone(), &loaded.sinks, &cfg.node.name, &cfg.node.data_dir)
         .await
         .context("building sinks")?;
+    let leases = LeaseBook::new(node.clone());
     let peer_listener = TcpListener::bind(cfg.node.peer_listen)
         .await
         .with_context(|| format!("binding peer port {}", cfg.node.peer_listen))?;
@@ -93,7 +95,7 @@ pub async fn run(
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(AdminServer::new(AdminService::new(node.clone(), delivery.clone())))
+            .add_service(AdminServer::new(AdminService::new(node.clone(), delivery.clone(), leases.clone())))
             .add_service(
                 CoalesceServer::new(CoalesceService::new(node.clone(), cfg.api, delivery.clone()))
                     .max_decoding_message_size(cfg.api.max_request_bytes + 1024),
@@ -119,7 +121,8 @@ pub async fn run(
     });
     let sealer = tokio::spawn(Arc::clone(&node).run_sealer(Duration::from_millis(20), wait(stop_peer_rx.clone())));
     let balancer = tokio::spawn(Arc::clone(&node).run_balancer(Duration::from_secs(2), wait(stop_client_rx2.clone())));
-    let delivering = tokio::spawn(Arc::clone(&delivery).run(wait(stop_client_rx2)));
+    let delivering = tokio::spawn(Arc::clone(&delivery).run(wait(stop_client_rx2.clone())));
+    let lease_book = tokio::spawn(Arc::clone(&leases).run(Duration::from_millis(100), wait(stop_client_rx2)));
 
     shutdown.await;
     tracing::info!("shutting down: closing the client port, handing off leadership");
@@ -128,6 +131,7 @@ pub async fn run(
     bootstrap.abort();
     let _ = balancer.await;
     let _ = delivering.await;
+    let _ = lease_book.await;
     node.shutdown(SHUTDOWN_GRACE).await;
     let _ = stop_peer.send(true);
     let _ = sealer.await;

@@ -72,6 +72,7 @@ fn failure(e: &ProposeError) -> pb::EventStatus {
         ProposeError::LeaseExpired(_)
         | ProposeError::Unreachable { .. }
         | ProposeError::NoGroup(_)
+        | ProposeError::NotReplica { .. }
         | ProposeError::Fatal { .. } => {
             let mut s = status(EventCode::Unavailable, "unavailable", e.to_string());
             s.retry_after_ms = 200;
@@ -258,6 +259,11 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
             node_id: self.node.id(),
             shards: spec.shards,
             local_shards: local,
+            nodes: spec
+                .nodes
+                .iter()
+                .map(|n| pb::NodeInfo { name: n.name.clone(), client_addr: n.client_addr.clone() })
+                .collect(),
         }))
     }
 }

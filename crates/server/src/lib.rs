@@ -5,7 +5,9 @@
 //!   scheduler, graceful shutdown.
 //! - [`grpc`]: the client API (`coalesce.v1.Coalesce`): ingest with per-event statuses and
 //!   any-node forwarding, subscribe, ack, status.
-//! - [`admin`]: the operator API (`coalesce.v1.Admin`): dead-letter queues, sink status.
+//! - [`admin`]: the operator API (`coalesce.v1.Admin`): dead-letter queues, sink status,
+//!   leases, shard details, streams, leader transfer, drain.
+//! - [`leases`]: leader leases in the shape of Kubernetes `coordination.k8s.io/v1` Leases.
 //! - [`convert`]: proto ↔ domain conversions.
 //! - [`delivery`]: runs the sinks (crate `coalesce-sinks`: file, HTTP, PostgreSQL, durable
 //!   gRPC subscribers) on each shard's leader.
@@ -20,3 +22,4 @@ pub mod config;
 pub mod convert;
 pub mod delivery;
 pub mod grpc;
+pub mod leases;

@@ -65,6 +65,8 @@ pub enum SmMetaTag {
     Outbox = 4,
     /// Dead-letter queue state.
     Dlq = 5,
+    /// The replica an operator chose to lead the shard (`Option<String>`).
+    PreferredLeader = 6,
 }
 
 /// The 4-byte prefix of every row of `shard`.

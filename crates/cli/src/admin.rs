@@ -1,0 +1,184 @@
+//! `coalescectl leases | shards | streams | transfer-leader | drain`: the operator API.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use coalesce_proto::v1 as pb;
+use serde_json::json;
+
+use crate::dlq::admin;
+
+/// The nodes of the cluster, from the node at `addr`.
+async fn nodes(addr: &str) -> anyhow::Result<Vec<pb::NodeInfo>> {
+    let st =
+        crate::connect(addr).await?.status(pb::StatusRequest {}).await.with_context(|| format!("asking {addr}"))?;
+    Ok(st.into_inner().nodes)
+}
+
+/// "3.2s", "41m" — how long ago an RFC 3339 time was.
+fn ago(rfc3339: &str) -> String {
+    match humantime::parse_rfc3339(rfc3339).ok().and_then(|t| SystemTime::now().duration_since(t).ok()) {
+        Some(d) if d < Duration::from_secs(10) => format!("{:.1}s", d.as_secs_f64()),
+        Some(d) => humantime::format_duration(Duration::from_secs(d.as_secs())).to_string().replace(' ', ""),
+        None => "-".into(),
+    }
+}
+
+/// `coalescectl leases`: every shard's leader lease, asked of every node.
+pub(crate) async fn leases(addr: &str, as_json: bool) -> anyhow::Result<()> {
+    let mut by_name: BTreeMap<String, pb::Lease> = BTreeMap::new();
+    let mut unreachable = Vec::new();
+    for n in nodes(addr).await? {
+        match admin(&n.client_addr)?.leases(pb::LeasesRequest {}).await {
+            Ok(r) => {
+                for l in r.into_inner().leases {
+                    let name = l.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+                    let term = |l: &pb::Lease| l.spec.as_ref().map_or(0, |s| s.lease_transitions);
+                    // During a hand-over two nodes may both claim a shard: the newer term wins.
+                    if by_name.get(&name).is_none_or(|old| term(old) < term(&l)) {
+                        by_name.insert(name, l);
+                    }
+                }
+            }
+            Err(e) => unreachable.push(format!("{} ({})", n.name, e.message())),
+        }
+    }
+    // Shard order, not name order.
+    let mut leases: Vec<pb::Lease> = by_name.into_values().collect();
+    let shard = |l: &pb::Lease| {
+        l.metadata.as_ref().and_then(|m| m.labels.get("coalesce.io/shard")).and_then(|s| s.parse::<u32>().ok())
+    };
+    leases.sort_by_key(|l| shard(l));
+    if as_json {
+        let items: Vec<serde_json::Value> = leases
+            .iter()
+            .map(|l| {
+                let (m, s) = (l.metadata.clone().unwrap_or_default(), l.spec.clone().unwrap_or_default());
+                json!({
+                    "apiVersion": l.api_version, "kind": l.kind,
+                    "metadata": { "name": m.name, "labels": m.labels },
+                    "spec": {
+                        "holderIdentity": s.holder_identity, "leaseDurationSeconds": s.lease_duration_seconds,
+                        "acquireTime": s.acquire_time, "renewTime": s.renew_time,
+                        "leaseTransitions": s.lease_transitions,
+                    },
+                })
+            })
+            .collect();
+        println!("{}", json!({ "apiVersion": "v1", "kind": "List", "items": items }));
+    } else {
+        println!("{:<28} {:<16} {:>11} {:>9} {:>9}", "NAME", "HOLDER", "TRANSITIONS", "ACQUIRED", "RENEWED");
+        for l in &leases {
+            let (m, s) = (l.metadata.clone().unwrap_or_default(), l.spec.clone().unwrap_or_default());
+            println!(
+                "{:<28} {:<16} {:>11} {:>9} {:>9}",
+                m.name,
+                s.holder_identity,
+                s.lease_transitions,
+                ago(&s.acquire_time),
+                ago(&s.renew_time)
+            );
+        }
+    }
+    if !unreachable.is_empty() {
+        eprintln!("not reachable: {}", unreachable.join(", "));
+    }
+    Ok(())
+}
+
+/// `coalescectl shards`: the shards a node replicates, in detail.
+pub(crate) async fn shards(addr: &str, as_json: bool) -> anyhow::Result<()> {
+    let r = admin(addr)?.shards(pb::ShardsRequest {}).await.with_context(|| format!("asking {addr}"))?.into_inner();
+    if as_json {
+        for s in &r.shards {
+            let replicas: Vec<_> = s
+                .replicas
+                .iter()
+                .map(|p| json!({ "name": p.name, "node_id": p.node_id, "voter": p.voter, "matched": p.matched, "lag": p.lag }))
+                .collect();
+            println!(
+                "{}",
+                json!({
+                    "node": r.node, "shard": s.shard, "role": s.role, "leader": s.leader, "term": s.term,
+                    "last_log_index": s.last_log_index, "committed": s.committed, "last_applied": s.last_applied,
+                    "apply_lag": s.apply_lag, "replicas": replicas, "buffered_keys": s.buffered_keys,
+                    "buffered_bytes": s.buffered_bytes, "next_seq": s.next_seq, "outbox_low": s.outbox_low,
+                    "cursors": s.cursors, "preferred_leader": s.preferred_leader, "lease_valid": s.lease_valid,
+                })
+            );
+        }
+        return Ok(());
+    }
+    println!("node {}{}", r.node, if r.draining { " (draining)" } else { "" });
+    println!(
+        "{:>5} {:<9} {:<14} {:>5} {:>9} {:>9} {:>6} {:>9} {:>9} {:>8}  REPLICATION LAG",
+        "SHARD", "ROLE", "LEADER", "TERM", "COMMITTED", "APPLIED", "A-LAG", "KEYS", "NEXT-SEQ", "OUTBOX"
+    );
+    for s in &r.shards {
+        let lag: Vec<String> = s
+            .replicas
+            .iter()
+            .filter(|p| s.role == "leader" && p.name != r.node)
+            .map(|p| format!("{}:{}", p.name, p.lag))
+            .collect();
+        let leader = if s.preferred_leader.is_empty() { s.leader.clone() } else { format!("{}*", s.leader) };
+        println!(
+            "{:>5} {:<9} {:<14} {:>5} {:>9} {:>9} {:>6} {:>9} {:>9} {:>8}  {}",
+            s.shard,
+            s.role,
+            leader,
+            s.term,
+            s.committed,
+            s.last_applied,
+            s.apply_lag,
+            s.buffered_keys,
+            s.next_seq,
+            s.next_seq.saturating_sub(s.outbox_low),
+            lag.join(" ")
+        );
+    }
+    println!("(* leader chosen with transfer-leader; OUTBOX = outputs kept for unacked consumers)");
+    Ok(())
+}
+
+/// `coalescectl streams`.
+pub(crate) async fn streams(addr: &str) -> anyhow::Result<()> {
+    let r = admin(addr)?.streams(pb::StreamsRequest {}).await.with_context(|| format!("asking {addr}"))?.into_inner();
+    println!("{:<20} {:<18} {:<36} {:<12} SINKS", "STREAM", "MERGE", "WINDOW", "OVERFLOW");
+    for s in r.streams {
+        println!("{:<20} {:<18} {:<36} {:<12} {}", s.name, s.merge, s.window, s.overflow, s.sinks.join(","));
+    }
+    Ok(())
+}
+
+/// `coalescectl transfer-leader`.
+pub(crate) async fn transfer_leader(addr: &str, shard: u32, to: Option<String>) -> anyhow::Result<()> {
+    let reset = to.is_none();
+    let req = pb::TransferLeaderRequest { shard, to: to.clone().unwrap_or_default(), reset };
+    let r = admin(addr)?.transfer_leader(req).await.with_context(|| format!("asking {addr}"))?.into_inner();
+    match to {
+        Some(to) if r.leader == to => println!("shard {shard}: {to} leads"),
+        Some(to) => anyhow::bail!("shard {shard}: {to} is the preferred leader, but {:?} still leads", r.leader),
+        None => println!("shard {shard}: back to the default placement; {} leads", r.leader),
+    }
+    Ok(())
+}
+
+/// `coalescectl drain`.
+pub(crate) async fn drain(addr: &str, undrain: bool) -> anyhow::Result<()> {
+    let r = admin(addr)?.drain(pb::DrainRequest { undrain }).await.with_context(|| format!("asking {addr}"))?;
+    let r = r.into_inner();
+    if undrain {
+        println!("{}: no longer draining; balancing gives its shards back", r.node);
+    } else if r.still_leading.is_empty() {
+        println!("{}: drained, it leads no shard", r.node);
+    } else {
+        anyhow::bail!(
+            "{} still leads shards {:?} (replicas catching up; balancing keeps trying)",
+            r.node,
+            r.still_leading
+        );
+    }
+    Ok(())
+}
