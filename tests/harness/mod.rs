@@ -32,7 +32,18 @@ pub struct Cluster {
 impl Cluster {
     /// Writes configs for `n` nodes and `shards` shards with `streams` (TOML) and starts them.
     pub fn start(n: usize, shards: u32, streams: &str) -> Cluster {
+        Self::start_with(n, shards, streams, "")
+    }
+
+    /// [`Cluster::start`] with more node-config tables (`extra`, e.g. `[tls]` and `[auth]`);
+    /// relative paths in them resolve against [`Cluster::path`], which exists from the start.
+    pub fn start_with(n: usize, shards: u32, streams: &str, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, n, shards, streams, extra)
+    }
+
+    /// [`Cluster::start_with`] in a directory the caller prepared (certificates, token files).
+    pub fn start_in(dir: tempfile::TempDir, n: usize, shards: u32, streams: &str, extra: &str) -> Cluster {
         let opts = LocalOptions {
             cluster: "test".into(),
             nodes: n,
@@ -40,6 +51,7 @@ impl Cluster {
             streams: streams.into(),
             raft: "heartbeat = \"50ms\"\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"".into(),
             log_filter: "info,openraft=warn".into(),
+            extra: extra.into(),
         };
         let mut local = LocalCluster::create(dir.path(), PathBuf::from(COALESCED), &opts).unwrap();
         local.spawn_all().unwrap();

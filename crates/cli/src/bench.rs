@@ -178,6 +178,7 @@ pub(crate) async fn start_local(args: &LocalArgs, streams: &str) -> anyhow::Resu
         streams: streams.into(),
         raft: args.raft_toml(),
         log_filter: "warn".into(),
+        extra: String::new(),
     };
     LocalCluster::launch(&args.dir, &opts)
 }

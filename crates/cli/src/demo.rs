@@ -74,6 +74,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         streams: STREAMS.into(),
         raft: String::new(),
         log_filter: "info,openraft=error".into(),
+        extra: String::new(),
     };
     let mut cluster = LocalCluster::launch(&args.dir, &opts)?;
     println!(

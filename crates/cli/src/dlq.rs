@@ -1,10 +1,10 @@
 //! `coalescectl dlq` (dead-letter queues) and `coalescectl sinks` (delivery counters).
 
-use std::time::Duration;
-
 use anyhow::Context;
+use coalesce_client::BearerToken;
 use coalesce_proto::v1 as pb;
 use coalesce_proto::v1::admin_client::AdminClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 #[derive(Debug, clap::Subcommand)]
@@ -42,13 +42,11 @@ pub(crate) struct Selection {
     all: bool,
 }
 
-pub(crate) fn admin(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("bad address {addr:?}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(60))
-        .connect_lazy();
-    Ok(AdminClient::new(channel))
+/// The operator API of the node at `addr` (TLS and token from the global flags).
+pub(crate) fn admin(addr: &str) -> anyhow::Result<AdminClient<InterceptedService<Channel, BearerToken>>> {
+    let o = crate::options();
+    let channel = o.channel(addr).with_context(|| format!("bad address {addr:?}"))?;
+    Ok(AdminClient::with_interceptor(channel, o.token()))
 }
 
 /// The leader's address from an UNAVAILABLE answer, if it named one.

@@ -59,6 +59,8 @@ pub struct LocalOptions {
     pub raft: String,
     /// `RUST_LOG` for the nodes.
     pub log_filter: String,
+    /// More node-config tables (e.g. `[tls]`, `[auth]`), appended to every node's config.
+    pub extra: String,
 }
 
 /// One node of a local cluster.
@@ -101,12 +103,13 @@ impl LocalCluster {
                 format!(
                     "streams_file = \"streams.toml\"\n\n[node]\nname = \"coalesce-{i}\"\ndata_dir = \"{}\"\n\
                      peer_listen = \"127.0.0.1:{peer}\"\nclient_listen = \"127.0.0.1:{client}\"\n\n\
-                     [raft]\n{}\n\n[cluster]\nname = \"{}\"\nshards = {}\nreplication = {}\n\n{members}",
+                     [raft]\n{}\n\n[cluster]\nname = \"{}\"\nshards = {}\nreplication = {}\n\n{members}\n{}",
                     dir.join(format!("data-{i}")).display(),
                     opts.raft,
                     opts.cluster,
                     opts.shards,
-                    opts.nodes.min(3)
+                    opts.nodes.min(3),
+                    opts.extra
                 ),
             )?;
             nodes.push(LocalNode {

@@ -10,10 +10,9 @@ mod dlq;
 mod send;
 mod tail;
 
-use std::time::Duration;
-
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use coalesce_client::{ClientOptions, NodeClient};
 use coalesce_proto::v1 as pb;
 use coalesce_proto::v1::coalesce_client::CoalesceClient;
 
@@ -23,6 +22,15 @@ struct Cli {
     /// Client address of any node.
     #[arg(long, global = true, env = "COALESCE_ADDR", default_value = "127.0.0.1:7400")]
     addr: String,
+    /// Bearer token for clusters that require one (never printed).
+    #[arg(long, global = true, env = "COALESCE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Speak TLS to the client port, trusting this CA certificate (PEM file).
+    #[arg(long, global = true, env = "COALESCE_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// With --ca: check the nodes' certificates against this name instead of the address host.
+    #[arg(long, global = true, env = "COALESCE_SERVER_NAME")]
+    server_name: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -81,8 +89,38 @@ enum Cmd {
     Bench(bench::BenchCmd),
 }
 
+/// How to reach the nodes (TLS, token), from the global flags.
+static OPTIONS: std::sync::OnceLock<ClientOptions> = std::sync::OnceLock::new();
+
+pub(crate) fn options() -> ClientOptions {
+    OPTIONS.get().cloned().unwrap_or_default()
+}
+
+fn client_options(cli: &Cli) -> anyhow::Result<ClientOptions> {
+    let mut o = ClientOptions::default();
+    if let Some(ca) = &cli.ca {
+        o = o.with_ca_pem(std::fs::read(ca).with_context(|| format!("reading --ca {}", ca.display()))?);
+        if let Some(name) = &cli.server_name {
+            o = o.with_server_name(name.clone());
+        }
+    }
+    if let Some(t) = &cli.token {
+        o = o.with_token(t);
+    }
+    Ok(o)
+}
+
 fn main() {
     let cli = Cli::parse();
+    match client_options(&cli) {
+        Ok(o) => {
+            let _ = OPTIONS.set(o);
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -112,14 +150,11 @@ fn main() {
     }
 }
 
-/// A client for `addr` with sane timeouts.
-pub(crate) async fn connect(addr: &str) -> anyhow::Result<CoalesceClient<tonic::transport::Channel>> {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("bad address {addr:?}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect_lazy();
-    Ok(CoalesceClient::new(channel))
+/// A client for the node at `addr` (TLS and token from the global flags).
+pub(crate) async fn connect(addr: &str) -> anyhow::Result<NodeClient> {
+    let o = options();
+    let channel = o.channel(addr).with_context(|| format!("bad address {addr:?}"))?;
+    Ok(CoalesceClient::with_interceptor(channel, o.token()))
 }
 
 async fn status(addr: &str) -> anyhow::Result<()> {

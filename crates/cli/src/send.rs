@@ -65,7 +65,8 @@ pub(crate) async fn run(addr: &str, args: SendArgs) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let client = Client::connect([addr]).await.with_context(|| format!("connecting to {addr}"))?;
+    let client =
+        Client::connect_with([addr], crate::options()).await.with_context(|| format!("connecting to {addr}"))?;
     let mut producer = client.producer();
     let (mut sent, mut failed) = (0usize, 0usize);
     let mut pending: Vec<(usize, Event)> = Vec::new();

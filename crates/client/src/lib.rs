@@ -19,7 +19,19 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Uses tonic for gRPC and the core crate's XXH3 shard hash (the same function the nodes use).
+//! Clusters with TLS on the client port and bearer tokens take [`ClientOptions`]:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), coalesce_client::ClientError> {
+//! use coalesce_client::{Client, ClientOptions};
+//! let ca = std::fs::read("ca.pem").expect("CA certificate");
+//! let options = ClientOptions::default().with_ca_pem(ca).with_token("the-producer-token");
+//! let client = Client::connect_with(["coalesce-0.example:7400"], options).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Uses tonic for gRPC (rustls for TLS) and the core crate's XXH3 shard hash (the same
+//! function the nodes use).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -29,7 +41,100 @@ use coalesce_proto::v1 as pb;
 use coalesce_proto::v1::EventCode;
 use coalesce_proto::v1::coalesce_client::CoalesceClient;
 use tokio::time::Instant;
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// The gRPC client of one node, with the bearer token (if any) on every call.
+pub type NodeClient = CoalesceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call (nothing without a token). Its `Debug`
+/// never shows the token.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    /// A token for `authorization: Bearer …`; `None` when it is not a valid header value.
+    pub fn new(token: &str) -> Option<Self> {
+        let mut v: MetadataValue<Ascii> = format!("Bearer {}", token.trim()).parse().ok()?;
+        v.set_sensitive(true);
+        Some(Self(Some(v)))
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "BearerToken(<redacted>)" } else { "BearerToken(none)" })
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// How to reach the nodes: TLS (trusting a CA, optionally with a client certificate) and a
+/// bearer token. The default is plain text without a token.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    tls: Option<ClientTlsConfig>,
+    token: BearerToken,
+}
+
+impl ClientOptions {
+    /// Speak TLS, trusting servers whose certificate `ca_pem` signed.
+    pub fn with_ca_pem(mut self, ca_pem: impl AsRef<[u8]>) -> Self {
+        let tls = self.tls.take().unwrap_or_default().ca_certificate(Certificate::from_pem(ca_pem));
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Present a client certificate (for clusters that require one on the client port).
+    pub fn with_identity_pem(mut self, cert_pem: impl AsRef<[u8]>, key_pem: impl AsRef<[u8]>) -> Self {
+        let tls = self.tls.take().unwrap_or_default().identity(Identity::from_pem(cert_pem, key_pem));
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Check the servers' certificates against this name instead of the host in the address.
+    pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
+        let tls = self.tls.take().unwrap_or_default().domain_name(name);
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Send `authorization: Bearer <token>` with every call (a token with whitespace or
+    /// control characters in it is ignored).
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.token = BearerToken::new(token).unwrap_or_default();
+        self
+    }
+
+    /// A channel to `addr` (`host:port` or a URI) with these options.
+    pub fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        let bad = |detail: String| ClientError::BadEndpoint { addr: addr.to_owned(), detail };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let uri = if addr.contains("://") { addr.to_owned() } else { format!("{scheme}://{addr}") };
+        let mut endpoint = Channel::from_shared(uri).map_err(|e| bad(e.to_string()))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(endpoint
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true)
+            .connect_lazy())
+    }
+
+    /// The token interceptor.
+    pub fn token(&self) -> BearerToken {
+        self.token.clone()
+    }
+}
 
 pub use coalesce_core::hash::shard_for;
 pub use coalesce_proto::v1::{Event, EventStatus, Output, StatusResponse, Value};
@@ -128,6 +233,7 @@ struct Routes {
 #[derive(Debug)]
 struct Inner {
     endpoints: Vec<String>,
+    options: ClientOptions,
     channels: Mutex<HashMap<String, Channel>>,
     routes: Mutex<Routes>,
     /// Serializes route refreshes so a failover does not trigger one per in-flight request.
@@ -148,7 +254,16 @@ impl Client {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let client = Self::connect_lazy(endpoints)?;
+        Self::connect_with(endpoints, ClientOptions::default()).await
+    }
+
+    /// [`Client::connect`] with TLS and/or a bearer token.
+    pub async fn connect_with<I, S>(endpoints: I, options: ClientOptions) -> Result<Self, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let client = Self::connect_lazy_with(endpoints, options)?;
         client.refresh_routes().await?;
         Ok(client)
     }
@@ -159,17 +274,27 @@ impl Client {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
+        Self::connect_lazy_with(endpoints, ClientOptions::default())
+    }
+
+    /// [`Client::connect_lazy`] with TLS and/or a bearer token.
+    pub fn connect_lazy_with<I, S>(endpoints: I, options: ClientOptions) -> Result<Self, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
         let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
         if endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
         let mut channels = HashMap::new();
         for addr in &endpoints {
-            channels.insert(addr.clone(), channel_for(addr)?);
+            channels.insert(addr.clone(), options.channel(addr)?);
         }
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoints,
+                options,
                 channels: Mutex::new(channels),
                 routes: Mutex::default(),
                 refreshing: tokio::sync::Mutex::new(
@@ -204,14 +329,17 @@ impl Client {
     }
 
     /// The gRPC client of the node at `addr` (channels are created once and shared).
-    pub fn node(&self, addr: &str) -> Result<CoalesceClient<Channel>, ClientError> {
+    pub fn node(&self, addr: &str) -> Result<NodeClient, ClientError> {
         let mut channels = self.inner.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(addr) {
-            return Ok(CoalesceClient::new(c.clone()));
-        }
-        let c = channel_for(addr)?;
-        channels.insert(addr.to_owned(), c.clone());
-        Ok(CoalesceClient::new(c))
+        let c = match channels.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = self.inner.options.channel(addr)?;
+                channels.insert(addr.to_owned(), c.clone());
+                c
+            }
+        };
+        Ok(CoalesceClient::with_interceptor(c, self.inner.options.token()))
     }
 
     /// The endpoints this client was given.
@@ -313,17 +441,6 @@ impl Client {
     pub fn producer_with(&self, policy: RetryPolicy) -> Producer {
         Producer { client: self.clone(), id: rand::random::<u64>() | 1, next_seq: 1, policy, rr: 0 }
     }
-}
-
-fn channel_for(addr: &str) -> Result<Channel, ClientError> {
-    let bad = |detail: String| ClientError::BadEndpoint { addr: addr.to_owned(), detail };
-    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    Ok(Channel::from_shared(uri)
-        .map_err(|e| bad(e.to_string()))?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .http2_adaptive_window(true)
-        .connect_lazy())
 }
 
 /// The outcome of [`Producer::send`]: one final status per event, in order.

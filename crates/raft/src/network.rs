@@ -23,7 +23,7 @@ use openraft::raft::{
 use openraft::storage::Snapshot;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::codec;
 use crate::types::{PeerNode, TypeConfig, Vote};
@@ -36,17 +36,29 @@ const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 pub struct Channels {
     /// Channels are cheap handles onto one HTTP/2 connection; created lazily, never dialed here.
     by_addr: Mutex<HashMap<String, Channel>>,
+    /// Mutual TLS towards peers (CA and this node's certificate), when configured.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Channels {
+    /// Channels that speak TLS (with this node's client certificate) when `tls` is set.
+    pub fn new(tls: Option<ClientTlsConfig>) -> Self {
+        Self { by_addr: Mutex::default(), tls }
+    }
+
     /// The channel to `addr` (`host:port`), created on first use.
     pub fn get(&self, addr: &str) -> Result<Channel, String> {
         let mut map = self.by_addr.lock().map_err(|_| "channel map poisoned".to_owned())?;
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("peer TLS for {addr}: {e}"))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))

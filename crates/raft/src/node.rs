@@ -258,6 +258,19 @@ impl RaftNode {
         timing: RaftTiming,
         streams: StreamTable,
     ) -> Result<Arc<Self>, NodeError> {
+        Self::start_with_tls(db, spec, name, timing, streams, None).await
+    }
+
+    /// [`RaftNode::start`], speaking mutual TLS to peers when `peer_tls` is set (the peer
+    /// port's server side is configured by whoever serves [`PeerService`]).
+    pub async fn start_with_tls(
+        db: Arc<NodeDb>,
+        spec: ClusterSpec,
+        name: &str,
+        timing: RaftTiming,
+        streams: StreamTable,
+        peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Result<Arc<Self>, NodeError> {
         let me_spec =
             spec.nodes.iter().find(|n| n.name == name).ok_or_else(|| NodeError::UnknownSelf(name.to_owned()))?;
         let me = PeerNode {
@@ -274,7 +287,7 @@ impl RaftNode {
             }
         };
         let config = Arc::new(timing.config(&spec.cluster).map_err(NodeError::Config)?);
-        let channels = Arc::new(Channels::default());
+        let channels = Arc::new(Channels::new(peer_tls));
         let mut groups = BTreeMap::new();
         for shard in 0..spec.shards {
             if !spec.placement(shard).iter().any(|n| n.name == name) {

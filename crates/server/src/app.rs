@@ -29,6 +29,7 @@ use crate::config::Loaded;
 use crate::delivery::Delivery;
 use crate::grpc::CoalesceService;
 use crate::leases::LeaseBook;
+use crate::security::AuthLayer;
 
 /// How long shutdown may take before the process gives up on a clean hand-off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
@@ -55,9 +56,16 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.node.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.node.data_dir.display()))?;
     let db = NodeDb::open(&cfg.node.data_dir, &StorageOptions::default()).context("opening RocksDB")?;
-    let node = RaftNode::start(db, cfg.cluster_spec(), &cfg.node.name, cfg.raft_timing(), loaded.streams.clone())
-        .await
-        .context("starting shard groups")?;
+    let node = RaftNode::start_with_tls(
+        db,
+        cfg.cluster_spec(),
+        &cfg.node.name,
+        cfg.raft_timing(),
+        loaded.streams.clone(),
+        loaded.tls.peer_client.clone(),
+    )
+    .await
+    .context("starting shard groups")?;
     let delivery = Delivery::new(node.clone(), &loaded.sinks, &cfg.node.name, &cfg.node.data_dir)
         .await
         .context("building sinks")?;
@@ -74,8 +82,16 @@ pub async fn run(
     let (stop_peer, stop_peer_rx) = watch::channel(false);
     let (stop_client, stop_client_rx) = watch::channel(false);
     let stop_client_rx2 = stop_client_rx.clone();
+    let mut peer_builder = tonic::transport::Server::builder();
+    if let Some(tls) = loaded.tls.peer_server.clone() {
+        peer_builder = peer_builder.tls_config(tls).context("peer port TLS")?;
+    }
+    let mut client_builder = tonic::transport::Server::builder();
+    if let Some(tls) = loaded.tls.client_server.clone() {
+        client_builder = client_builder.tls_config(tls).context("client port TLS")?;
+    }
     let peer_server = tokio::spawn(
-        tonic::transport::Server::builder()
+        peer_builder
             .add_service(RaftPeerServer::new(PeerService::new(node.clone())).max_decoding_message_size(64 << 20))
             .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), wait(stop_peer_rx.clone())),
     );
@@ -92,7 +108,8 @@ pub async fn run(
         .build_v1()
         .context("building the reflection service")?;
     let client_server = tokio::spawn(
-        tonic::transport::Server::builder()
+        client_builder
+            .layer(AuthLayer::new(loaded.auth.clone()))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(AdminServer::new(AdminService::new(node.clone(), delivery.clone(), leases.clone())))

@@ -13,6 +13,8 @@ use serde::Deserialize;
 
 use coalesce_sinks::{SINK_KINDS, SinkConfig, SinkKind};
 
+use crate::security::{Auth, AuthConfig, LoadedTls, TlsConfig};
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -22,6 +24,12 @@ pub struct Config {
     pub raft: RaftConfig,
     #[serde(default)]
     pub api: ApiLimits,
+    /// TLS for the client and peer ports (see `crate::security`).
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// Bearer tokens and roles on the client port (see `crate::security`).
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// Path of the streams file, relative to the config file.
     pub streams_file: PathBuf,
 }
@@ -139,6 +147,8 @@ pub struct Loaded {
     pub config: Config,
     pub streams: StreamTable,
     pub sinks: Vec<SinkConfig>,
+    pub tls: LoadedTls,
+    pub auth: std::sync::Arc<Auth>,
 }
 
 impl Config {
@@ -181,7 +191,9 @@ impl Config {
                 });
             }
         }
-        Ok(Loaded { config: self, streams, sinks })
+        let tls = self.tls.load(base).map_err(|message| ConfigError::Invalid { field: "tls", message })?;
+        let auth = self.auth.load(base).map_err(|message| ConfigError::Invalid { field: "auth", message })?;
+        Ok(Loaded { config: self, streams, sinks, tls, auth: std::sync::Arc::new(auth) })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

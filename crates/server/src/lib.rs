@@ -7,6 +7,7 @@
 //!   any-node forwarding, subscribe, ack, status.
 //! - [`admin`]: the operator API (`coalesce.v1.Admin`): dead-letter queues, sink status,
 //!   leases, shard details, streams, leader transfer, drain.
+//! - [`security`]: TLS on both ports, bearer tokens with roles on the client port.
 //! - [`leases`]: leader leases in the shape of Kubernetes `coordination.k8s.io/v1` Leases.
 //! - [`convert`]: proto ↔ domain conversions.
 //! - [`delivery`]: runs the sinks (crate `coalesce-sinks`: file, HTTP, PostgreSQL, durable
@@ -23,3 +24,4 @@ pub mod convert;
 pub mod delivery;
 pub mod grpc;
 pub mod leases;
+pub mod security;
