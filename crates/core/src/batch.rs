@@ -119,6 +119,13 @@ impl<'a> BatchBuilder<'a> {
         self
     }
 
+    /// Counts an event the caller refused before calling [`BatchBuilder::add`] (e.g. it could
+    /// not be decoded), so that later events keep their position in the request: the indices
+    /// in [`ProducerGroup::events`] are positions among all `add` and `skip` calls.
+    pub fn skip(&mut self) {
+        self.next_index += 1;
+    }
+
     /// Validates `event` and merges it into its shard's batch. Returns the shard, or why the
     /// event was refused (a refused event is left out; the others are unaffected).
     pub fn add(&mut self, event: &Event) -> Result<ShardId, EventError> {

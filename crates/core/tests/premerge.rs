@@ -41,3 +41,28 @@ proptest! {
         prop_assert_eq!(got, model);
     }
 }
+
+/// Event indices are positions in the request, counting refused and skipped events too: the
+/// server maps each group's outcome back to its events by them, so a shifted index would report
+/// a refused event as acknowledged (a bug once: a value that failed to decode was not counted).
+#[test]
+fn event_indices_count_refused_and_skipped_events() {
+    let table = StreamsFile::parse("[streams.a]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"1s\" }")
+        .and_then(|f| f.validate(&[]))
+        .unwrap();
+    let mut builder = BatchBuilder::new(&table, 1, 0);
+    let ev = |stream: &str, key: &str| Event {
+        stream: stream.into(),
+        key: key.into(),
+        value: Value::Int(1),
+        event_time: None,
+        producer: None,
+    };
+    builder.add(&ev("a", "x")).unwrap(); // 0
+    assert!(builder.add(&ev("nope", "x")).is_err()); // 1: refused by the builder
+    builder.skip(); // 2: refused by the caller before the builder saw it
+    builder.add(&ev("a", "y")).unwrap(); // 3
+    let batches = builder.finish();
+    let indices: Vec<u32> = batches.values().flat_map(|b| b.groups.iter().flat_map(|g| g.events.clone())).collect();
+    assert_eq!(indices, vec![0, 3]);
+}

@@ -115,6 +115,8 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
         let mut builder = BatchBuilder::new(self.node.streams(), spec.shards, SystemClock.now());
         for (i, e) in req.events.iter().enumerate() {
             let result = convert::event(e, req.producer_id).map_err(|(field, msg)| {
+                // Refused before the builder saw it: keep the indices of later events aligned.
+                builder.skip();
                 status(EventCode::InvalidArgument, "invalid_value", format!("events[{i}].{field}: {msg}"))
             });
             match result.and_then(|ev| {
