@@ -11,7 +11,7 @@ mod harness;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use coalesce_client::{Client, event};
+use coalesce_client::{BatchingProducer, Client, event};
 use harness::Cluster;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -68,6 +68,20 @@ async fn producer_totals_come_out_of_subscribe_and_hints_fix_routes() {
         let report = producer.send(events).await.unwrap();
         assert!(report.all_acked(), "{:?}", report.failures().collect::<Vec<_>>());
     }
+    // Many callers through one batching producer: each gets its own event's status.
+    let batching = BatchingProducer::new(&client, Duration::from_millis(5), 200, 2);
+    let sends: Vec<_> = (0..1000)
+        .map(|i| {
+            let (b, key, v) = (batching.clone(), format!("key-{}", i % 50), (i % 7) as i64 - 3);
+            *expected.entry(key.clone()).or_default() += v;
+            tokio::spawn(async move { b.send(event("sums", &key, v)).await })
+        })
+        .collect();
+    for s in sends {
+        let status = s.await.unwrap().unwrap();
+        assert_eq!(status.code, coalesce_proto::v1::EventCode::Ok as i32, "{status:?}");
+    }
+
     // Standard health and reflection on the client port.
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", cluster.local.nodes[0].client_addr))
         .unwrap()

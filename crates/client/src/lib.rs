@@ -696,3 +696,86 @@ mod tests {
         assert!(matches!(err, ClientError::NoNodeAnswered { .. }), "{err}");
     }
 }
+
+/// Batches events from many callers into few requests: a request leaves when `max_events`
+/// events are waiting or `linger` has passed since the first of them, on one of `lanes`
+/// idempotent producer lanes (each with one request in flight). Each [`BatchingProducer::send`]
+/// resolves to its own event's final status. Waiting events are bounded (`max_events × lanes`):
+/// callers wait for room instead of growing memory.
+///
+/// ```no_run
+/// # async fn demo(client: coalesce_client::Client) -> Result<(), coalesce_client::ClientError> {
+/// use std::time::Duration;
+/// let producer = coalesce_client::BatchingProducer::new(&client, Duration::from_millis(5), 500, 4);
+/// let status = producer.send(coalesce_client::event("page-views", "home", 1i64)).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct BatchingProducer {
+    tx: tokio::sync::mpsc::Sender<(Event, tokio::sync::oneshot::Sender<EventStatus>)>,
+}
+
+impl BatchingProducer {
+    /// Starts the batching task on the current runtime; it ends when every clone is dropped.
+    pub fn new(client: &Client, linger: Duration, max_events: usize, lanes: usize) -> Self {
+        let (max_events, lanes) = (max_events.max(1), lanes.max(1));
+        let (tx, mut rx) =
+            tokio::sync::mpsc::channel::<(Event, tokio::sync::oneshot::Sender<EventStatus>)>(max_events * lanes);
+        let (lane_tx, lane_rx) = async_channel_pair(client, lanes);
+        tokio::spawn(async move {
+            let lane_rx = Arc::new(tokio::sync::Mutex::new(lane_rx));
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                let deadline = Instant::now() + linger;
+                while batch.len() < max_events {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(item)) => batch.push(item),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                // A free lane (waits while all have a request in flight).
+                let Some(mut producer) = lane_rx.lock().await.recv().await else { return };
+                let lane_tx = lane_tx.clone();
+                tokio::spawn(async move {
+                    let (events, waiters): (Vec<Event>, Vec<_>) = batch.into_iter().unzip();
+                    let statuses = match producer.send(events).await {
+                        Ok(report) => report.statuses,
+                        Err(e) => {
+                            let failed = EventStatus {
+                                code: EventCode::Unavailable as i32,
+                                reason: "client_error".into(),
+                                message: e.to_string(),
+                                ..Default::default()
+                            };
+                            vec![failed; waiters.len()]
+                        }
+                    };
+                    for (w, s) in waiters.into_iter().zip(statuses) {
+                        let _ = w.send(s);
+                    }
+                    let _ = lane_tx.send(producer).await;
+                });
+            }
+        });
+        Self { tx }
+    }
+
+    /// Queues `event` and waits for its final status (see [`SendReport`] for the codes).
+    pub async fn send(&self, event: Event) -> Result<EventStatus, ClientError> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx.send((event, done)).await.map_err(|_| ClientError::NotReady { detail: "producer stopped".into() })?;
+        wait.await.map_err(|_| ClientError::NotReady { detail: "producer stopped".into() })
+    }
+}
+
+/// A pool of `lanes` producers handed out through a channel.
+fn async_channel_pair(
+    client: &Client,
+    lanes: usize,
+) -> (tokio::sync::mpsc::Sender<Producer>, tokio::sync::mpsc::Receiver<Producer>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(lanes);
+    for _ in 0..lanes {
+        let _ = tx.try_send(client.producer());
+    }
+    (tx, rx)
+}

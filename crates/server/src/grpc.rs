@@ -53,6 +53,9 @@ fn status(code: EventCode, reason: &str, message: String) -> pb::EventStatus {
     pb::EventStatus { code: code as i32, reason: reason.to_owned(), message, ..Default::default() }
 }
 
+/// Most events one `IngestStream` call carries (its statuses are held until the stream ends).
+pub const MAX_EVENTS_PER_STREAM: usize = 100_000;
+
 /// The per-event status for every event of a shard's part when it could not be applied.
 fn failure(e: &ProposeError) -> pb::EventStatus {
     let mut s = match e {
@@ -90,12 +93,9 @@ fn failure(e: &ProposeError) -> pb::EventStatus {
     s
 }
 
-type OutputStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl pb::coalesce_server::Coalesce for CoalesceService {
-    async fn ingest(&self, request: Request<pb::IngestRequest>) -> Result<TonicResponse<pb::IngestResponse>, Status> {
-        let req = request.into_inner();
+impl CoalesceService {
+    /// Validates, pre-merges and applies one request; event `i` is named `events[offset + i]`.
+    async fn ingest_request(&self, req: pb::IngestRequest, offset: usize) -> Result<pb::IngestResponse, Status> {
         if req.events.len() > self.limits.max_events_per_request {
             return Err(Status::invalid_argument(format!(
                 "events: {} events, the limit is {} per request",
@@ -117,7 +117,7 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
             let result = convert::event(e, req.producer_id).map_err(|(field, msg)| {
                 // Refused before the builder saw it: keep the indices of later events aligned.
                 builder.skip();
-                status(EventCode::InvalidArgument, "invalid_value", format!("events[{i}].{field}: {msg}"))
+                status(EventCode::InvalidArgument, "invalid_value", format!("events[{}].{field}: {msg}", offset + i))
             });
             match result.and_then(|ev| {
                 builder.add(&ev).map_err(|err| {
@@ -127,7 +127,7 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
                         Category::ResourceExhausted => EventCode::ResourceExhausted,
                         Category::FailedPrecondition => EventCode::FailedPrecondition,
                     };
-                    status(code, err.code(), format!("events[{i}].{}: {err}", err.field()))
+                    status(code, err.code(), format!("events[{}].{}: {err}", offset + i, err.field()))
                 })
             }) {
                 Ok(shard) => statuses[i].shard = shard,
@@ -189,7 +189,37 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
                 }
             }
         }
-        Ok(TonicResponse::new(pb::IngestResponse { statuses, leader_hints, shards: spec.shards }))
+        Ok(pb::IngestResponse { statuses, leader_hints, shards: spec.shards })
+    }
+}
+
+type OutputStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::coalesce_server::Coalesce for CoalesceService {
+    async fn ingest(&self, request: Request<pb::IngestRequest>) -> Result<TonicResponse<pb::IngestResponse>, Status> {
+        self.ingest_request(request.into_inner(), 0).await.map(TonicResponse::new)
+    }
+
+    async fn ingest_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::IngestRequest>>,
+    ) -> Result<TonicResponse<pb::IngestResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut out = pb::IngestResponse { shards: self.node.spec().shards, ..Default::default() };
+        while let Some(req) = stream.message().await? {
+            if out.statuses.len() + req.events.len() > MAX_EVENTS_PER_STREAM {
+                return Err(Status::invalid_argument(format!(
+                    "events: a stream carries at most {MAX_EVENTS_PER_STREAM} events; the first {} were processed, \
+                     open a new stream for the rest",
+                    out.statuses.len()
+                )));
+            }
+            let r = self.ingest_request(req, out.statuses.len()).await?;
+            out.statuses.extend(r.statuses);
+            out.leader_hints.extend(r.leader_hints);
+        }
+        Ok(TonicResponse::new(out))
     }
 
     type SubscribeStream = OutputStream;
