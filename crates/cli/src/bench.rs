@@ -10,6 +10,7 @@
 //! build with `--release` for numbers worth reporting); `bench ingest --endpoints` measures a
 //! running cluster instead. Histograms are HdrHistogram (`hdrhistogram` crate).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -280,7 +281,7 @@ async fn ingest_phases(args: &IngestArgs, endpoints: &[String]) -> anyhow::Resul
         endpoints.len()
     ));
     // Warm-up, then saturation.
-    run_phase(args, &client, None, Duration::from_secs(2)).await?;
+    let (warm, _, _) = run_phase(args, &client, None, Duration::from_secs(2)).await?;
     let (sat, sat_hist, sat_secs) = run_phase(args, &client, None, Duration::from_secs(args.seconds)).await?;
     let throughput = sat.events.load(Ordering::Relaxed) as f64 / sat_secs;
     say(format!(
@@ -302,7 +303,22 @@ async fn ingest_phases(args: &IngestArgs, endpoints: &[String]) -> anyhow::Resul
         achieved,
         fmt_q(&half_hist)
     ));
+    // Coalesce ratio: every acknowledged input against the outputs the windows produced (wait
+    // for the last 1 s windows to close).
+    let inputs: u64 = [&warm, &sat, &half].iter().map(|p| p.events.load(Ordering::Relaxed)).sum();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let mut next_seq: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+    for (_, st) in client.statuses().await {
+        for sh in st.map(|s| s.local_shards).unwrap_or_default() {
+            let e = next_seq.entry(sh.shard).or_insert(1);
+            *e = (*e).max(sh.next_seq);
+        }
+    }
+    let outputs: u64 = next_seq.values().map(|n| n - 1).sum();
+    let ratio = inputs as f64 / outputs.max(1) as f64;
+    say(format!("coalesce ratio: {inputs} inputs → {outputs} outputs = {ratio:.1}:1"));
     Ok(json!({
+        "coalesce": { "inputs": inputs, "outputs": outputs, "ratio": (ratio * 10.0).round() / 10.0 },
         "bench": "ingest",
         "machine": machine(),
         "nodes": endpoints.len(),
@@ -380,12 +396,45 @@ async fn run_phase(
             anyhow::Ok(hist)
         }));
     }
+    let ticker = progress(phase.clone(), started, length, rate.is_some());
     let mut hist = histogram();
     for lane in lanes {
         let h = lane.await.context("producer lane panicked")??;
         hist.add(&h).context("merging histograms")?;
     }
+    ticker.abort();
+    if std::io::stderr().is_terminal() {
+        eprint!("\r{:80}\r", "");
+    }
     Ok((phase, hist, started.elapsed().as_secs_f64()))
+}
+
+/// A live progress line on stderr (only when it is a terminal): a bar of the phase's length,
+/// events acknowledged so far and the current rate.
+fn progress(phase: Arc<Phase>, started: Instant, length: Duration, paced: bool) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if !std::io::stderr().is_terminal() {
+            return;
+        }
+        let mut last = (Instant::now(), 0u64);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let done = phase.events.load(Ordering::Relaxed);
+            let rate = (done - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);
+            last = (Instant::now(), done);
+            let frac = (started.elapsed().as_secs_f64() / length.as_secs_f64()).min(1.0);
+            let filled = (frac * 30.0) as usize;
+            eprint!(
+                "\r{} [{}{}] {:>4.1}s  {:>10} events  {:>9.0} events/s ",
+                if paced { "paced" } else { "  max" },
+                "#".repeat(filled),
+                "-".repeat(30 - filled),
+                started.elapsed().as_secs_f64(),
+                done,
+                rate
+            );
+        }
+    })
 }
 
 async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
