@@ -20,6 +20,16 @@ use tokio::sync::Mutex;
 use coalesce_cli::local::{LocalCluster, LocalOptions};
 
 const STREAMS: &str = r#"# Demo streams (see deploy/examples/streams.toml for every option).
+# The leader of each shard also writes profile outputs to a JSON-lines file per node (a sink;
+# see docs/sinks.md), next to the nodes' data directories.
+[sinks.profile-file]
+kind = "file"
+path = "../profile-outputs-{node}.jsonl"
+
+# The demo's own subscriber ("demo"), declared so the outboxes keep outputs until it acks them.
+[sinks.demo]
+kind = "grpc"
+
 [streams.page-views]
 merge = "sum_i64"
 window = { tumbling = "1s" }
@@ -31,6 +41,7 @@ window = { tumbling = "2s" }
 [streams.profile]
 merge = "latest"
 window = { debounce = "300ms", max_wait = "2s" }
+sinks = ["profile-file"]
 "#;
 
 #[derive(Debug, clap::Args)]
@@ -151,6 +162,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         counters.retries.load(Ordering::Relaxed)
     );
     println!("data and logs kept in {}", args.dir.display());
+    println!("profile outputs delivered by the file sink: {}/profile-outputs-*.jsonl", args.dir.display());
     Ok(())
 }
 
@@ -208,6 +220,10 @@ async fn subscribe(
 ) {
     while !stop.load(Ordering::Relaxed) {
         let Ok(mut client) = crate::connect(&addr).await else { return };
+        // Acks go over their own connection: while this task waits for an ack, nobody reads
+        // the subscription, and outputs it has not read could fill the shared connection's
+        // HTTP/2 flow-control window and hold back the ack's answer.
+        let Ok(mut acks) = crate::connect(&addr).await else { return };
         let req = pb::SubscribeRequest { consumer: "demo".into(), shards: Vec::new(), from_seq: Default::default() };
         let Ok(resp) = client.subscribe(req).await else {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -217,6 +233,9 @@ async fn subscribe(
         let mut acked: BTreeMap<u32, u64> = BTreeMap::new();
         let mut last_ack = Instant::now();
         while let Ok(Some(batch)) = stream.message().await {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
             for o in batch.outputs {
                 counters.outputs.fetch_add(1, Ordering::Relaxed);
                 counters.output_inputs.fetch_add(o.inputs, Ordering::Relaxed);
@@ -227,7 +246,7 @@ async fn subscribe(
             }
             if last_ack.elapsed() >= Duration::from_secs(1) {
                 for (shard, seq) in &acked {
-                    let _ = client.ack(pb::AckRequest { consumer: "demo".into(), shard: *shard, upto_seq: *seq }).await;
+                    let _ = acks.ack(pb::AckRequest { consumer: "demo".into(), shard: *shard, upto_seq: *seq }).await;
                 }
                 last_ack = Instant::now();
             }

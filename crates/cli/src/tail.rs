@@ -28,6 +28,9 @@ pub(crate) struct TailArgs {
 
 pub(crate) async fn run(addr: &str, args: TailArgs) -> anyhow::Result<()> {
     let mut client = crate::connect(addr).await?;
+    // Acks on their own connection, so unread outputs cannot hold back their answers (HTTP/2
+    // flow control is shared per connection).
+    let mut acks = crate::connect(addr).await?;
     let from_seq = if args.from_start {
         let st = client.status(pb::StatusRequest {}).await.with_context(|| format!("asking {addr}"))?.into_inner();
         st.local_shards.iter().map(|s| (s.shard, 0)).collect()
@@ -61,8 +64,7 @@ pub(crate) async fn run(addr: &str, args: TailArgs) -> anyhow::Result<()> {
         }
         if args.ack {
             for (shard, seq) in last {
-                client
-                    .ack(pb::AckRequest { consumer: args.consumer.clone(), shard, upto_seq: seq })
+                acks.ack(pb::AckRequest { consumer: args.consumer.clone(), shard, upto_seq: seq })
                     .await
                     .with_context(|| format!("acking shard {shard}"))?;
             }

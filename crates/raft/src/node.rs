@@ -344,11 +344,10 @@ impl RaftNode {
     /// Asks the node at `addr` who it is.
     pub async fn hello(&self, addr: &str) -> Result<HelloResponse, String> {
         let channel = self.channels.get(addr)?;
-        let reply = RaftPeerClient::new(channel)
-            .hello(HelloRequest { cluster: self.spec.cluster.clone() })
-            .await
-            .map_err(|s| format!("{addr}: {}", s.message()))?
-            .into_inner();
+        let mut req = tonic::Request::new(HelloRequest { cluster: self.spec.cluster.clone() });
+        req.set_timeout(Duration::from_secs(1));
+        let reply =
+            RaftPeerClient::new(channel).hello(req).await.map_err(|s| format!("{addr}: {}", s.message()))?.into_inner();
         if reply.cluster != self.spec.cluster {
             return Err(format!("{addr} belongs to cluster {:?}, not {:?}", reply.cluster, self.spec.cluster));
         }
@@ -821,7 +820,9 @@ impl RaftNode {
     /// Hands leadership of every shard this node leads to another replica, then stops every
     /// group. Bounded by `within`.
     pub async fn shutdown(&self, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
+        // A hand-off takes about one election; when peers are stopping too (a whole cluster
+        // going down) it may never complete, and waiting longer only delays the exit.
+        let deadline = tokio::time::Instant::now() + within.min(self.lease_max * 10);
         for group in self.groups() {
             if group.raft.is_leader() {
                 let target = group.raft.voter_ids().find(|id| *id != self.id);

@@ -34,6 +34,8 @@ use coalesce_sinks::{Batch, DeliveryError, Sink, SinkConfig};
 
 /// How often the supervisor looks at leadership.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(50);
+/// How long stopping waits for workers (and their final acks).
+const STOP_WAIT: Duration = Duration::from_secs(2);
 /// How often an idle worker looks for new outputs.
 const IDLE_POLL: Duration = Duration::from_millis(20);
 
@@ -201,11 +203,22 @@ impl Delivery {
                 }
             }
         }
+        // Workers finish their request and record their progress; those that cannot (no quorum
+        // while every node stops at once) are cut off after a bounded wait.
         let _ = stop_tx.send(true);
-        for (_, (_, handle)) in workers {
-            if tokio::time::timeout(Duration::from_secs(5), handle).await.is_err() {
-                tracing::warn!("a delivery worker did not stop in time");
+        let deadline = tokio::time::Instant::now() + STOP_WAIT;
+        let mut late = 0;
+        for (_, (_, mut handle)) in workers {
+            if tokio::time::timeout_at(deadline, &mut handle).await.is_err() {
+                handle.abort();
+                late += 1;
             }
+        }
+        if late > 0 {
+            tracing::warn!(
+                workers = late,
+                "delivery workers did not stop in time; the next leader repeats their last deliveries"
+            );
         }
     }
 
@@ -390,7 +403,13 @@ impl Worker {
         // Stopping (shutdown, lost lease, fenced): record what was delivered if this node may
         // still speak for the shard (a graceful shutdown); otherwise the next leader repeats it.
         if next - 1 > acked && self.delivery.node.delivery_epoch(self.shard) == Some(self.epoch) {
-            self.propose(Command::Ack { cursor: name, upto_seq: next - 1 }).await.map_err(|e| e.to_string())?;
+            let ack = self.propose(Command::Ack { cursor: name, upto_seq: next - 1 });
+            match tokio::time::timeout(STOP_WAIT, ack).await {
+                Ok(r) => {
+                    r.map_err(|e| e.to_string())?;
+                }
+                Err(_) => return Err("the final ack did not commit in time".into()),
+            }
         }
         Ok(())
     }

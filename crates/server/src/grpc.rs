@@ -53,6 +53,12 @@ fn status(code: EventCode, reason: &str, message: String) -> pb::EventStatus {
     pb::EventStatus { code: code as i32, reason: reason.to_owned(), message, ..Default::default() }
 }
 
+/// Outbox entries read per shard per look.
+const SUBSCRIBE_PAGE: usize = 1_000;
+/// A Subscribe message stops growing at about this size (well under gRPC's default 4 MiB
+/// decoding limit, which a lagging subscriber of many shards would otherwise exceed).
+const MAX_SUBSCRIBE_MESSAGE_BYTES: usize = 1 << 20;
+
 /// Most events one `IngestStream` call carries (its statuses are held until the stream ends).
 pub const MAX_EVENTS_PER_STREAM: usize = 100_000;
 
@@ -310,22 +316,34 @@ fn async_stream(
     futures::stream::unfold((node, next, seen), |(node, mut cursor, mut seen)| async move {
         loop {
             let mut outputs = Vec::new();
+            let mut bytes = 0;
             for (shard, from) in cursor.iter_mut() {
+                if bytes >= MAX_SUBSCRIBE_MESSAGE_BYTES {
+                    break;
+                }
                 let Some(group) = node.group(*shard) else { continue };
                 let version = group.version.load(std::sync::atomic::Ordering::Acquire);
                 if seen.get(shard) == Some(&version) {
                     continue;
                 }
-                match group.store.outbox_from(*from, 1_000) {
+                match group.store.outbox_from(*from, SUBSCRIBE_PAGE) {
                     Ok(batch) => {
-                        if let Some(last) = batch.last() {
-                            *from = last.seq + 1;
+                        let page = batch.len();
+                        let mut taken = 0;
+                        for o in &batch {
+                            let out = convert::output(o);
+                            bytes += out.encoded_len();
+                            outputs.push(out);
+                            *from = o.seq + 1;
+                            taken += 1;
+                            if bytes >= MAX_SUBSCRIBE_MESSAGE_BYTES {
+                                break;
+                            }
                         }
-                        // A full page may have more behind it: read again next round.
-                        if batch.len() < 1_000 {
+                        // A full page, or one cut short, may have more behind it: read again.
+                        if page < SUBSCRIBE_PAGE && taken == page {
                             seen.insert(*shard, version);
                         }
-                        outputs.extend(batch.iter().map(convert::output));
                     }
                     Err(e) => return Some((Err(Status::internal(e.to_string())), (node, cursor, seen))),
                 }
