@@ -116,6 +116,10 @@ pub(crate) struct IngestArgs {
     /// Seconds per measured phase (after a 2 s warm-up).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Events per second offered in the latency phase (default: `--load` × the measured
+    /// saturation throughput).
+    #[arg(long)]
+    rate: Option<f64>,
     /// Fraction of the measured throughput offered in the latency phase.
     #[arg(long, default_value_t = 0.5)]
     load: f64,
@@ -240,6 +244,9 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     if args.producers == 0 || args.batch == 0 {
         bail!("--producers and --batch must be at least 1");
     }
+    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        bail!("--rate must be a positive number of events per second");
+    }
     if !(args.load > 0.0 && args.load <= 1.0) {
         bail!("--load must be in (0, 1]");
     }
@@ -292,13 +299,13 @@ async fn ingest_phases(args: &IngestArgs, endpoints: &[String]) -> anyhow::Resul
         sat.failed.load(Ordering::Relaxed),
         fmt_q(&sat_hist)
     ));
-    let offered = throughput * args.load;
+    let offered = args.rate.unwrap_or(throughput * args.load);
     let (half, half_hist, half_secs) =
         run_phase(args, &client, Some(offered), Duration::from_secs(args.seconds)).await?;
     let achieved = half.events.load(Ordering::Relaxed) as f64 / half_secs;
     say(format!(
         "at {:.0}% load ({:.0} events/s offered, {:.0} acked): ack latency {}",
-        args.load * 100.0,
+        100.0 * offered / throughput.max(1.0),
         offered,
         achieved,
         fmt_q(&half_hist)
@@ -334,7 +341,7 @@ async fn ingest_phases(args: &IngestArgs, endpoints: &[String]) -> anyhow::Resul
             "latency": quantiles_ms(&sat_hist),
         },
         "load": {
-            "fraction": args.load,
+            "fraction": offered / throughput.max(1.0),
             "offered_events_per_s": offered.round(),
             "acked_events_per_s": achieved.round(),
             "failed_events": half.failed.load(Ordering::Relaxed),
