@@ -44,6 +44,18 @@ impl Cluster {
 
     /// [`Cluster::start_with`] in a directory the caller prepared (certificates, token files).
     pub fn start_in(dir: tempfile::TempDir, n: usize, shards: u32, streams: &str, extra: &str) -> Cluster {
+        Self::start_env(dir, n, shards, streams, extra, &[])
+    }
+
+    /// [`Cluster::start_in`] with environment variables for the nodes.
+    pub fn start_env(
+        dir: tempfile::TempDir,
+        n: usize,
+        shards: u32,
+        streams: &str,
+        extra: &str,
+        env: &[(String, String)],
+    ) -> Cluster {
         let opts = LocalOptions {
             cluster: "test".into(),
             nodes: n,
@@ -52,6 +64,7 @@ impl Cluster {
             raft: "heartbeat = \"50ms\"\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"".into(),
             log_filter: "info,openraft=warn".into(),
             extra: extra.into(),
+            env: env.to_vec(),
         };
         let mut local = LocalCluster::create(dir.path(), PathBuf::from(COALESCED), &opts).unwrap();
         local.spawn_all().unwrap();

@@ -184,6 +184,7 @@ pub(crate) async fn start_local(args: &LocalArgs, streams: &str) -> anyhow::Resu
         raft: args.raft_toml(),
         log_filter: "warn".into(),
         extra: String::new(),
+        env: Vec::new(),
     };
     LocalCluster::launch(&args.dir, &opts)
 }

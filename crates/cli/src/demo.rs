@@ -86,6 +86,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         raft: String::new(),
         log_filter: "info,openraft=error".into(),
         extra: String::new(),
+        env: Vec::new(),
     };
     let mut cluster = LocalCluster::launch(&args.dir, &opts)?;
     println!(

@@ -61,6 +61,8 @@ pub struct LocalOptions {
     pub log_filter: String,
     /// More node-config tables (e.g. `[tls]`, `[auth]`), appended to every node's config.
     pub extra: String,
+    /// Environment variables for the node processes (e.g. a sink's `url_env`).
+    pub env: Vec<(String, String)>,
 }
 
 /// One node of a local cluster.
@@ -80,6 +82,7 @@ pub struct LocalCluster {
     pub nodes: Vec<LocalNode>,
     bin: PathBuf,
     log_filter: String,
+    env: Vec<(String, String)>,
 }
 
 impl LocalCluster {
@@ -120,7 +123,7 @@ impl LocalCluster {
                 child: None,
             });
         }
-        Ok(Self { dir: dir.to_owned(), nodes, bin, log_filter: opts.log_filter.clone() })
+        Ok(Self { dir: dir.to_owned(), nodes, bin, log_filter: opts.log_filter.clone(), env: opts.env.clone() })
     }
 
     /// Empties `dir` (see [`reset_dir`]; `opts.cluster` names what it is for), writes the
@@ -140,6 +143,7 @@ impl LocalCluster {
             .arg("--config")
             .arg(&node.config)
             .env("RUST_LOG", &self.log_filter)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
