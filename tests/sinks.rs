@@ -322,3 +322,47 @@ async fn debounce_with_max_wait_flushes_steady_and_idle_keys() {
     assert_eq!(idle[0].inputs, 1);
     assert_eq!(idle[0].window_end, idle[0].last_input_at + 300, "an idle key closes when its debounce ends: {idle:?}");
 }
+
+/// A consumer that stays behind bounds the outbox: past `[outbox] max_outputs` the leader refuses
+/// new input with RESOURCE_EXHAUSTED naming the lagging consumer (never silently), and accepts
+/// it again once the consumer acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_consumer_bounds_the_outbox_loudly() {
+    let streams = "[outbox]\nmax_outputs = 20\n\n[sinks.slow]\nkind = \"grpc\"\n\n\
+                   [streams.events]\nmerge = \"count\"\nwindow = { tumbling = \"100ms\" }\nsinks = [\"slow\"]\n";
+    let cluster = Cluster::start(3, 1, streams);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let mut api = cluster.client(0);
+    let send = |keys: std::ops::Range<u32>| pb::IngestRequest {
+        producer_id: 0,
+        events: keys
+            .map(|k| pb::Event { stream: "events".into(), key: format!("k{k}"), ..Default::default() })
+            .collect(),
+    };
+    let r = api.ingest(send(0..30)).await.unwrap().into_inner();
+    assert!(r.statuses.iter().all(|s| s.code == pb::EventCode::Ok as i32), "{r:?}");
+    // 30 outputs once the window closes: more than the 20 the outbox may keep for `slow`.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let r = api.ingest(send(100..101)).await.unwrap().into_inner();
+        let s = r.statuses[0].clone();
+        if s.code == pb::EventCode::ResourceExhausted as i32 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "input still accepted with a full outbox: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(refused.reason, "outbox_full");
+    assert!(refused.message.contains("\"slow\"") && refused.retry_after_ms > 0, "{refused:?}");
+    // The consumer catches up: input is accepted again.
+    let status = cluster.status(0).await.unwrap();
+    let next_seq = status.local_shards[0].next_seq;
+    let leader = cluster.index_of(&status.local_shards[0].leader).unwrap();
+    cluster
+        .client(leader)
+        .ack(pb::AckRequest { consumer: "slow".into(), shard: 0, upto_seq: next_seq - 1 })
+        .await
+        .unwrap();
+    let r = api.ingest(send(200..201)).await.unwrap().into_inner();
+    assert_eq!(r.statuses[0].code, pb::EventCode::Ok as i32, "{r:?}");
+}

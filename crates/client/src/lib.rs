@@ -478,7 +478,7 @@ fn is_retryable(s: &EventStatus) -> bool {
     let code = s.code;
     code == EventCode::Unavailable as i32
         || code == EventCode::Unknown as i32
-        || (code == EventCode::ResourceExhausted as i32 && s.reason == "buffer_full")
+        || (code == EventCode::ResourceExhausted as i32 && (s.reason == "buffer_full" || s.reason == "outbox_full"))
 }
 
 /// An idempotent producer lane (see the crate docs).

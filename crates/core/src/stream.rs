@@ -52,6 +52,27 @@ impl OverflowPolicy {
     }
 }
 
+/// Per-shard outbox limit: outputs kept for consumers that have not acknowledged them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxLimits {
+    /// When a shard keeps more outputs than this (a sink or durable subscriber is behind),
+    /// its leader refuses new input with RESOURCE_EXHAUSTED naming the lagging consumer,
+    /// instead of growing the outbox without bound.
+    #[serde(default = "default_max_outputs")]
+    pub max_outputs: u64,
+}
+
+fn default_max_outputs() -> u64 {
+    1_000_000
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        Self { max_outputs: default_max_outputs() }
+    }
+}
+
 /// Per-shard buffer limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,6 +182,8 @@ pub struct StreamsFile {
     #[serde(default)]
     pub limits: ShardLimits,
     #[serde(default)]
+    pub outbox: OutboxLimits,
+    #[serde(default)]
     pub sinks: BTreeMap<String, SinkDecl>,
     #[serde(default)]
     pub streams: BTreeMap<String, StreamConfig>,
@@ -219,12 +242,28 @@ impl StreamConfig {
 pub struct StreamTable {
     streams: BTreeMap<String, Arc<StreamDef>>,
     limits: ShardLimits,
+    outbox: OutboxLimits,
 }
 
 impl StreamTable {
     /// Builds a table from definitions.
     pub fn new(defs: impl IntoIterator<Item = StreamDef>, limits: ShardLimits) -> Self {
-        Self { streams: defs.into_iter().map(|d| (d.name.clone(), Arc::new(d))).collect(), limits }
+        Self {
+            streams: defs.into_iter().map(|d| (d.name.clone(), Arc::new(d))).collect(),
+            limits,
+            outbox: OutboxLimits::default(),
+        }
+    }
+
+    /// This table with an outbox limit.
+    pub fn with_outbox(mut self, outbox: OutboxLimits) -> Self {
+        self.outbox = outbox;
+        self
+    }
+
+    /// The per-shard outbox limit.
+    pub fn outbox(&self) -> OutboxLimits {
+        self.outbox
     }
 
     /// The stream called `name`.
@@ -281,7 +320,13 @@ impl StreamsFile {
         }
         let exists = |s: &str| self.sinks.contains_key(s);
         let defs = self.streams.iter().map(|(name, cfg)| cfg.validate(name, &exists)).collect::<Result<Vec<_>, _>>()?;
-        Ok(StreamTable::new(defs, self.limits))
+        if self.outbox.max_outputs == 0 {
+            return Err(ConfigError::Global {
+                field: "outbox.max_outputs".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(StreamTable::new(defs, self.limits).with_outbox(self.outbox))
     }
 }
 

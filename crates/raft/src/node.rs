@@ -149,6 +149,11 @@ pub enum ProposeError {
     Unreachable { shard: ShardId, detail: String },
     #[error("{node:?} is not a replica of shard {shard}")]
     NotReplica { shard: ShardId, node: String },
+    #[error(
+        "shard {shard} keeps {kept} outputs, the limit is {max}: consumer {lagging:?} is behind (deliver or ack \
+         its outputs, or purge the consumer); retry after {retry_after_ms} ms"
+    )]
+    OutboxFull { shard: ShardId, kept: u64, max: u64, lagging: String, retry_after_ms: u64 },
 }
 
 /// A node's view of one shard group.
@@ -568,6 +573,16 @@ impl RaftNode {
         let shard = group.shard;
         let mut rules = BTreeMap::new();
         let fatal = |e: coalesce_storage::StorageError| ProposeError::Fatal { shard, detail: e.to_string() };
+        // A consumer that stays behind bounds the outbox: refuse input, loudly, rather than
+        // grow it without limit.
+        let outbox = crate::state_machine::load_outbox(&group.store).map_err(fatal)?;
+        let kept = outbox.next_seq.saturating_sub(outbox.low);
+        let max = self.streams.outbox().max_outputs;
+        if kept > max {
+            let lagging =
+                outbox.cursors.iter().min_by_key(|(_, acked)| **acked).map(|(c, _)| c.clone()).unwrap_or_default();
+            return Err(ProposeError::OutboxFull { shard, kept, max, lagging, retry_after_ms: 1_000 });
+        }
         // Keys of `reject` streams may be refused when the buffer is full. First assume every
         // one is new: if even that fits, no key needs looking up (the common case).
         let mut gated = Vec::new();

@@ -71,6 +71,11 @@ fn failure(e: &ProposeError) -> pb::EventStatus {
             s
         }
         ProposeError::UnknownStream { .. } => status(EventCode::NotFound, "unknown_stream", e.to_string()),
+        ProposeError::OutboxFull { retry_after_ms, .. } => {
+            let mut s = status(EventCode::ResourceExhausted, "outbox_full", e.to_string());
+            s.retry_after_ms = *retry_after_ms;
+            s
+        }
         ProposeError::Unknown(_) => status(EventCode::Unknown, "outcome_unknown", e.to_string()),
         ProposeError::NotLeader { leader, .. } => {
             let mut s = status(EventCode::Unavailable, "not_leader", e.to_string());
@@ -90,6 +95,7 @@ fn failure(e: &ProposeError) -> pb::EventStatus {
     };
     if let ProposeError::NotLeader { shard, .. }
     | ProposeError::BufferFull { shard, .. }
+    | ProposeError::OutboxFull { shard, .. }
     | ProposeError::UnknownStream { shard, .. }
     | ProposeError::Unreachable { shard, .. }
     | ProposeError::Fatal { shard, .. } = e
