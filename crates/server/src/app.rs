@@ -34,6 +34,13 @@ use crate::security::AuthLayer;
 /// How long shutdown may take before the process gives up on a clean hand-off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
+/// The gRPC decoding limit of the client port: twice the request limit, so a request somewhat
+/// over it still reaches the handler and is refused with INVALID_ARGUMENT naming the limit;
+/// anything larger is cut off by gRPC (OUT_OF_RANGE) before it is held in memory.
+fn decode_limit(max_request_bytes: usize) -> usize {
+    max_request_bytes.saturating_mul(2).saturating_add(1024)
+}
+
 /// Addresses a running node listens on.
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
@@ -115,7 +122,7 @@ pub async fn run(
             .add_service(AdminServer::new(AdminService::new(node.clone(), delivery.clone(), leases.clone())))
             .add_service(
                 CoalesceServer::new(CoalesceService::new(node.clone(), cfg.api, delivery.clone()))
-                    .max_decoding_message_size(cfg.api.max_request_bytes + 1024),
+                    .max_decoding_message_size(decode_limit(cfg.api.max_request_bytes)),
             )
             .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), wait(stop_client_rx)),
     );
