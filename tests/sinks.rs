@@ -365,4 +365,55 @@ async fn a_lagging_consumer_bounds_the_outbox_loudly() {
         .unwrap();
     let r = api.ingest(send(200..201)).await.unwrap().into_inner();
     assert_eq!(r.statuses[0].code, pb::EventCode::Ok as i32, "{r:?}");
+
+    // A subscriber that acked once and went away holds the outbox the same way, until an
+    // operator drops its cursor.
+    cluster
+        .client(leader)
+        .ack(pb::AckRequest { consumer: "gone".into(), shard: 0, upto_seq: next_seq - 1 })
+        .await
+        .unwrap();
+    let r = api.ingest(send(300..330)).await.unwrap().into_inner();
+    assert!(r.statuses.iter().all(|s| s.code == pb::EventCode::Ok as i32), "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // `slow` keeps up; `gone` does not.
+        let st = cluster.status(0).await.unwrap();
+        let _ = cluster
+            .client(leader)
+            .ack(pb::AckRequest { consumer: "slow".into(), shard: 0, upto_seq: st.local_shards[0].next_seq - 1 })
+            .await;
+        let r = api.ingest(send(400..401)).await.unwrap().into_inner();
+        if r.statuses[0].code == pb::EventCode::ResourceExhausted as i32 {
+            assert!(r.statuses[0].message.contains("\"gone\""), "{r:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the abandoned cursor never filled the outbox");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", cluster.local.nodes[0].client_addr))
+        .unwrap()
+        .connect_lazy();
+    let dropped = AdminClient::new(ch)
+        .drop_consumer(pb::DropConsumerRequest { consumer: "gone".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dropped.shards, vec![0]);
+    // With `gone` dropped, only `slow` (which keeps acking) holds outputs: input is accepted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = cluster.status(0).await.unwrap();
+        let _ = cluster
+            .client(leader)
+            .ack(pb::AckRequest { consumer: "slow".into(), shard: 0, upto_seq: st.local_shards[0].next_seq - 1 })
+            .await;
+        let r = api.ingest(send(500..501)).await.unwrap().into_inner();
+        if r.statuses[0].code == pb::EventCode::Ok as i32 {
+            break;
+        }
+        assert!(!r.statuses[0].message.contains("\"gone\""), "the dropped cursor is gone: {r:?}");
+        assert!(Instant::now() < deadline, "dropping the cursor made no room: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

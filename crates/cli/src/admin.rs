@@ -182,3 +182,14 @@ pub(crate) async fn drain(addr: &str, undrain: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `coalescectl drop-consumer`.
+pub(crate) async fn drop_consumer(addr: &str, consumer: String) -> anyhow::Result<()> {
+    let r = admin(addr)?
+        .drop_consumer(pb::DropConsumerRequest { consumer: consumer.clone() })
+        .await
+        .with_context(|| format!("asking {addr}"))?
+        .into_inner();
+    println!("{consumer}: cursor dropped on {} shards {:?}", r.shards.len(), r.shards);
+    Ok(())
+}

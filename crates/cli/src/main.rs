@@ -72,6 +72,11 @@ enum Cmd {
         #[arg(long)]
         reset: bool,
     },
+    /// Forget an abandoned subscriber's cursor, so it no longer holds outputs in the outboxes.
+    DropConsumer {
+        /// The consumer name it subscribed and acked with.
+        consumer: String,
+    },
     /// Move leadership of every shard away from the node at --addr and keep it away (e.g.
     /// before maintenance); `--undrain` ends it.
     Drain {
@@ -139,6 +144,7 @@ fn main() {
             Cmd::Streams => admin::streams(&cli.addr).await,
             Cmd::TransferLeader { shard, to, reset: _ } => admin::transfer_leader(&cli.addr, shard, to).await,
             Cmd::Drain { undrain } => admin::drain(&cli.addr, undrain).await,
+            Cmd::DropConsumer { consumer } => admin::drop_consumer(&cli.addr, consumer).await,
             Cmd::Dlq(cmd) => dlq::run(&cli.addr, cmd).await,
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Bench(cmd) => bench::run(cmd).await,

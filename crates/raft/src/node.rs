@@ -578,12 +578,13 @@ impl RaftNode {
         let outbox = crate::state_machine::load_outbox(&group.store).map_err(fatal)?;
         let kept = outbox.next_seq.saturating_sub(outbox.low);
         let max = self.streams.outbox().max_outputs;
-        if kept > max {
-            let lagging =
-                outbox.cursors.iter().min_by_key(|(_, acked)| **acked).map(|(c, _)| c.clone()).unwrap_or_default();
+        // (Without any consumer nothing waits on the outbox, and nothing is refused.)
+        if kept > max
+            && let Some((lagging, _)) = outbox.cursors.iter().min_by_key(|(_, acked)| **acked)
+        {
+            let lagging = lagging.clone();
             return Err(ProposeError::OutboxFull { shard, kept, max, lagging, retry_after_ms: 1_000 });
-        }
-        // Keys of `reject` streams may be refused when the buffer is full. First assume every
+        } // Keys of `reject` streams may be refused when the buffer is full. First assume every
         // one is new: if even that fits, no key needs looking up (the common case).
         let mut gated = Vec::new();
         for (key, partial) in groups.iter().flat_map(|g| g.partials.iter()) {

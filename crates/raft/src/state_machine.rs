@@ -202,12 +202,17 @@ impl ShardStateMachine {
         let upto = upto_seq.min(self.outbox.next_seq.saturating_sub(1));
         let c = self.outbox.cursors.entry(cursor).or_insert(0);
         *c = (*c).max(upto);
+        self.trim(batch);
+        Response::Acked { trimmed_below: self.outbox.low }
+    }
+
+    /// Deletes outputs every cursor has acknowledged.
+    fn trim(&mut self, batch: &mut ApplyBatch<'_>) {
         let low = self.outbox.cursors.values().min().map_or(self.outbox.low, |m| m + 1);
         if low > self.outbox.low {
             batch.outbox_trim(self.outbox.low, low);
             self.outbox.low = low;
         }
-        Response::Acked { trimmed_below: self.outbox.low }
     }
 
     /// Applies `entries` (consecutive, committed) in one atomic RocksDB write and returns their
@@ -261,6 +266,11 @@ impl ShardStateMachine {
                     batch.dlq_put(letter)?;
                 }
                 self.apply_ack(batch, cursor, upto_seq)
+            }
+            EntryPayload::Normal(Command::DropCursor { cursor }) => {
+                self.outbox.cursors.remove(&cursor);
+                self.trim(batch);
+                Response::Acked { trimmed_below: self.outbox.low }
             }
             EntryPayload::Normal(Command::SetPreferredLeader { node }) => {
                 batch.sm_meta_put(SmMetaTag::PreferredLeader, encode("preferred leader", &node)?);

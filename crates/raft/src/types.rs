@@ -60,6 +60,8 @@ pub enum Command {
     /// Sets (or with `None` clears) the replica that leader balancing keeps the shard's
     /// leadership on, instead of the first of its placement.
     SetPreferredLeader { node: Option<String> },
+    /// Forgets a consumer's cursor (an abandoned subscriber), so it no longer holds outputs.
+    DropCursor { cursor: String },
 }
 
 impl fmt::Display for Command {
@@ -73,6 +75,7 @@ impl fmt::Display for Command {
             }
             Command::DlqRemove { sink, seqs } => write!(f, "dlq_remove({sink}, {})", seqs.len()),
             Command::SetPreferredLeader { node } => write!(f, "set_preferred_leader({node:?})"),
+            Command::DropCursor { cursor } => write!(f, "drop_cursor({cursor})"),
         }
     }
 }

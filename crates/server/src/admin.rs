@@ -298,4 +298,32 @@ impl pb::admin_server::Admin for AdminService {
         };
         Ok(Response::new(pb::DrainResponse { node: self.node.me().name.clone(), still_leading }))
     }
+
+    async fn drop_consumer(
+        &self,
+        request: Request<pb::DropConsumerRequest>,
+    ) -> Result<Response<pb::DropConsumerResponse>, Status> {
+        let consumer = request.into_inner().consumer;
+        if consumer.is_empty() {
+            return Err(Status::invalid_argument("consumer: must not be empty"));
+        }
+        if self.delivery.sinks().iter().any(|(c, _)| c.name == consumer) {
+            return Err(Status::failed_precondition(format!(
+                "consumer: {consumer:?} is a configured sink; remove it from the streams file instead"
+            )));
+        }
+        let mut shards = Vec::new();
+        for g in self.node.groups() {
+            let outbox = load_outbox(&g.store).map_err(|e| Status::internal(e.to_string()))?;
+            if !outbox.cursors.contains_key(&consumer) {
+                continue;
+            }
+            self.node
+                .submit_command(g.shard, Command::DropCursor { cursor: consumer.clone() })
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            shards.push(g.shard);
+        }
+        Ok(Response::new(pb::DropConsumerResponse { shards }))
+    }
 }

@@ -273,10 +273,19 @@ impl PostgresSink {
             }
         });
         if self.params.create_table {
+            // Nodes create the tables concurrently; PostgreSQL's CREATE TABLE IF NOT EXISTS can
+            // then fail with a duplicate catalog entry. A transaction-scoped advisory lock
+            // serializes them, and any error here is retried (never a refusal of the outputs).
             self.created
                 .get_or_try_init(|| async {
-                    client.batch_execute(FENCE_DDL).await.map_err(classify)?;
-                    client.batch_execute(&target_ddl(&self.params.table, self.params.mode)).await.map_err(classify)
+                    let ddl = format!(
+                        "BEGIN; SELECT pg_advisory_xact_lock(7336455); {FENCE_DDL}; {}; COMMIT",
+                        target_ddl(&self.params.table, self.params.mode)
+                    );
+                    client
+                        .batch_execute(&ddl)
+                        .await
+                        .map_err(|e| DeliveryError::transient(format!("creating tables: {e}")))
                 })
                 .await?;
         }
