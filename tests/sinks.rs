@@ -375,22 +375,10 @@ async fn a_lagging_consumer_bounds_the_outbox_loudly() {
         .unwrap();
     let r = api.ingest(send(300..330)).await.unwrap().into_inner();
     assert!(r.statuses.iter().all(|s| s.code == pb::EventCode::Ok as i32), "{r:?}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        // `slow` keeps up; `gone` does not.
-        let st = cluster.status(0).await.unwrap();
-        let _ = cluster
-            .client(leader)
-            .ack(pb::AckRequest { consumer: "slow".into(), shard: 0, upto_seq: st.local_shards[0].next_seq - 1 })
-            .await;
-        let r = api.ingest(send(400..401)).await.unwrap().into_inner();
-        if r.statuses[0].code == pb::EventCode::ResourceExhausted as i32 {
-            assert!(r.statuses[0].message.contains("\"gone\""), "{r:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the abandoned cursor never filled the outbox");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // `slow` keeps up; `gone` does not.
+    let r = ingest_while_slow_keeps_up(&cluster, leader, send(400..401), |s| s.code != pb::EventCode::Ok as i32).await;
+    assert_eq!(r.reason, "outbox_full");
+    assert!(r.message.contains("\"gone\""), "{r:?}");
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", cluster.local.nodes[0].client_addr))
         .unwrap()
         .connect_lazy();
@@ -401,19 +389,28 @@ async fn a_lagging_consumer_bounds_the_outbox_loudly() {
         .into_inner();
     assert_eq!(dropped.shards, vec![0]);
     // With `gone` dropped, only `slow` (which keeps acking) holds outputs: input is accepted.
+    let r = ingest_while_slow_keeps_up(&cluster, leader, send(500..501), |s| s.code == pb::EventCode::Ok as i32).await;
+    assert!(!r.message.contains("\"gone\""), "the dropped cursor is gone: {r:?}");
+}
+
+/// Acks everything for `slow` and sends `req` until its first status satisfies `done` (within
+/// 20 s); returns that status.
+async fn ingest_while_slow_keeps_up(
+    cluster: &Cluster,
+    leader: usize,
+    req: pb::IngestRequest,
+    done: impl Fn(&pb::EventStatus) -> bool,
+) -> pb::EventStatus {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let st = cluster.status(0).await.unwrap();
-        let _ = cluster
-            .client(leader)
-            .ack(pb::AckRequest { consumer: "slow".into(), shard: 0, upto_seq: st.local_shards[0].next_seq - 1 })
-            .await;
-        let r = api.ingest(send(500..501)).await.unwrap().into_inner();
-        if r.statuses[0].code == pb::EventCode::Ok as i32 {
-            break;
+        let upto_seq = st.local_shards[0].next_seq - 1;
+        let _ = cluster.client(leader).ack(pb::AckRequest { consumer: "slow".into(), shard: 0, upto_seq }).await;
+        let s = cluster.client(0).ingest(req.clone()).await.unwrap().into_inner().statuses[0].clone();
+        if done(&s) {
+            return s;
         }
-        assert!(!r.statuses[0].message.contains("\"gone\""), "the dropped cursor is gone: {r:?}");
-        assert!(Instant::now() < deadline, "dropping the cursor made no room: {r:?}");
+        assert!(Instant::now() < deadline, "no change within 20 s: {s:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
