@@ -34,9 +34,7 @@ async fn sums_are_exact_across_repeated_leader_kills() {
     let mut failovers = Vec::new();
     for kill in 0..10 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..700))).await;
-        let leaders = cluster.wait_ready(Duration::from_secs(30)).await;
-        let shard = rng.random_range(0..SHARDS);
-        let victim = cluster.index_of(&leaders[&shard]).unwrap();
+        let (shard, victim) = cluster.random_leader(&mut rng).await;
         cluster.kill(victim);
         let t = Instant::now();
         loop {
@@ -105,9 +103,7 @@ async fn a_paused_leader_never_seals_with_its_old_epoch() {
     let producer = tokio::spawn(produce(clients, seed, stop.clone()));
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..800))).await;
-        let leaders = cluster.wait_ready(Duration::from_secs(30)).await;
-        let shard = rng.random_range(0..SHARDS);
-        let zombie = cluster.index_of(&leaders[&shard]).unwrap();
+        let (shard, zombie) = cluster.random_leader(&mut rng).await;
         cluster.signal(zombie, "STOP");
         // Wait for the others to elect a new leader, let it work, then wake the zombie.
         let t = Instant::now();

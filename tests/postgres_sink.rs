@@ -54,10 +54,8 @@ async fn totals_in_postgres_are_exact_across_leader_kills_during_delivery() {
     let producer = tokio::spawn(produce(clients, seed, stop.clone()));
     for kill in 0..4 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(400..900))).await;
-        let leaders = cluster.wait_ready(Duration::from_secs(30)).await;
-        let shard = rng.random_range(0..SHARDS);
-        let victim = cluster.index_of(&leaders[&shard]).unwrap();
-        eprintln!("kill {kill}: SIGKILL {} (leader of shard {shard})", leaders[&shard]);
+        let (shard, victim) = cluster.random_leader(&mut rng).await;
+        eprintln!("kill {kill}: SIGKILL {} (leader of shard {shard})", cluster.local.nodes[victim].name);
         cluster.kill(victim);
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..1200))).await;
         cluster.spawn(victim);

@@ -160,6 +160,13 @@ impl Cluster {
         }
     }
 
+    /// A shard chosen by `rng` and the index of its leader, once every shard has one.
+    pub async fn random_leader(&self, rng: &mut StdRng) -> (u32, usize) {
+        let leaders = self.wait_ready(Duration::from_secs(30)).await;
+        let shard = rng.random_range(0..self.shards);
+        (shard, self.index_of(&leaders[&shard]).unwrap())
+    }
+
     /// Prints errors and the tail of every node's log (on failure).
     pub fn dump_logs(&self) {
         for n in &self.local.nodes {
