@@ -4,8 +4,9 @@
 set -euo pipefail
 
 # System packages: libclang for RocksDB's bindgen; a PostgreSQL server for the Postgres sink's
-# tests (they run their own throw-away instance, tests/harness/postgres.rs).
-APT_PACKAGES=(libclang-dev postgresql)
+# tests (they run their own throw-away instance, tests/harness/postgres.rs); Prometheus and
+# promtool for the observability test (tests/observability.rs).
+APT_PACKAGES=(libclang-dev postgresql prometheus)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -30,4 +31,11 @@ if ! "$VENV/bin/python" -c "import grpc_tools, grpc" >/dev/null 2>&1; then
   echo "setup: creating $VENV with grpcio-tools"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "grpcio==1.85.*" "grpcio-tools==1.85.*"
+fi
+
+# kubernetes-validate (with PyYAML) in the same venv, for deploy/check.py: the Kubernetes
+# manifests are validated offline against the API schemas (scripts/test.sh runs it).
+if ! "$VENV/bin/python" -c "import kubernetes_validate, yaml" >/dev/null 2>&1; then
+  echo "setup: installing kubernetes-validate into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.*"
 fi

@@ -56,15 +56,38 @@ impl Cluster {
         extra: &str,
         env: &[(String, String)],
     ) -> Cluster {
+        Self::start_opts(dir, n, shards, streams, extra, env, false)
+    }
+
+    /// [`Cluster::start`] with peer traffic through cuttable links, for [`Cluster::isolate`].
+    pub fn start_partitionable(n: usize, shards: u32, streams: &str) -> Cluster {
+        Self::start_opts(tempfile::tempdir().unwrap(), n, shards, streams, "", &[], true)
+    }
+
+    /// Cuts node `i` off from its peers (its clients still reach it), or heals it.
+    pub fn isolate(&self, i: usize, cut: bool) {
+        self.local.isolate(i, cut).unwrap();
+    }
+
+    fn start_opts(
+        dir: tempfile::TempDir,
+        n: usize,
+        shards: u32,
+        streams: &str,
+        extra: &str,
+        env: &[(String, String)],
+        proxied: bool,
+    ) -> Cluster {
         let opts = LocalOptions {
             cluster: "test".into(),
             nodes: n,
             shards,
             streams: streams.into(),
             raft: "heartbeat = \"50ms\"\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"".into(),
-            log_filter: "info,openraft=warn".into(),
+            log_filter: std::env::var("COALESCE_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
             extra: extra.into(),
             env: env.to_vec(),
+            proxied,
         };
         let mut local = LocalCluster::create(dir.path(), PathBuf::from(COALESCED), &opts).unwrap();
         local.spawn_all().unwrap();
@@ -172,7 +195,7 @@ impl Cluster {
         for n in &self.local.nodes {
             let text = std::fs::read_to_string(&n.log).unwrap_or_default();
             eprintln!("==== {} ({}) ====", n.name, n.log.display());
-            for l in text.lines().filter(|l| l.contains("panicked") || l.contains("ERROR")).take(10) {
+            for l in text.lines().filter(|l| l.contains("panicked") || l.contains("ERROR") || l.starts_with("Error:")).take(10) {
                 eprintln!("!! {l}");
             }
             let tail: Vec<&str> = text.lines().rev().take(40).collect();

@@ -185,6 +185,7 @@ pub(crate) async fn start_local(args: &LocalArgs, streams: &str) -> anyhow::Resu
         log_filter: "warn".into(),
         extra: String::new(),
         env: Vec::new(),
+        proxied: false,
     };
     LocalCluster::launch(&args.dir, &opts)
 }

@@ -87,6 +87,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         log_filter: "info,openraft=error".into(),
         extra: String::new(),
         env: Vec::new(),
+        proxied: false,
     };
     let mut cluster = LocalCluster::launch(&args.dir, &opts)?;
     println!(

@@ -1,12 +1,17 @@
 //! # coalesce-cli — `coalescectl` and the local cluster
 //!
+//! - [`chaos`]: `coalescectl chaos run`: game days on a local cluster (load, kills, pauses,
+//!   partitions), checked and reported by `coalesce-chaos`.
 //! - [`local`]: a cluster of real `coalesced` processes on loopback (configs, processes,
 //!   signals, graceful stop), used by `coalescectl demo` and by the multi-process tests.
+//! - [`netproxy`]: cuttable TCP links between local nodes, for real partitions on loopback.
 //! - [`pg`]: a throw-away PostgreSQL server (for the Postgres sink's tests and benchmark).
 //!
 //! The binary talks to nodes over the client API only (generated from `proto/`).
 //! Libraries: clap (flags), tonic (gRPC), nix (signals), rand/rand_distr (demo load),
 //! tokio-postgres and tempfile (the throw-away PostgreSQL).
 
+pub mod chaos;
 pub mod local;
+pub mod netproxy;
 pub mod pg;

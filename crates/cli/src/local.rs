@@ -10,12 +10,26 @@ pub use nix::sys::signal::Signal;
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 
+use crate::netproxy::Links;
+
 /// A free loopback port, chosen below the kernel's ephemeral range (32768+ by default) so no
-/// outgoing connection can take it between this check and the node binding it.
+/// outgoing connection can take it between this check and the node binding it, and reserved
+/// for the life of this process by an advisory lock on `$TMPDIR/coalesce-ports/<port>`: every
+/// caller on the machine (parallel test processes, a demo) skips ports another one holds, so
+/// two clusters never get the same port even while a node is down between restarts.
 pub fn free_port() -> u16 {
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("coalesce-ports");
+    let _ = std::fs::create_dir_all(&dir);
     loop {
         let port = 20_000 + (rand::random::<u16>() % 12_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        // A lock is per open file: a second open in this process conflicts too. Without a
+        // writable temp directory only the bind check is left.
+        let lock =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(port.to_string())).ok();
+        let reserved = lock.as_ref().is_none_or(|f| f.try_lock().is_ok());
+        if reserved && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(lock);
             return port;
         }
     }
@@ -63,6 +77,9 @@ pub struct LocalOptions {
     pub extra: String,
     /// Environment variables for the node processes (e.g. a sink's `url_env`).
     pub env: Vec<(String, String)>,
+    /// Route peer traffic through cuttable links ([`crate::netproxy`]) so partitions can be
+    /// made ([`LocalCluster::isolate`]).
+    pub proxied: bool,
 }
 
 /// One node of a local cluster.
@@ -71,6 +88,8 @@ pub struct LocalNode {
     pub name: String,
     pub config: PathBuf,
     pub client_addr: String,
+    /// The HTTP port (`/metrics`, `/livez`, `/readyz`).
+    pub http_addr: String,
     pub log: PathBuf,
     pub child: Option<Child>,
 }
@@ -83,6 +102,7 @@ pub struct LocalCluster {
     bin: PathBuf,
     log_filter: String,
     env: Vec<(String, String)>,
+    links: Option<Links>,
 }
 
 impl LocalCluster {
@@ -90,28 +110,46 @@ impl LocalCluster {
     pub fn create(dir: &Path, bin: PathBuf, opts: &LocalOptions) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::write(dir.join("streams.toml"), &opts.streams)?;
-        let ports: Vec<(u16, u16)> = (0..opts.nodes).map(|_| (free_port(), free_port())).collect();
-        let members: String = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (p, c))| {
-                format!("[[cluster.nodes]]\nname = \"coalesce-{i}\"\npeer = \"127.0.0.1:{p}\"\nclient = \"127.0.0.1:{c}\"\n\n")
-            })
-            .collect();
+        let ports: Vec<(u16, u16, u16)> = (0..opts.nodes).map(|_| (free_port(), free_port(), free_port())).collect();
+        let links = if opts.proxied {
+            let targets: Vec<std::net::SocketAddr> =
+                ports.iter().map(|(p, _, _)| std::net::SocketAddr::from(([127, 0, 0, 1], *p))).collect();
+            Some(Links::start(&targets)?)
+        } else {
+            None
+        };
+        // Node `me`'s view of the members: through its links when proxied.
+        let members = |me: usize| -> String {
+            ports
+                .iter()
+                .enumerate()
+                .map(|(i, (p, c, _))| {
+                    let peer = links
+                        .as_ref()
+                        .and_then(|l| l.addr(me, i))
+                        .map_or_else(|| format!("127.0.0.1:{p}"), |a| a.to_string());
+                    format!(
+                        "[[cluster.nodes]]\nname = \"coalesce-{i}\"\npeer = \"{peer}\"\nclient = \"127.0.0.1:{c}\"\n\n"
+                    )
+                })
+                .collect()
+        };
         let mut nodes = Vec::new();
-        for (i, (peer, client)) in ports.iter().enumerate() {
+        for (i, (peer, client, http)) in ports.iter().enumerate() {
             let config = dir.join(format!("node-{i}.toml"));
             std::fs::write(
                 &config,
                 format!(
                     "streams_file = \"streams.toml\"\n\n[node]\nname = \"coalesce-{i}\"\ndata_dir = \"{}\"\n\
-                     peer_listen = \"127.0.0.1:{peer}\"\nclient_listen = \"127.0.0.1:{client}\"\n\n\
-                     [raft]\n{}\n\n[cluster]\nname = \"{}\"\nshards = {}\nreplication = {}\n\n{members}\n{}",
+                     peer_listen = \"127.0.0.1:{peer}\"\nclient_listen = \"127.0.0.1:{client}\"\n\
+                     http_listen = \"127.0.0.1:{http}\"\n\n\
+                     [raft]\n{}\n\n[cluster]\nname = \"{}\"\nshards = {}\nreplication = {}\n\n{}\n{}",
                     dir.join(format!("data-{i}")).display(),
                     opts.raft,
                     opts.cluster,
                     opts.shards,
                     opts.nodes.min(3),
+                    members(i),
                     opts.extra
                 ),
             )?;
@@ -119,11 +157,12 @@ impl LocalCluster {
                 name: format!("coalesce-{i}"),
                 config,
                 client_addr: format!("127.0.0.1:{client}"),
+                http_addr: format!("127.0.0.1:{http}"),
                 log: dir.join(format!("node-{i}.log")),
                 child: None,
             });
         }
-        Ok(Self { dir: dir.to_owned(), nodes, bin, log_filter: opts.log_filter.clone(), env: opts.env.clone() })
+        Ok(Self { dir: dir.to_owned(), nodes, bin, log_filter: opts.log_filter.clone(), env: opts.env.clone(), links })
     }
 
     /// Empties `dir` (see [`reset_dir`]; `opts.cluster` names what it is for), writes the
@@ -156,6 +195,25 @@ impl LocalCluster {
     /// Starts every node.
     pub fn spawn_all(&mut self) -> anyhow::Result<()> {
         (0..self.nodes.len()).try_for_each(|i| self.spawn(i))
+    }
+
+    /// Cuts node `i` off from its peers (or heals it); needs a cluster made with
+    /// [`LocalOptions::proxied`]. Clients still reach it.
+    pub fn isolate(&self, i: usize, cut: bool) -> anyhow::Result<()> {
+        match &self.links {
+            Some(l) => {
+                l.isolate(i, cut);
+                Ok(())
+            }
+            None => bail!("this local cluster was not started with proxied peer links"),
+        }
+    }
+
+    /// Heals every partition.
+    pub fn heal_all(&self) {
+        if let Some(l) = &self.links {
+            l.heal_all();
+        }
     }
 
     /// Whether node `i` has a process.

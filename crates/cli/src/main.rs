@@ -92,6 +92,10 @@ enum Cmd {
     /// Benchmarks that print numbers: ingest throughput and ack latency, failover time.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Game days: kill, pause and partition shard leaders under load on a local cluster, then
+    /// check the invariants and write a report (exit 1 on any violation).
+    #[command(subcommand)]
+    Chaos(coalesce_cli::chaos::ChaosCmd),
 }
 
 /// How to reach the nodes (TLS, token), from the global flags.
@@ -148,6 +152,7 @@ fn main() {
             Cmd::Dlq(cmd) => dlq::run(&cli.addr, cmd).await,
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Bench(cmd) => bench::run(cmd).await,
+            Cmd::Chaos(cmd) => coalesce_cli::chaos::run(cmd).await,
         }
     });
     if let Err(e) = result {

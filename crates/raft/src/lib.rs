@@ -10,13 +10,16 @@
 //! - [`state_machine`]: applying Ingest/Seal/Ack deterministically; snapshots.
 //! - [`network`]: the peer transport (tonic, one channel per peer, real pre-vote and
 //!   leadership transfer).
+//! - [`metrics`]: Prometheus metrics of the shards (stream inputs/outputs, commit latency).
 //! - [`node`]: a node's groups — placement, bootstrap, proposals, the window scheduler,
 //!   graceful hand-off — and the peer gRPC service.
 //!
 //! Depends on `coalesce-core`, `coalesce-storage` and `coalesce-proto`; not on the server.
 
 pub mod codec;
+pub mod failpoints;
 pub mod log_store;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod state_machine;

@@ -38,12 +38,28 @@ pub struct Channels {
     by_addr: Mutex<HashMap<String, Channel>>,
     /// Mutual TLS towards peers (CA and this node's certificate), when configured.
     tls: Option<ClientTlsConfig>,
+    /// This node's own view of where each peer (by name) listens: its config's peer list.
+    addrs: HashMap<String, String>,
 }
 
 impl Channels {
-    /// Channels that speak TLS (with this node's client certificate) when `tls` is set.
-    pub fn new(tls: Option<ClientTlsConfig>) -> Self {
-        Self { by_addr: Mutex::default(), tls }
+    /// Channels that speak TLS (with this node's client certificate) when `tls` is set, to the
+    /// peers at `addrs` (name → `host:port`).
+    pub fn new(tls: Option<ClientTlsConfig>, addrs: HashMap<String, String>) -> Self {
+        Self { by_addr: Mutex::default(), tls, addrs }
+    }
+
+    /// Where this node dials `node`: the address its own config gives for that name. The
+    /// address stored in a group's membership is the view of whichever node wrote it; peers
+    /// may reach each other differently (NAT, per-node DNS, a changed address after a
+    /// restart, the cuttable links of a local test cluster). Unknown names fall back to it.
+    pub fn addr_of<'a>(&'a self, node: &'a PeerNode) -> &'a str {
+        self.addrs.get(&node.name).map_or(node.peer_addr.as_str(), String::as_str)
+    }
+
+    /// The channel to `node` (see [`Channels::addr_of`]).
+    pub fn for_peer(&self, node: &PeerNode) -> Result<Channel, String> {
+        self.get(self.addr_of(node))
     }
 
     /// The channel to `addr` (`host:port`), created on first use.
@@ -90,8 +106,8 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
         GroupClient {
             group: self.group,
             target,
-            addr: node.peer_addr.clone(),
-            client: self.channels.get(&node.peer_addr).map(RaftPeerClient::new),
+            addr: self.channels.addr_of(node).to_owned(),
+            client: self.channels.for_peer(node).map(RaftPeerClient::new),
         }
     }
 }

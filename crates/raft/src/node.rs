@@ -243,6 +243,7 @@ pub struct RaftNode {
     lease_max: Duration,
     /// Set by an operator's drain: balancing moves leadership away from this node.
     draining: std::sync::atomic::AtomicBool,
+    db: Arc<NodeDb>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -252,6 +253,12 @@ impl std::fmt::Debug for RaftNode {
 }
 
 const PEER_ID_KEY: &str = "peer_id";
+
+/// How long a request forwarded to a shard's leader may take: twice the maximum election
+/// timeout, within these bounds. A leader that does not answer by then is likely paused or cut
+/// off, and a successor is being elected; the client retries (same seqs) and reaches it.
+const FORWARD_TIMEOUT_MIN: Duration = Duration::from_millis(500);
+const FORWARD_TIMEOUT_MAX: Duration = Duration::from_secs(2);
 
 impl RaftNode {
     /// Opens the node `name` of `spec` on `db` and starts a Raft instance for every shard it
@@ -292,14 +299,15 @@ impl RaftNode {
             }
         };
         let config = Arc::new(timing.config(&spec.cluster).map_err(NodeError::Config)?);
-        let channels = Arc::new(Channels::new(peer_tls));
+        let addrs = spec.nodes.iter().map(|n| (n.name.clone(), n.peer_addr.clone())).collect();
+        let channels = Arc::new(Channels::new(peer_tls, addrs));
         let mut groups = BTreeMap::new();
         for shard in 0..spec.shards {
             if !spec.placement(shard).iter().any(|n| n.name == name) {
                 continue;
             }
             let store = ShardStore::new(Arc::clone(&db), shard);
-            let sm = ShardStateMachine::open(store.clone())?;
+            let sm = ShardStateMachine::open(store.clone())?.counting_as(id);
             let version = sm.version();
             let net = GroupNetworkFactory::new(shard, Arc::clone(&channels));
             let raft = Raft::new(id, Arc::clone(&config), net, LogStore::new(store.clone()), sm)
@@ -318,7 +326,16 @@ impl RaftNode {
             lease: Duration::from_millis(timing.election_min_ms),
             lease_max: Duration::from_millis(timing.election_max_ms),
             draining: std::sync::atomic::AtomicBool::new(false),
+            db,
         }))
+    }
+
+    /// Approximate size of each RocksDB column family (for metrics).
+    pub fn column_family_sizes(&self) -> Vec<(&'static str, u64)> {
+        coalesce_storage::keys::ALL_CFS
+            .iter()
+            .filter_map(|cf| self.db.cf_size_bytes(cf).ok().map(|b| (*cf, b)))
+            .collect()
     }
 
     /// This node's Raft id.
@@ -415,8 +432,13 @@ impl RaftNode {
     /// Proposes `cmd` to `shard`'s log and waits until it is committed and applied here.
     pub async fn propose(&self, shard: ShardId, cmd: Command) -> Result<Response, ProposeError> {
         let group = self.group(shard).ok_or(ProposeError::NoGroup(shard))?;
-        match group.raft.client_write(cmd).await {
-            Ok(r) => Ok(r.data),
+        let (kind, started) = (cmd.kind(), std::time::Instant::now());
+        let span = tracing::debug_span!("replicate", shard, command = kind);
+        match tracing::Instrument::instrument(group.raft.client_write(cmd), span).await {
+            Ok(r) => {
+                crate::metrics::PROPOSE.with_label_values(&[kind]).observe(started.elapsed().as_secs_f64());
+                Ok(r.data)
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.reason {
                 ForwardReason::LeaseExpired => Err(ProposeError::LeaseExpired(shard)),
                 _ => Err(ProposeError::NotLeader { shard, leader: f.leader_node }),
@@ -558,10 +580,13 @@ impl RaftNode {
         let (leader_id, leader) = self.leader_of(shard).ok_or(ProposeError::NotLeader { shard, leader: None })?;
         let payload =
             codec::encode_msg("forward", &req).map_err(|e| ProposeError::Fatal { shard, detail: e.to_string() })?;
-        let channel =
-            self.channels.get(&leader.peer_addr).map_err(|detail| ProposeError::Unreachable { shard, detail })?;
-        let reply = RaftPeerClient::new(channel)
-            .forward(RaftMessage { group: shard, payload, target: leader_id })
+        let channel = self.channels.for_peer(&leader).map_err(|detail| ProposeError::Unreachable { shard, detail })?;
+        let span = tracing::debug_span!("forward", shard, leader = %leader.name);
+        // Bounded: a paused leader or one behind a partition must not hold the request for long;
+        // the client gets UNAVAILABLE and retries elsewhere (with the same producer seqs).
+        let mut request = tonic::Request::new(RaftMessage { group: shard, payload, target: leader_id });
+        request.set_timeout((self.lease_max * 2).clamp(FORWARD_TIMEOUT_MIN, FORWARD_TIMEOUT_MAX));
+        let reply = tracing::Instrument::instrument(RaftPeerClient::new(channel).forward(request), span)
             .await
             .map_err(|s| ProposeError::Unreachable { shard, detail: format!("{}: {}", leader.name, s.message()) })?;
         codec::decode_msg::<Result<Response, ProposeError>>("forward reply", &reply.into_inner().payload)
@@ -663,8 +688,13 @@ impl RaftNode {
                         max: 10_000,
                         session_ttl_ms: coalesce_core::session::DEFAULT_SESSION_TTL_MS,
                     };
-                    if let Err(e) = self.propose(group.shard, cmd).await {
-                        tracing::debug!(shard = group.shard, error = %e, "seal not proposed");
+                    let span = tracing::debug_span!("seal", shard = group.shard, outputs = tracing::field::Empty);
+                    match tracing::Instrument::instrument(self.propose(group.shard, cmd), span.clone()).await {
+                        Ok(Response::Sealed { sealed, .. }) => {
+                            span.record("outputs", sealed);
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!(shard = group.shard, error = %e, "seal not proposed"),
                     }
                 }
             }

@@ -66,6 +66,9 @@ pub struct ShardStateMachine {
     /// Bumped after every applied entry or installed snapshot, so readers of derived state
     /// (the scheduler's cached next deadline) know when to look again.
     version: Arc<std::sync::atomic::AtomicU64>,
+    /// This node's peer id when it records metrics (see `crate::metrics`): entries proposed by
+    /// it are counted here.
+    counting_as: Option<u64>,
 }
 
 /// The outbox bookkeeping of `store`'s shard as last applied there.
@@ -100,7 +103,18 @@ impl ShardStateMachine {
     /// The state machine of `store`'s shard, as persisted.
     pub fn open(store: ShardStore) -> Result<Self, StorageError> {
         let outbox = load_outbox(&store)?;
-        Ok(Self { store, outbox, current: Arc::new(Mutex::new(None)), version: Arc::default() })
+        Ok(Self { store, outbox, current: Arc::new(Mutex::new(None)), version: Arc::default(), counting_as: None })
+    }
+
+    /// Records stream metrics for the entries node `me` proposed (`crate::metrics`).
+    pub fn counting_as(mut self, me: u64) -> Self {
+        self.counting_as = Some(me);
+        self
+    }
+
+    /// Whether this replica counts the effects of the entry `log_id`.
+    fn counts(&self, log_id: &LogId) -> bool {
+        self.counting_as == Some(log_id.leader_id.node_id)
     }
 
     /// The shard's storage.
@@ -118,8 +132,23 @@ impl ShardStateMachine {
         &self.outbox
     }
 
-    fn emit(&mut self, batch: &mut ApplyBatch<'_>, outputs: Vec<Output>, log_id: &LogId) -> Result<u32, StorageError> {
+    fn emit(
+        &mut self,
+        batch: &mut ApplyBatch<'_>,
+        outputs: Vec<Output>,
+        log_id: &LogId,
+        stamp: u64,
+    ) -> Result<u32, StorageError> {
+        // Test-only mutation (chaos's checker must catch it): every output emitted twice.
+        let outputs = if crate::failpoints::active("double_seal") {
+            outputs.into_iter().flat_map(|o| [o.clone(), o]).collect()
+        } else {
+            outputs
+        };
         let n = outputs.len() as u32;
+        if self.counts(log_id) {
+            crate::metrics::record_outputs(&outputs, stamp);
+        }
         for mut o in outputs {
             o.shard = self.store.shard();
             o.seq = self.outbox.next_seq;
@@ -171,7 +200,16 @@ impl ShardStateMachine {
                 .sum();
             outcomes[outcome] = GroupOutcome::Applied { shed };
         }
-        let sealed = self.emit(batch, result.outputs, log_id)?;
+        if self.counts(log_id) {
+            for (p, outcome) in input.partials.iter().zip(&result.outcomes) {
+                let metric =
+                    if *outcome == PartialOutcome::Shed { &crate::metrics::SHED } else { &crate::metrics::INPUTS };
+                metric.with_label_values(&[p.0.stream.as_str()]).inc_by(p.1.inputs);
+            }
+            let duplicates = outcomes.iter().filter(|o| **o == GroupOutcome::Duplicate).count();
+            crate::metrics::DUPLICATES.inc_by(duplicates as u64);
+        }
+        let sealed = self.emit(batch, result.outputs, log_id, stamp)?;
         Ok(Response::Ingest { groups: outcomes, sealed })
     }
 
@@ -184,7 +222,7 @@ impl ShardStateMachine {
         session_ttl_ms: u64,
     ) -> Result<Response, StorageError> {
         let outputs = ShardBuffer::seal_due(batch, stamp, max as usize)?;
-        let sealed = self.emit(batch, outputs, log_id)?;
+        let sealed = self.emit(batch, outputs, log_id, stamp)?;
         if stamp >= self.outbox.next_session_sweep {
             let cutoff = stamp.saturating_sub(session_ttl_ms);
             for (producer, s) in batch.sessions_all()? {
@@ -334,6 +372,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
         if let Ok(mut cur) = self.current.lock() {
             *cur = Some((meta.clone(), data.clone()));
         }
+        crate::metrics::SNAPSHOTS.with_label_values(&["built"]).inc();
         Ok(Snapshot { meta, snapshot: data })
     }
 }
@@ -390,6 +429,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 
     async fn install_snapshot(&mut self, meta: &Meta, snapshot: Vec<u8>) -> Result<(), io::Error> {
         self.store.import_state(&snapshot)?;
+        crate::metrics::SNAPSHOTS.with_label_values(&["installed"]).inc();
         self.outbox = load_outbox(&self.store)?;
         self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
         if let Ok(mut cur) = self.current.lock() {

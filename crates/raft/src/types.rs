@@ -64,6 +64,21 @@ pub enum Command {
     DropCursor { cursor: String },
 }
 
+impl Command {
+    /// The command's kind, as metrics label it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Ingest { .. } => "ingest",
+            Command::Seal { .. } => "seal",
+            Command::Ack { .. } => "ack",
+            Command::DeadLetter { .. } => "dead_letter",
+            Command::DlqRemove { .. } => "dlq_remove",
+            Command::SetPreferredLeader { .. } => "set_preferred_leader",
+            Command::DropCursor { .. } => "drop_cursor",
+        }
+    }
+}
+
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

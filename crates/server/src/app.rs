@@ -28,6 +28,8 @@ use crate::admin::AdminService;
 use crate::config::Loaded;
 use crate::delivery::Delivery;
 use crate::grpc::CoalesceService;
+use crate::http::Health;
+use crate::k8s::LeasePublisher;
 use crate::leases::LeaseBook;
 use crate::security::AuthLayer;
 
@@ -46,6 +48,47 @@ fn decode_limit(max_request_bytes: usize) -> usize {
 pub struct Bound {
     pub peer: SocketAddr,
     pub client: SocketAddr,
+    /// The HTTP port, when configured.
+    pub http: Option<SocketAddr>,
+}
+
+/// The Kubernetes Lease publisher, when `[kubernetes]` enables it. Without an API client it
+/// is a configuration error when Leases were asked for explicitly, a warning when they were
+/// only detected (running in a pod).
+async fn lease_publisher(loaded: &Loaded, node: &Arc<RaftNode>) -> anyhow::Result<Option<Arc<LeasePublisher>>> {
+    let cfg = &loaded.config;
+    let k = &cfg.kubernetes;
+    if !k.enabled() {
+        return Ok(None);
+    }
+    match k.client().await {
+        Ok((client, namespace)) => {
+            tracing::info!(%namespace, renew = ?k.renew_interval, "publishing shard Leases to Kubernetes");
+            Ok(Some(Arc::new(LeasePublisher::new(
+                client,
+                &namespace,
+                &cfg.cluster.name,
+                &cfg.node.name,
+                node.lease_duration(),
+                k,
+            ))))
+        }
+        Err(e) if k.leases == Some(true) => Err(e.context("kubernetes.leases = true, but no Kubernetes API client")),
+        Err(e) => {
+            tracing::warn!(error = %e, "not publishing shard Leases: no Kubernetes API client");
+            Ok(None)
+        }
+    }
+}
+
+/// Waits (bounded) for a stopping server and logs how it ended.
+async fn join_server<E: std::fmt::Display>(name: &str, server: tokio::task::JoinHandle<Result<(), E>>) {
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "{name} server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "{name} server task failed"),
+        Err(_) => tracing::warn!("{name} server did not stop in time"),
+    }
 }
 
 async fn wait(mut rx: watch::Receiver<bool>) {
@@ -56,10 +99,12 @@ async fn wait(mut rx: watch::Receiver<bool>) {
 /// bound addresses once both ports listen.
 pub async fn run(
     loaded: Loaded,
+    log: Option<crate::telemetry::LogControl>,
     on_bound: impl FnOnce(Bound),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let cfg = &loaded.config;
+    coalesce_raft::failpoints::init();
     std::fs::create_dir_all(&cfg.node.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.node.data_dir.display()))?;
     let db = NodeDb::open(&cfg.node.data_dir, &StorageOptions::default()).context("opening RocksDB")?;
@@ -83,8 +128,25 @@ pub async fn run(
     let client_listener = TcpListener::bind(cfg.node.client_listen)
         .await
         .with_context(|| format!("binding client port {}", cfg.node.client_listen))?;
-    let bound = Bound { peer: peer_listener.local_addr()?, client: client_listener.local_addr()? };
-    tracing::info!(node = %cfg.node.name, id = node.id(), peer = %bound.peer, client = %bound.client, "listening");
+    let http_listener = match cfg.node.http_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding HTTP port {addr}"))?),
+        None => None,
+    };
+    let bound = Bound {
+        peer: peer_listener.local_addr()?,
+        client: client_listener.local_addr()?,
+        http: http_listener.as_ref().map(|l| l.local_addr()).transpose()?,
+    };
+    tracing::info!(node = %cfg.node.name, id = node.id(), peer = %bound.peer, client = %bound.client, http = ?bound.http, "listening");
+    let stream_names: Vec<&str> = loaded.streams.iter().map(|d| d.name.as_str()).collect();
+    let sink_names: Vec<&str> = loaded.sinks.iter().map(|s| s.name.as_str()).collect();
+    crate::metrics::init(&stream_names, &sink_names);
+    let registry = prometheus::Registry::new();
+    registry
+        .register(Box::new(crate::metrics::NodeCollector::new(node.clone(), delivery.clone())))
+        .context("registering the node's metrics")?;
+    let node_health = Health::new(node.clone());
+    let publisher = lease_publisher(&loaded, &node).await?;
 
     let (stop_peer, stop_peer_rx) = watch::channel(false);
     let (stop_client, stop_client_rx) = watch::channel(false);
@@ -126,14 +188,23 @@ pub async fn run(
             )
             .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), wait(stop_client_rx)),
     );
+    // The HTTP port stops last: probes and scrapes answer (not ready) during the hand-off.
+    let (stop_http, stop_http_rx) = watch::channel(false);
+    let http_server = http_listener.map(|listener| {
+        let log = log.map(Arc::new);
+        tokio::spawn(crate::http::serve(listener, node_health.clone(), registry, log, wait(stop_http_rx.clone())))
+    });
+    let watchdog = tokio::spawn(node_health.clone().run_watchdog(wait(stop_http_rx)));
     on_bound(bound);
 
     let boot_node = node.clone();
+    let boot_health = node_health.clone();
     let bootstrap = tokio::spawn(async move {
         loop {
             match boot_node.bootstrap(Duration::from_secs(30)).await {
                 Ok(()) => {
                     tracing::info!("bootstrap complete");
+                    boot_health.set_bootstrapped();
                     return;
                 }
                 Err(e) => {
@@ -146,26 +217,32 @@ pub async fn run(
     let sealer = tokio::spawn(Arc::clone(&node).run_sealer(Duration::from_millis(20), wait(stop_peer_rx.clone())));
     let balancer = tokio::spawn(Arc::clone(&node).run_balancer(Duration::from_secs(2), wait(stop_client_rx2.clone())));
     let delivering = tokio::spawn(Arc::clone(&delivery).run(wait(stop_client_rx2.clone())));
-    let lease_book = tokio::spawn(Arc::clone(&leases).run(Duration::from_millis(100), wait(stop_client_rx2)));
+    let lease_book = tokio::spawn(Arc::clone(&leases).run(Duration::from_millis(100), wait(stop_client_rx2.clone())));
+    let publishing =
+        publisher.map(|p| tokio::spawn(p.run(node.clone(), Duration::from_millis(100), wait(stop_client_rx2))));
 
     shutdown.await;
     tracing::info!("shutting down: closing the client port, handing off leadership");
+    node_health.set_stopping();
     health.set_not_serving::<CoalesceServer<CoalesceService>>().await;
     let _ = stop_client.send(true);
     bootstrap.abort();
     let _ = balancer.await;
     let _ = delivering.await;
     let _ = lease_book.await;
+    if let Some(p) = publishing {
+        let _ = p.await;
+    }
     node.shutdown(SHUTDOWN_GRACE).await;
     let _ = stop_peer.send(true);
     let _ = sealer.await;
     for (name, server) in [("client", client_server), ("peer", peer_server)] {
-        match tokio::time::timeout(Duration::from_secs(5), server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "{name} server ended with an error"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "{name} server task failed"),
-            Err(_) => tracing::warn!("{name} server did not stop in time"),
-        }
+        join_server(name, server).await;
+    }
+    let _ = stop_http.send(true);
+    let _ = watchdog.await;
+    if let Some(server) = http_server {
+        join_server("HTTP", server).await;
     }
     tracing::info!("stopped");
     Ok(())

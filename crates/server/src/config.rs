@@ -30,6 +30,9 @@ pub struct Config {
     /// Bearer tokens and roles on the client port (see `crate::security`).
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Publishing shard Leases to Kubernetes (see `crate::k8s`).
+    #[serde(default)]
+    pub kubernetes: crate::k8s::KubernetesConfig,
     /// Path of the streams file, relative to the config file.
     pub streams_file: PathBuf,
 }
@@ -44,6 +47,10 @@ pub struct NodeConfig {
     pub peer_listen: SocketAddr,
     /// Where the client (API) port listens.
     pub client_listen: SocketAddr,
+    /// Where the HTTP port listens (`/metrics`, `/livez`, `/readyz`, `/loglevel`); none
+    /// when unset.
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -223,6 +230,7 @@ impl Config {
         if !(r.heartbeat < r.election_timeout_min && r.election_timeout_min < r.election_timeout_max) {
             return invalid("raft", "need heartbeat < election_timeout_min < election_timeout_max".into());
         }
+        self.kubernetes.validate().map_err(|message| ConfigError::Invalid { field: "kubernetes", message })?;
         if self.api.max_events_per_request == 0 {
             return invalid("api.max_events_per_request", "must be at least 1".into());
         }
@@ -251,5 +259,32 @@ impl Config {
             election_min_ms: self.raft.election_timeout_min.as_millis() as u64,
             election_max_ms: self.raft.election_timeout_max.as_millis() as u64,
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/examples/node.toml");
+        let loaded = Config::load(&path).unwrap();
+        let c = &loaded.config;
+        assert_eq!(c.node.http_listen, Some("0.0.0.0:7402".parse().unwrap()));
+        assert_eq!(c.kubernetes.renew_interval, Duration::from_secs(2));
+        assert_eq!(c.kubernetes.leases, None, "detected, not forced");
+        assert_eq!(c.cluster.nodes.len(), 3);
+    }
+
+    #[test]
+    fn a_too_short_lease_renewal_is_refused() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/examples/node.toml");
+        let text =
+            std::fs::read_to_string(&path).unwrap().replace("renew_interval = \"2s\"", "renew_interval = \"10ms\"");
+        let config: Config = toml::from_str(&text).unwrap();
+        let err = config.finish(path.parent().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("kubernetes.renew_interval must be at least 100ms"), "{err}");
     }
 }

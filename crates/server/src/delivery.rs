@@ -32,6 +32,8 @@ use tokio::time::Instant;
 
 use coalesce_sinks::{Batch, DeliveryError, Sink, SinkConfig};
 
+use crate::metrics;
+
 /// How often the supervisor looks at leadership.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(50);
 /// How long stopping waits for workers (and their final acks).
@@ -83,13 +85,15 @@ struct SinkRuntime {
     breaker: Breaker,
 }
 
-/// Delivery counters, per sink (summed over shards).
+/// Delivery counters of a sink since start (summed over shards; the same numbers as its
+/// `coalesce_sink_*` metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SinkStats {
     pub delivered: u64,
     pub retries: u64,
     pub dead_lettered: u64,
     pub breaker_open: bool,
+    pub rate_limit_waited: Duration,
 }
 
 /// The delivery engine of a node.
@@ -97,7 +101,6 @@ pub struct SinkStats {
 pub struct Delivery {
     node: Arc<RaftNode>,
     sinks: Vec<Arc<SinkRuntime>>,
-    stats: Mutex<BTreeMap<String, SinkStats>>,
     clock: SystemClock,
 }
 
@@ -130,18 +133,22 @@ impl Delivery {
                 breaker: Breaker::new(d.breaker_failures, d.breaker_cooldown),
             }));
         }
-        let stats = sinks.iter().map(|s| (s.config.name.clone(), SinkStats::default())).collect();
-        Ok(Arc::new(Self { node, sinks, stats: Mutex::new(stats), clock: SystemClock }))
+        Ok(Arc::new(Self { node, sinks, clock: SystemClock }))
     }
 
     /// Every configured sink with its counters since start.
     pub fn sinks(&self) -> Vec<(SinkConfig, SinkStats)> {
-        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
         self.sinks
             .iter()
             .map(|rt| {
-                let mut st = stats.get(&rt.config.name).cloned().unwrap_or_default();
-                st.breaker_open = rt.breaker.open_until().is_some();
+                let name = [rt.config.name.as_str()];
+                let st = SinkStats {
+                    delivered: metrics::SINK_DELIVERED.with_label_values(&name).get(),
+                    retries: metrics::SINK_RETRIES.with_label_values(&name).get(),
+                    dead_lettered: metrics::SINK_DEAD_LETTERED.with_label_values(&name).get(),
+                    breaker_open: rt.breaker.open_until().is_some(),
+                    rate_limit_waited: rt.sink.as_ref().map(|s| s.rate_limit_waited()).unwrap_or_default(),
+                };
                 (rt.config.clone(), st)
             })
             .collect()
@@ -152,9 +159,16 @@ impl Delivery {
         self.sinks.iter().any(|s| s.config.name == name && s.sink.is_some())
     }
 
-    fn count(&self, sink: &str, f: impl FnOnce(&mut SinkStats)) {
-        if let Some(s) = self.stats.lock().unwrap_or_else(|p| p.into_inner()).get_mut(sink) {
-            f(s);
+    /// Records outputs a sink accepted: counts, writes saved and staleness.
+    fn delivered(&self, sink: &str, outputs: &[Output]) {
+        let name = [sink];
+        metrics::SINK_DELIVERED.with_label_values(&name).inc_by(outputs.len() as u64);
+        let absorbed: u64 = outputs.iter().map(|o| o.inputs).sum();
+        metrics::SINK_WRITES_SAVED.with_label_values(&name).inc_by(absorbed.saturating_sub(outputs.len() as u64));
+        let now = self.clock.now();
+        let staleness = metrics::SINK_STALENESS.with_label_values(&name);
+        for o in outputs {
+            staleness.observe(now.saturating_sub(o.first_input_at) as f64 / 1000.0);
         }
     }
 
@@ -381,13 +395,13 @@ impl Worker {
             if !ours.is_empty() {
                 match self.deliver(sink.as_ref(), &ours).await {
                     Outcome::Stop => break,
-                    Outcome::Delivered => self.delivery.count(&name, |s| s.delivered += ours.len() as u64),
+                    Outcome::Delivered => self.delivery.delivered(&name, &ours),
                     Outcome::Refused(letters) => {
                         let n = letters.len() as u64;
-                        self.delivery.count(&name, |s| {
-                            s.delivered += ours.len() as u64 - n;
-                            s.dead_lettered += n;
-                        });
+                        let refused: std::collections::BTreeSet<u64> = letters.iter().map(|l| l.output.seq).collect();
+                        ours.retain(|o| !refused.contains(&o.seq));
+                        self.delivery.delivered(&name, &ours);
+                        metrics::SINK_DEAD_LETTERED.with_label_values(&[name.as_str()]).inc_by(n);
                         tracing::warn!(sink = %name, shard = self.shard, outputs = n, "outputs refused by the sink, moved to its dead-letter queue");
                         // The letters and the cursor move together, now.
                         self.propose(Command::DeadLetter { cursor: name.clone(), upto_seq: upto, letters })
@@ -434,14 +448,34 @@ impl Worker {
                 return Outcome::Stop;
             }
             attempts += 1;
-            match sink.deliver(Batch { shard: self.shard, epoch: self.epoch, outputs }).await {
+            let started = Instant::now();
+            let span = tracing::debug_span!(
+                "deliver",
+                sink = %self.rt.config.name,
+                shard = self.shard,
+                first_seq = outputs.first().map_or(0, |o| o.seq),
+                last_seq = outputs.last().map_or(0, |o| o.seq),
+                attempt = attempts,
+            );
+            let batch = Batch { shard: self.shard, epoch: self.epoch, outputs };
+            let result = tracing::Instrument::instrument(sink.deliver(batch), span).await;
+            let kind = match &result {
+                Ok(()) => "ok",
+                Err(DeliveryError::Transient { .. }) => "transient",
+                Err(DeliveryError::Rejected { .. }) => "rejected",
+                Err(DeliveryError::Fenced { .. }) => "fenced",
+            };
+            metrics::SINK_DURATION
+                .with_label_values(&[self.rt.config.name.as_str(), kind])
+                .observe(started.elapsed().as_secs_f64());
+            match result {
                 Ok(()) => {
                     self.rt.breaker.success();
                     return Outcome::Delivered;
                 }
                 Err(DeliveryError::Transient { reason, retry_after }) => {
                     let opened = self.rt.breaker.failure();
-                    self.delivery.count(&self.rt.config.name, |s| s.retries += 1);
+                    metrics::SINK_RETRIES.with_label_values(&[self.rt.config.name.as_str()]).inc();
                     if attempts == 1 || opened || attempts.is_multiple_of(10) {
                         tracing::warn!(sink = %self.rt.config.name, shard = self.shard, attempts, breaker_opened = opened, %reason, "delivery failed, retrying");
                     }

@@ -19,6 +19,7 @@ use tonic::{Request, Response as TonicResponse, Status};
 use crate::config::ApiLimits;
 use crate::convert;
 use crate::delivery::Delivery;
+use crate::metrics::timed;
 
 /// The client-facing service of one node.
 #[derive(Debug, Clone)]
@@ -107,6 +108,7 @@ fn failure(e: &ProposeError) -> pb::EventStatus {
 
 impl CoalesceService {
     /// Validates, pre-merges and applies one request; event `i` is named `events[offset + i]`.
+    #[tracing::instrument(name = "ingest", level = "debug", skip_all, fields(events = req.events.len(), producer = req.producer_id))]
     async fn ingest_request(&self, req: pb::IngestRequest, offset: usize) -> Result<pb::IngestResponse, Status> {
         if req.events.len() > self.limits.max_events_per_request {
             return Err(Status::invalid_argument(format!(
@@ -201,7 +203,22 @@ impl CoalesceService {
                 }
             }
         }
+        count_events(&statuses);
         Ok(pb::IngestResponse { statuses, leader_hints, shards: spec.shards })
+    }
+}
+
+/// Counts per-event statuses (`coalesce_api_events_total`): code without its prefix, in lower
+/// case (`ok`, `resource_exhausted`, ...), and the stable reason.
+fn count_events(statuses: &[pb::EventStatus]) {
+    let mut counts: BTreeMap<(i32, &str), u64> = BTreeMap::new();
+    for s in statuses {
+        *counts.entry((s.code, s.reason.as_str())).or_default() += 1;
+    }
+    for ((code, reason), n) in counts {
+        let name = EventCode::try_from(code)
+            .map_or("unknown", |c| c.as_str_name().strip_prefix("EVENT_CODE_").unwrap_or("unknown"));
+        crate::metrics::API_EVENTS.with_label_values(&[name.to_ascii_lowercase().as_str(), reason]).inc_by(n);
     }
 }
 
@@ -210,28 +227,31 @@ type OutputStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Stat
 #[tonic::async_trait]
 impl pb::coalesce_server::Coalesce for CoalesceService {
     async fn ingest(&self, request: Request<pb::IngestRequest>) -> Result<TonicResponse<pb::IngestResponse>, Status> {
-        self.ingest_request(request.into_inner(), 0).await.map(TonicResponse::new)
+        timed("Ingest", self.ingest_request(request.into_inner(), 0)).await.map(TonicResponse::new)
     }
 
     async fn ingest_stream(
         &self,
         request: Request<tonic::Streaming<pb::IngestRequest>>,
     ) -> Result<TonicResponse<pb::IngestResponse>, Status> {
-        let mut stream = request.into_inner();
-        let mut out = pb::IngestResponse { shards: self.node.spec().shards, ..Default::default() };
-        while let Some(req) = stream.message().await? {
-            if out.statuses.len() + req.events.len() > MAX_EVENTS_PER_STREAM {
-                return Err(Status::invalid_argument(format!(
-                    "events: a stream carries at most {MAX_EVENTS_PER_STREAM} events; the first {} were processed, \
-                     open a new stream for the rest",
-                    out.statuses.len()
-                )));
+        timed("IngestStream", async {
+            let mut stream = request.into_inner();
+            let mut out = pb::IngestResponse { shards: self.node.spec().shards, ..Default::default() };
+            while let Some(req) = stream.message().await? {
+                if out.statuses.len() + req.events.len() > MAX_EVENTS_PER_STREAM {
+                    return Err(Status::invalid_argument(format!(
+                        "events: a stream carries at most {MAX_EVENTS_PER_STREAM} events; the first {} were \
+                         processed, open a new stream for the rest",
+                        out.statuses.len()
+                    )));
+                }
+                let r = self.ingest_request(req, out.statuses.len()).await?;
+                out.statuses.extend(r.statuses);
+                out.leader_hints.extend(r.leader_hints);
             }
-            let r = self.ingest_request(req, out.statuses.len()).await?;
-            out.statuses.extend(r.statuses);
-            out.leader_hints.extend(r.leader_hints);
-        }
-        Ok(TonicResponse::new(out))
+            Ok(TonicResponse::new(out))
+        })
+        .await
     }
 
     type SubscribeStream = OutputStream;
@@ -266,15 +286,18 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Result<TonicResponse<pb::AckResponse>, Status> {
         let req = request.into_inner();
-        self.consumer(&req.consumer)?;
-        match self.node.ack(req.shard, req.consumer, req.upto_seq).await {
-            Ok(Response::Acked { trimmed_below }) => Ok(TonicResponse::new(pb::AckResponse { trimmed_below })),
-            Ok(other) => Err(Status::internal(format!("unexpected response {other:?}"))),
-            Err(ProposeError::NoGroup(s)) => {
-                Err(Status::not_found(format!("shard: shard {s} is not replicated on this node")))
+        timed("Ack", async {
+            self.consumer(&req.consumer)?;
+            match self.node.ack(req.shard, req.consumer, req.upto_seq).await {
+                Ok(Response::Acked { trimmed_below }) => Ok(TonicResponse::new(pb::AckResponse { trimmed_below })),
+                Ok(other) => Err(Status::internal(format!("unexpected response {other:?}"))),
+                Err(ProposeError::NoGroup(s)) => {
+                    Err(Status::not_found(format!("shard: shard {s} is not replicated on this node")))
+                }
+                Err(e) => Err(Status::unavailable(e.to_string())),
             }
-            Err(e) => Err(Status::unavailable(e.to_string())),
-        }
+        })
+        .await
     }
 
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<TonicResponse<pb::StatusResponse>, Status> {

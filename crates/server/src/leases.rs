@@ -49,10 +49,13 @@ impl LeaseBook {
                     if acquired.get(&g.shard).is_none_or(|(e, _)| *e != l.epoch) {
                         // The first quorum acknowledgement seen: at or shortly after the election.
                         acquired.insert(g.shard, (l.epoch, now - l.quorum_acked_ago));
+                        crate::metrics::LEADER_CHANGES.with_label_values(&["acquired"]).inc();
                     }
                 }
                 None => {
-                    acquired.remove(&g.shard);
+                    if acquired.remove(&g.shard).is_some() {
+                        crate::metrics::LEADER_CHANGES.with_label_values(&["lost"]).inc();
+                    }
                 }
             }
         }

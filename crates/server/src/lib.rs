@@ -9,13 +9,18 @@
 //!   leases, shard details, streams, leader transfer, drain.
 //! - [`security`]: TLS on both ports, bearer tokens with roles on the client port.
 //! - [`leases`]: leader leases in the shape of Kubernetes `coordination.k8s.io/v1` Leases.
+//! - [`k8s`]: publishing them as real Leases through the Kubernetes API (kube, k8s-openapi);
+//!   [`k8s_fake`]: the stateful fake API server its tests run against.
 //! - [`convert`]: proto ↔ domain conversions.
+//! - [`metrics`]: Prometheus metrics (event counters and scrape-time gauges).
+//! - [`http`]: the HTTP port (axum): `/metrics`, `/livez`, `/readyz`, `/loglevel`.
+//! - [`telemetry`]: logs (text or JSON) with a filter replaceable at run time.
 //! - [`delivery`]: runs the sinks (crate `coalesce-sinks`: file, HTTP, PostgreSQL, durable
 //!   gRPC subscribers) on each shard's leader.
 //!
 //! The binary `coalesced` parses flags and calls [`app::run`]. Libraries used: tonic/prost
 //! (gRPC), clap (flags), toml + serde + humantime-serde (config), tracing-subscriber (logs),
-//! and the sinks' own (see `coalesce-sinks`).
+//! prometheus (metrics), axum (HTTP port), kube + k8s-openapi (Leases), and the sinks' own (see `coalesce-sinks`).
 
 pub mod admin;
 pub mod app;
@@ -23,5 +28,10 @@ pub mod config;
 pub mod convert;
 pub mod delivery;
 pub mod grpc;
+pub mod http;
+pub mod k8s;
+pub mod k8s_fake;
 pub mod leases;
+pub mod metrics;
 pub mod security;
+pub mod telemetry;

@@ -79,6 +79,8 @@ pub struct HttpSink {
     client: reqwest::Client,
     rate_limit: Option<u32>,
     limiter: Option<WindowLimiter>,
+    /// Microseconds deliveries waited for `limiter`.
+    waited_us: std::sync::atomic::AtomicU64,
 }
 
 impl HttpSink {
@@ -105,6 +107,7 @@ impl HttpSink {
             rate_limit: p.rate_limit,
             // Until this node leads a shard its share is zero.
             limiter: p.rate_limit.map(|_| WindowLimiter::new(0, Duration::from_secs(1))),
+            waited_us: std::sync::atomic::AtomicU64::new(0),
         })
     }
 }
@@ -124,7 +127,13 @@ impl Sink for HttpSink {
             "outputs": batch.outputs.iter().map(|o| o.to_json()).collect::<Vec<_>>(),
         });
         let _permit = match &self.limiter {
-            Some(l) => Some(l.acquire().await),
+            Some(l) => {
+                let started = std::time::Instant::now();
+                let permit = l.acquire().await;
+                let us = started.elapsed().as_micros() as u64;
+                self.waited_us.fetch_add(us, std::sync::atomic::Ordering::Relaxed);
+                Some(permit)
+            }
             None => None,
         };
         let response = self
@@ -156,6 +165,10 @@ impl Sink for HttpSink {
             let share = (u64::from(rate) * u64::from(led)).checked_div(u64::from(total)).unwrap_or(0);
             l.set_limit(share as u32);
         }
+    }
+
+    fn rate_limit_waited(&self) -> Duration {
+        Duration::from_micros(self.waited_us.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 

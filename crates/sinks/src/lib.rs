@@ -80,6 +80,11 @@ pub trait Sink: Send + Sync + std::fmt::Debug + 'static {
     /// Called when the set of shards this node leads changes (`led` of `total`); sinks with a
     /// cluster-wide budget take their share.
     fn set_share(&self, _led: u32, _total: u32) {}
+
+    /// Total time deliveries waited for the sink's rate limit since start (a metric).
+    fn rate_limit_waited(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Parameters every sink kind takes.

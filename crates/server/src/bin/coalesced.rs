@@ -26,6 +26,9 @@ struct Args {
     /// Client (API) listen address (overrides node.client_listen).
     #[arg(long, env = "COALESCE_CLIENT_LISTEN")]
     client_listen: Option<SocketAddr>,
+    /// HTTP (metrics, probes) listen address (overrides node.http_listen).
+    #[arg(long, env = "COALESCE_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
     /// Log format.
     #[arg(long, env = "COALESCE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -33,13 +36,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=error".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    let log = coalesce_server::telemetry::init_logging(args.log_format == "json");
 
     let text = std::fs::read_to_string(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
     let mut config: Config = toml::from_str(&text).with_context(|| format!("parsing {}", args.config.display()))?;
@@ -55,11 +52,14 @@ fn main() -> anyhow::Result<()> {
     if let Some(a) = args.client_listen {
         config.node.client_listen = a;
     }
+    if let Some(a) = args.http_listen {
+        config.node.http_listen = Some(a);
+    }
     let base = args.config.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     let loaded = config.finish(&base).context("invalid configuration")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(coalesce_server::app::run(loaded, |_| {}, shutdown_signal()))
+    runtime.block_on(coalesce_server::app::run(loaded, Some(log), |_| {}, shutdown_signal()))
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,153 @@
+//! Metrics of the replicated shards, in the process-wide `prometheus` default registry (the
+//! node's `/metrics` serves it). Names follow `coalesce_<subsystem>_<name>_<unit>`; labels are
+//! bounded (stream names come from the config, never keys).
+//!
+//! Stream counters are recorded where an entry is applied, but only on the replica whose
+//! leader proposed the entry (the log id names it): every replica applies every entry, and
+//! counting on one of them makes the cluster-wide sum over nodes exact. A leader that dies
+//! between commit and apply loses that entry's counts; replaying the log after a restart
+//! counts only entries that were never applied here, so nothing is counted twice.
+
+use std::sync::LazyLock;
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {
+    // Only fails for a duplicate or malformed name: a bug caught by the first scrape test.
+    if let Err(e) = prometheus::default_registry().register(Box::new(c.clone())) {
+        tracing::error!(error = %e, "registering a metric");
+    }
+    c
+}
+
+/// A counter family registered in the default registry.
+pub fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition"))
+}
+
+/// A counter registered in the default registry.
+pub fn counter(name: &str, help: &str) -> IntCounter {
+    register(IntCounter::with_opts(Opts::new(name, help)).expect("static metric definition"))
+}
+
+/// A histogram family registered in the default registry.
+pub fn histogram_vec(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    register(
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+            .expect("static metric definition"),
+    )
+}
+
+/// A histogram registered in the default registry.
+pub fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    register(
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+            .expect("static metric definition"),
+    )
+}
+
+/// Buckets for request and commit latencies: 0.5 ms … 10 s.
+pub const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Buckets for ages of data (aggregation latency, staleness): 10 ms … 1 h.
+pub const AGE_BUCKETS: &[f64] =
+    &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
+
+pub(crate) static INPUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_stream_inputs_total",
+        "Events merged into shard buffers (after deduplication), by stream.",
+        &["stream"],
+    )
+});
+pub(crate) static SHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_stream_shed_inputs_total",
+        "Events dropped by a `shed` overflow policy because the shard buffer was full, by stream.",
+        &["stream"],
+    )
+});
+pub(crate) static DUPLICATES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "coalesce_stream_duplicate_batches_total",
+        "Producer batches acknowledged as duplicates of ones already applied (not applied again).",
+    )
+});
+pub(crate) static OUTPUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_stream_outputs_total",
+        "Outputs emitted (windows closed into the outbox), by stream and why the window closed.",
+        &["stream", "reason"],
+    )
+});
+pub(crate) static ABSORBED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_stream_absorbed_inputs_total",
+        "Events absorbed by emitted outputs, by stream; divided by outputs it is the coalesce ratio.",
+        &["stream"],
+    )
+});
+pub(crate) static MERGE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_stream_merge_errors_total",
+        "Merges refused (overflow, a size bound, mismatched sketch parameters); the window closed early.",
+        &["stream"],
+    )
+});
+pub(crate) static AGGREGATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec(
+        "coalesce_stream_aggregation_latency_seconds",
+        "From a window's first input to its emission (leader clock), by stream.",
+        &["stream"],
+        AGE_BUCKETS,
+    )
+});
+pub(crate) static PROPOSE: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec(
+        "coalesce_raft_commit_duration_seconds",
+        "From proposing a command on the leader to its being committed by a quorum and applied, by command.",
+        &["command"],
+        LATENCY_BUCKETS,
+    )
+});
+pub(crate) static SNAPSHOTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_raft_snapshots_total",
+        "Shard snapshots built (for log purge and lagging replicas) or installed from a leader.",
+        &["event"],
+    )
+});
+
+/// Creates every family, so each is listed from the first scrape on,
+/// with a zero child for every stream in `streams`.
+pub fn init(streams: &[&str]) {
+    LazyLock::force(&DUPLICATES);
+    for event in ["built", "installed"] {
+        SNAPSHOTS.with_label_values(&[event]);
+    }
+    for stream in streams {
+        for m in [&INPUTS, &SHED, &ABSORBED, &MERGE_ERRORS] {
+            m.with_label_values(&[stream]);
+        }
+        OUTPUTS.with_label_values(&[stream, coalesce_core::window::SealReason::Time.as_str()]);
+        AGGREGATION.with_label_values(&[stream]);
+    }
+    for command in ["ingest", "seal", "ack"] {
+        PROPOSE.with_label_values(&[command]);
+    }
+}
+
+/// Records the outputs a leader's entry emitted, sealed at leader time `stamp`.
+pub(crate) fn record_outputs(outputs: &[coalesce_core::output::Output], stamp: u64) {
+    for o in outputs {
+        let stream = o.stream.as_str();
+        OUTPUTS.with_label_values(&[stream, o.reason.as_str()]).inc();
+        ABSORBED.with_label_values(&[stream]).inc_by(o.inputs);
+        if o.reason == coalesce_core::window::SealReason::Overflow {
+            MERGE_ERRORS.with_label_values(&[stream]).inc();
+        }
+        let age_ms = stamp.saturating_sub(o.first_input_at);
+        AGGREGATION.with_label_values(&[stream]).observe(age_ms as f64 / 1000.0);
+    }
+}

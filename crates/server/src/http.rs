@@ -1,0 +1,170 @@
+//! The node's HTTP port (`node.http_listen`, axum): what Kubernetes and Prometheus talk to.
+//!
+//! | path | |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text exposition (`crate::metrics`) |
+//! | `GET /livez` | 200 unless the process is wedged: the runtime's watchdog tick is late |
+//! | `GET /readyz` | 200 only when the node serves its shards: bootstrapped, not shutting down, every local shard has a leader |
+//! | `GET /loglevel` | the current log filter (`tracing_subscriber::EnvFilter` syntax) |
+//! | `PUT /loglevel` | replace it, e.g. `curl -X PUT --data 'info,coalesce_raft=debug' :7402/loglevel` |
+//!
+//! The port has no authentication: keep it on the cluster network (Prometheus and the kubelet),
+//! never behind a public Service.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use coalesce_raft::RaftNode;
+use tokio::net::TcpListener;
+
+use crate::metrics::{WATCHDOG_LIMIT, WATCHDOG_TICK};
+use crate::telemetry::LogControl;
+
+/// Liveness and readiness of a node.
+#[derive(Debug)]
+pub struct Health {
+    node: Arc<RaftNode>,
+    started: Instant,
+    /// Milliseconds since `started` of the watchdog's last tick.
+    last_tick_ms: AtomicU64,
+    bootstrapped: AtomicBool,
+    stopping: AtomicBool,
+}
+
+impl Health {
+    pub fn new(node: Arc<RaftNode>) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            started: Instant::now(),
+            last_tick_ms: AtomicU64::new(0),
+            bootstrapped: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    /// Bootstrap finished: every local group is initialized (or joined).
+    pub fn set_bootstrapped(&self) {
+        self.bootstrapped.store(true, Ordering::Release);
+    }
+
+    /// Shutdown began: readiness turns false so traffic moves elsewhere.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Ticks until `shutdown`: a runtime too starved or blocked to run this task fails `/livez`.
+    pub async fn run_watchdog(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        let mut tick = tokio::time::interval(WATCHDOG_TICK);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tick.tick() => {
+                    self.last_tick_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// `Err(why)` when the process looks wedged.
+    pub fn live(&self) -> Result<(), String> {
+        let now = self.started.elapsed().as_millis() as u64;
+        let late = now.saturating_sub(self.last_tick_ms.load(Ordering::Acquire));
+        if late > WATCHDOG_LIMIT.as_millis() as u64 {
+            return Err(format!("the runtime watchdog last ticked {late} ms ago"));
+        }
+        Ok(())
+    }
+
+    /// `Err(why)` while the node does not serve its shards.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err("shutting down".into());
+        }
+        if !self.bootstrapped.load(Ordering::Acquire) {
+            return Err("bootstrapping: not every local shard group is initialized yet".into());
+        }
+        let leaderless: Vec<String> = self
+            .node
+            .groups()
+            .iter()
+            .filter(|g| self.node.shard_view(g.shard).is_none_or(|v| v.leader.is_none()))
+            .map(|g| g.shard.to_string())
+            .collect();
+        if !leaderless.is_empty() {
+            return Err(format!("shards without a known leader: {}", leaderless.join(", ")));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    registry: prometheus::Registry,
+    log: Option<Arc<LogControl>>,
+}
+
+fn verdict(r: Result<(), String>) -> (StatusCode, String) {
+    match r {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let body = tokio::task::spawn_blocking(move || crate::metrics::render(&s.registry)).await.unwrap_or_default();
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body)
+}
+
+async fn livez(State(s): State<AppState>) -> impl IntoResponse {
+    verdict(s.health.live())
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    verdict(s.health.ready())
+}
+
+async fn get_log(State(s): State<AppState>) -> impl IntoResponse {
+    match &s.log {
+        Some(l) => (StatusCode::OK, format!("{}\n", l.current())),
+        None => (StatusCode::NOT_FOUND, "this process does not control its log filter\n".into()),
+    }
+}
+
+async fn put_log(State(s): State<AppState>, body: String) -> impl IntoResponse {
+    match &s.log {
+        Some(l) => match l.set(body.trim()) {
+            Ok(()) => {
+                tracing::info!(filter = %body.trim(), "log filter changed");
+                (StatusCode::OK, format!("{}\n", l.current()))
+            }
+            Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
+        },
+        None => (StatusCode::NOT_FOUND, "this process does not control its log filter\n".into()),
+    }
+}
+
+/// Serves the HTTP port on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    registry: prometheus::Registry,
+    log: Option<Arc<LogControl>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/loglevel", get(get_log).put(put_log))
+        .with_state(AppState { health, registry, log });
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
