@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod state_machine;
+pub mod tracectx;
 pub mod types;
 
 pub use log_store::LogStore;

@@ -586,6 +586,7 @@ impl RaftNode {
         // the client gets UNAVAILABLE and retries elsewhere (with the same producer seqs).
         let mut request = tonic::Request::new(RaftMessage { group: shard, payload, target: leader_id });
         request.set_timeout((self.lease_max * 2).clamp(FORWARD_TIMEOUT_MIN, FORWARD_TIMEOUT_MAX));
+        crate::tracectx::inject(&span, request.metadata_mut().as_mut());
         let reply = tracing::Instrument::instrument(RaftPeerClient::new(channel).forward(request), span)
             .await
             .map_err(|s| ProposeError::Unreachable { shard, detail: format!("{}: {}", leader.name, s.message()) })?;
@@ -986,11 +987,13 @@ impl RaftPeer for PeerService {
     }
 
     async fn forward(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        let span = tracing::debug_span!("forwarded", shard = request.get_ref().group);
+        crate::tracectx::extract(&span, request.metadata().as_ref());
         let m = request.into_inner();
         let g = self.group(m.group, m.target)?;
         let req: Forwarded = codec::decode_msg("forward", &m.payload).map_err(bad)?;
         let outcome = if g.raft.is_leader() {
-            self.node.on_leader(&g, req).await
+            tracing::Instrument::instrument(self.node.on_leader(&g, req), span).await
         } else {
             Err(ProposeError::NotLeader { shard: m.group, leader: self.node.leader_of(m.group).map(|(_, n)| n) })
         };

@@ -155,7 +155,8 @@ pub async fn run(
     if let Some(tls) = loaded.tls.peer_server.clone() {
         peer_builder = peer_builder.tls_config(tls).context("peer port TLS")?;
     }
-    let mut client_builder = tonic::transport::Server::builder();
+    // One `rpc` span per call, continuing the caller's trace (crate::telemetry).
+    let mut client_builder = tonic::transport::Server::builder().trace_fn(crate::telemetry::rpc_span);
     if let Some(tls) = loaded.tls.client_server.clone() {
         client_builder = client_builder.tls_config(tls).context("client port TLS")?;
     }

@@ -33,6 +33,9 @@ pub struct Config {
     /// Publishing shard Leases to Kubernetes (see `crate::k8s`).
     #[serde(default)]
     pub kubernetes: crate::k8s::KubernetesConfig,
+    /// Span export over OTLP (see `crate::telemetry`).
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
     /// Path of the streams file, relative to the config file.
     pub streams_file: PathBuf,
 }
@@ -183,6 +186,7 @@ impl Config {
         let sinks = SinkConfig::parse_all(&file.sinks, &streams)
             .map_err(|source| ConfigError::Sink { path: self.streams_file.clone(), source })?;
         self.validate()?;
+        self.telemetry.validate(base).map_err(|message| ConfigError::Invalid { field: "telemetry", message })?;
         for sink in &sinks {
             if let SinkKind::Http(h) = &sink.kind
                 && let Some(rate) = h.rate_limit

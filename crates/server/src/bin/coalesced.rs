@@ -29,6 +29,9 @@ struct Args {
     /// HTTP (metrics, probes) listen address (overrides node.http_listen).
     #[arg(long, env = "COALESCE_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
+    /// OTLP/gRPC collector for spans (overrides telemetry.otlp_endpoint).
+    #[arg(long, env = "COALESCE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Log format.
     #[arg(long, env = "COALESCE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -36,8 +39,6 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let log = coalesce_server::telemetry::init_logging(args.log_format == "json");
-
     let text = std::fs::read_to_string(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
     let mut config: Config = toml::from_str(&text).with_context(|| format!("parsing {}", args.config.display()))?;
     if let Some(n) = args.name {
@@ -55,11 +56,22 @@ fn main() -> anyhow::Result<()> {
     if let Some(a) = args.http_listen {
         config.node.http_listen = Some(a);
     }
+    if let Some(e) = args.otlp_endpoint {
+        config.telemetry.otlp_endpoint = Some(e);
+    }
     let base = args.config.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     let loaded = config.finish(&base).context("invalid configuration")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(coalesce_server::app::run(loaded, Some(log), |_| {}, shutdown_signal()))
+    // The OTLP client is created inside the runtime; its spans are flushed after the node stops.
+    let (log, spans) = {
+        let _in_runtime = runtime.enter();
+        let c = &loaded.config;
+        coalesce_server::telemetry::init(args.log_format == "json", &c.telemetry, &c.node.name, &c.cluster.name)?
+    };
+    let result = runtime.block_on(coalesce_server::app::run(loaded, Some(log), |_| {}, shutdown_signal()));
+    spans.shutdown();
+    result
 }
 
 async fn shutdown_signal() {
