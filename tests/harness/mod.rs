@@ -195,7 +195,11 @@ impl Cluster {
         for n in &self.local.nodes {
             let text = std::fs::read_to_string(&n.log).unwrap_or_default();
             eprintln!("==== {} ({}) ====", n.name, n.log.display());
-            for l in text.lines().filter(|l| l.contains("panicked") || l.contains("ERROR") || l.starts_with("Error:")).take(10) {
+            for l in text
+                .lines()
+                .filter(|l| l.contains("panicked") || l.contains("ERROR") || l.starts_with("Error:"))
+                .take(10)
+            {
                 eprintln!("!! {l}");
             }
             let tail: Vec<&str> = text.lines().rev().take(40).collect();

@@ -133,6 +133,10 @@ pub struct StreamConfig {
     pub max_value_bytes: usize,
     #[serde(default)]
     pub description: String,
+    /// The upstream that `Fetch` calls for this stream's keys (request coalescing). Only its
+    /// presence is seen here; the sinks crate parses it (`coalesce_sinks::upstream`).
+    #[serde(default)]
+    pub fetch: Option<toml::Table>,
 }
 
 fn default_max_key_bytes() -> usize {

@@ -473,6 +473,12 @@ impl RaftNode {
     }
 
     /// The leader of `shard` as this node knows it.
+    /// The channel to a peer's peer port (shared with Raft traffic), for services that ride on
+    /// it (the server's `FetchPeer`).
+    pub fn peer_channel(&self, peer: &PeerNode) -> Result<tonic::transport::Channel, String> {
+        self.channels.for_peer(peer)
+    }
+
     pub fn leader_of(&self, shard: ShardId) -> Option<(u64, PeerNode)> {
         self.shard_view(shard)?.leader
     }

@@ -140,7 +140,9 @@ pub async fn run(
     tracing::info!(node = %cfg.node.name, id = node.id(), peer = %bound.peer, client = %bound.client, http = ?bound.http, "listening");
     let stream_names: Vec<&str> = loaded.streams.iter().map(|d| d.name.as_str()).collect();
     let sink_names: Vec<&str> = loaded.sinks.iter().map(|s| s.name.as_str()).collect();
-    crate::metrics::init(&stream_names, &sink_names);
+    let fetch_streams: Vec<&str> = loaded.fetch.keys().map(String::as_str).collect();
+    crate::metrics::init(&stream_names, &sink_names, &fetch_streams);
+    let fetch = crate::fetch::FetchService::new(node.clone(), &loaded.fetch, &delivery).context("fetch upstreams")?;
     let registry = prometheus::Registry::new();
     registry
         .register(Box::new(crate::metrics::NodeCollector::new(node.clone(), delivery.clone())))
@@ -163,6 +165,7 @@ pub async fn run(
     let peer_server = tokio::spawn(
         peer_builder
             .add_service(RaftPeerServer::new(PeerService::new(node.clone())).max_decoding_message_size(64 << 20))
+            .add_service(coalesce_proto::v1::fetch_peer_server::FetchPeerServer::new(fetch.clone()))
             .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), wait(stop_peer_rx.clone())),
     );
     // Standard gRPC health (`grpc.health.v1`) and server reflection on the client port.
@@ -184,7 +187,7 @@ pub async fn run(
             .add_service(reflection)
             .add_service(AdminServer::new(AdminService::new(node.clone(), delivery.clone(), leases.clone())))
             .add_service(
-                CoalesceServer::new(CoalesceService::new(node.clone(), cfg.api, delivery.clone()))
+                CoalesceServer::new(CoalesceService::new(node.clone(), cfg.api, delivery.clone(), fetch))
                     .max_decoding_message_size(decode_limit(cfg.api.max_request_bytes)),
             )
             .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), wait(stop_client_rx)),

@@ -149,6 +149,8 @@ pub enum ConfigError {
     Invalid { field: &'static str, message: String },
     #[error("{path}: {source}")]
     Sink { path: PathBuf, source: coalesce_sinks::SinkConfigError },
+    #[error("{path}: {source}")]
+    Fetch { path: PathBuf, source: coalesce_sinks::upstream::FetchConfigError },
 }
 
 /// Everything a node needs, validated.
@@ -157,6 +159,8 @@ pub struct Loaded {
     pub config: Config,
     pub streams: StreamTable,
     pub sinks: Vec<SinkConfig>,
+    /// The `fetch` upstream of each stream that has one.
+    pub fetch: std::collections::BTreeMap<String, coalesce_sinks::upstream::FetchParams>,
     pub tls: LoadedTls,
     pub auth: std::sync::Arc<Auth>,
 }
@@ -185,6 +189,14 @@ impl Config {
             .map_err(|source| ConfigError::Streams { path: self.streams_file.clone(), source })?;
         let sinks = SinkConfig::parse_all(&file.sinks, &streams)
             .map_err(|source| ConfigError::Sink { path: self.streams_file.clone(), source })?;
+        let mut fetch = std::collections::BTreeMap::new();
+        for (stream, config) in &file.streams {
+            if let Some(table) = &config.fetch {
+                let params = coalesce_sinks::upstream::FetchParams::parse(stream, table, &sinks)
+                    .map_err(|source| ConfigError::Fetch { path: self.streams_file.clone(), source })?;
+                fetch.insert(stream.clone(), params);
+            }
+        }
         self.validate()?;
         self.telemetry.validate(base).map_err(|message| ConfigError::Invalid { field: "telemetry", message })?;
         for sink in &sinks {
@@ -204,7 +216,7 @@ impl Config {
         }
         let tls = self.tls.load(base).map_err(|message| ConfigError::Invalid { field: "tls", message })?;
         let auth = self.auth.load(base).map_err(|message| ConfigError::Invalid { field: "auth", message })?;
-        Ok(Loaded { config: self, streams, sinks, tls, auth: std::sync::Arc::new(auth) })
+        Ok(Loaded { config: self, streams, sinks, fetch, tls, auth: std::sync::Arc::new(auth) })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -154,6 +154,11 @@ impl Delivery {
             .collect()
     }
 
+    /// The request-rate limiter of sink `name` (an `http` sink with a `rate_limit`).
+    pub fn limiter_of(&self, name: &str) -> Option<coalesce_sinks::limiter::WindowLimiter> {
+        self.sinks.iter().find(|s| s.config.name == name)?.sink.as_ref()?.limiter()
+    }
+
     /// Whether `name` is a sink the cluster delivers to itself (not a subscriber name).
     pub fn is_push_sink(&self, name: &str) -> bool {
         self.sinks.iter().any(|s| s.config.name == name && s.sink.is_some())

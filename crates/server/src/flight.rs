@@ -5,7 +5,8 @@
 //! - The first caller of a key starts a flight: after `settle` (callers arriving meanwhile
 //!   join it), the upstream `call` runs once; every waiter gets a clone of its result and
 //!   whether it was shared by more than one caller.
-//! - With a `ttl`, the result stays cached that long and later callers get it without a call.
+//! - The call returns its result with a TTL (chosen per result, so errors need not be
+//!   cached): the result stays cached that long and later callers get it without a call.
 //! - A waiter that goes away (its RPC was cancelled) never cancels the call for the others.
 //!   Only when no waiter is left *and* the settle delay is still running is the flight
 //!   dropped; once the call has started it completes (and fills the cache).
@@ -53,6 +54,12 @@ pub enum FlightError {
 pub struct Flights<K, T> {
     slots: Arc<Mutex<HashMap<K, Slot<T>>>>,
     max_keys: usize,
+}
+
+impl<K, T> std::fmt::Debug for Flights<K, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flights").field("keys", &lock(&self.slots).len()).field("max_keys", &self.max_keys).finish()
+    }
 }
 
 impl<K, T> Clone for Flights<K, T> {
@@ -106,11 +113,12 @@ where
     }
 
     /// The result for `key`: cached, joined, or from a new flight that waits `settle` and then
-    /// runs `call` once (on the Tokio runtime, so it outlives this caller).
-    pub async fn get<F, Fut>(&self, key: K, settle: Duration, ttl: Duration, call: F) -> Result<Fetched<T>, FlightError>
+    /// runs `call` once (on the Tokio runtime, so it outlives this caller). `call` yields the
+    /// result and how long to cache it.
+    pub async fn get<F, Fut>(&self, key: K, settle: Duration, call: F) -> Result<Fetched<T>, FlightError>
     where
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = T> + Send + 'static,
+        Fut: Future<Output = (T, Duration)> + Send + 'static,
     {
         let (flight, origin) = {
             let mut slots = lock(&self.slots);
@@ -134,7 +142,7 @@ where
                             return Err(FlightError::Full(self.max_keys));
                         }
                     }
-                    let f = self.start(&mut slots, key.clone(), settle, ttl, call);
+                    let f = self.start(&mut slots, key.clone(), settle, call);
                     (f, Origin::Called)
                 }
             }
@@ -149,17 +157,10 @@ where
         }
     }
 
-    fn start<F, Fut>(
-        &self,
-        slots: &mut HashMap<K, Slot<T>>,
-        key: K,
-        settle: Duration,
-        ttl: Duration,
-        call: F,
-    ) -> Arc<Flight<T>>
+    fn start<F, Fut>(&self, slots: &mut HashMap<K, Slot<T>>, key: K, settle: Duration, call: F) -> Arc<Flight<T>>
     where
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = T> + Send + 'static,
+        Fut: Future<Output = (T, Duration)> + Send + 'static,
     {
         let (tx, rx) = watch::channel(None);
         let flight = Arc::new(Flight {
@@ -182,7 +183,7 @@ where
             let value = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(call())).await;
             // Publish under the slots lock: no caller can join after `shared` is decided.
             let mut slots = lock(&all);
-            let Ok(value) = value else {
+            let Ok((value, ttl)) = value else {
                 // Its waiters see the channel close (`Abandoned`); the next caller starts anew.
                 if matches!(slots.get(&key), Some(Slot::Flying(f)) if Arc::ptr_eq(f, &mine)) {
                     slots.remove(&key);
@@ -244,18 +245,25 @@ mod tests {
 
     const NO: Duration = Duration::ZERO;
 
-    /// An upstream that counts calls and answers "<key>#<n>" after `delay`.
-    fn upstream(
+    type Call = std::pin::Pin<Box<dyn Future<Output = (String, Duration)> + Send>>;
+
+    /// An upstream that counts calls and answers "<key>#<n>" after `delay`, cached for `ttl`.
+    fn upstream(calls: &Arc<AtomicUsize>, key: &str, delay: Duration) -> impl FnOnce() -> Call + Send + 'static {
+        cached(calls, key, delay, NO)
+    }
+
+    fn cached(
         calls: &Arc<AtomicUsize>,
         key: &str,
         delay: Duration,
-    ) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = String> + Send>> + Send + 'static {
+        ttl: Duration,
+    ) -> impl FnOnce() -> Call + Send + 'static {
         let (calls, key) = (calls.clone(), key.to_owned());
         move || {
             Box::pin(async move {
                 let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::time::sleep(delay).await;
-                format!("{key}#{n}")
+                (format!("{key}#{n}"), ttl)
             })
         }
     }
@@ -270,7 +278,7 @@ mod tests {
             let key = format!("k{}", i % 10);
             tasks.push(tokio::spawn(async move {
                 let up = upstream(&calls, &key, Duration::from_millis(50));
-                (key.clone(), f.get(key, NO, NO, up).await.unwrap())
+                (key.clone(), f.get(key, NO, up).await.unwrap())
             }));
         }
         let mut called = 0;
@@ -291,14 +299,14 @@ mod tests {
         let settle = Duration::from_secs(30);
         let first = tokio::spawn({
             let (f, up) = (flights.clone(), upstream(&calls, "a", NO));
-            async move { f.get("a", settle, NO, up).await.unwrap() }
+            async move { f.get("a", settle, up).await.unwrap() }
         });
         tokio::time::sleep(Duration::from_secs(29)).await;
         assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing called while settling");
-        let late = flights.get("a", settle, NO, upstream(&calls, "a", NO)).await.unwrap();
+        let late = flights.get("a", settle, upstream(&calls, "a", NO)).await.unwrap();
         assert_eq!((late.value.as_str(), late.origin, late.shared), ("a#1", Origin::Joined, true));
         assert_eq!(first.await.unwrap().origin, Origin::Called);
-        let next = flights.get("a", settle, NO, upstream(&calls, "a", NO)).await.unwrap();
+        let next = flights.get("a", settle, upstream(&calls, "a", NO)).await.unwrap();
         assert_eq!((next.value.as_str(), next.shared), ("a#2", false), "a flight after the last one calls again");
     }
 
@@ -307,13 +315,13 @@ mod tests {
         let flights = Flights::<&str, String>::new(10);
         let calls = Arc::new(AtomicUsize::new(0));
         let ttl = Duration::from_secs(5);
-        let a = flights.get("a", NO, ttl, upstream(&calls, "a", NO)).await.unwrap();
+        let a = flights.get("a", NO, cached(&calls, "a", NO, ttl)).await.unwrap();
         assert_eq!((a.origin, a.shared), (Origin::Called, false));
         tokio::time::sleep(Duration::from_secs(4)).await;
-        let b = flights.get("a", NO, ttl, upstream(&calls, "a", NO)).await.unwrap();
+        let b = flights.get("a", NO, cached(&calls, "a", NO, ttl)).await.unwrap();
         assert_eq!((b.value.as_str(), b.origin), ("a#1", Origin::Cached));
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let c = flights.get("a", NO, ttl, upstream(&calls, "a", NO)).await.unwrap();
+        let c = flights.get("a", NO, cached(&calls, "a", NO, ttl)).await.unwrap();
         assert_eq!((c.value.as_str(), c.origin), ("a#2", Origin::Called));
     }
 
@@ -325,12 +333,12 @@ mod tests {
         // The starter goes away during the settle delay; the joiner still gets the one call.
         let starter = tokio::spawn({
             let (f, up) = (flights.clone(), upstream(&calls, "a", NO));
-            async move { f.get("a", settle, NO, up).await }
+            async move { f.get("a", settle, up).await }
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
         let joiner = tokio::spawn({
             let (f, up) = (flights.clone(), upstream(&calls, "a", NO));
-            async move { f.get("a", settle, NO, up).await }
+            async move { f.get("a", settle, up).await }
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
         starter.abort();
@@ -346,7 +354,7 @@ mod tests {
         let settle = Duration::from_secs(1);
         let gone = tokio::spawn({
             let (f, up) = (flights.clone(), upstream(&calls, "a", NO));
-            async move { f.get("a", settle, NO, up).await }
+            async move { f.get("a", settle, up).await }
         });
         tokio::time::sleep(Duration::from_millis(500)).await;
         gone.abort();
@@ -356,24 +364,27 @@ mod tests {
         // Leaving once the call runs: it completes and fills the cache for the next caller.
         let ttl = Duration::from_secs(60);
         let leaves = tokio::spawn({
-            let (f, up) = (flights.clone(), upstream(&calls, "b", Duration::from_secs(1)));
-            async move { f.get("b", NO, ttl, up).await }
+            let (f, up) = (flights.clone(), cached(&calls, "b", Duration::from_secs(1), ttl));
+            async move { f.get("b", NO, up).await }
         });
         tokio::time::sleep(Duration::from_millis(500)).await;
         leaves.abort();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let next = flights.get("b", NO, ttl, upstream(&calls, "b", NO)).await.unwrap();
+        let next = flights.get("b", NO, upstream(&calls, "b", NO)).await.unwrap();
         assert_eq!((next.value.as_str(), next.origin), ("b#1", Origin::Cached));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_panicking_call_fails_its_waiters_and_the_next_caller_starts_anew() {
         let flights = Flights::<&str, String>::new(10);
-        let boom = || async { panic!("upstream client bug") };
-        assert_eq!(flights.get("a", NO, NO, boom).await.unwrap_err(), FlightError::Abandoned);
+        let boom = || async {
+            let none: Option<Duration> = std::hint::black_box(None);
+            (String::from("never"), none.expect("upstream client bug"))
+        };
+        assert_eq!(flights.get("a", NO, boom).await.unwrap_err(), FlightError::Abandoned);
         assert!(flights.is_empty());
         let calls = Arc::new(AtomicUsize::new(0));
-        assert_eq!(flights.get("a", NO, NO, upstream(&calls, "a", NO)).await.unwrap().value, "a#1");
+        assert_eq!(flights.get("a", NO, upstream(&calls, "a", NO)).await.unwrap().value, "a#1");
     }
 
     #[tokio::test(start_paused = true)]
@@ -382,11 +393,11 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let ttl = Duration::from_secs(1);
         for k in 0..2 {
-            flights.get(k, NO, ttl, upstream(&calls, "k", NO)).await.unwrap();
+            flights.get(k, NO, cached(&calls, "k", NO, ttl)).await.unwrap();
         }
-        let err = flights.get(2, NO, ttl, upstream(&calls, "k", NO)).await.unwrap_err();
+        let err = flights.get(2, NO, cached(&calls, "k", NO, ttl)).await.unwrap_err();
         assert_eq!(err, FlightError::Full(2));
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert!(flights.get(2, NO, ttl, upstream(&calls, "k", NO)).await.is_ok(), "expired entries are swept");
+        assert!(flights.get(2, NO, cached(&calls, "k", NO, ttl)).await.is_ok(), "expired entries are swept");
     }
 }

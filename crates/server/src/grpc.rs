@@ -27,11 +27,17 @@ pub struct CoalesceService {
     node: Arc<RaftNode>,
     limits: ApiLimits,
     delivery: Arc<Delivery>,
+    fetch: crate::fetch::FetchService,
 }
 
 impl CoalesceService {
-    pub fn new(node: Arc<RaftNode>, limits: ApiLimits, delivery: Arc<Delivery>) -> Self {
-        Self { node, limits, delivery }
+    pub fn new(
+        node: Arc<RaftNode>,
+        limits: ApiLimits,
+        delivery: Arc<Delivery>,
+        fetch: crate::fetch::FetchService,
+    ) -> Self {
+        Self { node, limits, delivery, fetch }
     }
 
     /// Checks a subscriber's consumer name: the cursor it acks must not be a sink's.
@@ -298,6 +304,11 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
             }
         })
         .await
+    }
+
+    async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<TonicResponse<pb::FetchResponse>, Status> {
+        let r = request.into_inner();
+        timed("Fetch", self.fetch.fetch(&r.stream, &r.key)).await.map(TonicResponse::new)
     }
 
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<TonicResponse<pb::StatusResponse>, Status> {

@@ -27,6 +27,7 @@ pub mod app;
 pub mod config;
 pub mod convert;
 pub mod delivery;
+pub mod fetch;
 pub mod flight;
 pub mod grpc;
 pub mod http;

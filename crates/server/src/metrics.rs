@@ -97,13 +97,46 @@ pub(crate) static LEASE_WRITE_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(
     )
 });
 
+pub(crate) static FETCH_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_fetch_requests_total",
+        "Fetch calls answered on the key's shard leader, by stream and origin: called (started the upstream \
+         call), joined (shared another caller's call), cached (within the TTL), refused (too many keys).",
+        &["stream", "origin"],
+    )
+});
+pub(crate) static FETCH_UPSTREAM_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec(
+        "coalesce_fetch_upstream_duration_seconds",
+        "Upstream calls made for Fetch (its _count is the number of calls), by stream and result (2xx, 4xx, \
+         5xx, error: no answer); excludes rate-limit waits.",
+        &["stream", "result"],
+        LATENCY_BUCKETS,
+    )
+});
+pub(crate) static FETCH_SETTLE_WAITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_fetch_settle_waits_total",
+        "Fetch flights that waited the stream's settle delay before calling, by stream.",
+        &["stream"],
+    )
+});
+pub(crate) static FETCH_RATE_LIMIT_WAIT: LazyLock<prometheus::CounterVec> = LazyLock::new(|| {
+    prometheus::register_counter_vec!(
+        "coalesce_fetch_rate_limit_wait_seconds_total",
+        "Time Fetch upstream calls waited for the shared rate limit (rate_limit_sink), by stream.",
+        &["stream"]
+    )
+    .expect("static metric definition")
+});
+
 /// Why a Lease write failed (`coalesce_k8s_lease_write_failures_total{reason}`).
 pub const LEASE_FAILURE_REASONS: &[&str] = &["conflict", "rejected", "unreachable"];
 
 /// Creates every family and the children of every configured stream and sink, so each series
 /// is listed (at zero) from the first scrape on: a family with labels appears only once it has
 /// a child, and `rate()` over a series that appears late misses its first increments.
-pub fn init(streams: &[&str], sinks: &[&str]) {
+pub fn init(streams: &[&str], sinks: &[&str], fetch_streams: &[&str]) {
     LazyLock::force(&API_DURATION);
     LazyLock::force(&API_EVENTS);
     LazyLock::force(&SINK_DELIVERED);
@@ -131,6 +164,14 @@ pub fn init(streams: &[&str], sinks: &[&str]) {
         API_DURATION.with_label_values(&[method, "OK"]);
     }
     API_EVENTS.with_label_values(&["ok", ""]);
+    for stream in fetch_streams {
+        for origin in ["called", "joined", "cached"] {
+            FETCH_REQUESTS.with_label_values(&[stream, origin]);
+        }
+        FETCH_UPSTREAM_DURATION.with_label_values(&[stream, "2xx"]);
+        FETCH_SETTLE_WAITS.with_label_values(&[stream]);
+        FETCH_RATE_LIMIT_WAIT.with_label_values(&[stream]);
+    }
     coalesce_raft::metrics::init(streams);
 }
 

@@ -6,7 +6,8 @@
 //!   and accepts only peers whose certificate is signed by `ca` (both directions).
 //! - **Tokens** (`[[auth.tokens]]`): when any is configured, every call on the client port
 //!   but health and reflection needs `authorization: Bearer <token>`; the method decides the
-//!   role: `Ingest` needs *producer*, `Subscribe` and `Ack` *consumer*, `Status` any role,
+//!   role: `Ingest` and `IngestStream` need *producer*, `Subscribe`, `Ack` and `Fetch`
+//!   *consumer*, `Status` any role,
 //!   every `Admin` method *admin*. Missing or unknown tokens get UNAUTHENTICATED, a token
 //!   without the role PERMISSION_DENIED. Tokens are read from files or environment variables
 //!   (never from the config itself), kept only as SHA-256 digests, and never logged.
@@ -173,8 +174,8 @@ impl Auth {
     fn required(path: &str) -> Option<Option<Role>> {
         let (service, method) = path.trim_start_matches('/').split_once('/')?;
         match (service, method) {
-            ("coalesce.v1.Coalesce", "Ingest") => Some(Some(Role::Producer)),
-            ("coalesce.v1.Coalesce", "Subscribe" | "Ack") => Some(Some(Role::Consumer)),
+            ("coalesce.v1.Coalesce", "Ingest" | "IngestStream") => Some(Some(Role::Producer)),
+            ("coalesce.v1.Coalesce", "Subscribe" | "Ack" | "Fetch") => Some(Some(Role::Consumer)),
             ("coalesce.v1.Coalesce", _) => Some(None),
             ("coalesce.v1.Admin", _) => Some(Some(Role::Admin)),
             _ => None,
@@ -279,6 +280,9 @@ mod tests {
         let p = Some(b"Bearer producer-token-0123456789".as_slice());
         let o = Some(b"Bearer admin-token-0123456789".as_slice());
         assert!(a.check("/coalesce.v1.Coalesce/Ingest", p).is_ok());
+        assert!(a.check("/coalesce.v1.Coalesce/IngestStream", p).is_ok());
+        assert_eq!(a.check("/coalesce.v1.Coalesce/IngestStream", o).unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert_eq!(a.check("/coalesce.v1.Coalesce/Fetch", p).unwrap_err().code(), tonic::Code::PermissionDenied);
         assert!(a.check("/coalesce.v1.Coalesce/Status", p).is_ok(), "any role may read status");
         assert_eq!(a.check("/coalesce.v1.Coalesce/Ack", p).unwrap_err().code(), tonic::Code::PermissionDenied);
         assert_eq!(a.check("/coalesce.v1.Admin/Drain", p).unwrap_err().code(), tonic::Code::PermissionDenied);

@@ -170,10 +170,14 @@ impl Sink for HttpSink {
     fn rate_limit_waited(&self) -> Duration {
         Duration::from_micros(self.waited_us.load(std::sync::atomic::Ordering::Relaxed))
     }
+
+    fn limiter(&self) -> Option<WindowLimiter> {
+        self.limiter.clone()
+    }
 }
 
 /// A reqwest error's text without the URL (which may carry credentials) repeated.
-fn without_url(e: &reqwest::Error) -> String {
+pub(crate) fn without_url(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
     if let Some(url) = e.url() {
         s = s.replace(url.as_str(), "<url>");

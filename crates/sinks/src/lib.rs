@@ -24,6 +24,7 @@ pub mod file;
 pub mod http;
 pub mod limiter;
 pub mod postgres;
+pub mod upstream;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -84,6 +85,12 @@ pub trait Sink: Send + Sync + std::fmt::Debug + 'static {
     /// Total time deliveries waited for the sink's rate limit since start (a metric).
     fn rate_limit_waited(&self) -> Duration {
         Duration::ZERO
+    }
+
+    /// The sink's request-rate limiter, for other callers of the same downstream that share
+    /// its ceiling (a stream's Fetch upstream, `rate_limit_sink`).
+    fn limiter(&self) -> Option<limiter::WindowLimiter> {
+        None
     }
 }
 

@@ -1,0 +1,200 @@
+//! Cluster-wide request coalescing: the `Fetch` RPC. A (stream, key) belongs to one shard, so
+//! every node passes a Fetch to that shard's leader (over the peer port, `FetchPeer`), where
+//! it joins the key's flight ([`crate::flight`]): one upstream call (after the stream's settle
+//! delay) answers every caller in the cluster, and a successful answer is cached for the
+//! stream's TTL. The upstream is the stream's `fetch` table ([`coalesce_sinks::upstream`]).
+//!
+//! If the leader fails mid-call, the node that passed the call on retries on the new leader
+//! until the call's deadline: the upstream may then be called twice for that key (at most once
+//! is not promised). Answers carry the shard and the leader's epoch.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coalesce_core::hash::shard_for;
+use coalesce_proto::v1 as pb;
+use coalesce_proto::v1::fetch_peer_client::FetchPeerClient;
+use coalesce_raft::RaftNode;
+use coalesce_sinks::upstream::{Answer, FetchParams, Upstream};
+use tonic::{Request, Response, Status};
+
+use crate::delivery::Delivery;
+use crate::flight::{FlightError, Flights, Origin};
+use crate::metrics;
+
+type Outcome = Result<Answer, String>;
+
+/// One stream's upstream and its flights on this node.
+struct Fetcher {
+    upstream: Arc<Upstream>,
+    flights: Flights<String, Outcome>,
+}
+
+/// The Fetch service of a node (client RPC and peer RPC).
+#[derive(Clone)]
+pub struct FetchService {
+    node: Arc<RaftNode>,
+    fetchers: Arc<BTreeMap<String, Fetcher>>,
+}
+
+impl std::fmt::Debug for FetchService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchService").field("streams", &self.fetchers.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+/// How long to wait between attempts to reach a shard's leader.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+impl FetchService {
+    /// One fetcher per stream with a `fetch` table; `delivery` lends the rate limiters of the
+    /// sinks named by `rate_limit_sink`.
+    pub fn new(
+        node: Arc<RaftNode>,
+        params: &BTreeMap<String, FetchParams>,
+        delivery: &Delivery,
+    ) -> anyhow::Result<Self> {
+        let mut fetchers = BTreeMap::new();
+        for (stream, p) in params {
+            let limiter = match &p.rate_limit_sink {
+                Some(sink) => Some(
+                    delivery
+                        .limiter_of(sink)
+                        .ok_or_else(|| anyhow::anyhow!("streams.{stream}.fetch: sink {sink} has no rate limiter"))?,
+                ),
+                None => None,
+            };
+            let upstream = Arc::new(Upstream::new(stream, p, limiter)?);
+            fetchers.insert(stream.clone(), Fetcher { upstream, flights: Flights::new(p.max_keys) });
+        }
+        Ok(Self { node, fetchers: Arc::new(fetchers) })
+    }
+
+    fn fetcher(&self, stream: &str, key: &str) -> Result<&Fetcher, Status> {
+        let def =
+            self.node.streams().get(stream).ok_or_else(|| Status::not_found(format!("unknown stream {stream:?}")))?;
+        let fetcher = self.fetchers.get(stream).ok_or_else(|| {
+            Status::failed_precondition(format!("stream {stream:?} has no fetch upstream ([streams.{stream}.fetch])"))
+        })?;
+        if key.is_empty() || key.len() > def.max_key_bytes {
+            return Err(Status::invalid_argument(format!(
+                "key: must be 1 to {} bytes, got {}",
+                def.max_key_bytes,
+                key.len()
+            )));
+        }
+        Ok(fetcher)
+    }
+
+    /// A client's Fetch: answered here when this node leads the key's shard, else passed to
+    /// the leader (retried on a new one until the deadline).
+    pub async fn fetch(&self, stream: &str, key: &str) -> Result<pb::FetchResponse, Status> {
+        let fetcher = self.fetcher(stream, key)?;
+        let shard = shard_for(stream, key, self.node.spec().shards);
+        let p = fetcher.upstream.params();
+        // One attempt may take the settle delay, a rate-limit wait and the call itself.
+        let attempt = p.settle + p.timeout * 2 + Duration::from_secs(2);
+        let deadline = Instant::now() + attempt * 2;
+        let mut last = String::from("no leader yet");
+        loop {
+            if Instant::now() >= deadline {
+                return Err(Status::unavailable(format!("shard {shard}: {last}; retry")));
+            }
+            let leader = self.node.leader_of(shard);
+            match leader {
+                Some((id, _)) if id == self.node.id() => return self.local(shard, stream, key).await,
+                Some((id, peer)) => {
+                    let channel = self.node.peer_channel(&peer).map_err(Status::internal)?;
+                    let mut req = Request::new(pb::PeerFetchRequest {
+                        shard,
+                        stream: stream.to_owned(),
+                        key: key.to_owned(),
+                        target: id,
+                    });
+                    req.set_timeout(attempt);
+                    match FetchPeerClient::new(channel).fetch(req).await {
+                        Ok(r) => return Ok(r.into_inner()),
+                        // The leader's own answer (an upstream error, a full table) is final;
+                        // anything about reaching it is retried.
+                        Err(s) if s.code() == tonic::Code::Unavailable && s.message().starts_with("upstream:") => {
+                            return Err(s);
+                        }
+                        Err(s) if matches!(s.code(), tonic::Code::ResourceExhausted) => return Err(s),
+                        Err(s) => last = format!("{}: {}", peer.name, s.message()),
+                    }
+                }
+                None => {}
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// Joins the key's flight on this node, the shard's leader.
+    async fn local(&self, shard: u32, stream: &str, key: &str) -> Result<pb::FetchResponse, Status> {
+        let fetcher = self.fetcher(stream, key)?;
+        let epoch = self.node.shard_view(shard).and_then(|v| v.epoch);
+        let upstream = fetcher.upstream.clone();
+        let (stream_owned, key_owned) = (stream.to_owned(), key.to_owned());
+        let settle = upstream.params().settle;
+        let call = move || async move {
+            if !settle.is_zero() {
+                metrics::FETCH_SETTLE_WAITS.with_label_values(&[&stream_owned]).inc();
+            }
+            let started = Instant::now();
+            let (outcome, waited) = upstream.call(&key_owned).await;
+            metrics::FETCH_RATE_LIMIT_WAIT.with_label_values(&[&stream_owned]).inc_by(waited.as_secs_f64());
+            let result = match &outcome {
+                Ok(a) => format!("{}xx", a.status / 100),
+                Err(_) => "error".to_owned(),
+            };
+            metrics::FETCH_UPSTREAM_DURATION
+                .with_label_values(&[&stream_owned, &result])
+                .observe((started.elapsed() - waited).as_secs_f64());
+            // Only successful answers are cached: an error is retried by the next caller.
+            let ttl = match &outcome {
+                Ok(a) if (200..300).contains(&a.status) => upstream.params().ttl,
+                _ => Duration::ZERO,
+            };
+            (outcome, ttl)
+        };
+        let fetched = fetcher.flights.get(key.to_owned(), settle, call).await;
+        let origin = match &fetched {
+            Ok(f) => match f.origin {
+                Origin::Called => "called",
+                Origin::Joined => "joined",
+                Origin::Cached => "cached",
+            },
+            Err(_) => "refused",
+        };
+        metrics::FETCH_REQUESTS.with_label_values(&[stream, origin]).inc();
+        let fetched = fetched.map_err(|e| match e {
+            FlightError::Full(_) => Status::resource_exhausted(e.to_string()),
+            FlightError::Abandoned => Status::internal(e.to_string()),
+        })?;
+        let answer = fetched.value.map_err(|reason| Status::unavailable(format!("upstream: {reason}")))?;
+        Ok(pb::FetchResponse {
+            status: u32::from(answer.status),
+            content_type: answer.content_type,
+            body: answer.body,
+            shared: fetched.shared,
+            cached: fetched.origin == Origin::Cached,
+            shard,
+            epoch: epoch.map(|e| pb::Epoch { term: e.term, node: e.node }),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::fetch_peer_server::FetchPeer for FetchService {
+    async fn fetch(&self, request: Request<pb::PeerFetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
+        let r = request.into_inner();
+        if r.target != self.node.id() {
+            return Err(Status::unavailable(format!("this is not node {} (it restarted with new data)", r.target)));
+        }
+        if self.node.leader_of(r.shard).map(|(id, _)| id) != Some(self.node.id()) {
+            return Err(Status::unavailable(format!("not the leader of shard {}", r.shard)));
+        }
+        self.local(r.shard, &r.stream, &r.key).await.map(Response::new)
+    }
+}
