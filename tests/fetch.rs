@@ -1,0 +1,233 @@
+//! Request coalescing across the cluster (the `Fetch` RPC) against real processes and a local
+//! upstream HTTP server that counts its calls: concurrent callers on every node share one
+//! upstream call per key; callers during the settle delay join it; a caller that goes away
+//! cancels nothing for the others (and the last one leaving during the delay cancels the
+//! call); the shared rate limit holds under a burst; a leader SIGKILL while callers wait still
+//! answers every one of them.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "harness/mod.rs"]
+mod harness;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use coalesce_proto::v1 as pb;
+use harness::Cluster;
+
+/// The upstream: `GET /accounts/{key}` answers `{"key": .., "call": n}` after `delay`;
+/// `missing-*` keys get a 404.
+#[derive(Default)]
+struct Upstream {
+    calls: Mutex<BTreeMap<String, Vec<Instant>>>,
+    delay: Duration,
+}
+
+impl Upstream {
+    fn calls(&self, key: &str) -> usize {
+        self.calls.lock().unwrap().get(key).map_or(0, Vec::len)
+    }
+
+    fn total(&self) -> usize {
+        self.calls.lock().unwrap().values().map(Vec::len).sum()
+    }
+}
+
+async fn account(
+    State(up): State<Arc<Upstream>>,
+    Path(key): Path<String>,
+) -> (axum::http::StatusCode, [(&'static str, &'static str); 1], String) {
+    let n = {
+        let mut calls = up.calls.lock().unwrap();
+        let v = calls.entry(key.clone()).or_default();
+        v.push(Instant::now());
+        v.len()
+    };
+    tokio::time::sleep(up.delay).await;
+    let status = if key.starts_with("missing-") { 404 } else { 200 };
+    let code = axum::http::StatusCode::from_u16(status).unwrap();
+    (code, [("content-type", "application/json")], serde_json::json!({ "key": key, "call": n }).to_string())
+}
+
+async fn upstream(delay: Duration) -> (Arc<Upstream>, String) {
+    let state = Arc::new(Upstream { delay, ..Default::default() });
+    let app = axum::Router::new().route("/accounts/{key}", axum::routing::get(account)).with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/accounts/{{key}}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (state, url)
+}
+
+/// A streams file with one `accounts` stream fetching from `url`; `fetch` adds settings.
+fn streams(url: &str, fetch: &str) -> String {
+    format!(
+        "[streams.accounts]\nmerge = \"latest\"\nwindow = {{ tumbling = \"1s\" }}\n\n\
+         [streams.accounts.fetch]\nurl = \"{url}\"\ntimeout = \"5s\"\n{fetch}\n"
+    )
+}
+
+async fn fetch(cluster: &Cluster, node: usize, key: &str) -> Result<pb::FetchResponse, tonic::Status> {
+    let req = pb::FetchRequest { stream: "accounts".into(), key: key.into() };
+    cluster.client(node).fetch(req).await.map(tonic::Response::into_inner)
+}
+
+/// A client of node `i` without the harness's 5 s timeout (calls here may wait longer).
+async fn patient_client(cluster: &Cluster, i: usize) -> pb::coalesce_client::CoalesceClient<tonic::transport::Channel> {
+    let addr = format!("http://{}", cluster.local.nodes[i].client_addr);
+    pb::coalesce_client::CoalesceClient::connect(addr).await.unwrap()
+}
+
+fn body(r: &pb::FetchResponse) -> serde_json::Value {
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_callers_on_three_nodes_make_one_call_per_key() {
+    let (up, url) = upstream(Duration::from_millis(300)).await;
+    let cluster = Cluster::start(3, 3, &streams(&url, "settle = \"200ms\""));
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let cluster = Arc::new(cluster);
+    let callers: Vec<_> = (0..200)
+        .map(|i| {
+            let cluster = cluster.clone();
+            tokio::spawn(async move {
+                let key = format!("acct-{}", i % 10);
+                (key.clone(), fetch(&cluster, i % 3, &key).await)
+            })
+        })
+        .collect();
+    for c in callers {
+        let (key, r) = c.await.unwrap();
+        let r = r.unwrap_or_else(|e| panic!("{key}: {e:?}"));
+        assert_eq!((r.status, r.content_type.as_str()), (200, "application/json"));
+        assert_eq!(body(&r), serde_json::json!({ "key": key, "call": 1 }));
+        assert!(r.shared && !r.cached, "{key}: {r:?}");
+        assert!(r.epoch.is_some_and(|e| e.term > 0), "the answering leader's epoch");
+    }
+    for k in 0..10 {
+        assert_eq!(up.calls(&format!("acct-{k}")), 1, "acct-{k}");
+    }
+    assert_eq!(up.total(), 10);
+
+    // Any HTTP answer is a result; an unknown stream or a stream without fetch is refused.
+    let missing = fetch(&cluster, 1, "missing-1").await.unwrap();
+    assert_eq!((missing.status, missing.shared), (404, false));
+    let err = cluster.client(0).fetch(pb::FetchRequest { stream: "nope".into(), key: "k".into() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let err = fetch(&cluster, 2, "").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settle_delay_joins_late_callers_and_a_cancelled_caller_cancels_nothing() {
+    let (up, url) = upstream(Duration::from_millis(50)).await;
+    let cluster = Arc::new(Cluster::start(3, 3, &streams(&url, "settle = \"1500ms\"\nttl = \"2s\"")));
+    cluster.wait_ready(Duration::from_secs(60)).await;
+
+    // Callers 500 ms apart, on different nodes, all inside one settle delay: one call.
+    let started = Instant::now();
+    let mut waiting = Vec::new();
+    for i in 0..3 {
+        let cluster = cluster.clone();
+        waiting.push(tokio::spawn(async move { fetch(&cluster, i, "settling").await }));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for w in waiting {
+        let r = w.await.unwrap().unwrap();
+        assert_eq!(body(&r)["call"], 1);
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1500), "answered only after the settle delay");
+    assert_eq!(up.calls("settling"), 1);
+    // Within the TTL: from the cache.
+    let cached = fetch(&cluster, 1, "settling").await.unwrap();
+    assert!(cached.cached && cached.shared && body(&cached)["call"] == 1, "{cached:?}");
+
+    // A caller that gives up (its deadline passes during the delay) cancels nothing for a
+    // caller on another node that waits.
+    let impatient = {
+        let mut req = tonic::Request::new(pb::FetchRequest { stream: "accounts".into(), key: "k2".into() });
+        req.set_timeout(Duration::from_millis(300));
+        let mut client = cluster.client(0);
+        tokio::spawn(async move { client.fetch(req).await })
+    };
+    let patient = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move { fetch(&cluster, 1, "k2").await })
+    };
+    let gave_up = impatient.await.unwrap().unwrap_err();
+    assert!(matches!(gave_up.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled), "{gave_up:?}");
+    let r = patient.await.unwrap().unwrap();
+    assert_eq!(body(&r)["call"], 1);
+    assert_eq!(up.calls("k2"), 1);
+
+    // The only caller leaving during the delay cancels the call.
+    let mut req = tonic::Request::new(pb::FetchRequest { stream: "accounts".into(), key: "k3".into() });
+    req.set_timeout(Duration::from_millis(300));
+    let gave_up = cluster.client(2).fetch(req).await.unwrap_err();
+    assert!(matches!(gave_up.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled), "{gave_up:?}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(up.calls("k3"), 0, "nobody waited: the upstream was never called");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_shared_rate_limit_holds_under_a_burst() {
+    const RATE: usize = 6;
+    let (up, url) = upstream(Duration::ZERO).await;
+    let text = format!(
+        "[sinks.api]\nkind = \"http\"\nurl = \"{}\"\nrate_limit = {RATE}\n\n{}",
+        url.replace("{key}", "hook"),
+        streams(&url, "rate_limit_sink = \"api\"")
+    );
+    let cluster = Arc::new(Cluster::start(3, 3, &text));
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let burst: Vec<_> = (0..24)
+        .map(|i| {
+            let cluster = cluster.clone();
+            tokio::spawn(async move {
+                let req = pb::FetchRequest { stream: "accounts".into(), key: format!("burst-{i}") };
+                patient_client(&cluster, i % 3).await.fetch(req).await.map(tonic::Response::into_inner)
+            })
+        })
+        .collect();
+    for b in burst {
+        assert_eq!(b.await.unwrap().unwrap().status, 200);
+    }
+    let mut times: Vec<Instant> = up.calls.lock().unwrap().values().flatten().copied().collect();
+    times.sort();
+    assert_eq!(times.len(), 24);
+    let most = (0..times.len())
+        .map(|i| times[i..].iter().take_while(|t| **t < times[i] + Duration::from_secs(1)).count())
+        .max()
+        .unwrap();
+    assert!(most <= RATE, "{most} upstream calls within one second, the ceiling is {RATE}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_kill_during_the_call_still_answers_every_caller() {
+    let seed = harness::seed();
+    let (up, url) = upstream(Duration::from_millis(50)).await;
+    let mut cluster = Cluster::start(3, 3, &streams(&url, "settle = \"1s\""));
+    let leaders = cluster.wait_ready(Duration::from_secs(60)).await;
+    // A key whose shard leader is chosen by the seed; callers on the other two nodes.
+    let key = format!("acct-{seed}");
+    let shard = coalesce_core::hash::shard_for("accounts", &key, 3);
+    let leader = cluster.index_of(&leaders[&shard]).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let mut waiting = Vec::new();
+    for i in 0..20 {
+        let mut client = patient_client(&cluster, others[i % 2]).await;
+        let req = pb::FetchRequest { stream: "accounts".into(), key: key.clone() };
+        waiting.push(tokio::spawn(async move { client.fetch(req).await.map(tonic::Response::into_inner) }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.kill(leader);
+    for w in waiting {
+        let r = w.await.unwrap().unwrap_or_else(|e| panic!("seed {seed}: {e:?}"));
+        assert_eq!(r.status, 200);
+        assert_ne!(r.epoch.unwrap().node, 0);
+    }
+    assert!(up.calls(&key) >= 1);
+}
