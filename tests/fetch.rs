@@ -119,6 +119,18 @@ async fn two_hundred_callers_on_three_nodes_make_one_call_per_key() {
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     let err = fetch(&cluster, 2, "").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    // coalescectl fetch: the body on stdout, status and sharing on stderr.
+    let ctl = std::path::Path::new(harness::COALESCED).with_file_name("coalescectl");
+    let out = tokio::process::Command::new(&ctl)
+        .args(["--addr", &cluster.local.nodes[2].client_addr, "fetch", "--stream", "accounts", "--key", "acct-77"])
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["key"], "acct-77");
+    assert!(stderr.contains("HTTP 200 application/json") && stderr.contains("shared false"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -44,6 +44,14 @@ enum Cmd {
     Send(send::SendArgs),
     /// Follow emitted outputs and print them as JSON lines.
     Tail(tail::TailArgs),
+    /// Fetch a key through the stream's upstream, coalesced with every concurrent caller in
+    /// the cluster: the body goes to stdout, status and sharing to stderr.
+    Fetch {
+        #[arg(long)]
+        stream: String,
+        #[arg(long)]
+        key: String,
+    },
     /// Show the node's sinks and their delivery counters.
     Sinks,
     /// Every shard's leader lease, as Kubernetes `coordination.k8s.io/v1` Leases (asks every node).
@@ -142,6 +150,7 @@ fn main() {
             Cmd::Status => status(&cli.addr).await,
             Cmd::Send(args) => send::run(&cli.addr, args).await,
             Cmd::Tail(args) => tail::run(&cli.addr, args).await,
+            Cmd::Fetch { stream, key } => fetch(&cli.addr, stream, key).await,
             Cmd::Sinks => dlq::sinks(&cli.addr).await,
             Cmd::Leases { json } => admin::leases(&cli.addr, json).await,
             Cmd::Shards { json } => admin::shards(&cli.addr, json).await,
@@ -166,6 +175,27 @@ pub(crate) async fn connect(addr: &str) -> anyhow::Result<NodeClient> {
     let o = options();
     let channel = o.channel(addr).with_context(|| format!("bad address {addr:?}"))?;
     Ok(CoalesceClient::with_interceptor(channel, o.token()))
+}
+
+async fn fetch(addr: &str, stream: String, key: String) -> anyhow::Result<()> {
+    let r = connect(addr)
+        .await?
+        .fetch(pb::FetchRequest { stream, key })
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let epoch = r.epoch.map(|e| format!("{}-{}", e.term, e.node)).unwrap_or_default();
+    eprintln!(
+        "HTTP {} {} — {} bytes, shared {}, cached {}, shard {} epoch {epoch}",
+        r.status,
+        r.content_type,
+        r.body.len(),
+        r.shared,
+        r.cached,
+        r.shard
+    );
+    std::io::Write::write_all(&mut std::io::stdout(), &r.body)?;
+    Ok(())
 }
 
 async fn status(addr: &str) -> anyhow::Result<()> {
