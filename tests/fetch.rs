@@ -243,3 +243,67 @@ async fn a_leader_kill_during_the_call_still_answers_every_caller() {
     }
     assert!(up.calls(&key) >= 1);
 }
+
+/// The event → fetch bridge (`on_window_close`): an account-change stream whose closed windows
+/// are fetched once per key and delivered as the fetched document; a 404 is refused into the
+/// dead-letter queue. A Fetch caller of the same key during the delivery shares the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn closed_windows_deliver_the_fetched_answer() {
+    let (up, url) = upstream(Duration::from_millis(20)).await;
+    let text = format!(
+        "[sinks.lines]\nkind = \"file\"\npath = \"../outputs-{{node}}.jsonl\"\n\n\
+         [streams.accounts]\nmerge = \"latest\"\nwindow = {{ tumbling = \"300ms\" }}\nsinks = [\"lines\"]\n\n\
+         [streams.accounts.fetch]\nurl = \"{url}\"\non_window_close = true\n"
+    );
+    let cluster = Cluster::start(3, 3, &text);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let addrs: Vec<String> = cluster.local.nodes.iter().map(|n| n.client_addr.clone()).collect();
+    let client = coalesce_client::Client::connect(addrs).await.unwrap();
+    let mut producer = client.producer();
+    // Five changes per account (one window each, at most a few): one fetch per closed window.
+    let keys: Vec<String> = (0..20).map(|i| format!("acct-{i}")).chain(["missing-1".to_owned()]).collect();
+    let events =
+        keys.iter().flat_map(|k| (0..5).map(move |v| coalesce_client::event("accounts", k, v as i64))).collect();
+    assert!(producer.send(events).await.unwrap().all_acked());
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let delivered = loop {
+        let outputs: Vec<serde_json::Value> = (0..3)
+            .flat_map(|i| std::fs::read_to_string(cluster.path().join(format!("outputs-coalesce-{i}.jsonl"))).ok())
+            .flat_map(|t| t.lines().map(|l| serde_json::from_str(l).unwrap()).collect::<Vec<serde_json::Value>>())
+            .collect();
+        let letters = cluster_dead_letters(&cluster).await;
+        if outputs.len() >= 20 && !letters.is_empty() {
+            assert_eq!(letters.len(), 1);
+            assert!(letters[0].reason.contains("fetch accounts/missing-1: HTTP 404"), "{:?}", letters[0]);
+            break outputs;
+        }
+        assert!(Instant::now() < deadline, "{} outputs, {} dead letters", outputs.len(), letters.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for o in &delivered {
+        let key = o["key"].as_str().unwrap();
+        assert!(key.starts_with("acct-"), "{o}");
+        assert_eq!(o["value"]["key"], key, "the fetched document, not the merged value: {o}");
+    }
+    // At least one call per delivered window (a batch split to isolate the refused output
+    // fetches its other keys again).
+    let mut windows: BTreeMap<&str, usize> = BTreeMap::new();
+    for o in &delivered {
+        *windows.entry(o["key"].as_str().unwrap()).or_default() += 1;
+    }
+    assert_eq!(windows.len(), 20);
+    for (key, n) in windows {
+        assert!(up.calls(key) >= n, "{key}: {} calls for {n} windows", up.calls(key));
+    }
+}
+
+async fn cluster_dead_letters(cluster: &Cluster) -> Vec<pb::DeadLetter> {
+    let addr = format!("http://{}", cluster.local.nodes[0].client_addr);
+    let mut admin = pb::admin_client::AdminClient::connect(addr).await.unwrap();
+    admin
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await
+        .map(|r| r.into_inner().letters)
+        .unwrap_or_default()
+}

@@ -143,6 +143,7 @@ pub async fn run(
     let fetch_streams: Vec<&str> = loaded.fetch.keys().map(String::as_str).collect();
     crate::metrics::init(&stream_names, &sink_names, &fetch_streams);
     let fetch = crate::fetch::FetchService::new(node.clone(), &loaded.fetch, &delivery).context("fetch upstreams")?;
+    delivery.set_fetch(fetch.clone());
     let registry = prometheus::Registry::new();
     registry
         .register(Box::new(crate::metrics::NodeCollector::new(node.clone(), delivery.clone())))

@@ -194,6 +194,19 @@ impl Config {
             if let Some(table) = &config.fetch {
                 let params = coalesce_sinks::upstream::FetchParams::parse(stream, table, &sinks)
                     .map_err(|source| ConfigError::Fetch { path: self.streams_file.clone(), source })?;
+                if params.on_window_close && config.merge.0 != coalesce_core::merge::MergeOp::Latest {
+                    return Err(ConfigError::Fetch {
+                        path: self.streams_file.clone(),
+                        source: coalesce_sinks::upstream::FetchConfigError {
+                            stream: stream.clone(),
+                            message: format!(
+                                "on_window_close replaces a latest-wins value with the fetched answer; this \
+                                 stream merges with {}",
+                                config.merge.0.name()
+                            ),
+                        },
+                    });
+                }
                 fetch.insert(stream.clone(), params);
             }
         }

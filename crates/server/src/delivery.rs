@@ -102,6 +102,8 @@ pub struct Delivery {
     node: Arc<RaftNode>,
     sinks: Vec<Arc<SinkRuntime>>,
     clock: SystemClock,
+    /// For streams that deliver fetched answers (`on_window_close`); set once at start.
+    fetch: std::sync::OnceLock<crate::fetch::FetchService>,
 }
 
 /// What delivering one batch came to.
@@ -133,7 +135,7 @@ impl Delivery {
                 breaker: Breaker::new(d.breaker_failures, d.breaker_cooldown),
             }));
         }
-        Ok(Arc::new(Self { node, sinks, clock: SystemClock }))
+        Ok(Arc::new(Self { node, sinks, clock: SystemClock, fetch: std::sync::OnceLock::new() }))
     }
 
     /// Every configured sink with its counters since start.
@@ -152,6 +154,11 @@ impl Delivery {
                 (rt.config.clone(), st)
             })
             .collect()
+    }
+
+    /// Lets delivery use the node's Fetch service (the event → fetch bridge); once, at start.
+    pub fn set_fetch(&self, fetch: crate::fetch::FetchService) {
+        let _ = self.fetch.set(fetch);
     }
 
     /// The request-rate limiter of sink `name` (an `http` sink with a `rate_limit`).
@@ -462,8 +469,16 @@ impl Worker {
                 last_seq = outputs.last().map_or(0, |o| o.seq),
                 attempt = attempts,
             );
-            let batch = Batch { shard: self.shard, epoch: self.epoch, outputs };
-            let result = tracing::Instrument::instrument(sink.deliver(batch), span).await;
+            let (shard, epoch, fetch) = (self.shard, self.epoch, self.delivery.fetch.get());
+            let attempt = async move {
+                // The event → fetch bridge swaps in fetched answers first (crate::fetch).
+                let bridged = match fetch {
+                    Some(f) => f.bridge(outputs).await?,
+                    None => None,
+                };
+                sink.deliver(Batch { shard, epoch, outputs: bridged.as_deref().unwrap_or(outputs) }).await
+            };
+            let result = tracing::Instrument::instrument(attempt, span).await;
             let kind = match &result {
                 Ok(()) => "ok",
                 Err(DeliveryError::Transient { .. }) => "transient",

@@ -13,9 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coalesce_core::hash::shard_for;
+use coalesce_core::merge::Aggregate;
+use coalesce_core::output::Output;
 use coalesce_proto::v1 as pb;
 use coalesce_proto::v1::fetch_peer_client::FetchPeerClient;
 use coalesce_raft::RaftNode;
+use coalesce_sinks::DeliveryError;
 use coalesce_sinks::upstream::{Answer, FetchParams, Upstream};
 use tonic::{Request, Response, Status};
 
@@ -132,8 +135,58 @@ impl FetchService {
 
     /// Joins the key's flight on this node, the shard's leader.
     async fn local(&self, shard: u32, stream: &str, key: &str) -> Result<pb::FetchResponse, Status> {
-        let fetcher = self.fetcher(stream, key)?;
         let epoch = self.node.shard_view(shard).and_then(|v| v.epoch);
+        let fetched = self.join(stream, key).await?;
+        let answer = fetched.value.map_err(|reason| Status::unavailable(format!("upstream: {reason}")))?;
+        Ok(pb::FetchResponse {
+            status: u32::from(answer.status),
+            content_type: answer.content_type,
+            body: answer.body,
+            shared: fetched.shared,
+            cached: fetched.origin == Origin::Cached,
+            shard,
+            epoch: epoch.map(|e| pb::Epoch { term: e.term, node: e.node }),
+        })
+    }
+
+    /// Whether `stream` replaces its outputs' values with the fetched answer (the event →
+    /// fetch bridge, `on_window_close`).
+    pub fn bridges(&self, stream: &str) -> bool {
+        self.fetchers.get(stream).is_some_and(|f| f.upstream.params().on_window_close)
+    }
+
+    /// The bridge, on the leader delivering `outputs`: each output of a bridging stream gets
+    /// its key's fetched answer as its value (joining any Fetch callers of that key). A call
+    /// without an answer, or a 408/429/5xx, is transient; another non-2xx refuses the output.
+    pub async fn bridge(&self, outputs: &[Output]) -> Result<Option<Vec<Output>>, DeliveryError> {
+        if !outputs.iter().any(|o| self.bridges(&o.stream)) {
+            return Ok(None);
+        }
+        let mut out = outputs.to_vec();
+        for o in out.iter_mut().filter(|o| self.bridges(&o.stream)) {
+            let what = |m: String| format!("fetch {}/{}: {m}", o.stream, o.key);
+            let fetched =
+                self.join(&o.stream, &o.key).await.map_err(|s| DeliveryError::transient(what(s.message().into())))?;
+            let answer = fetched.value.map_err(|reason| DeliveryError::transient(what(reason)))?;
+            match answer.status {
+                200..=299 => {}
+                408 | 429 | 500..=599 => {
+                    return Err(DeliveryError::transient(what(format!("HTTP {}", answer.status))));
+                }
+                other => return Err(DeliveryError::Rejected { reason: what(format!("HTTP {other}")) }),
+            }
+            let at = match &o.value {
+                Aggregate::Latest { at, .. } => *at,
+                _ => o.last_event_at,
+            };
+            o.value = Aggregate::Latest { value: answer.to_value(), at };
+        }
+        Ok(Some(out))
+    }
+
+    /// The key's flight result (this node must lead its shard).
+    async fn join(&self, stream: &str, key: &str) -> Result<crate::flight::Fetched<Outcome>, Status> {
+        let fetcher = self.fetcher(stream, key)?;
         let upstream = fetcher.upstream.clone();
         let (stream_owned, key_owned) = (stream.to_owned(), key.to_owned());
         let settle = upstream.params().settle;
@@ -168,19 +221,9 @@ impl FetchService {
             Err(_) => "refused",
         };
         metrics::FETCH_REQUESTS.with_label_values(&[stream, origin]).inc();
-        let fetched = fetched.map_err(|e| match e {
+        fetched.map_err(|e| match e {
             FlightError::Full(_) => Status::resource_exhausted(e.to_string()),
             FlightError::Abandoned => Status::internal(e.to_string()),
-        })?;
-        let answer = fetched.value.map_err(|reason| Status::unavailable(format!("upstream: {reason}")))?;
-        Ok(pb::FetchResponse {
-            status: u32::from(answer.status),
-            content_type: answer.content_type,
-            body: answer.body,
-            shared: fetched.shared,
-            cached: fetched.origin == Origin::Cached,
-            shard,
-            epoch: epoch.map(|e| pb::Epoch { term: e.term, node: e.node }),
         })
     }
 }

@@ -55,3 +55,24 @@ fn example_cases_are_valid() {
         assert!(loaded.sinks.iter().all(|s| !s.streams.is_empty()), "{case}: every sink is fed");
     }
 }
+
+/// A stream's `fetch` table is checked with the streams file: the bridge needs a latest-wins
+/// stream, and the example's fetch upstream loads.
+#[test]
+fn fetch_tables_are_checked() {
+    let loaded = Config::load(&example_dir().join("node.toml")).expect("example node config is valid");
+    let fetch = &loaded.fetch["account-changes"];
+    assert_eq!((fetch.ttl.as_secs(), fetch.on_window_close), (1, false));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = std::fs::read_to_string(example_dir().join("node.toml")).expect("example");
+    std::fs::write(
+        dir.path().join("streams.toml"),
+        "[streams.counts]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"1s\" }\n\n\
+         [streams.counts.fetch]\nurl = \"http://api/{key}\"\non_window_close = true\n",
+    )
+    .expect("write");
+    let config: Config = toml::from_str(&node).expect("node config");
+    let e = config.finish(dir.path()).expect_err("a sum stream cannot bridge").to_string();
+    assert!(e.contains("streams.counts.fetch: on_window_close replaces a latest-wins value"), "{e}");
+}

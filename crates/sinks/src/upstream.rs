@@ -10,6 +10,7 @@
 //! settle = "0s"                 # wait this long before calling; callers meanwhile join
 //! ttl = "0s"                    # serve a successful (2xx) answer this long without calling
 //! rate_limit_sink = "accounts"  # share this http sink's cluster-wide request ceiling
+//! on_window_close = false       # deliver the fetched answer instead of the merged value
 //! max_keys = 100000             # keys in flight or cached per node
 //! max_body_bytes = 4194304
 //! ```
@@ -48,6 +49,10 @@ pub struct FetchParams {
     /// An `http` sink with a `rate_limit` whose ceiling these calls share.
     #[serde(default)]
     pub rate_limit_sink: Option<String>,
+    /// The event → fetch bridge: when a key's window closes, fetch it (joining any Fetch
+    /// callers) and deliver the answer to the stream's push sinks in place of the merged value.
+    #[serde(default)]
+    pub on_window_close: bool,
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
     #[serde(default = "default_max_body")]
@@ -64,6 +69,7 @@ impl std::fmt::Debug for FetchParams {
             .field("settle", &self.settle)
             .field("ttl", &self.ttl)
             .field("rate_limit_sink", &self.rate_limit_sink)
+            .field("on_window_close", &self.on_window_close)
             .finish()
     }
 }
@@ -132,6 +138,22 @@ pub struct Answer {
     pub status: u16,
     pub content_type: String,
     pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// The body as a value: JSON when it says so and parses, else text, else bytes.
+    pub fn to_value(&self) -> coalesce_core::value::Value {
+        use coalesce_core::value::Value;
+        if self.content_type.split(';').next().is_some_and(|t| t.trim().ends_with("json"))
+            && let Ok(j) = serde_json::from_slice(&self.body)
+        {
+            return Value::Json(j);
+        }
+        match String::from_utf8(self.body.clone()) {
+            Ok(text) => Value::Str(text),
+            Err(e) => Value::Bytes(e.into_bytes()),
+        }
+    }
 }
 
 /// Calls one stream's upstream.
