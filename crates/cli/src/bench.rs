@@ -46,6 +46,9 @@ pub(crate) enum BenchCmd {
     /// The same workload into PostgreSQL as per-event upserts, through the coalesced sink, and
     /// the sink's raw COPY rate.
     Postgres(crate::bench_pg::PostgresArgs),
+    /// Request coalescing: upstream calls and latency, direct vs an in-process singleflight per
+    /// node vs the cluster's Fetch.
+    Fetch(crate::bench_fetch::FetchArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -55,10 +58,10 @@ pub(crate) struct LocalArgs {
     dir: PathBuf,
     /// Nodes of the local cluster.
     #[arg(long, default_value_t = 3)]
-    nodes: usize,
+    pub(crate) nodes: usize,
     /// Shards of the local cluster.
     #[arg(long, default_value_t = 8)]
-    shards: u32,
+    pub(crate) shards: u32,
     /// Print one JSON object instead of the report.
     #[arg(long)]
     pub(crate) json: bool,
@@ -148,6 +151,7 @@ pub(crate) async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Ingest(args) => ingest(args).await,
         BenchCmd::Failover(args) => failover(args).await,
         BenchCmd::Postgres(args) => crate::bench_pg::run(args).await,
+        BenchCmd::Fetch(args) => crate::bench_fetch::run(args).await,
     }
 }
 
@@ -190,13 +194,13 @@ pub(crate) async fn start_local(args: &LocalArgs, streams: &str) -> anyhow::Resu
     LocalCluster::launch(&args.dir, &opts)
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     // 1 µs .. 100 s at 3 significant digits.
     #[allow(clippy::expect_used)] // constant, valid bounds
     Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
 }
 
-fn quantiles_ms(h: &Histogram<u64>) -> serde_json::Value {
+pub(crate) fn quantiles_ms(h: &Histogram<u64>) -> serde_json::Value {
     let q = |p: f64| (h.value_at_quantile(p) as f64 / 1000.0 * 100.0).round() / 100.0;
     json!({
         "count": h.len(),

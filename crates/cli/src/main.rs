@@ -4,6 +4,7 @@
 
 mod admin;
 mod bench;
+mod bench_fetch;
 mod bench_pg;
 mod demo;
 mod dlq;

@@ -1,6 +1,6 @@
 //! Cluster-wide request coalescing: the `Fetch` RPC. A (stream, key) belongs to one shard, so
 //! every node passes a Fetch to that shard's leader (over the peer port, `FetchPeer`), where
-//! it joins the key's flight ([`crate::flight`]): one upstream call (after the stream's settle
+//! it joins the key's flight ([`coalesce_sinks::flight`]): one upstream call (after the stream's settle
 //! delay) answers every caller in the cluster, and a successful answer is cached for the
 //! stream's TTL. The upstream is the stream's `fetch` table ([`coalesce_sinks::upstream`]).
 //!
@@ -23,8 +23,8 @@ use coalesce_sinks::upstream::{Answer, FetchParams, Upstream};
 use tonic::{Request, Response, Status};
 
 use crate::delivery::Delivery;
-use crate::flight::{FlightError, Flights, Origin};
 use crate::metrics;
+use coalesce_sinks::flight::{FlightError, Flights, Origin};
 
 type Outcome = Result<Answer, String>;
 
@@ -185,7 +185,7 @@ impl FetchService {
     }
 
     /// The key's flight result (this node must lead its shard).
-    async fn join(&self, stream: &str, key: &str) -> Result<crate::flight::Fetched<Outcome>, Status> {
+    async fn join(&self, stream: &str, key: &str) -> Result<coalesce_sinks::flight::Fetched<Outcome>, Status> {
         let fetcher = self.fetcher(stream, key)?;
         let upstream = fetcher.upstream.clone();
         let (stream_owned, key_owned) = (stream.to_owned(), key.to_owned());

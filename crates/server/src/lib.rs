@@ -28,7 +28,6 @@ pub mod config;
 pub mod convert;
 pub mod delivery;
 pub mod fetch;
-pub mod flight;
 pub mod grpc;
 pub mod http;
 pub mod k8s;

@@ -10,7 +10,9 @@
 //! | `postgres` | a table, via `COPY` into a staging table and one upsert | exactly once: fenced on (shard, seq, epoch) |
 //! | `grpc` | nothing itself: a durable subscriber name whose cursor holds outputs until it acks | at least once |
 //!
-//! This crate holds the sink kinds, their configuration and the [`Sink`] trait. Delivery — the
+//! This crate holds the sink kinds, their configuration and the [`Sink`] trait, and the other
+//! downstream calls: a stream's Fetch upstream ([`upstream`]) and the singleflight that
+//! coalesces them ([`flight`]). Delivery — the
 //! workers on each shard's leader that feed them, only while its lease is valid, per sink and
 //! shard in seq order, with retries, a circuit breaker per sink and a replicated dead-letter
 //! queue — lives in the server crate (`coalesce_server::delivery`).
@@ -21,6 +23,7 @@
 //! losing its history, which the token-bucket crates cannot.
 
 pub mod file;
+pub mod flight;
 pub mod http;
 pub mod limiter;
 pub mod postgres;
