@@ -56,7 +56,7 @@ async fn the_smoke_game_day_passes_and_reports() {
     assert!(r["acked_events"].as_u64().unwrap() > 500);
     assert_eq!(r["lost_events"], 0);
     assert_eq!(r["double_counted_events"], 0);
-    for kind in ["kill_leader", "pause_leader", "partition_leader", "kill_all"] {
+    for kind in ["kill_leader", "pause_leader", "partition_leader", "kill_all", "slow_disk"] {
         assert_eq!(r["faults"][kind], 1, "{kind}: {}", r["faults"]);
     }
     for plot in ["throughput.svg", "latency.svg", "failover.svg", "report.md"] {

@@ -747,8 +747,10 @@ pub fn check_run(input: &CheckInput<'_>) -> Verdict {
     // Faults.
     let faults: Vec<FaultTiming> =
         input.faults.iter().map(|fault| fault_timing(fault, &unique_events, &unique)).collect();
-    let failovers: Vec<u64> = faults.iter().filter_map(|t| t.failover_ms).collect();
-    let emissions: Vec<u64> = faults.iter().filter_map(|t| t.first_emission_ms).collect();
+    // Failover numbers count only faults that take the leader away.
+    let failovers: Vec<u64> = faults.iter().filter(|t| t.kind.loses_leader()).filter_map(|t| t.failover_ms).collect();
+    let emissions: Vec<u64> =
+        faults.iter().filter(|t| t.kind.loses_leader()).filter_map(|t| t.first_emission_ms).collect();
     m.failover_ms = Quantiles::of(&failovers);
     m.first_emission_ms = Quantiles::of(&emissions);
 

@@ -106,6 +106,12 @@ impl FaultKind {
         FaultKind::SlowDisk,
     ];
 
+    /// Whether the fault takes the leader away, so recovering from it is a failover. A slow
+    /// disk does not: its recovery times are reported per fault, not in the failover numbers.
+    pub fn loses_leader(&self) -> bool {
+        !matches!(self, FaultKind::SlowDisk)
+    }
+
     /// The snake_case name, as serialized.
     pub fn as_str(&self) -> &'static str {
         match self {

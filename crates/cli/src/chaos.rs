@@ -117,6 +117,13 @@ pub struct FaultPlan {
     /// How long the fault lasts before it is healed (restart, SIGCONT, links restored).
     #[serde(with = "humantime_serde")]
     pub down: Duration,
+    /// `slow_disk` only: how much longer every fsync of the leader's node takes.
+    #[serde(with = "humantime_serde", default = "default_disk_latency")]
+    pub latency: Duration,
+}
+
+fn default_disk_latency() -> Duration {
+    Duration::from_millis(200)
 }
 
 fn default_nodes() -> usize {
@@ -178,8 +185,8 @@ impl Scenario {
             bail!("window must be positive");
         }
         for f in &self.faults {
-            if f.kind == FaultKind::SlowDisk {
-                bail!("faults: slow_disk is not supported by the local backend yet");
+            if f.kind == FaultKind::SlowDisk && (f.latency.is_zero() || f.latency > Duration::from_secs(60)) {
+                bail!("faults: slow_disk latency must be between 1ms and 60s, got {:?}", f.latency);
             }
         }
         Ok(())
@@ -473,10 +480,32 @@ async fn inject(
             tokio::time::sleep(plan.down).await;
             cluster.isolate(victim, false)?;
         }
-        FaultKind::KillAll | FaultKind::SlowDisk => unreachable!("handled above / refused by validate"),
+        FaultKind::SlowDisk => {
+            let url = format!("http://{}/failpoints/slow_disk", cluster.nodes[victim].http_addr);
+            slow_disk(&url, plan.latency).await?;
+            tokio::time::sleep(plan.down).await;
+            slow_disk(&url, Duration::ZERO).await?;
+        }
+        FaultKind::KillAll => unreachable!("handled above"),
     }
     fault.healed_ms = Some(now_ms());
     Ok(fault)
+}
+
+/// Sets a node's extra fsync latency through its test-only failpoint route.
+async fn slow_disk(url: &str, latency: Duration) -> anyhow::Result<()> {
+    let body = format!("{}ms", latency.as_millis());
+    let response = reqwest::Client::new()
+        .put(url)
+        .body(body)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .with_context(|| format!("PUT {url}"))?;
+    if !response.status().is_success() {
+        bail!("PUT {url}: HTTP {}: {}", response.status(), response.text().await.unwrap_or_default());
+    }
+    Ok(())
 }
 
 /// Waits until every shard's windows are closed and the subscribers saw every output.
@@ -539,10 +568,13 @@ pub async fn run(cmd: ChaosCmd) -> anyhow::Result<()> {
         raft: String::new(),
         log_filter: "info,openraft=error".into(),
         extra: String::new(),
-        env: if args.failpoint.is_empty() {
-            Vec::new()
-        } else {
-            vec![("COALESCE_FAILPOINTS".to_owned(), args.failpoint.join(","))]
+        env: {
+            // `runtime` lets the slow-disk fault be switched on a node's HTTP port.
+            let mut fps = args.failpoint.clone();
+            if scenario.faults.iter().any(|f| f.kind == FaultKind::SlowDisk) {
+                fps.push("runtime".into());
+            }
+            if fps.is_empty() { Vec::new() } else { vec![("COALESCE_FAILPOINTS".to_owned(), fps.join(","))] }
         },
         proxied: true,
     };

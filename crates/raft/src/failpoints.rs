@@ -6,6 +6,7 @@
 //! | name | defect |
 //! |---|---|
 //! | `double_seal` | sealing emits every output twice, under two seqs (double counting) |
+//! | `runtime` | the HTTP port serves `PUT /failpoints/slow_disk` (every fsync takes longer: the chaos tool's slow-disk fault) |
 
 use std::sync::LazyLock;
 

@@ -330,6 +330,11 @@ impl RaftNode {
         }))
     }
 
+    /// Makes every fsync of this node's database take `extra` longer (the slow-disk fault).
+    pub fn set_disk_latency(&self, extra: Duration) {
+        self.db.flusher().set_extra_latency(extra);
+    }
+
     /// Approximate size of each RocksDB column family (for metrics).
     pub fn column_family_sizes(&self) -> Vec<(&'static str, u64)> {
         coalesce_storage::keys::ALL_CFS

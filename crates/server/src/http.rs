@@ -152,6 +152,21 @@ async fn put_log(State(s): State<AppState>, body: String) -> impl IntoResponse {
     }
 }
 
+/// `PUT /failpoints/slow_disk` with a duration ("300ms", "0s"): every fsync of this node takes
+/// that much longer. Test-only (the chaos tool's slow-disk fault): the route exists only when
+/// the node started with the `runtime` failpoint (`COALESCE_FAILPOINTS=runtime`).
+async fn put_slow_disk(State(s): State<AppState>, body: String) -> impl IntoResponse {
+    match humantime::parse_duration(body.trim()) {
+        Ok(d) if d <= std::time::Duration::from_secs(60) => {
+            s.health.node.set_disk_latency(d);
+            tracing::warn!(extra = ?d, "failpoint slow_disk: every fsync takes this much longer");
+            (StatusCode::OK, format!("slow_disk {}\n", humantime::format_duration(d)))
+        }
+        Ok(_) => (StatusCode::BAD_REQUEST, "slow_disk: at most 60s\n".into()),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("slow_disk: {:?} is not a duration: {e}\n", body.trim())),
+    }
+}
+
 /// Serves the HTTP port on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -164,7 +179,12 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
-        .route("/loglevel", get(get_log).put(put_log))
-        .with_state(AppState { health, registry, log });
+        .route("/loglevel", get(get_log).put(put_log));
+    let app = if coalesce_raft::failpoints::active("runtime") {
+        app.route("/failpoints/slow_disk", axum::routing::put(put_slow_disk))
+    } else {
+        app
+    };
+    let app = app.with_state(AppState { health, registry, log });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

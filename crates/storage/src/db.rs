@@ -87,6 +87,10 @@ impl NodeDb {
 
     /// Writes a batch and fsyncs the WAL before returning (votes, purge markers).
     pub fn write_sync(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        let extra = self.flusher.extra_latency();
+        if !extra.is_zero() {
+            std::thread::sleep(extra);
+        }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;

@@ -37,6 +37,8 @@ pub struct Flusher {
     tx: Option<mpsc::Sender<FlushCallback>>,
     thread: Option<JoinHandle<()>>,
     stats: Arc<FlushStats>,
+    /// Extra time every fsync takes, in µs: the chaos tool's slow-disk fault (0 normally).
+    extra_latency_us: Arc<AtomicU64>,
 }
 
 impl Flusher {
@@ -44,12 +46,18 @@ impl Flusher {
         let (tx, rx) = mpsc::channel::<FlushCallback>();
         let stats = Arc::new(FlushStats::default());
         let thread_stats = Arc::clone(&stats);
+        let extra_latency_us = Arc::new(AtomicU64::new(0));
+        let slow = Arc::clone(&extra_latency_us);
         let thread = std::thread::Builder::new()
             .name("coalesce-wal-flusher".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
                     let mut waiting = vec![first];
                     waiting.extend(rx.try_iter());
+                    let extra = slow.load(Ordering::Relaxed);
+                    if extra > 0 {
+                        std::thread::sleep(std::time::Duration::from_micros(extra));
+                    }
                     let result = db.flush_wal(true);
                     thread_stats.syncs.fetch_add(1, Ordering::Relaxed);
                     thread_stats.callbacks.fetch_add(waiting.len() as u64, Ordering::Relaxed);
@@ -59,7 +67,18 @@ impl Flusher {
                 }
             })
             .expect("spawning the WAL flusher thread");
-        Self { tx: Some(tx), thread: Some(thread), stats }
+        Self { tx: Some(tx), thread: Some(thread), stats, extra_latency_us }
+    }
+
+    /// Makes every fsync take `extra` longer (a slow disk, for fault injection; zero restores
+    /// normal speed).
+    pub fn set_extra_latency(&self, extra: std::time::Duration) {
+        self.extra_latency_us.store(extra.as_micros().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+    }
+
+    /// The extra fsync latency in force.
+    pub fn extra_latency(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.extra_latency_us.load(Ordering::Relaxed))
     }
 
     /// Calls `cb` once everything written before this call is durable.

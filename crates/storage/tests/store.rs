@@ -208,3 +208,24 @@ fn state_survives_restart_and_moves_by_snapshot() {
     assert_eq!(other.export_state().unwrap().encode().unwrap(), data, "byte-identical after a snapshot install");
     assert_eq!(other.sessions().unwrap().len(), 1);
 }
+
+/// The slow-disk fault (the chaos tool's `slow_disk`): with extra latency set, a log append's
+/// durability callback waits at least that long; set back to zero, syncs are fast again.
+#[test]
+fn a_slow_disk_delays_every_sync_until_restored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = open(dir.path());
+    let synced = |db: &NodeDb| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let started = std::time::Instant::now();
+        db.flusher().after_sync(Box::new(move |r| tx.send(r.is_ok()).expect("receiver")));
+        assert!(rx.recv().expect("callback"));
+        started.elapsed()
+    };
+    let extra = std::time::Duration::from_millis(150);
+    db.flusher().set_extra_latency(extra);
+    assert_eq!(db.flusher().extra_latency(), extra);
+    assert!(synced(&db) >= extra);
+    db.flusher().set_extra_latency(std::time::Duration::ZERO);
+    assert_eq!(db.flusher().extra_latency(), std::time::Duration::ZERO);
+}

@@ -577,6 +577,14 @@ fn failover_and_first_emission_are_timed_per_fault() {
     assert_eq!(v.faults[2].failover_ms, Some(60));
     assert_eq!(v.metrics.failover_ms, Quantiles { count: 4, p50: Some(850), p99: Some(850), max: Some(850) });
     assert_eq!(v.metrics.first_emission_ms.count, 3);
+
+    // A slow disk is timed per fault but is not a failover: the quantiles leave it out.
+    let mut with_slow_disk = faults.clone();
+    with_slow_disk.push(fault(6, FaultKind::SlowDisk, Some(1), Some((4, 1))));
+    let v = check(&streams, &events, &outputs, &with_slow_disk);
+    assert_eq!(v.faults[5].failover_ms, Some(60), "timed like the others");
+    assert_eq!(v.metrics.failover_ms.count, 4);
+    assert_eq!(v.metrics.first_emission_ms.count, 3);
 }
 
 fn dedupe_for_test(events: &[Event]) -> Vec<Unique<'_>> {

@@ -242,8 +242,9 @@ fn histogram(values: &[u64], width: u64, bins: u64) -> Vec<u64> {
 /// Histogram of failover times (fault → first acked write) and, beside it, of the time to the
 /// first emission by the new leader.
 pub(crate) fn failover_svg(meta: &RunMeta, timings: &[FaultTiming]) -> anyhow::Result<String> {
-    let failover: Vec<u64> = timings.iter().filter_map(|t| t.failover_ms).collect();
-    let emission: Vec<u64> = timings.iter().filter_map(|t| t.first_emission_ms).collect();
+    let lost = || timings.iter().filter(|t| t.kind.loses_leader());
+    let failover: Vec<u64> = lost().filter_map(|t| t.failover_ms).collect();
+    let emission: Vec<u64> = lost().filter_map(|t| t.first_emission_ms).collect();
     let max = failover.iter().chain(&emission).copied().max().unwrap_or(0);
     let width = bin_width(max + 1, 20);
     // One empty bin of margin on the right.
