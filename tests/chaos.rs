@@ -1,6 +1,7 @@
 //! The chaos tool end to end (`coalescectl chaos run`, called as a library with this build's
-//! `coalesced`): the smoke scenario — one leader kill, zombie pause, leader partition and
-//! whole-cluster kill under load — passes every invariant and writes a complete report; with
+//! `coalesced`): the smoke scenario — one leader kill, zombie pause, leader partition,
+//! whole-cluster kill and slow disk under load, with a fencing PostgreSQL sink — passes every
+//! invariant and writes a complete report; with
 //! sealing made non-idempotent (the test-only `double_seal` failpoint) the same scenario
 //! fails with double counting, proving the checker can fail. The full CI game day
 //! (`chaos/scenarios/ci.toml`) runs from `.ci/run`. The seed is printed for replay.
@@ -15,7 +16,7 @@ fn scenario() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../chaos/scenarios/smoke.toml")
 }
 
-fn args(report: &Path, failpoint: &[&str]) -> RunArgs {
+fn args(report: &Path, failpoint: &[&str], postgres: bool) -> RunArgs {
     let seed = std::env::var("COALESCE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("seed = {seed} (replay with COALESCE_TEST_SEED={seed})");
     RunArgs {
@@ -25,6 +26,7 @@ fn args(report: &Path, failpoint: &[&str]) -> RunArgs {
         dir: None,
         coalesced: Some(PathBuf::from(env!("CARGO_BIN_EXE_coalesced"))),
         failpoint: failpoint.iter().map(|s| s.to_string()).collect(),
+        postgres,
     }
 }
 
@@ -35,7 +37,7 @@ fn report(dir: &Path) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_smoke_game_day_passes_and_reports() {
     let dir = tempfile::tempdir().unwrap();
-    let result = coalesce_cli::chaos::run(ChaosCmd::Run(args(dir.path(), &[]))).await;
+    let result = coalesce_cli::chaos::run(ChaosCmd::Run(args(dir.path(), &[], true))).await;
     let r = report(dir.path());
     assert!(result.is_ok(), "{result:?}: {r:#}");
     assert_eq!(r["verdict"], "pass");
@@ -56,6 +58,9 @@ async fn the_smoke_game_day_passes_and_reports() {
     assert!(r["acked_events"].as_u64().unwrap() > 500);
     assert_eq!(r["lost_events"], 0);
     assert_eq!(r["double_counted_events"], 0);
+    // The fencing PostgreSQL sink took every output, and its rows were checked.
+    assert!(r["metrics"]["fenced_rows"].as_u64().unwrap() > 0, "{:#}", r["metrics"]);
+    assert_eq!(r["stale_epoch_accepted"], 0);
     for kind in ["kill_leader", "pause_leader", "partition_leader", "kill_all", "slow_disk"] {
         assert_eq!(r["faults"][kind], 1, "{kind}: {}", r["faults"]);
     }
@@ -67,7 +72,7 @@ async fn the_smoke_game_day_passes_and_reports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn non_idempotent_sealing_is_caught_as_double_counting() {
     let dir = tempfile::tempdir().unwrap();
-    let result = coalesce_cli::chaos::run(ChaosCmd::Run(args(dir.path(), &["double_seal"]))).await;
+    let result = coalesce_cli::chaos::run(ChaosCmd::Run(args(dir.path(), &["double_seal"], false))).await;
     let r = report(dir.path());
     assert!(result.is_err(), "the run must fail: {r:#}");
     assert_eq!(r["verdict"], "fail");

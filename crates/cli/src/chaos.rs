@@ -55,6 +55,10 @@ pub struct RunArgs {
     /// `coalesce_raft::failpoints`), to prove the checker catches it, e.g. `double_seal`.
     #[arg(long)]
     pub failpoint: Vec<String>,
+    /// Also deliver to a fencing PostgreSQL sink and check its rows (as `postgres = true` in
+    /// the scenario); needs Debian's postgresql (scripts/setup.sh installs it).
+    #[arg(long)]
+    pub postgres: bool,
 }
 
 /// A scenario file.
@@ -84,6 +88,10 @@ pub struct Scenario {
     pub window: Duration,
     pub load: Load,
     pub faults: Vec<FaultPlan>,
+    /// Deliver both streams to a fencing PostgreSQL sink (`append` mode, a throw-away server)
+    /// and check the rows it accepted (`stale_epoch_accepted`, `sink_duplicates`).
+    #[serde(default)]
+    pub postgres: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -200,11 +208,25 @@ impl Scenario {
         ]
     }
 
-    fn streams_toml(&self) -> String {
+    /// The streams file; with `pg_url`, both streams feed the fencing PostgreSQL sink `pg`.
+    fn streams_toml(&self, pg_url: Option<&str>) -> String {
         let w = humantime::format_duration(self.window);
+        // The subscribers are the durable consumer `chaos` (a grpc sink): the outbox keeps every
+        // output for them, whatever another sink has acknowledged.
+        let (sink, feeds) = match pg_url {
+            Some(url) => (
+                format!(
+                    "[sinks.chaos]\nkind = \"grpc\"\n\n\
+                     [sinks.pg]\nkind = \"postgres\"\nurl = \"{url}\"\ntable = \"{PG_TABLE}\"\nmode = \"append\"\n\
+                     retry_max = \"1s\"\n\n"
+                ),
+                "sinks = [\"chaos\", \"pg\"]\n",
+            ),
+            None => ("[sinks.chaos]\nkind = \"grpc\"\n\n".to_owned(), "sinks = [\"chaos\"]\n"),
+        };
         format!(
-            "[streams.{SUMS}]\nmerge = \"sum_i64\"\nwindow = {{ tumbling = \"{w}\" }}\n\n\
-             [streams.{LATEST}]\nmerge = \"latest\"\nwindow = {{ tumbling = \"{w}\" }}\n"
+            "{sink}[streams.{SUMS}]\nmerge = \"sum_i64\"\nwindow = {{ tumbling = \"{w}\" }}\n{feeds}\n\
+             [streams.{LATEST}]\nmerge = \"latest\"\nwindow = {{ tumbling = \"{w}\" }}\n{feeds}"
         )
     }
 
@@ -492,6 +514,42 @@ async fn inject(
     Ok(fault)
 }
 
+/// The fencing sink's table.
+const PG_TABLE: &str = "chaos_outputs";
+
+/// The rows the PostgreSQL sink accepted, in acceptance order (commit time, then seq), once it
+/// holds at least `outputs` rows (every output the subscribers saw) or `within` has passed.
+async fn fenced_rows(
+    pg: &crate::pg::TempPostgres,
+    outputs: usize,
+    within: Duration,
+) -> anyhow::Result<Vec<chaos::SinkRow>> {
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let deadline = Instant::now() + within;
+    loop {
+        let rows = client
+            .query(&format!("SELECT shard, seq, epoch_term, epoch_node FROM {PG_TABLE} ORDER BY updated_at, seq"), &[])
+            .await;
+        if let Ok(rows) = &rows
+            && rows.len() >= outputs
+        {
+            return Ok(rows
+                .iter()
+                .map(|r| {
+                    let (shard, seq, term, node): (i32, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+                    (shard as u32, seq as u64, (term as u64, node as u64))
+                })
+                .collect());
+        }
+        if Instant::now() > deadline {
+            let have = rows.map(|r| r.len().to_string()).unwrap_or_else(|e| e.to_string());
+            bail!("the PostgreSQL sink holds {have} rows after {within:?}, the subscribers saw {outputs} outputs");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Sets a node's extra fsync latency through its test-only failpoint route.
 async fn slow_disk(url: &str, latency: Duration) -> anyhow::Result<()> {
     let body = format!("{}ms", latency.as_millis());
@@ -560,11 +618,16 @@ pub async fn run(cmd: ChaosCmd) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.report_dir).with_context(|| format!("creating {}", args.report_dir.display()))?;
     let dir = args.dir.clone().unwrap_or_else(|| args.report_dir.join("cluster"));
     let cluster_name = "chaos";
+    let pg = if scenario.postgres || args.postgres {
+        Some(crate::pg::TempPostgres::start().context("starting PostgreSQL for the fencing sink")?)
+    } else {
+        None
+    };
     let opts = LocalOptions {
         cluster: cluster_name.into(),
         nodes: scenario.nodes,
         shards: scenario.shards,
-        streams: scenario.streams_toml(),
+        streams: scenario.streams_toml(pg.as_ref().map(|p| p.url()).as_deref()),
         raft: String::new(),
         log_filter: "info,openraft=error".into(),
         extra: String::new(),
@@ -585,7 +648,7 @@ pub async fn run(cmd: ChaosCmd) -> anyhow::Result<()> {
     };
     let mut cluster = LocalCluster::create(&dir, bin, &opts)?;
     cluster.spawn_all()?;
-    let result = run_in(&mut cluster, &scenario, seed, &args, &command, cluster_name).await;
+    let result = run_in(&mut cluster, &scenario, seed, &args, &command, cluster_name, pg.as_ref()).await;
     cluster.stop_all(Duration::from_secs(20));
     let pass = result?;
     if !pass {
@@ -601,6 +664,7 @@ async fn run_in(
     args: &RunArgs,
     command: &str,
     name: &str,
+    pg: Option<&crate::pg::TempPostgres>,
 ) -> anyhow::Result<bool> {
     wait_leaders(cluster, name, scenario.shards, Duration::from_secs(60)).await?;
     let records = Arc::new(Records::default());
@@ -652,6 +716,13 @@ async fn run_in(
     chaos::write_jsonl(&args.report_dir.join("events.jsonl"), &events)?;
     chaos::write_jsonl(&args.report_dir.join("outputs.jsonl"), &outputs)?;
     chaos::write_jsonl(&args.report_dir.join("faults.jsonl"), &faults)?;
+    let fenced_rows = match pg {
+        Some(pg) => {
+            let seqs: std::collections::BTreeSet<(u32, u64)> = outputs.iter().map(|o| (o.shard, o.seq)).collect();
+            fenced_rows(pg, seqs.len(), Duration::from_secs(60)).await?
+        }
+        None => Vec::new(),
+    };
     let streams = scenario.streams();
     let verdict = chaos::check_run(&chaos::CheckInput {
         streams: &streams,
@@ -659,7 +730,7 @@ async fn run_in(
         outputs: &outputs,
         faults: &faults,
         ingest_errors: errors.len() as u64,
-        fenced_rows: &[],
+        fenced_rows: &fenced_rows,
     });
     let samples = chaos::samples_from_events(&events, &errors, 1000);
     let meta = chaos::RunMeta {
