@@ -5,8 +5,9 @@ set -euo pipefail
 
 # System packages: libclang for RocksDB's bindgen; a PostgreSQL server for the Postgres sink's
 # tests (they run their own throw-away instance, tests/harness/postgres.rs); Prometheus and
-# promtool for the observability test (tests/observability.rs).
-APT_PACKAGES=(libclang-dev postgresql prometheus)
+# promtool for the observability test (tests/observability.rs); protoc for the etcd client's
+# bindings and etcd itself, for `coalescectl bench ingest-vs-etcd`.
+APT_PACKAGES=(libclang-dev postgresql prometheus protobuf-compiler etcd-server)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

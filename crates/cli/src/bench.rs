@@ -3,10 +3,16 @@
 //! * `bench ingest` — ingest throughput with batched idempotent producers (closed loop), then
 //!   ack latency at a fraction of that throughput (open loop, latency measured from each
 //!   request's scheduled send time, so a stall is not hidden by the producer waiting on it).
+//! * `bench latency` — the maximum throughput, then ack latency at 25/50/75/100 % of it.
 //! * `bench failover` — repeatedly SIGKILLs the leader of a shard of a local cluster and times
-//!   kill → first acknowledged write on that shard, restarting the node in between.
+//!   kill → first acknowledged write and kill → the new leader's first emission on that shard,
+//!   restarting the node in between.
+//! * `bench ingest-vs-etcd` ([`crate::bench_etcd`]), `bench savings` ([`crate::bench_savings`]),
+//!   `bench state-scale` and `bench idle` ([`crate::bench_state`]), `bench postgres`
+//!   ([`crate::bench_pg`]), `bench fetch` ([`crate::bench_fetch`]).
 //!
-//! Both start a local cluster of real `coalesced` processes (the binary next to this one;
+//! Every benchmark writes its result as JSON with `--json FILE` (`--json` alone: to stdout).
+//! They start a local cluster of real `coalesced` processes (the binary next to this one;
 //! build with `--release` for numbers worth reporting); `bench ingest --endpoints` measures a
 //! running cluster instead. Histograms are HdrHistogram (`hdrhistogram` crate).
 
@@ -28,7 +34,7 @@ use tokio::time::Instant;
 use coalesce_cli::local::{LocalCluster, LocalOptions};
 
 /// The benchmark's stream: per-key sums in 1 s tumbling windows, limits sized for the load.
-const STREAMS: &str = r#"[limits]
+pub(crate) const STREAMS: &str = r#"[limits]
 max_keys = 4000000
 max_bytes = 2147483648
 
@@ -49,22 +55,34 @@ pub(crate) enum BenchCmd {
     /// Request coalescing: upstream calls and latency, direct vs an in-process singleflight per
     /// node vs the cluster's Fetch.
     Fetch(crate::bench_fetch::FetchArgs),
+    /// Replicated durable ingest against a 3-member etcd: single puts, Txn batches, and
+    /// Coalesce batched and unary, under the same concurrency.
+    IngestVsEtcd(crate::bench_etcd::EtcdArgs),
+    /// Ack latency p50/p99/p999 at 25/50/75/100 % of the maximum throughput (open loop).
+    Latency(LatencyArgs),
+    /// Downstream writes: Coalesce vs per-event vs a consumer merging batches of 200 by key.
+    Savings(crate::bench_savings::SavingsArgs),
+    /// Millions of distinct buffered keys: RSS over time and the ingest rate against 100k keys.
+    StateScale(crate::bench_state::StateArgs),
+    /// CPU and memory of an idle cluster (64 shards by default).
+    Idle(crate::bench_state::IdleArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct LocalArgs {
     /// Directory for the local cluster's configs, data and logs (wiped first).
     #[arg(long, default_value = ".coalesce-data/bench")]
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Nodes of the local cluster.
     #[arg(long, default_value_t = 3)]
     pub(crate) nodes: usize,
-    /// Shards of the local cluster.
-    #[arg(long, default_value_t = 8)]
-    pub(crate) shards: u32,
-    /// Print one JSON object instead of the report.
+    /// Shards of the local cluster (default 8; `bench idle`: 64).
     #[arg(long)]
-    pub(crate) json: bool,
+    pub(crate) shards: Option<u32>,
+    /// Write the result as one JSON object to FILE (`--json` alone or `--json -`: print it to
+    /// stdout instead of the report).
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub(crate) json: Option<PathBuf>,
     /// Raft heartbeat of the local cluster (default: the node default).
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat: Option<Duration>,
@@ -80,8 +98,41 @@ fn parse_range(s: &str) -> Result<(Duration, Duration), String> {
 }
 
 impl LocalArgs {
+    /// Shards of the local cluster.
+    pub(crate) fn shards(&self) -> u32 {
+        self.shards.unwrap_or(8)
+    }
+
+    /// True when the JSON goes to stdout, so the human report must stay off it.
+    pub(crate) fn quiet(&self) -> bool {
+        self.json.as_deref().is_some_and(|p| p == std::path::Path::new("-"))
+    }
+
+    /// Prints a line of the human report (unless the JSON goes to stdout).
+    pub(crate) fn say(&self, line: impl std::fmt::Display) {
+        if !self.quiet() {
+            println!("{line}");
+        }
+    }
+
+    /// Writes the result where `--json` says (nothing without it).
+    pub(crate) fn emit(&self, report: &serde_json::Value) -> anyhow::Result<()> {
+        match &self.json {
+            None => Ok(()),
+            Some(_) if self.quiet() => {
+                println!("{report}");
+                Ok(())
+            }
+            Some(path) => {
+                std::fs::write(path, serde_json::to_string_pretty(report)? + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("wrote {}", path.display());
+                Ok(())
+            }
+        }
+    }
     /// The `[raft]` table for the nodes' configs.
-    fn raft_toml(&self) -> String {
+    pub(crate) fn raft_toml(&self) -> String {
         let ms = |d: Duration| format!("\"{}ms\"", d.as_millis());
         let mut t = String::new();
         if let Some(h) = self.heartbeat {
@@ -94,31 +145,60 @@ impl LocalArgs {
     }
 }
 
-#[derive(Debug, clap::Args)]
-pub(crate) struct IngestArgs {
+/// A closed- or open-loop load of `sum_i64` events: the knobs every throughput benchmark shares.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct LoadArgs {
     #[command(flatten)]
-    local: LocalArgs,
+    pub(crate) local: LocalArgs,
     /// Measure a running cluster at these client addresses (comma-separated) instead of
     /// starting one; it needs a `sum_i64` stream named by `--stream`.
     #[arg(long, value_delimiter = ',')]
-    endpoints: Vec<String>,
+    pub(crate) endpoints: Vec<String>,
     #[arg(long, default_value = "bench")]
-    stream: String,
+    pub(crate) stream: String,
     /// Concurrent producer lanes (one request in flight each).
     #[arg(long, default_value_t = 16)]
-    producers: usize,
+    pub(crate) producers: usize,
     /// Events per request.
     #[arg(long, default_value_t = 1000)]
-    batch: usize,
+    pub(crate) batch: usize,
     /// Distinct keys.
     #[arg(long, default_value_t = 100_000)]
-    keys: u64,
+    pub(crate) keys: u64,
     /// Zipf exponent of key popularity (0 = uniform).
     #[arg(long, default_value_t = 1.1)]
-    zipf: f64,
+    pub(crate) zipf: f64,
     /// Seconds per measured phase (after a 2 s warm-up).
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    pub(crate) seconds: u64,
+    /// Seed of the key generator.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+}
+
+impl LoadArgs {
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        if self.producers == 0 || self.batch == 0 || self.seconds == 0 {
+            bail!("--producers, --batch and --seconds must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The client addresses to load: `--endpoints`, else a local cluster started with
+    /// `streams` (returned so the caller stops it).
+    pub(crate) async fn cluster(&self, streams: &str) -> anyhow::Result<(Vec<String>, Option<LocalCluster>)> {
+        if !self.endpoints.is_empty() {
+            return Ok((self.endpoints.clone(), None));
+        }
+        let c = start_local(&self.local, streams).await?;
+        Ok((c.nodes.iter().map(|n| n.client_addr.clone()).collect(), Some(c)))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct IngestArgs {
+    #[command(flatten)]
+    work: LoadArgs,
     /// Events per second offered in the latency phase (default: `--load` × the measured
     /// saturation throughput).
     #[arg(long)]
@@ -126,9 +206,15 @@ pub(crate) struct IngestArgs {
     /// Fraction of the measured throughput offered in the latency phase.
     #[arg(long, default_value_t = 0.5)]
     load: f64,
-    /// Seed of the key generator.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct LatencyArgs {
+    #[command(flatten)]
+    work: LoadArgs,
+    /// Offered load levels as fractions of the measured maximum throughput.
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75,1")]
+    levels: Vec<f64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,7 +222,7 @@ pub(crate) struct FailoverArgs {
     #[command(flatten)]
     local: LocalArgs,
     /// Leader kills.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 50)]
     kills: usize,
     /// Background load in events/s while killing (0 = only the probe writes).
     #[arg(long, default_value_t = 5_000)]
@@ -152,6 +238,11 @@ pub(crate) async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Failover(args) => failover(args).await,
         BenchCmd::Postgres(args) => crate::bench_pg::run(args).await,
         BenchCmd::Fetch(args) => crate::bench_fetch::run(args).await,
+        BenchCmd::IngestVsEtcd(args) => crate::bench_etcd::run(args).await,
+        BenchCmd::Latency(args) => latency(args).await,
+        BenchCmd::Savings(args) => crate::bench_savings::run(args).await,
+        BenchCmd::StateScale(args) => crate::bench_state::state_scale(args).await,
+        BenchCmd::Idle(args) => crate::bench_state::idle(args).await,
     }
 }
 
@@ -177,13 +268,13 @@ pub(crate) fn machine() -> serde_json::Value {
 }
 
 pub(crate) async fn start_local(args: &LocalArgs, streams: &str) -> anyhow::Result<LocalCluster> {
-    if args.nodes == 0 || args.shards == 0 {
+    if args.nodes == 0 || args.shards() == 0 {
         bail!("--nodes and --shards must be at least 1");
     }
     let opts = LocalOptions {
         cluster: "bench".into(),
         nodes: args.nodes,
-        shards: args.shards,
+        shards: args.shards(),
         streams: streams.into(),
         raft: args.raft_toml(),
         log_filter: "warn".into(),
@@ -225,101 +316,89 @@ impl KeyGen {
         Ok(Self { keys: (0..keys).map(|k| format!("key-{k:08}")).collect(), zipf, rng: StdRng::seed_from_u64(seed) })
     }
 
-    pub(crate) fn next(&mut self) -> &str {
+    /// The key at `index`.
+    pub(crate) fn key(&self, index: u32) -> &str {
+        &self.keys[index as usize]
+    }
+
+    /// The index (0-based) of the next key drawn.
+    pub(crate) fn next_index(&mut self) -> u32 {
         let i = match &self.zipf {
             Some(z) => (z.sample(&mut self.rng) as usize).saturating_sub(1),
             None => self.rng.random_range(0..self.keys.len()),
         };
-        &self.keys[i.min(self.keys.len() - 1)]
+        i.min(self.keys.len() - 1) as u32
+    }
+
+    pub(crate) fn next(&mut self) -> &str {
+        let i = self.next_index() as usize;
+        &self.keys[i]
     }
 
     fn batch(&mut self, stream: &str, n: usize) -> Vec<Event> {
         (0..n).map(|_| coalesce_client::event(stream, self.next(), 1i64)).collect()
     }
+
+    /// `n` events of value 1, their key indices appended to `indices`.
+    fn batch_indexed(&mut self, stream: &str, n: usize, indices: &mut Vec<u32>) -> Vec<Event> {
+        (0..n)
+            .map(|_| {
+                let i = self.next_index();
+                indices.push(i);
+                coalesce_client::event(stream, &self.keys[i as usize], 1i64)
+            })
+            .collect()
+    }
 }
 
 #[derive(Default)]
-struct Phase {
-    events: AtomicU64,
-    requests: AtomicU64,
-    retries: AtomicU64,
-    failed: AtomicU64,
+pub(crate) struct Phase {
+    pub(crate) events: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) failed: AtomicU64,
+}
+
+/// What a phase measured: counters, the request latency histogram and its length in seconds.
+pub(crate) struct PhaseResult {
+    pub(crate) phase: Arc<Phase>,
+    pub(crate) latency: Histogram<u64>,
+    pub(crate) secs: f64,
+}
+
+impl PhaseResult {
+    pub(crate) fn events(&self) -> u64 {
+        self.phase.events.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn rate(&self) -> f64 {
+        self.events() as f64 / self.secs.max(1e-9)
+    }
+
+    pub(crate) fn failed(&self) -> u64 {
+        self.phase.failed.load(Ordering::Relaxed)
+    }
 }
 
 async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
-    if args.producers == 0 || args.batch == 0 {
-        bail!("--producers and --batch must be at least 1");
-    }
+    args.work.check()?;
     if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
         bail!("--rate must be a positive number of events per second");
     }
     if !(args.load > 0.0 && args.load <= 1.0) {
         bail!("--load must be in (0, 1]");
     }
-    let mut cluster = None;
-    let endpoints = if args.endpoints.is_empty() {
-        let c = start_local(&args.local, STREAMS).await?;
-        let addrs = c.nodes.iter().map(|n| n.client_addr.clone()).collect();
-        cluster = Some(c);
-        addrs
-    } else {
-        args.endpoints.clone()
-    };
+    let (endpoints, cluster) = args.work.cluster(STREAMS).await?;
     let result = ingest_phases(&args, &endpoints).await;
     if let Some(mut c) = cluster {
         c.stop_all(Duration::from_secs(20));
     }
-    let report = result?;
-    if args.local.json {
-        println!("{report}");
-    }
-    Ok(())
+    args.work.local.emit(&result?)
 }
 
-async fn ingest_phases(args: &IngestArgs, endpoints: &[String]) -> anyhow::Result<serde_json::Value> {
-    let client = Client::connect_lazy(endpoints.iter().cloned())?;
-    client.wait_ready(Duration::from_secs(60)).await?;
-    let say = |s: String| {
-        if !args.local.json {
-            println!("{s}");
-        }
-    };
-    say(format!(
-        "bench ingest: {} producers × {} events/request, {} keys (zipf {}), {} shards, {} nodes",
-        args.producers,
-        args.batch,
-        args.keys,
-        args.zipf,
-        client.shards(),
-        endpoints.len()
-    ));
-    // Warm-up, then saturation.
-    let (warm, _, _) = run_phase(args, &client, None, Duration::from_secs(2)).await?;
-    let (sat, sat_hist, sat_secs) = run_phase(args, &client, None, Duration::from_secs(args.seconds)).await?;
-    let throughput = sat.events.load(Ordering::Relaxed) as f64 / sat_secs;
-    say(format!(
-        "saturation: {:.0} events/s acked ({} requests, {} retried rounds, {} events failed); request latency {}",
-        throughput,
-        sat.requests.load(Ordering::Relaxed),
-        sat.retries.load(Ordering::Relaxed),
-        sat.failed.load(Ordering::Relaxed),
-        fmt_q(&sat_hist)
-    ));
-    let offered = args.rate.unwrap_or(throughput * args.load);
-    let (half, half_hist, half_secs) =
-        run_phase(args, &client, Some(offered), Duration::from_secs(args.seconds)).await?;
-    let achieved = half.events.load(Ordering::Relaxed) as f64 / half_secs;
-    say(format!(
-        "at {:.0}% load ({:.0} events/s offered, {:.0} acked): ack latency {}",
-        100.0 * offered / throughput.max(1.0),
-        offered,
-        achieved,
-        fmt_q(&half_hist)
-    ));
-    // Coalesce ratio: every acknowledged input against the outputs the windows produced (wait
-    // for the last 1 s windows to close).
-    let inputs: u64 = [&warm, &sat, &half].iter().map(|p| p.events.load(Ordering::Relaxed)).sum();
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+/// Outputs the cluster's windows have emitted so far (every shard's next seq − 1, asked of
+/// every node).
+pub(crate) async fn outputs_emitted(client: &Client) -> u64 {
     let mut next_seq: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
     for (_, st) in client.statuses().await {
         for sh in st.map(|s| s.local_shards).unwrap_or_default() {
@@ -327,7 +406,49 @@ async fn ingest_phases(args: &IngestArgs, endpoints: &[String]) -> anyhow::Resul
             *e = (*e).max(sh.next_seq);
         }
     }
-    let outputs: u64 = next_seq.values().map(|n| n - 1).sum();
+    next_seq.values().map(|n| n - 1).sum()
+}
+
+async fn ingest_phases(args: &IngestArgs, endpoints: &[String]) -> anyhow::Result<serde_json::Value> {
+    let w = &args.work;
+    let client = Client::connect_lazy(endpoints.iter().cloned())?;
+    client.wait_ready(Duration::from_secs(60)).await?;
+    let say = |s: String| w.local.say(s);
+    say(format!(
+        "bench ingest: {} producers × {} events/request, {} keys (zipf {}), {} shards, {} nodes",
+        w.producers,
+        w.batch,
+        w.keys,
+        w.zipf,
+        client.shards(),
+        endpoints.len()
+    ));
+    // Warm-up, then saturation.
+    let warm = run_phase(w, &client, None, Duration::from_secs(2), None).await?;
+    let sat = run_phase(w, &client, None, Duration::from_secs(w.seconds), None).await?;
+    let throughput = sat.rate();
+    say(format!(
+        "saturation: {:.0} events/s acked ({} requests, {} retried rounds, {} events failed); request latency {}",
+        throughput,
+        sat.phase.requests.load(Ordering::Relaxed),
+        sat.phase.retries.load(Ordering::Relaxed),
+        sat.failed(),
+        fmt_q(&sat.latency)
+    ));
+    let offered = args.rate.unwrap_or(throughput * args.load);
+    let half = run_phase(w, &client, Some(offered), Duration::from_secs(w.seconds), None).await?;
+    say(format!(
+        "at {:.0}% load ({:.0} events/s offered, {:.0} acked): ack latency {}",
+        100.0 * offered / throughput.max(1.0),
+        offered,
+        half.rate(),
+        fmt_q(&half.latency)
+    ));
+    // Coalesce ratio: every acknowledged input against the outputs the windows produced (wait
+    // for the last 1 s windows to close).
+    let inputs: u64 = [&warm, &sat, &half].iter().map(|p| p.events()).sum();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let outputs = outputs_emitted(&client).await;
     let ratio = inputs as f64 / outputs.max(1) as f64;
     say(format!("coalesce ratio: {inputs} inputs → {outputs} outputs = {ratio:.1}:1"));
     Ok(json!({
@@ -336,28 +457,106 @@ async fn ingest_phases(args: &IngestArgs, endpoints: &[String]) -> anyhow::Resul
         "machine": machine(),
         "nodes": endpoints.len(),
         "shards": client.shards(),
-        "producers": args.producers,
-        "batch": args.batch,
-        "keys": args.keys,
-        "zipf": args.zipf,
+        "producers": w.producers,
+        "batch": w.batch,
+        "keys": w.keys,
+        "zipf": w.zipf,
+        "events_per_sec": throughput.round(),
+        "ack_p50_ms": ms(half.latency.value_at_quantile(0.5)),
+        "ack_p99_ms": ms(half.latency.value_at_quantile(0.99)),
+        "ack_p999_ms": ms(half.latency.value_at_quantile(0.999)),
         "saturation": {
             "events_per_s": throughput.round(),
-            "requests": sat.requests.load(Ordering::Relaxed),
-            "failed_events": sat.failed.load(Ordering::Relaxed),
-            "latency": quantiles_ms(&sat_hist),
+            "requests": sat.phase.requests.load(Ordering::Relaxed),
+            "failed_events": sat.failed(),
+            "latency": quantiles_ms(&sat.latency),
         },
         "load": {
             "fraction": offered / throughput.max(1.0),
             "offered_events_per_s": offered.round(),
-            "acked_events_per_s": achieved.round(),
-            "failed_events": half.failed.load(Ordering::Relaxed),
-            "latency": quantiles_ms(&half_hist),
+            "acked_events_per_s": half.rate().round(),
+            "failed_events": half.failed(),
+            "latency": quantiles_ms(&half.latency),
         },
     }))
 }
 
-fn fmt_q(h: &Histogram<u64>) -> String {
-    let ms = |v: u64| v as f64 / 1000.0;
+/// Microseconds as milliseconds with two decimals.
+pub(crate) fn ms(us: u64) -> f64 {
+    (us as f64 / 10.0).round() / 100.0
+}
+
+async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
+    args.work.check()?;
+    if args.levels.is_empty() || args.levels.iter().any(|l| !(l.is_finite() && *l > 0.0 && *l <= 2.0)) {
+        bail!("--levels must be fractions in (0, 2], e.g. 0.25,0.5,0.75,1");
+    }
+    let (endpoints, cluster) = args.work.cluster(STREAMS).await?;
+    let result = latency_levels(&args, &endpoints).await;
+    if let Some(mut c) = cluster {
+        c.stop_all(Duration::from_secs(20));
+    }
+    args.work.local.emit(&result?)
+}
+
+/// Saturation (closed loop) gives the maximum; then one open-loop phase per level at that
+/// fraction of it, latency counted from each request's scheduled send time.
+async fn latency_levels(args: &LatencyArgs, endpoints: &[String]) -> anyhow::Result<serde_json::Value> {
+    let w = &args.work;
+    let client = Client::connect_lazy(endpoints.iter().cloned())?;
+    client.wait_ready(Duration::from_secs(60)).await?;
+    w.local.say(format!(
+        "bench latency: {} producers × {} events/request, {} keys (zipf {}), {} shards, {} nodes, {} s per level",
+        w.producers,
+        w.batch,
+        w.keys,
+        w.zipf,
+        client.shards(),
+        endpoints.len(),
+        w.seconds
+    ));
+    run_phase(w, &client, None, Duration::from_secs(2), None).await?;
+    let sat = run_phase(w, &client, None, Duration::from_secs(w.seconds), None).await?;
+    let max = sat.rate();
+    w.local.say(format!("maximum (closed loop): {max:.0} events/s; request latency {}", fmt_q(&sat.latency)));
+    let mut levels = Vec::new();
+    for &level in &args.levels {
+        let offered = max * level;
+        let r = run_phase(w, &client, Some(offered), Duration::from_secs(w.seconds), None).await?;
+        w.local.say(format!(
+            "{:>4.0}% ({:>8.0} events/s offered, {:>8.0} acked): {}",
+            level * 100.0,
+            offered,
+            r.rate(),
+            fmt_q(&r.latency)
+        ));
+        levels.push(json!({
+            "fraction": level,
+            "offered_events_per_s": offered.round(),
+            "acked_events_per_s": r.rate().round(),
+            "failed_events": r.failed(),
+            "ack_p50_ms": ms(r.latency.value_at_quantile(0.5)),
+            "ack_p99_ms": ms(r.latency.value_at_quantile(0.99)),
+            "ack_p999_ms": ms(r.latency.value_at_quantile(0.999)),
+            "ack_max_ms": ms(r.latency.max()),
+        }));
+    }
+    Ok(json!({
+        "bench": "latency",
+        "machine": machine(),
+        "nodes": endpoints.len(),
+        "shards": client.shards(),
+        "producers": w.producers,
+        "batch": w.batch,
+        "keys": w.keys,
+        "zipf": w.zipf,
+        "seconds_per_level": w.seconds,
+        "events_per_sec": max.round(),
+        "levels": levels,
+    }))
+}
+
+pub(crate) fn fmt_q(h: &Histogram<u64>) -> String {
     format!(
         "p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms",
         ms(h.value_at_quantile(0.5)),
@@ -368,13 +567,16 @@ fn fmt_q(h: &Histogram<u64>) -> String {
 }
 
 /// Runs `args.producers` lanes for `length`: closed loop when `rate` is None, else each lane
-/// offers its share of `rate` events/s on a fixed schedule.
-async fn run_phase(
-    args: &IngestArgs,
+/// offers its share of `rate` events/s on a fixed schedule (open loop: latency counts from
+/// the scheduled send time, so a stall is not hidden by the lane waiting on it). With `keys`,
+/// every acknowledged request's key indices are appended to it in acknowledgement order.
+pub(crate) async fn run_phase(
+    args: &LoadArgs,
     client: &Client,
     rate: Option<f64>,
     length: Duration,
-) -> anyhow::Result<(Arc<Phase>, Histogram<u64>, f64)> {
+    record: Option<Arc<std::sync::Mutex<Vec<u32>>>>,
+) -> anyhow::Result<PhaseResult> {
     let phase = Arc::new(Phase::default());
     let started = Instant::now();
     let end = started + length;
@@ -383,6 +585,7 @@ async fn run_phase(
         let mut producer = client.producer();
         let mut keys = KeyGen::new(args.keys, args.zipf, args.seed.wrapping_mul(1_000_003).wrapping_add(lane as u64))?;
         let phase = phase.clone();
+        let record = record.clone();
         let (stream, batch) = (args.stream.clone(), args.batch);
         // Lanes start spread over one period so they do not fire in lockstep.
         let period = rate.map(|r| Duration::from_secs_f64(batch as f64 * args.producers as f64 / r.max(1.0)));
@@ -390,11 +593,13 @@ async fn run_phase(
         lanes.push(tokio::spawn(async move {
             let mut hist = histogram();
             let mut scheduled = started + offset;
+            let mut indices = Vec::with_capacity(batch);
             while Instant::now() < end {
                 if period.is_some() {
                     tokio::time::sleep_until(scheduled).await;
                 }
-                let events = keys.batch(&stream, batch);
+                indices.clear();
+                let events = keys.batch_indexed(&stream, batch, &mut indices);
                 let sent = if period.is_some() { scheduled } else { Instant::now() };
                 let report = producer.send(events).await?;
                 let _ = hist.record(sent.elapsed().as_micros().max(1) as u64);
@@ -402,6 +607,15 @@ async fn run_phase(
                 phase.events.fetch_add(report.acked() as u64, Ordering::Relaxed);
                 phase.retries.fetch_add(report.retries, Ordering::Relaxed);
                 phase.failed.fetch_add((report.statuses.len() - report.acked()) as u64, Ordering::Relaxed);
+                if let Some(r) = &record {
+                    let acked = report
+                        .statuses
+                        .iter()
+                        .zip(&indices)
+                        .filter(|(s, _)| coalesce_client::is_acked(s.code))
+                        .map(|(_, i)| *i);
+                    r.lock().unwrap_or_else(|p| p.into_inner()).extend(acked);
+                }
                 if let Some(p) = period {
                     scheduled += p;
                 }
@@ -419,7 +633,7 @@ async fn run_phase(
     if std::io::stderr().is_terminal() {
         eprint!("\r{:80}\r", "");
     }
-    Ok((phase, hist, started.elapsed().as_secs_f64()))
+    Ok(PhaseResult { phase, latency: hist, secs: started.elapsed().as_secs_f64() })
 }
 
 /// A live progress line on stderr (only when it is a terminal): a bar of the phase's length,
@@ -450,23 +664,43 @@ fn progress(phase: Arc<Phase>, started: Instant, length: Duration, paced: bool) 
     })
 }
 
+/// The failover benchmark's stream: as [`STREAMS`], delivered to the durable consumer `bench`
+/// that the benchmark follows on every node to see each shard's first emission after a kill.
+const FAILOVER_STREAMS: &str = r#"[sinks.bench]
+kind = "grpc"
+
+[streams.bench]
+merge = "sum_i64"
+window = { tumbling = "1s" }
+sinks = ["bench"]
+"#;
+
+/// Kubernetes client-go leader election defaults (`LeaseDuration` 15 s, `RetryPeriod` 2 s): a
+/// dead holder's Lease must expire before a candidate, retrying every 2 s, takes it.
+const CLIENT_GO_LEASE_MS: u64 = 15_000;
+const CLIENT_GO_RETRY_MS: u64 = 2_000;
+
+/// Every output's (received at, epoch) per shard, as the followers saw them.
+type Emissions = std::sync::Mutex<std::collections::BTreeMap<u32, Vec<(u64, (u64, u64))>>>;
+
+/// The first output on `shard` received at or after `since_ms` with an epoch newer than every
+/// one seen before `since_ms`: the new leader's first emission.
+fn first_emission(emissions: &Emissions, shard: u32, since_ms: u64) -> Option<u64> {
+    let all = emissions.lock().unwrap_or_else(|p| p.into_inner());
+    let seen = all.get(&shard)?;
+    let before = seen.iter().filter(|(at, _)| *at < since_ms).map(|(_, e)| *e).max().unwrap_or_default();
+    seen.iter().filter(|(at, e)| *at >= since_ms && *e > before).map(|(at, _)| at - since_ms).min()
+}
+
 async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
-    let mut cluster = start_local(&args.local, STREAMS).await?;
+    let mut cluster = start_local(&args.local, FAILOVER_STREAMS).await?;
     let result = failover_rounds(&args, &mut cluster).await;
     cluster.stop_all(Duration::from_secs(20));
-    let report = result?;
-    if args.local.json {
-        println!("{report}");
-    }
-    Ok(())
+    args.local.emit(&result?)
 }
 
 async fn failover_rounds(args: &FailoverArgs, cluster: &mut LocalCluster) -> anyhow::Result<serde_json::Value> {
-    let say = |s: String| {
-        if !args.local.json {
-            println!("{s}");
-        }
-    };
+    let say = |s: String| args.local.say(s);
     let endpoints: Vec<String> = cluster.nodes.iter().map(|n| n.client_addr.clone()).collect();
     let client = Client::connect_lazy(endpoints.iter().cloned())?;
     client.wait_ready(Duration::from_secs(60)).await?;
@@ -474,14 +708,34 @@ async fn failover_rounds(args: &FailoverArgs, cluster: &mut LocalCluster) -> any
         "bench failover: {} kills, {} nodes, {} shards, background {} events/s, seed {}, raft [{}]",
         args.kills,
         args.local.nodes,
-        args.local.shards,
+        args.local.shards(),
         args.rate,
         args.seed,
         args.local.raft_toml().trim().replace('\n', ", ")
     ));
 
-    // Background load: a few lanes spread over all shards.
+    // Followers on every node: each shard's emissions, to time the new leader's first one.
     let stop = Arc::new(AtomicBool::new(false));
+    let emissions: Arc<Emissions> = Arc::default();
+    let mut followers = Vec::new();
+    for addr in &endpoints {
+        let emissions = emissions.clone();
+        followers.push(tokio::spawn(coalesce_cli::outputs::follow(
+            addr.clone(),
+            "bench".into(),
+            true,
+            stop.clone(),
+            move |batch, at| {
+                let mut all = emissions.lock().unwrap_or_else(|p| p.into_inner());
+                for o in batch {
+                    let e = o.epoch.unwrap_or_default();
+                    all.entry(o.shard).or_default().push((at, (e.term, e.node)));
+                }
+            },
+        )));
+    }
+
+    // Background load: a few lanes spread over all shards.
     let background_failed = Arc::new(AtomicU64::new(0));
     let mut background = Vec::new();
     if args.rate > 0 {
@@ -513,7 +767,10 @@ async fn failover_rounds(args: &FailoverArgs, cluster: &mut LocalCluster) -> any
 
     let mut rng = StdRng::seed_from_u64(args.seed);
     let mut hist = histogram();
+    let mut emission_hist = histogram();
     let mut times = Vec::new();
+    let mut emission_times = Vec::new();
+    let mut no_emission = 0u64;
     let probe_policy = RetryPolicy {
         give_up_after: Duration::from_secs(30),
         attempt_timeout: Duration::from_millis(500),
@@ -521,7 +778,7 @@ async fn failover_rounds(args: &FailoverArgs, cluster: &mut LocalCluster) -> any
         max_backoff: Duration::from_millis(20),
     };
     for round in 0..args.kills {
-        let shard = rng.random_range(0..args.local.shards);
+        let shard = rng.random_range(0..args.local.shards());
         // A key of that shard, for the probe.
         let key =
             (0u64..).map(|k| format!("probe-{k}")).find(|k| client.shard_of("bench", k) == shard).unwrap_or_default();
@@ -539,6 +796,7 @@ async fn failover_rounds(args: &FailoverArgs, cluster: &mut LocalCluster) -> any
             bail!("round {round}: shard {shard} does not accept writes before the kill: {:?}", warm.statuses);
         }
         let killed_at = Instant::now();
+        let killed_ms = coalesce_cli::outputs::now_ms();
         cluster.kill(victim);
         let report = probe.send(vec![coalesce_client::event("bench", &key, 1i64)]).await?;
         let took = killed_at.elapsed();
@@ -547,39 +805,77 @@ async fn failover_rounds(args: &FailoverArgs, cluster: &mut LocalCluster) -> any
         }
         let _ = hist.record(took.as_micros() as u64);
         times.push(took.as_secs_f64() * 1000.0);
+        // The new leader's first emission: windows close every second under the background
+        // load, so it comes within a window of the election (give it 10 s).
+        let emission_deadline = Instant::now() + Duration::from_secs(10);
+        let emitted = loop {
+            if let Some(ms) = first_emission(&emissions, shard, killed_ms) {
+                break Some(ms);
+            }
+            if Instant::now() > emission_deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        match emitted {
+            Some(ms) => {
+                let _ = emission_hist.record(ms.max(1) * 1000);
+                emission_times.push(ms);
+            }
+            None => no_emission += 1,
+        }
         say(format!(
-            "kill {:>2}: shard {shard:>3} leader {} → first acked write after {:>7.1} ms",
+            "kill {:>2}: shard {shard:>3} leader {} → first acked write after {:>7.1} ms, first emission after {}",
             round + 1,
             cluster.nodes[victim].name,
-            took.as_secs_f64() * 1000.0
+            took.as_secs_f64() * 1000.0,
+            emitted.map_or_else(|| "none within 10 s".to_owned(), |ms| format!("{ms} ms"))
         ));
         cluster.spawn(victim)?;
-        wait_balanced(&client, args.local.shards, Duration::from_secs(30)).await;
+        wait_balanced(&client, args.local.shards(), Duration::from_secs(30)).await;
     }
     stop.store(true, Ordering::Relaxed);
     for b in background {
         let _ = b.await;
     }
-    say(format!("failover over {} kills: {}", args.kills, fmt_q(&hist)));
+    for f in followers {
+        let _ = f.await;
+    }
+    say(format!("failover over {} kills: first acked write {}", args.kills, fmt_q(&hist)));
+    say(format!("                      first emission     {}", fmt_q(&emission_hist)));
+    say(format!(
+        "for comparison, client-go leader election defaults: a dead holder's Lease expires after {} s, \
+         a candidate retries every {} s",
+        CLIENT_GO_LEASE_MS / 1000,
+        CLIENT_GO_RETRY_MS / 1000
+    ));
     say(format!("background events not acknowledged: {}", background_failed.load(Ordering::Relaxed)));
     Ok(json!({
         "bench": "failover",
         "machine": machine(),
         "nodes": args.local.nodes,
-        "shards": args.local.shards,
+        "shards": args.local.shards(),
         "kills": args.kills,
         "seed": args.seed,
         "background_events_per_s": args.rate,
         "raft": args.local.raft_toml(),
         "background_failed_events": background_failed.load(Ordering::Relaxed),
         "failover": quantiles_ms(&hist),
+        "failover_ms_p50": ms(hist.value_at_quantile(0.5)),
+        "failover_ms_p99": ms(hist.value_at_quantile(0.99)),
+        "failover_ms_max": ms(hist.max()),
         "failover_ms": times,
+        "first_emission": quantiles_ms(&emission_hist),
+        "first_emission_ms": emission_times,
+        "kills_without_emission_within_10s": no_emission,
+        "client_go_default_lease_ms": CLIENT_GO_LEASE_MS,
+        "client_go_default_retry_ms": CLIENT_GO_RETRY_MS,
     }))
 }
 
 /// Waits until every node answers and leaders are spread evenly again (the balancer hands
 /// shards back to a restarted node once it has caught up). Best effort within `within`.
-async fn wait_balanced(client: &Client, shards: u32, within: Duration) {
+pub(crate) async fn wait_balanced(client: &Client, shards: u32, within: Duration) {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         let statuses = client.statuses().await;

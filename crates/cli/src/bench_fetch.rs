@@ -11,7 +11,6 @@
 //! Reported per phase: requests, upstream calls, the reduction of calls against requests, and
 //! request latency p50/p99 (so the latency coalescing adds is the difference to `direct`).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -46,9 +45,6 @@ pub(crate) struct FetchArgs {
     seconds: u64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Also write the JSON result to this file.
-    #[arg(long = "json-file")]
-    json_file: Option<PathBuf>,
 }
 
 /// The upstream: `GET /item/{key}` answers after the configured latency and counts calls.
@@ -148,11 +144,7 @@ pub(crate) async fn run(args: FetchArgs) -> anyhow::Result<()> {
     let params: FetchParams = toml::from_str(&format!("url = \"{url}\"\ntimeout = \"10s\"\nmax_keys = 1000000"))?;
     let upstream = Arc::new(Upstream::new("bench", &params, None)?);
     let nodes = args.local.nodes.max(1);
-    let say = |s: String| {
-        if !args.local.json {
-            println!("{s}");
-        }
-    };
+    let say = |s: String| args.local.say(s);
     say(format!(
         "bench fetch: {} callers on {nodes} nodes, {} keys (zipf {}), upstream latency {:?}, {} s per phase",
         args.callers, args.keys, args.zipf, args.upstream_latency, args.seconds
@@ -186,7 +178,7 @@ pub(crate) async fn run(args: FetchArgs) -> anyhow::Result<()> {
         "machine": machine(),
         "callers": args.callers,
         "nodes": nodes,
-        "shards": args.local.shards,
+        "shards": args.local.shards(),
         "keys": args.keys,
         "zipf": args.zipf,
         "upstream_latency_ms": args.upstream_latency.as_millis() as u64,
@@ -195,11 +187,5 @@ pub(crate) async fn run(args: FetchArgs) -> anyhow::Result<()> {
         "in_process_singleflight": in_process,
         "cluster_fetch": coalesced,
     });
-    if let Some(path) = &args.json_file {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
-    }
-    if args.local.json {
-        println!("{report}");
-    }
-    Ok(())
+    args.local.emit(&report)
 }

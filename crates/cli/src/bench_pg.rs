@@ -76,11 +76,7 @@ pub(crate) async fn run(args: PostgresArgs) -> anyhow::Result<()> {
         None => Some(TempPostgres::start().context("starting a throw-away PostgreSQL (or pass --pg-url)")?),
     };
     let url = args.pg_url.clone().or_else(|| temp.as_ref().map(TempPostgres::url)).unwrap_or_default();
-    let say = |s: String| {
-        if !args.local.json {
-            println!("{s}");
-        }
-    };
+    let say = |s: String| args.local.say(s);
     let mut keygen = KeyGen::new(args.keys, args.zipf, args.seed)?;
     let workload: Vec<String> = (0..args.events).map(|_| keygen.next().to_owned()).collect();
     let distinct = workload.iter().collect::<std::collections::HashSet<_>>().len();
@@ -117,22 +113,17 @@ pub(crate) async fn run(args: PostgresArgs) -> anyhow::Result<()> {
         copy,
         args.copy_rows as f64 / copy
     ));
-    if args.local.json {
-        println!(
-            "{}",
-            json!({
-                "bench": "postgres",
-                "machine": machine(),
-                "events": args.events, "keys": args.keys, "zipf": args.zipf, "distinct_keys": distinct,
-                "per_event": { "rows": args.events, "seconds": naive, "rows_per_s": args.events as f64 / naive },
-                "coalesced": {
-                    "window_ms": args.window.as_millis() as u64, "rows": outputs, "seconds": wall,
-                    "events_per_s": args.events as f64 / wall, "write_reduction_pct": reduction,
-                },
-                "raw_copy": { "rows": args.copy_rows, "seconds": copy, "rows_per_s": args.copy_rows as f64 / copy },
-            })
-        );
-    }
+    args.local.emit(&json!({
+        "bench": "postgres",
+        "machine": machine(),
+        "events": args.events, "keys": args.keys, "zipf": args.zipf, "distinct_keys": distinct,
+        "per_event": { "rows": args.events, "seconds": naive, "rows_per_s": args.events as f64 / naive },
+        "coalesced": {
+            "window_ms": args.window.as_millis() as u64, "rows": outputs, "seconds": wall,
+            "events_per_s": args.events as f64 / wall, "write_reduction_pct": reduction,
+        },
+        "raw_copy": { "rows": args.copy_rows, "seconds": copy, "rows_per_s": args.copy_rows as f64 / copy },
+    }))?;
     drop(temp);
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use coalesce_chaos::{self as chaos, Event, Fate, Fault, FaultKind, Merge, StreamSpec, Window};
@@ -28,6 +28,7 @@ use serde::Deserialize;
 use tonic::transport::Channel;
 
 use crate::local::{LocalCluster, LocalOptions, Signal};
+use crate::outputs::{channel, now_ms};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ChaosCmd {
@@ -238,17 +239,6 @@ impl Scenario {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(Channel::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_secs(3))
-        .connect_lazy())
-}
-
 /// What the run records, shared by its tasks.
 #[derive(Default)]
 struct Records {
@@ -346,62 +336,30 @@ async fn produce(
     }
 }
 
-/// Follows one node's local outboxes, resuming after its last seen seq per shard across
-/// restarts of the node.
+/// Records every output node `addr` delivers to the consumer `chaos`.
 async fn subscribe(addr: String, records: Arc<Records>, stop: Arc<AtomicBool>) {
-    let mut seen: BTreeMap<u32, u64> = BTreeMap::new();
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(ch) = channel(&addr) else { return };
-        let mut client = CoalesceClient::new(ch);
-        let local = match client.status(pb::StatusRequest {}).await {
-            Ok(s) => s.into_inner().local_shards.into_iter().map(|s| s.shard).collect::<Vec<_>>(),
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        let from_seq = local.iter().map(|s| (*s, seen.get(s).copied().unwrap_or(0))).collect();
-        let req = pb::SubscribeRequest { consumer: "chaos".into(), shards: local, from_seq };
-        let mut stream = match client.subscribe(req).await {
-            Ok(s) => s.into_inner(),
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        loop {
-            let msg = tokio::select! {
-                m = stream.message() => m,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    if stop.load(Ordering::Relaxed) { return }
-                    continue;
-                }
-            };
-            let Ok(Some(batch)) = msg else { break };
-            let at = now_ms();
-            let mut outputs = records.outputs.lock().unwrap_or_else(|p| p.into_inner());
-            for o in batch.outputs {
-                let e = o.epoch.unwrap_or_default();
-                seen.insert(o.shard, o.seq);
-                outputs.push(chaos::Output {
-                    shard: o.shard,
-                    seq: o.seq,
-                    epoch: (e.term, e.node),
-                    value: serde_json::from_str(&o.value_json).unwrap_or(serde_json::Value::String(o.value_json)),
-                    stream: o.stream,
-                    key: o.key,
-                    inputs: o.inputs,
-                    window_start: o.window_start,
-                    window_end: o.window_end,
-                    first_input_at: o.first_input_at,
-                    last_input_at: o.last_input_at,
-                    reason: o.reason,
-                    received_ms: at,
-                });
-            }
+    crate::outputs::follow(addr, "chaos".into(), false, stop, |batch, at| {
+        let mut outputs = records.outputs.lock().unwrap_or_else(|p| p.into_inner());
+        for o in batch {
+            let e = o.epoch.unwrap_or_default();
+            outputs.push(chaos::Output {
+                shard: o.shard,
+                seq: o.seq,
+                epoch: (e.term, e.node),
+                value: serde_json::from_str(&o.value_json).unwrap_or(serde_json::Value::String(o.value_json)),
+                stream: o.stream,
+                key: o.key,
+                inputs: o.inputs,
+                window_start: o.window_start,
+                window_end: o.window_end,
+                first_input_at: o.first_input_at,
+                last_input_at: o.last_input_at,
+                reason: o.reason,
+                received_ms: at,
+            });
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 }
 
 /// The shard's leader as its Lease holder says (asking every running node), and its epoch.

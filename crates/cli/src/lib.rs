@@ -4,6 +4,7 @@
 //!   partitions), checked and reported by `coalesce-chaos`.
 //! - [`local`]: a cluster of real `coalesced` processes on loopback (configs, processes,
 //!   signals, graceful stop), used by `coalescectl demo` and by the multi-process tests.
+//! - [`outputs`]: following a node's outputs as a durable consumer (game days, benchmarks).
 //! - [`netproxy`]: cuttable TCP links between local nodes, for real partitions on loopback.
 //! - [`pg`]: a throw-away PostgreSQL server (for the Postgres sink's tests and benchmark).
 //!
@@ -14,4 +15,5 @@
 pub mod chaos;
 pub mod local;
 pub mod netproxy;
+pub mod outputs;
 pub mod pg;

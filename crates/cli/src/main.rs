@@ -4,8 +4,11 @@
 
 mod admin;
 mod bench;
+mod bench_etcd;
 mod bench_fetch;
 mod bench_pg;
+mod bench_savings;
+mod bench_state;
 mod demo;
 mod dlq;
 mod send;

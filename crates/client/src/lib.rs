@@ -468,7 +468,9 @@ impl SendReport {
     }
 }
 
-fn is_acked(code: i32) -> bool {
+/// True when an event status `code` means the event is acknowledged (applied, a duplicate of an
+/// applied one, or shed by the stream's overflow policy).
+pub fn is_acked(code: i32) -> bool {
     code == EventCode::Ok as i32 || code == EventCode::Duplicate as i32 || code == EventCode::Shed as i32
 }
 
