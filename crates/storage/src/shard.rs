@@ -7,8 +7,8 @@
 //! the applied log id) in one atomic RocksDB write.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use coalesce_core::buffer::{BufKey, BufferStore, Buffered, ShardStats};
 use coalesce_core::hash::ShardId;
@@ -32,11 +32,64 @@ pub(crate) fn decode<T: DeserializeOwned>(shard: ShardId, what: &'static str, by
     postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt { shard, what, detail: e.to_string() })
 }
 
+/// Accounted bytes ([`Buffered::bytes`]) of buffered aggregates one shard keeps in memory.
+pub const BUFFER_CACHE_BYTES: u64 = 16 << 20;
+
+/// The shard's committed buffer rows kept in memory, so applying an entry does not read (and
+/// decode) RocksDB for every key it touches: a read-through cache of the buffer column family
+/// that also remembers absent keys. Only two things write that column family — committed apply
+/// batches, which update the cache with their writes, and snapshot installs, which clear it —
+/// so a hit is always the committed value. Bounded by [`BUFFER_CACHE_BYTES`]; when full, about
+/// half the entries are dropped (which ones does not matter: a miss reads RocksDB). Readers
+/// other than the apply task (the leader's admission check) may fill it too: a row read from
+/// RocksDB is cached only if no commit or clear happened since the read began (`generation`),
+/// so a read racing a commit can never put the older value back.
+#[derive(Default)]
+struct BufferCache {
+    rows: HashMap<BufKey, Option<Buffered>>,
+    bytes: u64,
+    generation: u64,
+}
+
+impl BufferCache {
+    fn cost(key: &BufKey, row: &Option<Buffered>) -> u64 {
+        (key.stream.len() + key.key.len()) as u64 + row.as_ref().map_or(0, |b| b.bytes) + 64
+    }
+
+    fn get(&self, key: &BufKey) -> Option<Option<Buffered>> {
+        self.rows.get(key).cloned()
+    }
+
+    fn insert(&mut self, key: BufKey, row: Option<Buffered>) {
+        let cost = Self::cost(&key, &row);
+        if let Some(old) = self.rows.insert(key.clone(), row) {
+            self.bytes = self.bytes.saturating_sub(Self::cost(&key, &old));
+        }
+        self.bytes += cost;
+        if self.bytes > BUFFER_CACHE_BYTES {
+            let mut keep = false;
+            self.rows.retain(|_, _| {
+                keep = !keep;
+                keep
+            });
+            self.bytes = self.rows.iter().map(|(k, r)| Self::cost(k, r)).sum();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.rows.clear();
+        self.bytes = 0;
+        self.generation += 1;
+    }
+}
+
 /// A shard's view of the node database.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ShardStore {
     db: Arc<NodeDb>,
     shard: ShardId,
+    /// Shared by every clone (see [`BufferCache`]).
+    cache: Arc<Mutex<BufferCache>>,
     /// No deadline-index row below this deadline exists: scans seek here instead of walking
     /// the tombstones that sealed windows leave (RocksDB's queue anti-pattern). Raised only by
     /// committed apply batches (which are sequential), lowered by their inserts before the
@@ -45,10 +98,20 @@ pub struct ShardStore {
     deadline_floor: Arc<AtomicU64>,
 }
 
+impl std::fmt::Debug for ShardStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardStore").field("shard", &self.shard).finish_non_exhaustive()
+    }
+}
+
 impl ShardStore {
     /// The rows of `shard` in `db`.
     pub fn new(db: Arc<NodeDb>, shard: ShardId) -> Self {
-        Self { db, shard, deadline_floor: Arc::default() }
+        Self { db, shard, deadline_floor: Arc::default(), cache: Arc::default() }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, BufferCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The shard id.
@@ -281,6 +344,7 @@ impl ShardStore {
         }
         self.db.write_sync(batch)?;
         self.deadline_floor.store(0, Ordering::Release);
+        self.cache().clear();
         Ok(())
     }
 
@@ -476,6 +540,12 @@ impl ApplyBatch<'_> {
             }
         }
         db.write(batch)?;
+        let mut cache = self.store.cache();
+        cache.generation += 1;
+        for (key, row) in self.buffers {
+            cache.insert(key, row);
+        }
+        drop(cache);
         // The rows below `floor_seen` that this batch did not insert are gone.
         let inserted = self.index.iter().find(|(_, present)| **present).map(|((d, _), _)| *d);
         let floor = &self.store.deadline_floor;
@@ -498,11 +568,23 @@ impl BufferStore for ApplyBatch<'_> {
         if let Some(v) = self.buffers.get(key) {
             return Ok(v.clone());
         }
+        let generation = {
+            let cache = self.store.cache();
+            if let Some(row) = cache.get(key) {
+                return Ok(row);
+            }
+            cache.generation
+        };
         let db = &self.store.db;
-        match db.raw().get_pinned_cf(db.cf(keys::CF_BUFFER)?, keys::buffer_key(self.store.shard, key))? {
-            Some(bytes) => Ok(Some(decode(self.store.shard, "buffered aggregate", &bytes)?)),
-            None => Ok(None),
+        let row = match db.raw().get_pinned_cf(db.cf(keys::CF_BUFFER)?, keys::buffer_key(self.store.shard, key))? {
+            Some(bytes) => Some(decode(self.store.shard, "buffered aggregate", &bytes)?),
+            None => None,
+        };
+        let mut cache = self.store.cache();
+        if cache.generation == generation {
+            cache.insert(key.clone(), row.clone());
         }
+        Ok(row)
     }
 
     fn put(&mut self, key: &BufKey, value: &Buffered) -> Result<(), StorageError> {
