@@ -28,6 +28,8 @@
 //! - [`buffer`]: per-shard buffered aggregates behind the [`buffer::BufferStore`] trait, bounded
 //!   by keys and bytes, with overflow policies, and the deadline index the scheduler reads.
 //! - [`session`]: the idempotent-producer session table.
+//! - [`hotkeys`]: the heaviest keys of a shard by input rate (Space-Saving with exponential decay,
+//!   bounded memory) — leader-local telemetry, not replicated.
 //! - [`output`]: what a closed window emits.
 //! - [`error`]: error types with stable codes.
 //!
@@ -42,6 +44,7 @@ pub mod buffer;
 pub mod error;
 pub mod hash;
 pub mod hll;
+pub mod hotkeys;
 pub mod merge;
 pub mod output;
 pub mod session;
@@ -51,4 +54,5 @@ pub mod value;
 pub mod window;
 
 pub use error::{ConfigError, EventError};
+pub use hotkeys::{HotKey, HotKeys, HotKeysConfig};
 pub use time::Millis;
