@@ -23,6 +23,8 @@
 //! - [`merge`]: merge operators ([`merge::MergeOp`]) and their accumulators ([`merge::Aggregate`]).
 //! - [`hll`]: a deterministic, canonically encoded HyperLogLog (see its docs for why it is ours).
 //! - [`window`]: window policies and per-key window bookkeeping (deadlines, triggers).
+//! - [`adaptive`]: the load-adaptive window controller — downstream pressure in, how late the
+//!   leader seals out (bounded by the stream's `max_staleness`).
 //! - [`stream`]: stream definitions and the TOML config that declares them.
 //! - [`batch`]: validation of events and pre-merging of a request into an [`batch::EventBatch`].
 //! - [`buffer`]: per-shard buffered aggregates behind the [`buffer::BufferStore`] trait, bounded
@@ -39,6 +41,7 @@
 //! HyperLogLog is implemented here because the available crates serialize nondeterministically
 //! (pointer bits or hash-set order), which would break byte-identical replicas.
 
+pub mod adaptive;
 pub mod batch;
 pub mod buffer;
 pub mod error;
@@ -53,6 +56,7 @@ pub mod time;
 pub mod value;
 pub mod window;
 
+pub use adaptive::{AdaptiveController, AdaptivePolicy, Decision, Pressure};
 pub use error::{ConfigError, EventError};
 pub use hotkeys::{HotKey, HotKeys, HotKeysConfig};
 pub use time::Millis;

@@ -21,11 +21,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::adaptive::{AdaptiveConfig, AdaptivePolicy};
 use crate::error::ConfigError;
 use crate::time::Millis;
 
 /// The window policy of a stream as written in config (durations in humantime: `"30s"`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct WindowConfig {
     #[serde(default, with = "humantime_serde")]
@@ -40,6 +41,10 @@ pub struct WindowConfig {
     pub max_count: Option<u64>,
     #[serde(default)]
     pub max_bytes: Option<u64>,
+    /// Opt-in load-adaptive sealing: `adaptive = { max_staleness = "10s", ... }` (see
+    /// [`crate::adaptive`]).
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveConfig>,
 }
 
 /// Longest accepted window duration (7 days).
@@ -54,10 +59,13 @@ pub struct WindowPolicy {
     pub idle_ms: Option<u64>,
     pub max_count: Option<u64>,
     pub max_bytes: Option<u64>,
+    /// Load-adaptive sealing ([`crate::adaptive`]); last, with a default, so it can be omitted.
+    #[serde(default)]
+    pub adaptive: Option<AdaptivePolicy>,
 }
 
 /// A duration in the units a config would use: `250ms`, `10s`, `2m`, `1h`.
-fn fmt_ms(ms: u64) -> String {
+pub(crate) fn fmt_ms(ms: u64) -> String {
     match ms {
         m if m >= 3_600_000 && m % 3_600_000 == 0 => format!("{}h", m / 3_600_000),
         m if m >= 60_000 && m % 60_000 == 0 => format!("{}m", m / 60_000),
@@ -85,6 +93,9 @@ impl std::fmt::Display for WindowPolicy {
         }
         if let Some(n) = self.max_bytes {
             parts.push(format!("max_bytes {n}"));
+        }
+        if let Some(a) = self.adaptive {
+            parts.push(format!("adaptive up to {}", fmt_ms(a.max_staleness_ms)));
         }
         f.write_str(&parts.join(", "))
     }
@@ -115,6 +126,7 @@ impl WindowConfig {
             idle_ms: ms("window.idle", self.idle)?,
             max_count: self.max_count,
             max_bytes: self.max_bytes,
+            adaptive: None,
         };
         if p.max_count == Some(0) {
             return Err(ConfigError::stream(stream, "window.max_count", "must be at least 1"));
@@ -144,7 +156,8 @@ impl WindowConfig {
                 "needs a time bound: set window.tumbling or window.max_wait",
             ));
         }
-        Ok(p)
+        let adaptive = self.adaptive.as_ref().map(|a| a.validate(stream, p.staleness_bound_ms())).transpose()?;
+        Ok(WindowPolicy { adaptive, ..p })
     }
 }
 
@@ -153,6 +166,12 @@ impl WindowPolicy {
     /// first input) before its window closes.
     pub fn staleness_bound_ms(&self) -> u64 {
         [self.tumbling_ms, self.max_wait_ms].into_iter().flatten().min().unwrap_or(MAX_WINDOW_MS)
+    }
+
+    /// The staleness bound including the load-adaptive stretch: `max_staleness` for adaptive
+    /// policies, else [`WindowPolicy::staleness_bound_ms`].
+    pub fn max_staleness_ms(&self) -> u64 {
+        self.adaptive.map_or_else(|| self.staleness_bound_ms(), |a| a.max_staleness_ms)
     }
 
     /// The start of the window that a first input stamped `stamp` opens.
@@ -305,6 +324,26 @@ mod tests {
         );
         assert!(cfg("tumbling = \"8days\"").validate("s").unwrap_err().to_string().contains("at most 7d"));
         assert!(cfg("tumbling = \"1s\"\nmax_count = 0").validate("s").is_err());
+    }
+
+    #[test]
+    fn adaptive_is_validated_against_the_time_bound() {
+        let p =
+            cfg("tumbling = \"1s\"\nadaptive = { max_staleness = \"10s\", backlog_high = 500 }").validate("s").unwrap();
+        let a = p.adaptive.unwrap();
+        assert_eq!((a.base_bound_ms, a.max_extra_ms(), a.backlog_high), (1000, 9000, 500));
+        assert_eq!((p.staleness_bound_ms(), p.max_staleness_ms()), (1000, 10_000));
+        assert_eq!(p.to_string(), "tumbling 1s, adaptive up to 10s");
+        let e = cfg("max_wait = \"1m\"\ntumbling = \"2m\"\nadaptive = { max_staleness = \"30s\" }")
+            .validate("s")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "stream \"s\": window.adaptive.max_staleness must be >= the window's time bound (1m)"
+        );
+        assert!(toml::from_str::<WindowConfig>("tumbling = \"1s\"\nadaptive = { max_stale = \"1s\" }").is_err());
+        let plain = cfg("tumbling = \"1s\"").validate("s").unwrap();
+        assert_eq!((plain.adaptive, plain.max_staleness_ms()), (None, 1000));
     }
 
     #[test]
