@@ -33,6 +33,8 @@
 //! - [`hotkeys`]: the heaviest keys of a shard by input rate (Space-Saving with exponential decay,
 //!   bounded memory) — leader-local telemetry, not replicated.
 //! - [`output`]: what a closed window emits.
+//! - [`samples`]: up to `n` representative inputs (first, last or a mergeable reservoir) that a
+//!   window keeps so a dedupe output shows what it suppressed.
 //! - [`error`]: error types with stable codes.
 //!
 //! Libraries used instead of hand-written code: `xxhash-rust` (XXH3, the shard hash),
@@ -50,6 +52,7 @@ pub mod hll;
 pub mod hotkeys;
 pub mod merge;
 pub mod output;
+pub mod samples;
 pub mod session;
 pub mod stream;
 pub mod time;
@@ -59,4 +62,5 @@ pub mod window;
 pub use adaptive::{AdaptiveController, AdaptivePolicy, Decision, Pressure};
 pub use error::{ConfigError, EventError};
 pub use hotkeys::{HotKey, HotKeys, HotKeysConfig};
+pub use samples::{Sample, SamplePick, SamplePolicy, Samples};
 pub use time::Millis;

@@ -16,6 +16,11 @@
 //! on time. Every policy must have a time bound (`tumbling` or `max_wait`): it is the staleness
 //! bound — no input waits longer than it before its window closes. `debounce` alone would never
 //! fire under steady traffic, so it must be paired with `max_wait` (and be no longer than it).
+//!
+//! `adaptive = { max_staleness = "10s", ... }` opts a stream into load-adaptive sealing: under
+//! downstream pressure the leader seals time-triggered windows later, up to `max_staleness`,
+//! which then is the stream's staleness bound ([`WindowPolicy::max_staleness_ms`]; see
+//! [`crate::adaptive`]).
 
 use std::time::Duration;
 
@@ -59,7 +64,9 @@ pub struct WindowPolicy {
     pub idle_ms: Option<u64>,
     pub max_count: Option<u64>,
     pub max_bytes: Option<u64>,
-    /// Load-adaptive sealing ([`crate::adaptive`]); last, with a default, so it can be omitted.
+    /// Load-adaptive sealing ([`crate::adaptive`]); `None` for fixed windows. The serde default
+    /// serves self-describing formats only: postcard is positional, so this field changed the
+    /// encoding of every Raft entry that carries stream rules.
     #[serde(default)]
     pub adaptive: Option<AdaptivePolicy>,
 }
