@@ -35,8 +35,13 @@
 //!   windows hold more distinct keys at once, so a full buffer brakes the stretch);
 //! - in between: hold (the band between `backlog_low` and `backlog_high` is the hysteresis that
 //!   keeps the controller from flapping);
-//! - calm: after `cooldown` calm intervals in a row, halve `extra` each interval, dropping to 0
-//!   once it is below `first_step`.
+//! - calm: after `cooldown` calm intervals in a row, shrink `extra` by a quarter each interval,
+//!   dropping to 0 once it is below `first_step`.
+//!
+//! Fast up, gentle down: pressure that builds must be relieved quickly, while a calm outbox may
+//! only mean the stretch is working — without a throttle signal the controller finds out by
+//! probing downwards. Halving made the toy shard in `tests/adaptive.rs` flap with a ~20 s period
+//! while its sink stayed slow; quarter steps settle it into a longer, shallower sawtooth.
 //!
 //! `extra_ms` never exceeds `max_staleness - base bound`. The response is monotone: a pressure
 //! sequence that is everywhere at least as high yields an `extra_ms` at least as large.
@@ -47,16 +52,25 @@
 //!   slowest cursor), age of the oldest undelivered output, whether a sink reported throttling
 //!   (429/`RESOURCE_EXHAUSTED`/rate limiter) or failures, and buffer fill
 //!   (`max(keys / max_keys, bytes / max_bytes)`).
-//! - The leader seals `extra_ms` late: the Seal proposal carries, per adaptive stream, the
-//!   effective cut-off `stamp - extra_ms`, and closes windows whose deadline is at or before it;
-//!   Ingest entries carry the same `extra_ms` so apply's "deadline passed, seal before merging"
-//!   check uses `stamp - extra_ms` too. Replicas only read the entry, so apply stays
-//!   deterministic. A new leader can resume from the last `extra_ms` it applied
-//!   ([`AdaptiveController::resume`]) instead of sealing every deferred window at once.
-//! - A key's open window keeps absorbing inputs while its seal is deferred, so each output
-//!   covers more inputs. The window closes by `deadline + extra ≤ first input + max_staleness`:
-//!   `max_staleness` is the stream's staleness bound ([`crate::window::WindowPolicy::max_staleness_ms`]).
-//!   Data triggers (`max_count`, `max_bytes`) and overflow still seal at once.
+//! - The stretch travels in the rules of each Ingest entry: the leader proposes
+//!   `rules.window = def.rules.window.with_extra_ms(extra_ms)`
+//!   ([`crate::window::WindowPolicy::with_extra_ms`]). Apply computes a window's deadline as the
+//!   policy's deadline plus the `extra_ms` of the entry that opened it or last merged into it, so
+//!   the deadline index (and with it the Seal scheduler, `seal_due` and `next_deadline`) defers
+//!   the seal by itself: no change to the Seal command, and replicas only read the entry, so
+//!   apply stays deterministic. A key's open window keeps absorbing inputs while its seal is
+//!   deferred, so each output covers more inputs.
+//! - A window that received no input since the stretch changed keeps its deadline: it may close
+//!   a little early when the stretch grows, or late (never past `max_staleness`) when it shrinks;
+//!   a merge recomputes the deadline (never before the merging input's stamp).
+//! - The window closes by `policy deadline + extra ≤ first input + max_staleness`:
+//!   `max_staleness` is the stream's staleness bound
+//!   ([`crate::window::WindowPolicy::max_staleness_ms`]). Data triggers (`max_count`,
+//!   `max_bytes`) and overflow still seal at once. A tumbling window's end moves by the stretch
+//!   while the next window's start stays aligned, so consecutive windows of a key may overlap in
+//!   their reported bounds (never in their inputs).
+//! - A new leader can resume from the `extra_ms` in the last Ingest entry it applied
+//!   ([`AdaptiveController::resume`]).
 
 use std::time::Duration;
 
@@ -111,9 +125,20 @@ pub struct AdaptivePolicy {
     pub buffer_high_permille: u16,
     pub adjust_every_ms: u64,
     pub cooldown: u32,
+    /// The stretch in force: 0 in the stream table; the shard leader sets the controller's
+    /// `extra_ms` on the rules it puts in each Ingest entry ([`AdaptivePolicy::with_extra`]),
+    /// and [`crate::window::WindowPolicy::deadline`] adds it (capped at
+    /// [`AdaptivePolicy::max_extra_ms`]), so every replica computes the same deferred deadline.
+    #[serde(default)]
+    pub extra_ms: u64,
 }
 
 impl AdaptivePolicy {
+    /// This policy with `extra_ms` in force (capped at [`AdaptivePolicy::max_extra_ms`]).
+    pub fn with_extra(self, extra_ms: u64) -> Self {
+        Self { extra_ms: extra_ms.min(self.max_extra_ms()), ..self }
+    }
+
     /// The largest `extra_ms` the controller may return.
     pub fn max_extra_ms(&self) -> u64 {
         self.max_staleness_ms.saturating_sub(self.base_bound_ms)
@@ -176,6 +201,7 @@ impl AdaptiveConfig {
             buffer_high_permille,
             adjust_every_ms,
             cooldown,
+            extra_ms: 0,
         })
     }
 }
@@ -358,7 +384,7 @@ impl AdaptiveController {
                 if self.extra_ms == 0 {
                     self.reason = Reason::Calm;
                 } else if self.calm_steps >= self.policy.cooldown {
-                    self.extra_ms /= 2;
+                    self.extra_ms -= (self.extra_ms / 4).max(1);
                     if self.extra_ms < first {
                         self.extra_ms = 0;
                     }
@@ -428,8 +454,8 @@ mod tests {
         assert_eq!(extras, [250, 500, 1000, 2000, 4000, 8000, 9000, 9000]);
         assert_eq!(c.decision().reason, Reason::Stretching(Cause::Backlog));
         let calm = Pressure::default();
-        let extras: Vec<u64> = (8..20).map(|i| c.update(i * 1000, &calm).extra_ms).collect();
-        assert_eq!(extras, [9000, 9000, 4500, 2250, 1125, 562, 281, 0, 0, 0, 0, 0]);
+        let extras: Vec<u64> = (8..26).map(|i| c.update(i * 1000, &calm).extra_ms).collect();
+        assert_eq!(extras, [9000, 9000, 6750, 5063, 3798, 2849, 2137, 1603, 1203, 903, 678, 509, 382, 287, 0, 0, 0, 0]);
         assert_eq!(c.decision().reason, Reason::Calm);
     }
 

@@ -246,9 +246,13 @@ impl ShardBuffer {
                     stats.bytes = stats.bytes.saturating_sub(b.bytes);
                     b.bytes = accounted_bytes(key, &b.agg, b.samples.as_ref());
                     stats.bytes += b.bytes;
-                    b.deadline = rules.window.deadline(&b.window);
+                    // Never before this input: an adaptive stretch that shrank since the window's
+                    // last input may put the recomputed deadline in the past (then the next Seal
+                    // closes it at this stamp). Other policies never move a deadline backwards.
+                    b.deadline = rules.window.deadline(&b.window).max(stamp);
                     if b.deadline != old_deadline {
-                        // Tumbling and max-wait deadlines never move; debounce and idle do.
+                        // Debounce and idle deadlines move; tumbling and max-wait ones only when an
+                        // adaptive stream's stretch changed.
                         store.index_remove(old_deadline, key)?;
                         store.index_insert(b.deadline, key)?;
                     }

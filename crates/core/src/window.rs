@@ -189,7 +189,8 @@ impl WindowPolicy {
         }
     }
 
-    /// When the window described by `w` closes by time, under this policy.
+    /// When the window described by `w` closes by time, under this policy: the earliest time
+    /// trigger, plus the adaptive stretch in force ([`crate::adaptive::AdaptivePolicy::extra_ms`]).
     pub fn deadline(&self, w: &WindowState) -> Millis {
         let candidates = [
             self.tumbling_ms.map(|t| w.start.saturating_add(t)),
@@ -197,7 +198,14 @@ impl WindowPolicy {
             self.debounce_ms.map(|d| w.last_input_at.saturating_add(d)),
             self.idle_ms.map(|i| w.last_input_at.saturating_add(i)),
         ];
-        candidates.into_iter().flatten().min().unwrap_or(Millis::MAX)
+        let extra = self.adaptive.map_or(0, |a| a.extra_ms.min(a.max_extra_ms()));
+        candidates.into_iter().flatten().min().map_or(Millis::MAX, |d| d.saturating_add(extra))
+    }
+
+    /// This policy with the adaptive stretch `extra_ms` in force; unchanged if not adaptive.
+    /// The shard leader calls it on the rules of each Ingest entry it proposes.
+    pub fn with_extra_ms(self, extra_ms: u64) -> Self {
+        Self { adaptive: self.adaptive.map(|a| a.with_extra(extra_ms)), ..self }
     }
 
     /// Whether a data trigger (count or bytes) closes the window now.

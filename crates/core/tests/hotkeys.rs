@@ -106,7 +106,8 @@ proptest! {
         }
         for ((stream, key), c) in &exact {
             if *c as f64 > total as f64 / capacity as f64 {
-                prop_assert!(top.iter().any(|h| &h.stream == stream && &h.key == key), "heavy {}/{} missing", stream, key);
+                let found = top.iter().any(|h| &h.stream == stream && &h.key == key);
+                prop_assert!(found, "heavy {}/{} missing", stream, key);
             }
         }
     }

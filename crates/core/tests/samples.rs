@@ -185,6 +185,15 @@ fn sample_config_errors_name_the_field() {
     );
 }
 
+fn ints(s: &Samples) -> Vec<i64> {
+    s.iter()
+        .map(|s| match s.value {
+            Value::Int(i) => i,
+            _ => unreachable!(),
+        })
+        .collect()
+}
+
 fn items() -> impl Strategy<Value = Vec<(i64, u64, u64)>> {
     prop::collection::vec((-5i64..5, 0u64..4, any::<u64>()), 0..60)
 }
@@ -231,12 +240,12 @@ proptest! {
         match pick {
             SamplePick::First => {
                 let head: Vec<i64> = items.iter().take(n as usize).map(|i| i.0).collect();
-                let got: Vec<i64> = one_by_one.iter().map(|s| match s.value { Value::Int(i) => i, _ => unreachable!() }).collect();
+                let got = ints(&one_by_one);
                 prop_assert_eq!(got, head);
             }
             SamplePick::Last => {
                 let tail: Vec<i64> = items.iter().rev().take(n as usize).rev().map(|i| i.0).collect();
-                let got: Vec<i64> = one_by_one.iter().map(|s| match s.value { Value::Int(i) => i, _ => unreachable!() }).collect();
+                let got = ints(&one_by_one);
                 prop_assert_eq!(got, tail);
             }
             SamplePick::Reservoir => {}
