@@ -414,3 +414,97 @@ async fn ingest_while_slow_keeps_up(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Suppression visibility: alert-grouping streams keeping the first and the last 3 of the
+/// inputs each digest folds. 10 alerts for one group, in 10 requests, become one output per
+/// stream with `inputs == 10` and exactly the configured samples (value and event time), both
+/// for subscribers and in the file sink's JSON lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn alert_digests_carry_the_configured_samples() {
+    let mut streams = String::from(
+        "[sinks.watch]\nkind = \"grpc\"\n\n[sinks.digest-log]\nkind = \"file\"\npath = \"digests-{node}.jsonl\"\n\n",
+    );
+    for pick in ["first", "last"] {
+        streams.push_str(&format!(
+            "[streams.alerts-{pick}]\nmerge = {{ op = \"set_union\", max_members = 200 }}\n\
+             window = {{ debounce = \"1s\", max_wait = \"30s\" }}\nsamples = {{ n = 3, pick = \"{pick}\" }}\n\
+             sinks = [\"watch\", \"digest-log\"]\n\n"
+        ));
+    }
+    let cluster = Cluster::start(3, 2, &streams);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let addrs: Vec<String> = cluster.local.nodes.iter().map(|n| n.client_addr.clone()).collect();
+    let client = Client::connect(addrs).await.unwrap();
+    let mut producer = client.producer();
+    for i in 0..10u64 {
+        let batch = ["first", "last"]
+            .iter()
+            .map(|pick| {
+                let mut e = event(&format!("alerts-{pick}"), "team-a", format!("alert-{i}"));
+                e.event_time_ms = Some(1_000 + i);
+                e
+            })
+            .collect();
+        assert!(producer.send(batch).await.unwrap().all_acked());
+    }
+
+    // Both digests, from each shard's outbox (the `watch` subscriber never acks).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let outputs = loop {
+        let mut all = Vec::new();
+        for (shard, leader) in &cluster.wait_ready(Duration::from_secs(10)).await {
+            let i = cluster.index_of(leader).unwrap();
+            let mut s = cluster
+                .client(i)
+                .subscribe(pb::SubscribeRequest {
+                    consumer: "watch".into(),
+                    shards: vec![*shard],
+                    from_seq: Default::default(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            while let Ok(Ok(Some(batch))) = tokio::time::timeout(Duration::from_millis(300), s.message()).await {
+                all.extend(batch.outputs);
+            }
+        }
+        if all.len() >= 2 {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "digests missing: {all:?}");
+    };
+    assert_eq!(outputs.len(), 2, "one digest per stream: {outputs:?}");
+    for (pick, range) in [("first", 0..3u64), ("last", 7..10)] {
+        let o = outputs.iter().find(|o| o.stream == format!("alerts-{pick}")).unwrap();
+        assert_eq!(o.inputs, 10, "{o:?}");
+        let got: Vec<(u64, String, bool)> =
+            o.samples.iter().map(|s| (s.event_time, s.value_json.clone(), s.truncated)).collect();
+        let want: Vec<(u64, String, bool)> = range.map(|i| (1_000 + i, format!("\"alert-{i}\""), false)).collect();
+        assert_eq!(got, want, "{pick}: {o:?}");
+    }
+
+    // The file sink writes the same samples (`Output::to_json`).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines: Vec<serde_json::Value> = (0..3)
+            .flat_map(|i| {
+                let path = cluster.path().join(format!("data-{i}/digests-coalesce-{i}.jsonl"));
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                text.lines().map(|l| serde_json::from_str(l).unwrap()).collect::<Vec<_>>()
+            })
+            .collect();
+        if let Some(line) = lines.iter().find(|l| l["stream"] == "alerts-last") {
+            let samples: Vec<(u64, String)> = line["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| (s["event_time"].as_u64().unwrap(), s["value"].as_str().unwrap().to_owned()))
+                .collect();
+            assert_eq!(samples, [(1_007, "alert-7".to_owned()), (1_008, "alert-8".into()), (1_009, "alert-9".into())]);
+            assert_eq!(line["inputs"], 10);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no digest in the file sink: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

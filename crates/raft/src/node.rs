@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use coalesce_core::buffer::ShardBuffer;
 use coalesce_core::hash::ShardId;
+use coalesce_core::hotkeys::{HotKey, HotKeys};
 use coalesce_core::stream::{OverflowPolicy, StreamTable};
 use coalesce_core::time::{Clock, SystemClock};
 use coalesce_proto::v1::raft_peer_client::RaftPeerClient;
@@ -244,6 +245,11 @@ pub struct RaftNode {
     /// Set by an operator's drain: balancing moves leadership away from this node.
     draining: std::sync::atomic::AtomicBool,
     db: Arc<NodeDb>,
+    /// Hot-key trackers of the shards this node leads ([`coalesce_core::hotkeys`]):
+    /// leader-local telemetry, fed when an Ingest is proposed, decayed on the sealer tick and
+    /// dropped when leadership is lost. A std mutex: held only for map work, never across an
+    /// await.
+    hot: std::sync::Mutex<BTreeMap<ShardId, HotKeys>>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -327,6 +333,7 @@ impl RaftNode {
             lease_max: Duration::from_millis(timing.election_max_ms),
             draining: std::sync::atomic::AtomicBool::new(false),
             db,
+            hot: std::sync::Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -660,8 +667,52 @@ impl RaftNode {
                 }
             }
         }
+        self.observe_hot(shard, &groups);
         let cmd = Command::Ingest { stamp: self.clock.now(), rules, limits: self.streams.limits(), groups };
         self.propose(shard, cmd).await
+    }
+
+    /// Counts admitted partials in the shard's hot-key tracker (created on first use).
+    fn observe_hot(&self, shard: ShardId, groups: &[IngestGroup]) {
+        let Ok(mut hot) = self.hot.lock() else { return };
+        let tracker = hot.entry(shard).or_insert_with(|| {
+            let mut t = HotKeys::default();
+            t.tick(self.clock.now());
+            t
+        });
+        for (key, partial) in groups.iter().flat_map(|g| g.partials.iter()) {
+            tracker.observe(&key.stream, &key.key, partial.inputs);
+        }
+    }
+
+    /// Decays the hot-key tracker of every shard this node leads and forgets those of shards
+    /// it no longer leads. Called on every sealer tick.
+    fn tick_hot(&self, led: &BTreeSet<ShardId>) {
+        let now = self.clock.now();
+        let Ok(mut hot) = self.hot.lock() else { return };
+        hot.retain(|shard, _| led.contains(shard));
+        for tracker in hot.values_mut() {
+            tracker.tick(now);
+        }
+    }
+
+    /// The `k` heaviest keys of each shard this node leads (all of them, or `shard`), only of
+    /// `stream` when given, with the shard's decayed total inputs. Shards without input yet
+    /// are left out.
+    pub fn hot_keys(&self, shard: Option<ShardId>, stream: Option<&str>, k: usize) -> Vec<(ShardId, f64, Vec<HotKey>)> {
+        let led = self.led_shards();
+        let Ok(hot) = self.hot.lock() else { return Vec::new() };
+        hot.iter()
+            .filter(|(s, _)| led.contains(s) && shard.is_none_or(|want| want == **s))
+            .map(|(s, tracker)| {
+                let keys = match stream {
+                    // Filter before cutting to k: the top k of one stream, not k of all streams.
+                    Some(name) => tracker.top(tracker.len()).into_iter().filter(|h| h.stream == name).take(k).collect(),
+                    None => tracker.top(k),
+                };
+                (*s, tracker.total(), keys)
+            })
+            .collect()
     }
 
     /// Runs the window scheduler of every local group until `shutdown` resolves: while this
@@ -679,6 +730,7 @@ impl RaftNode {
                 _ = &mut shutdown => return,
                 _ = interval.tick() => {}
             }
+            self.tick_hot(&self.led_shards());
             for group in self.groups() {
                 if !group.raft.is_leader() {
                     continue;
