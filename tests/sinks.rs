@@ -508,3 +508,105 @@ async fn alert_digests_carry_the_configured_samples() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Every output of the `watch` subscriber, from each shard's leader (it never acks here).
+async fn watched(cluster: &Cluster) -> Vec<pb::Output> {
+    let mut all = Vec::new();
+    for (shard, leader) in &cluster.wait_ready(Duration::from_secs(10)).await {
+        let i = cluster.index_of(leader).unwrap();
+        let mut s = cluster
+            .client(i)
+            .subscribe(pb::SubscribeRequest {
+                consumer: "watch".into(),
+                shards: vec![*shard],
+                from_seq: Default::default(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while let Ok(Ok(Some(batch))) = tokio::time::timeout(Duration::from_millis(300), s.message()).await {
+            all.extend(batch.outputs);
+        }
+    }
+    all
+}
+
+/// Load-adaptive windows: a durable consumer that does not ack makes the outbox backlog grow;
+/// the adaptive stream's windows stretch (longer windows, fewer outputs than the same stream
+/// with fixed windows, none longer than `max_staleness`), and once the consumer has caught up
+/// the stretch goes back to zero (`coalesce_adaptive_extra_seconds`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adaptive_windows_stretch_under_backlog_and_relax_after() {
+    let streams = "[sinks.watch]\nkind = \"grpc\"\n\n\
+                   [streams.fixed]\nmerge = \"count\"\nwindow = { tumbling = \"200ms\" }\nsinks = [\"watch\"]\n\n\
+                   [streams.stretchy]\nmerge = \"count\"\n\
+                   window = { tumbling = \"200ms\", adaptive = { max_staleness = \"2s\", backlog_high = 4 } }\n\
+                   sinks = [\"watch\"]\n";
+    let cluster = Cluster::start(3, 2, streams);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let addrs: Vec<String> = cluster.local.nodes.iter().map(|n| n.client_addr.clone()).collect();
+    let client = Client::connect(addrs).await.unwrap();
+    let mut producer = client.producer();
+    let mut sent = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let batch =
+            (0..10).flat_map(|k| ["fixed", "stretchy"].map(|s| event(s, &format!("k{k}"), ()))).collect::<Vec<_>>();
+        assert!(producer.send(batch).await.unwrap().all_acked());
+        sent += 10;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let outputs = loop {
+        let all = watched(&cluster).await;
+        let inputs = |s: &str| all.iter().filter(|o| o.stream == s).map(|o| o.inputs).sum::<u64>();
+        if inputs("fixed") == sent && inputs("stretchy") == sent {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "outputs incomplete: {} {} of {sent}", inputs("fixed"), inputs("stretchy"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let of = |s: &str| outputs.iter().filter(|o| o.stream == s).collect::<Vec<_>>();
+    let (fixed, stretchy) = (of("fixed"), of("stretchy"));
+    for o in &fixed {
+        assert!(o.window_end - o.window_start <= 200, "fixed windows keep their length: {o:?}");
+    }
+    let longest = stretchy.iter().map(|o| o.window_end - o.window_start).max().unwrap();
+    assert!(longest > 200, "adaptive windows stretched under backlog: longest {longest} ms");
+    assert!(longest <= 2_000, "never past max_staleness: {longest} ms");
+    assert!(
+        stretchy.len() < fixed.len(),
+        "stretched windows coalesce more: {} outputs vs {} fixed",
+        stretchy.len(),
+        fixed.len()
+    );
+
+    // The consumer catches up: the stretch relaxes back to zero on every node.
+    for (shard, leader) in &cluster.wait_ready(Duration::from_secs(10)).await {
+        let upto = outputs.iter().filter(|o| o.shard == *shard).map(|o| o.seq).max().unwrap_or(0);
+        let i = cluster.index_of(leader).unwrap();
+        cluster
+            .client(i)
+            .ack(pb::AckRequest { consumer: "watch".into(), shard: *shard, upto_seq: upto })
+            .await
+            .unwrap();
+    }
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut extra = Vec::new();
+        for n in &cluster.local.nodes {
+            let text = http.get(format!("http://{}/metrics", n.http_addr)).send().await.unwrap().text().await.unwrap();
+            extra.extend(
+                text.lines()
+                    .filter(|l| l.starts_with("coalesce_adaptive_extra_seconds{stream=\"stretchy\"}"))
+                    .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap()),
+            );
+        }
+        if extra.len() == 3 && extra.iter().all(|e| *e == 0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stretch did not relax: {extra:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -242,6 +242,7 @@ struct Families {
     cf_bytes: IntGaugeVec,
     build: IntGaugeVec,
     hot_key_rate: GaugeVec,
+    adaptive_extra: GaugeVec,
 }
 
 /// Ranks of hot keys exported per stream (`rank` = 1..=HOT_KEY_RANKS): a bounded label set.
@@ -336,10 +337,16 @@ impl Families {
                  (decaying Space-Saving sketch; the key itself is in the HotKeys admin call, never a label).",
                 &["stream", "rank"],
             ),
+            adaptive_extra: gauge(
+                "coalesce_adaptive_extra_seconds",
+                "Load-adaptive window stretch in force for an adaptive stream: the largest over the shards this \
+                 node leads (0 = windows at their configured length).",
+                &["stream"],
+            ),
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 18] {
+    fn collectors(&self) -> [&dyn Collector; 19] {
         [
             &self.cluster_shards,
             &self.led,
@@ -359,6 +366,7 @@ impl Families {
             &self.cf_bytes,
             &self.build,
             &self.hot_key_rate,
+            &self.adaptive_extra,
         ]
     }
 }
@@ -437,6 +445,17 @@ impl NodeCollector {
         }
         for (cf, bytes) in self.node.column_family_sizes() {
             f.cf_bytes.with_label_values(&[cf]).set(bytes as i64);
+        }
+        for d in self.node.streams().iter().filter(|d| d.rules.window.adaptive.is_some()) {
+            f.adaptive_extra.with_label_values(&[d.name.as_str()]).set(0.0);
+        }
+        let mut extra: std::collections::BTreeMap<String, u64> = Default::default();
+        for (_, stream, decision) in self.node.adaptive_decisions() {
+            let e = extra.entry(stream).or_default();
+            *e = (*e).max(decision.extra_ms);
+        }
+        for (stream, ms) in extra {
+            f.adaptive_extra.with_label_values(&[stream.as_str()]).set(ms as f64 / 1000.0);
         }
         // Per stream, the heaviest keys of all led shards, ranked by rate.
         let mut rates: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
