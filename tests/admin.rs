@@ -128,3 +128,95 @@ async fn leases_transfer_and_drain() {
     assert_eq!(table.lines().count(), 1 + SHARDS as usize, "{table}");
     assert!(table.lines().nth(1).unwrap().starts_with("test-shard-0"), "{table}");
 }
+
+/// Hot keys: a skewed (Zipf-like) workload over many more keys than a shard's sketch holds;
+/// the cluster-wide top 5 by count, gathered from every node's `HotKeys` (each answers for the
+/// shards it leads), equals the exact top 5 of what was sent, and every count is within its
+/// error bound of the exact count (allowing for the few seconds of decay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_keys_match_the_exact_top_keys_of_a_skewed_workload() {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+
+    let cluster = Cluster::start(3, SHARDS, STREAMS);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    // Trackers are the leaders' own: wait until balancing has settled leadership.
+    let mut before = cluster.leaders().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = cluster.leaders().await;
+        if now == before && now.len() == SHARDS as usize {
+            break;
+        }
+        assert!(Instant::now() < deadline, "leadership did not settle: {now:?}");
+        before = now;
+    }
+    let addrs: Vec<String> = cluster.local.nodes.iter().map(|n| n.client_addr.clone()).collect();
+    let client = coalesce_client::Client::connect(addrs).await.unwrap();
+
+    // Zipf (s = 1.5) over 70 keys, and a tail of 1000 keys sent once: about 270 keys per
+    // shard for 64 counters.
+    let mut sent: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..70u32 {
+        let n = (600.0 / f64::from(i + 1).powf(1.5)).floor() as u64;
+        sent.insert(format!("user-{i}"), n.max(1));
+    }
+    for i in 0..1000 {
+        sent.insert(format!("tail-{i}"), 1);
+    }
+    let mut events: Vec<&String> = sent.iter().flat_map(|(k, n)| std::iter::repeat_n(k, *n as usize)).collect();
+    let seed = harness::seed();
+    events.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let mut producer = client.producer();
+    for chunk in events.chunks(100) {
+        let batch = chunk.iter().map(|k| coalesce_client::event("sums", k, 1i64)).collect();
+        assert!(producer.send(batch).await.unwrap().all_acked());
+    }
+    let mut exact: Vec<(&String, &u64)> = sent.iter().collect();
+    exact.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let want: Vec<String> = exact.iter().take(5).map(|(k, _)| (*k).clone()).collect();
+    assert_eq!(want, ["user-0", "user-1", "user-2", "user-3", "user-4"]);
+
+    // Every shard's keys from its leader.
+    let mut by_shard: BTreeMap<u32, Vec<pb::HotKey>> = BTreeMap::new();
+    for i in 0..3 {
+        let r = admin(&cluster, i)
+            .hot_keys(pb::HotKeysRequest { shard: None, stream: Some("sums".into()), k: 10 })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.node, cluster.local.nodes[i].name);
+        for h in r.keys {
+            by_shard.entry(h.shard).or_default().push(h);
+        }
+    }
+    assert_eq!(by_shard.len(), SHARDS as usize, "every shard's leader reports: {by_shard:?}");
+    let mut all: Vec<pb::HotKey> = by_shard.into_values().flatten().collect();
+    for h in &all {
+        assert!(h.shard < SHARDS && h.stream == "sums" && !h.key_truncated, "{h:?}");
+        assert!(h.share > 0.0 && h.share <= 1.0, "{h:?}");
+        let truth = sent[&h.key] as f64;
+        // count - error <= decayed truth <= count, and decay over these seconds is under 10%.
+        assert!(h.count - h.error <= truth + 1e-6, "{h:?} overcounts (sent {truth})");
+        assert!(h.count >= 0.9 * truth, "{h:?} undercounts (sent {truth})");
+    }
+    all.sort_by(|a, b| b.count.total_cmp(&a.count));
+    let got: Vec<String> = all.iter().take(5).map(|h| h.key.clone()).collect();
+    assert_eq!(got, want, "top 5 by count: {:?}", &all[..5.min(all.len())]);
+
+    // One shard, and a k out of range.
+    let shard = all[0].shard;
+    let leaders = cluster.leaders().await;
+    let i = cluster.index_of(&leaders[&shard]).unwrap();
+    let r = admin(&cluster, i)
+        .hot_keys(pb::HotKeysRequest { shard: Some(shard), stream: None, k: 3 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.keys.len(), 3);
+    assert!(r.keys.iter().all(|h| h.shard == shard));
+    assert_eq!(r.keys[0].key, "user-0");
+    let err = admin(&cluster, i).hot_keys(pb::HotKeysRequest { shard: None, stream: None, k: 65 }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}

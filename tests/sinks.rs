@@ -414,3 +414,199 @@ async fn ingest_while_slow_keeps_up(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Suppression visibility: alert-grouping streams keeping the first and the last 3 of the
+/// inputs each digest folds. 10 alerts for one group, in 10 requests, become one output per
+/// stream with `inputs == 10` and exactly the configured samples (value and event time), both
+/// for subscribers and in the file sink's JSON lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn alert_digests_carry_the_configured_samples() {
+    let mut streams = String::from(
+        "[sinks.watch]\nkind = \"grpc\"\n\n[sinks.digest-log]\nkind = \"file\"\npath = \"digests-{node}.jsonl\"\n\n",
+    );
+    for pick in ["first", "last"] {
+        streams.push_str(&format!(
+            "[streams.alerts-{pick}]\nmerge = {{ op = \"set_union\", max_members = 200 }}\n\
+             window = {{ debounce = \"1s\", max_wait = \"30s\" }}\nsamples = {{ n = 3, pick = \"{pick}\" }}\n\
+             sinks = [\"watch\", \"digest-log\"]\n\n"
+        ));
+    }
+    let cluster = Cluster::start(3, 2, &streams);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let addrs: Vec<String> = cluster.local.nodes.iter().map(|n| n.client_addr.clone()).collect();
+    let client = Client::connect(addrs).await.unwrap();
+    let mut producer = client.producer();
+    for i in 0..10u64 {
+        let batch = ["first", "last"]
+            .iter()
+            .map(|pick| {
+                let mut e = event(&format!("alerts-{pick}"), "team-a", format!("alert-{i}"));
+                e.event_time_ms = Some(1_000 + i);
+                e
+            })
+            .collect();
+        assert!(producer.send(batch).await.unwrap().all_acked());
+    }
+
+    // Both digests, from each shard's outbox (the `watch` subscriber never acks).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let outputs = loop {
+        let mut all = Vec::new();
+        for (shard, leader) in &cluster.wait_ready(Duration::from_secs(10)).await {
+            let i = cluster.index_of(leader).unwrap();
+            let mut s = cluster
+                .client(i)
+                .subscribe(pb::SubscribeRequest {
+                    consumer: "watch".into(),
+                    shards: vec![*shard],
+                    from_seq: Default::default(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            while let Ok(Ok(Some(batch))) = tokio::time::timeout(Duration::from_millis(300), s.message()).await {
+                all.extend(batch.outputs);
+            }
+        }
+        if all.len() >= 2 {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "digests missing: {all:?}");
+    };
+    assert_eq!(outputs.len(), 2, "one digest per stream: {outputs:?}");
+    for (pick, range) in [("first", 0..3u64), ("last", 7..10)] {
+        let o = outputs.iter().find(|o| o.stream == format!("alerts-{pick}")).unwrap();
+        assert_eq!(o.inputs, 10, "{o:?}");
+        let got: Vec<(u64, String, bool)> =
+            o.samples.iter().map(|s| (s.event_time, s.value_json.clone(), s.truncated)).collect();
+        let want: Vec<(u64, String, bool)> = range.map(|i| (1_000 + i, format!("\"alert-{i}\""), false)).collect();
+        assert_eq!(got, want, "{pick}: {o:?}");
+    }
+
+    // The file sink writes the same samples (`Output::to_json`).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines: Vec<serde_json::Value> = (0..3)
+            .flat_map(|i| {
+                let path = cluster.path().join(format!("data-{i}/digests-coalesce-{i}.jsonl"));
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                text.lines().map(|l| serde_json::from_str(l).unwrap()).collect::<Vec<_>>()
+            })
+            .collect();
+        if let Some(line) = lines.iter().find(|l| l["stream"] == "alerts-last") {
+            let samples: Vec<(u64, String)> = line["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| (s["event_time"].as_u64().unwrap(), s["value"].as_str().unwrap().to_owned()))
+                .collect();
+            assert_eq!(samples, [(1_007, "alert-7".to_owned()), (1_008, "alert-8".into()), (1_009, "alert-9".into())]);
+            assert_eq!(line["inputs"], 10);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no digest in the file sink: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every output of the `watch` subscriber, from each shard's leader (it never acks here).
+async fn watched(cluster: &Cluster) -> Vec<pb::Output> {
+    let mut all = Vec::new();
+    for (shard, leader) in &cluster.wait_ready(Duration::from_secs(10)).await {
+        let i = cluster.index_of(leader).unwrap();
+        let mut s = cluster
+            .client(i)
+            .subscribe(pb::SubscribeRequest {
+                consumer: "watch".into(),
+                shards: vec![*shard],
+                from_seq: Default::default(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while let Ok(Ok(Some(batch))) = tokio::time::timeout(Duration::from_millis(300), s.message()).await {
+            all.extend(batch.outputs);
+        }
+    }
+    all
+}
+
+/// Load-adaptive windows: a durable consumer that does not ack makes the outbox backlog grow;
+/// the adaptive stream's windows stretch (longer windows, fewer outputs than the same stream
+/// with fixed windows, none longer than `max_staleness`), and once the consumer has caught up
+/// the stretch goes back to zero (`coalesce_adaptive_extra_seconds`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adaptive_windows_stretch_under_backlog_and_relax_after() {
+    let streams = "[sinks.watch]\nkind = \"grpc\"\n\n\
+                   [streams.fixed]\nmerge = \"count\"\nwindow = { tumbling = \"200ms\" }\nsinks = [\"watch\"]\n\n\
+                   [streams.stretchy]\nmerge = \"count\"\n\
+                   window = { tumbling = \"200ms\", adaptive = { max_staleness = \"2s\", backlog_high = 4 } }\n\
+                   sinks = [\"watch\"]\n";
+    let cluster = Cluster::start(3, 2, streams);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let addrs: Vec<String> = cluster.local.nodes.iter().map(|n| n.client_addr.clone()).collect();
+    let client = Client::connect(addrs).await.unwrap();
+    let mut producer = client.producer();
+    let mut sent = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let batch =
+            (0..10).flat_map(|k| ["fixed", "stretchy"].map(|s| event(s, &format!("k{k}"), ()))).collect::<Vec<_>>();
+        assert!(producer.send(batch).await.unwrap().all_acked());
+        sent += 10;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let outputs = loop {
+        let all = watched(&cluster).await;
+        let inputs = |s: &str| all.iter().filter(|o| o.stream == s).map(|o| o.inputs).sum::<u64>();
+        if inputs("fixed") == sent && inputs("stretchy") == sent {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "outputs incomplete: {} {} of {sent}", inputs("fixed"), inputs("stretchy"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let of = |s: &str| outputs.iter().filter(|o| o.stream == s).collect::<Vec<_>>();
+    let (fixed, stretchy) = (of("fixed"), of("stretchy"));
+    for o in &fixed {
+        assert!(o.window_end - o.window_start <= 200, "fixed windows keep their length: {o:?}");
+    }
+    let longest = stretchy.iter().map(|o| o.window_end - o.window_start).max().unwrap();
+    assert!(longest > 200, "adaptive windows stretched under backlog: longest {longest} ms");
+    assert!(longest <= 2_000, "never past max_staleness: {longest} ms");
+    assert!(
+        stretchy.len() < fixed.len(),
+        "stretched windows coalesce more: {} outputs vs {} fixed",
+        stretchy.len(),
+        fixed.len()
+    );
+
+    // The consumer catches up: the stretch relaxes back to zero on every node.
+    for (shard, leader) in &cluster.wait_ready(Duration::from_secs(10)).await {
+        let upto = outputs.iter().filter(|o| o.shard == *shard).map(|o| o.seq).max().unwrap_or(0);
+        let i = cluster.index_of(leader).unwrap();
+        cluster
+            .client(i)
+            .ack(pb::AckRequest { consumer: "watch".into(), shard: *shard, upto_seq: upto })
+            .await
+            .unwrap();
+    }
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut extra = Vec::new();
+        for n in &cluster.local.nodes {
+            let text = http.get(format!("http://{}/metrics", n.http_addr)).send().await.unwrap().text().await.unwrap();
+            extra.extend(
+                text.lines()
+                    .filter(|l| l.starts_with("coalesce_adaptive_extra_seconds{stream=\"stretchy\"}"))
+                    .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap()),
+            );
+        }
+        if extra.len() == 3 && extra.iter().all(|e| *e == 0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stretch did not relax: {extra:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

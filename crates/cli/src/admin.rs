@@ -1,4 +1,4 @@
-//! `coalescectl leases | shards | streams | transfer-leader | drain`: the operator API.
+//! `coalescectl leases | shards | streams | hot-keys | transfer-leader | drain`: the operator API.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -191,5 +191,76 @@ pub(crate) async fn drop_consumer(addr: &str, consumer: String) -> anyhow::Resul
         .with_context(|| format!("asking {addr}"))?
         .into_inner();
     println!("{consumer}: cursor dropped on {} shards {:?}", r.shards.len(), r.shards);
+    Ok(())
+}
+
+/// `coalescectl hot-keys`: the heaviest keys by input rate, cluster-wide. Every node answers
+/// for the shards it leads; a shard two nodes claim (during a hand-over) is taken from the
+/// first that answered. The `k` heaviest over all shards are printed.
+pub(crate) async fn hot_keys(addr: &str, stream: Option<String>, k: u32, as_json: bool) -> anyhow::Result<()> {
+    let mut by_shard: BTreeMap<u32, (String, Vec<pb::HotKey>)> = BTreeMap::new();
+    let mut unreachable = Vec::new();
+    for n in nodes(addr).await? {
+        let req = pb::HotKeysRequest { shard: None, stream: stream.clone(), k };
+        match admin(&n.client_addr)?.hot_keys(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let mut mine: BTreeMap<u32, Vec<pb::HotKey>> = BTreeMap::new();
+                for h in r.keys {
+                    mine.entry(h.shard).or_default().push(h);
+                }
+                for (shard, keys) in mine {
+                    by_shard.entry(shard).or_insert_with(|| (r.node.clone(), keys));
+                }
+            }
+            Err(e) => unreachable.push(format!("{} ({})", n.name, e.message())),
+        }
+    }
+    let mut all: Vec<(String, pb::HotKey)> =
+        by_shard.into_values().flat_map(|(node, keys)| keys.into_iter().map(move |h| (node.clone(), h))).collect();
+    // Heaviest first; rates are comparable across shards, counts are when no rate is known yet.
+    all.sort_by(|(_, a), (_, b)| {
+        b.rate_per_second
+            .total_cmp(&a.rate_per_second)
+            .then(b.count.total_cmp(&a.count))
+            .then_with(|| (&a.stream, &a.key).cmp(&(&b.stream, &b.key)))
+    });
+    all.truncate(if k == 0 { 10 } else { k as usize });
+    if as_json {
+        for (node, h) in &all {
+            println!(
+                "{}",
+                json!({
+                    "node": node, "shard": h.shard, "stream": h.stream, "key": h.key,
+                    "key_truncated": h.key_truncated, "rate_per_second": h.rate_per_second,
+                    "count": h.count, "error": h.error, "share": h.share,
+                })
+            );
+        }
+    } else {
+        println!(
+            "{:>4} {:<20} {:<32} {:>10} {:>10} {:>9} {:>6} {:>5}  LEADER",
+            "RANK", "STREAM", "KEY", "INPUTS/S", "COUNT", "±ERROR", "SHARE", "SHARD"
+        );
+        for (i, (node, h)) in all.iter().enumerate() {
+            let key = if h.key_truncated { format!("{}…", h.key) } else { h.key.clone() };
+            println!(
+                "{:>4} {:<20} {:<32} {:>10.1} {:>10.0} {:>9.0} {:>5.1}% {:>5}  {}",
+                i + 1,
+                h.stream,
+                key,
+                h.rate_per_second,
+                h.count,
+                h.error,
+                h.share * 100.0,
+                h.shard,
+                node
+            );
+        }
+        println!("(COUNT: inputs, decayed with a 60 s half-life; SHARE: of the shard's inputs)");
+    }
+    if !unreachable.is_empty() {
+        eprintln!("not reachable: {}", unreachable.join(", "));
+    }
     Ok(())
 }

@@ -300,5 +300,6 @@ fn synthetic(shard: u32, seq: u64) -> Output {
         inputs: 3,
         reason: SealReason::Time,
         value: Aggregate::SumI64(seq as i64),
+        samples: None,
     }
 }

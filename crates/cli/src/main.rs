@@ -41,7 +41,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Show the shards a node replicates: leader, epoch, replicas, buffered keys.
+    /// Show the shards a node replicates (leader, epoch, replicas, buffered keys, shed inputs)
+    /// and every stream's input, shed and output counts over the cluster.
     Status,
     /// Send events read as JSON lines from stdin, e.g. `{"stream": "s", "key": "k", "value": 1}`.
     /// Exits 1 if any event was not acknowledged.
@@ -73,6 +74,18 @@ enum Cmd {
     },
     /// The streams the node runs with.
     Streams,
+    /// The heaviest keys by input rate, cluster-wide (asks every node for the shards it leads).
+    HotKeys {
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<String>,
+        /// How many keys (at most 64 per shard).
+        #[arg(long, default_value_t = 10)]
+        k: u32,
+        /// One JSON object per key.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move a shard's leadership to a replica and keep it there (replicated), or `--reset` to
     /// return to the default placement.
     TransferLeader {
@@ -159,6 +172,7 @@ fn main() {
             Cmd::Leases { json } => admin::leases(&cli.addr, json).await,
             Cmd::Shards { json } => admin::shards(&cli.addr, json).await,
             Cmd::Streams => admin::streams(&cli.addr).await,
+            Cmd::HotKeys { stream, k, json } => admin::hot_keys(&cli.addr, stream, k, json).await,
             Cmd::TransferLeader { shard, to, reset: _ } => admin::transfer_leader(&cli.addr, shard, to).await,
             Cmd::Drain { undrain } => admin::drain(&cli.addr, undrain).await,
             Cmd::DropConsumer { consumer } => admin::drop_consumer(&cli.addr, consumer).await,
@@ -207,21 +221,64 @@ async fn status(addr: &str) -> anyhow::Result<()> {
         connect(addr).await?.status(pb::StatusRequest {}).await.with_context(|| format!("asking {addr}"))?.into_inner();
     println!("cluster {} — node {} (id {}) — {} shards", st.cluster, st.node, st.node_id, st.shards);
     println!(
-        "{:>5}  {:<14} {:>12}  {:<40} {:>9} {:>10} {:>9}",
-        "SHARD", "LEADER", "EPOCH", "REPLICAS", "KEYS", "BYTES", "NEXT-SEQ"
+        "{:>5}  {:<14} {:>12}  {:<40} {:>9} {:>10} {:>9} {:>9}",
+        "SHARD", "LEADER", "EPOCH", "REPLICAS", "KEYS", "BYTES", "NEXT-SEQ", "SHED"
     );
-    for s in st.local_shards {
-        let epoch = s.epoch.map(|e| format!("{}-{}", e.term, e.node % 100_000)).unwrap_or_else(|| "-".into());
+    for s in &st.local_shards {
+        let epoch = s.epoch.as_ref().map(|e| format!("{}-{}", e.term, e.node % 100_000)).unwrap_or_else(|| "-".into());
         println!(
-            "{:>5}  {:<14} {:>12}  {:<40} {:>9} {:>10} {:>9}",
+            "{:>5}  {:<14} {:>12}  {:<40} {:>9} {:>10} {:>9} {:>9}",
             s.shard,
             if s.leader.is_empty() { "-" } else { &s.leader },
             epoch,
             s.replicas.join(","),
             s.buffered_keys,
             s.buffered_bytes,
-            s.next_seq
+            s.next_seq,
+            s.shed_inputs
         );
+    }
+    // Stream counters are counted once per cluster, on one node each: add up every node's.
+    let mut totals: std::collections::BTreeMap<String, pb::StreamCounters> = Default::default();
+    let mut unreachable = Vec::new();
+    for n in &st.nodes {
+        let answer = if n.name == st.node {
+            Ok(st.streams.clone())
+        } else {
+            match connect(&n.client_addr).await {
+                Ok(mut c) => c
+                    .status(pb::StatusRequest {})
+                    .await
+                    .map(|r| r.into_inner().streams)
+                    .map_err(|e| e.message().to_owned()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match answer {
+            Ok(streams) => {
+                for c in streams {
+                    let t = totals
+                        .entry(c.stream.clone())
+                        .or_insert_with(|| pb::StreamCounters { stream: c.stream.clone(), ..Default::default() });
+                    t.inputs += c.inputs;
+                    t.shed += c.shed;
+                    t.outputs += c.outputs;
+                    t.absorbed += c.absorbed;
+                }
+            }
+            Err(e) => unreachable.push(format!("{} ({e})", n.name)),
+        }
+    }
+    println!();
+    println!("{:<24} {:>12} {:>12} {:>12} {:>8}", "STREAM", "INPUTS", "SHED", "OUTPUTS", "RATIO");
+    for t in totals.values() {
+        let ratio =
+            if t.outputs == 0 { "-".to_owned() } else { format!("{:.1}", t.absorbed as f64 / t.outputs as f64) };
+        println!("{:<24} {:>12} {:>12} {:>12} {:>8}", t.stream, t.inputs, t.shed, t.outputs, ratio);
+    }
+    println!("(stream counters: every node since it started, summed; SHED: dropped by overflow = \"shed\")");
+    if !unreachable.is_empty() {
+        eprintln!("not reachable (its counts are missing): {}", unreachable.join(", "));
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ use crate::buffer::BufKey;
 use crate::error::EventError;
 use crate::hash::{ShardId, shard_for};
 use crate::merge::Aggregate;
+use crate::samples::{self as samples_mod, Samples, sample_salt};
 use crate::session::ProducerRange;
 use crate::stream::StreamTable;
 use crate::time::Millis;
@@ -44,6 +45,10 @@ pub struct Partial {
     pub inputs: u64,
     pub first_event_at: Millis,
     pub last_event_at: Millis,
+    /// Samples of the inputs, for streams with a sample policy ([`crate::samples`]; see its
+    /// "Encoding" note: this field changed the postcard encoding of Ingest entries).
+    #[serde(default)]
+    pub samples: Option<Samples>,
 }
 
 /// A producer's events in one request for one shard, pre-merged per key.
@@ -157,6 +162,11 @@ impl<'a> BatchBuilder<'a> {
             }
             *last = seq;
         }
+        let samples = def
+            .rules
+            .samples
+            .as_ref()
+            .map(|p| Samples::of(&event.value, event_time, sample_salt(event.producer, self.now, index), p));
 
         let shard = shard_for(&event.stream, &event.key, self.shards);
         let batch = self.batches.entry(shard).or_default();
@@ -180,6 +190,7 @@ impl<'a> BatchBuilder<'a> {
             Some(&(_, _, pi)) => {
                 let p = &mut group.partials[pi].1;
                 if p.agg.merge(&agg, &def.rules.op).is_ok() {
+                    samples_mod::merge_opt(&mut p.samples, samples.as_ref(), def.rules.samples.as_ref());
                     p.inputs += 1;
                     p.first_event_at = p.first_event_at.min(event_time);
                     p.last_event_at = p.last_event_at.max(event_time);
@@ -192,9 +203,10 @@ impl<'a> BatchBuilder<'a> {
         };
         if !merged {
             let key = BufKey { stream: event.stream.clone(), key: event.key.clone() };
-            group
-                .partials
-                .push((key, Partial { agg, inputs: 1, first_event_at: event_time, last_event_at: event_time }));
+            group.partials.push((
+                key,
+                Partial { agg, inputs: 1, first_event_at: event_time, last_event_at: event_time, samples },
+            ));
             let slot = (shard, gi, group.partials.len() - 1);
             // Growing the table rehashes entries from the keys held in their partials.
             let (batches, hasher) = (&self.batches, &self.hasher);

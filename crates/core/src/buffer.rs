@@ -28,6 +28,7 @@ use crate::batch::Partial;
 use crate::error::EventError;
 use crate::merge::Aggregate;
 use crate::output::{Epoch, Output};
+use crate::samples::{self, Samples};
 use crate::stream::{OverflowPolicy, ShardLimits, StreamRules};
 use crate::time::Millis;
 use crate::window::{SealReason, WindowState};
@@ -48,6 +49,9 @@ pub struct Buffered {
     pub deadline: Millis,
     /// Bytes accounted against the shard's byte limit.
     pub bytes: u64,
+    /// Samples of the folded inputs, for streams with a sample policy ([`crate::samples`]).
+    #[serde(default)]
+    pub samples: Option<Samples>,
 }
 
 /// Occupancy and counters of one shard; replicated with the buffer.
@@ -66,8 +70,9 @@ pub struct ShardStats {
 /// Fixed per-key overhead counted against the byte limit.
 pub const KEY_OVERHEAD_BYTES: u64 = 64;
 
-fn accounted_bytes(key: &BufKey, agg: &Aggregate) -> u64 {
-    (key.stream.len() + key.key.len() + agg.size()) as u64 + KEY_OVERHEAD_BYTES
+fn accounted_bytes(key: &BufKey, agg: &Aggregate, samples: Option<&Samples>) -> u64 {
+    let samples = samples.map_or(0, Samples::size);
+    (key.stream.len() + key.key.len() + agg.size() + samples) as u64 + KEY_OVERHEAD_BYTES
 }
 
 /// Storage of one shard's buffer. Reads must observe the caller's earlier writes.
@@ -186,7 +191,7 @@ impl ShardBuffer {
 
     /// Bytes a new key holding `partial` would account for.
     pub fn new_key_bytes(key: &BufKey, partial: &Partial) -> u64 {
-        accounted_bytes(key, &partial.agg)
+        accounted_bytes(key, &partial.agg, partial.samples.as_ref())
     }
 
     /// Applies an ingest batch. Never refuses: admission happened before proposing.
@@ -237,12 +242,17 @@ impl ShardBuffer {
                 let old_deadline = b.deadline;
                 if b.agg.merge(&partial.agg, &rules.op).is_ok() {
                     b.window.absorb(stamp, partial.inputs, partial.first_event_at, partial.last_event_at);
+                    samples::merge_opt(&mut b.samples, partial.samples.as_ref(), rules.samples.as_ref());
                     stats.bytes = stats.bytes.saturating_sub(b.bytes);
-                    b.bytes = accounted_bytes(key, &b.agg);
+                    b.bytes = accounted_bytes(key, &b.agg, b.samples.as_ref());
                     stats.bytes += b.bytes;
-                    b.deadline = rules.window.deadline(&b.window);
+                    // Never before this input: an adaptive stretch that shrank since the window's
+                    // last input may put the recomputed deadline in the past (then the next Seal
+                    // closes it at this stamp). Other policies never move a deadline backwards.
+                    b.deadline = rules.window.deadline(&b.window).max(stamp);
                     if b.deadline != old_deadline {
-                        // Tumbling and max-wait deadlines never move; debounce and idle do.
+                        // Debounce and idle deadlines move; tumbling and max-wait ones only when an
+                        // adaptive stream's stretch changed.
                         store.index_remove(old_deadline, key)?;
                         store.index_insert(b.deadline, key)?;
                     }
@@ -282,7 +292,9 @@ impl ShardBuffer {
         partial: &Partial,
         outputs: &mut Vec<Output>,
     ) -> Result<Option<Buffered>, S::Error> {
-        let bytes = accounted_bytes(key, &partial.agg);
+        let mut samples = None;
+        samples::merge_opt(&mut samples, partial.samples.as_ref(), rules.samples.as_ref());
+        let bytes = accounted_bytes(key, &partial.agg, samples.as_ref());
         let full = |s: &ShardStats| s.keys + 1 > limits.max_keys || s.bytes + bytes > limits.max_bytes;
         if full(stats) {
             match rules.overflow {
@@ -307,7 +319,7 @@ impl ShardBuffer {
         }
         let window =
             WindowState::open(&rules.window, stamp, partial.inputs, partial.first_event_at, partial.last_event_at);
-        let b = Buffered { agg: partial.agg.clone(), window, deadline: rules.window.deadline(&window), bytes };
+        let b = Buffered { agg: partial.agg.clone(), window, deadline: rules.window.deadline(&window), bytes, samples };
         stats.keys += 1;
         stats.bytes += bytes;
         store.index_insert(b.deadline, key)?;
@@ -343,6 +355,7 @@ impl ShardBuffer {
             inputs: b.window.inputs,
             reason,
             value: b.agg,
+            samples: b.samples,
         })
     }
 

@@ -23,12 +23,18 @@
 //! - [`merge`]: merge operators ([`merge::MergeOp`]) and their accumulators ([`merge::Aggregate`]).
 //! - [`hll`]: a deterministic, canonically encoded HyperLogLog (see its docs for why it is ours).
 //! - [`window`]: window policies and per-key window bookkeeping (deadlines, triggers).
+//! - [`adaptive`]: the load-adaptive window controller — downstream pressure in, how late the
+//!   leader seals out (bounded by the stream's `max_staleness`).
 //! - [`stream`]: stream definitions and the TOML config that declares them.
 //! - [`batch`]: validation of events and pre-merging of a request into an [`batch::EventBatch`].
 //! - [`buffer`]: per-shard buffered aggregates behind the [`buffer::BufferStore`] trait, bounded
 //!   by keys and bytes, with overflow policies, and the deadline index the scheduler reads.
 //! - [`session`]: the idempotent-producer session table.
+//! - [`hotkeys`]: the heaviest keys of a shard by input rate (Space-Saving with exponential decay,
+//!   bounded memory) — leader-local telemetry, not replicated.
 //! - [`output`]: what a closed window emits.
+//! - [`samples`]: up to `n` representative inputs (first, last or a mergeable reservoir) that a
+//!   window keeps so a dedupe output shows what it suppressed.
 //! - [`error`]: error types with stable codes.
 //!
 //! Libraries used instead of hand-written code: `xxhash-rust` (XXH3, the shard hash),
@@ -37,18 +43,24 @@
 //! HyperLogLog is implemented here because the available crates serialize nondeterministically
 //! (pointer bits or hash-set order), which would break byte-identical replicas.
 
+pub mod adaptive;
 pub mod batch;
 pub mod buffer;
 pub mod error;
 pub mod hash;
 pub mod hll;
+pub mod hotkeys;
 pub mod merge;
 pub mod output;
+pub mod samples;
 pub mod session;
 pub mod stream;
 pub mod time;
 pub mod value;
 pub mod window;
 
+pub use adaptive::{AdaptiveController, AdaptivePolicy, Decision, Pressure};
 pub use error::{ConfigError, EventError};
+pub use hotkeys::{HotKey, HotKeys, HotKeysConfig};
+pub use samples::{Sample, SamplePick, SamplePolicy, Samples};
 pub use time::Millis;

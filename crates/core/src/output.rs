@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hash::ShardId;
 use crate::merge::Aggregate;
+use crate::samples::Samples;
 use crate::time::Millis;
 use crate::window::SealReason;
 
@@ -46,12 +47,17 @@ pub struct Output {
     pub inputs: u64,
     pub reason: SealReason,
     pub value: Aggregate,
+    /// Samples of the folded inputs for streams with a sample policy ([`crate::samples`]);
+    /// `None` for streams without one.
+    #[serde(default)]
+    pub samples: Option<Samples>,
 }
 
 impl Output {
     /// The output as a JSON object, as the file, HTTP and gRPC-JSON sinks present it.
+    /// `samples` appears only for streams with a sample policy.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut o = serde_json::json!({
             "stream": self.stream,
             "key": self.key,
             "shard": self.shard,
@@ -67,7 +73,11 @@ impl Output {
             "reason": self.reason.as_str(),
             "op": self.value.op_name(),
             "value": self.value.to_json(),
-        })
+        });
+        if let (Some(samples), Some(map)) = (&self.samples, o.as_object_mut()) {
+            map.insert("samples".into(), samples.to_json());
+        }
+        o
     }
 }
 

@@ -13,6 +13,7 @@
 //! window = { tumbling = "10s" }
 //! overflow = "reject"           # reject | flush_early | shed
 //! sinks = ["warehouse"]
+//! samples = { n = 3, pick = "last" }   # optional: keep 3 folded inputs per output
 //! ```
 //! Every table refuses unknown fields, and every validation error names the stream and field:
 //! `stream "api-calls": window.debounce must be <= window.max_wait`.
@@ -26,6 +27,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::ConfigError;
 use crate::merge::{MergeOp, MergeOpConfig};
+use crate::samples::{SamplePolicy, SamplesConfig};
 use crate::window::{WindowConfig, WindowPolicy};
 
 /// What a stream does when its shard's buffer is full.
@@ -104,6 +106,9 @@ pub struct StreamRules {
     pub op: MergeOp,
     pub window: WindowPolicy,
     pub overflow: OverflowPolicy,
+    /// Representative samples of folded inputs ([`crate::samples`]); `None` keeps none.
+    #[serde(default)]
+    pub samples: Option<SamplePolicy>,
 }
 
 /// A validated stream.
@@ -137,6 +142,10 @@ pub struct StreamConfig {
     /// presence is seen here; the sinks crate parses it (`coalesce_sinks::upstream`).
     #[serde(default)]
     pub fetch: Option<toml::Table>,
+    /// `samples = { n = 3, pick = "first" | "last" | "reservoir" }`: keep up to `n` of the
+    /// folded inputs in each output (suppression visibility for dedupe streams).
+    #[serde(default)]
+    pub samples: Option<SamplesConfig>,
 }
 
 fn default_max_key_bytes() -> usize {
@@ -230,9 +239,10 @@ impl StreamConfig {
                 format!("must be in 1..={MAX_VALUE_BYTES_LIMIT}"),
             ));
         }
+        let samples = self.samples.as_ref().map(|s| s.validate(name, self.max_value_bytes)).transpose()?;
         Ok(StreamDef {
             name: name.to_owned(),
-            rules: StreamRules { op, window, overflow: self.overflow },
+            rules: StreamRules { op, window, overflow: self.overflow, samples },
             sinks: self.sinks.clone(),
             max_key_bytes: self.max_key_bytes,
             max_value_bytes: self.max_value_bytes,

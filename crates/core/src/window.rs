@@ -16,16 +16,22 @@
 //! on time. Every policy must have a time bound (`tumbling` or `max_wait`): it is the staleness
 //! bound — no input waits longer than it before its window closes. `debounce` alone would never
 //! fire under steady traffic, so it must be paired with `max_wait` (and be no longer than it).
+//!
+//! `adaptive = { max_staleness = "10s", ... }` opts a stream into load-adaptive sealing: under
+//! downstream pressure the leader seals time-triggered windows later, up to `max_staleness`,
+//! which then is the stream's staleness bound ([`WindowPolicy::max_staleness_ms`]; see
+//! [`crate::adaptive`]).
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::adaptive::{AdaptiveConfig, AdaptivePolicy};
 use crate::error::ConfigError;
 use crate::time::Millis;
 
 /// The window policy of a stream as written in config (durations in humantime: `"30s"`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct WindowConfig {
     #[serde(default, with = "humantime_serde")]
@@ -40,6 +46,10 @@ pub struct WindowConfig {
     pub max_count: Option<u64>,
     #[serde(default)]
     pub max_bytes: Option<u64>,
+    /// Opt-in load-adaptive sealing: `adaptive = { max_staleness = "10s", ... }` (see
+    /// [`crate::adaptive`]).
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveConfig>,
 }
 
 /// Longest accepted window duration (7 days).
@@ -54,10 +64,15 @@ pub struct WindowPolicy {
     pub idle_ms: Option<u64>,
     pub max_count: Option<u64>,
     pub max_bytes: Option<u64>,
+    /// Load-adaptive sealing ([`crate::adaptive`]); `None` for fixed windows. The serde default
+    /// serves self-describing formats only: postcard is positional, so this field changed the
+    /// encoding of every Raft entry that carries stream rules.
+    #[serde(default)]
+    pub adaptive: Option<AdaptivePolicy>,
 }
 
 /// A duration in the units a config would use: `250ms`, `10s`, `2m`, `1h`.
-fn fmt_ms(ms: u64) -> String {
+pub(crate) fn fmt_ms(ms: u64) -> String {
     match ms {
         m if m >= 3_600_000 && m % 3_600_000 == 0 => format!("{}h", m / 3_600_000),
         m if m >= 60_000 && m % 60_000 == 0 => format!("{}m", m / 60_000),
@@ -85,6 +100,9 @@ impl std::fmt::Display for WindowPolicy {
         }
         if let Some(n) = self.max_bytes {
             parts.push(format!("max_bytes {n}"));
+        }
+        if let Some(a) = self.adaptive {
+            parts.push(format!("adaptive up to {}", fmt_ms(a.max_staleness_ms)));
         }
         f.write_str(&parts.join(", "))
     }
@@ -115,6 +133,7 @@ impl WindowConfig {
             idle_ms: ms("window.idle", self.idle)?,
             max_count: self.max_count,
             max_bytes: self.max_bytes,
+            adaptive: None,
         };
         if p.max_count == Some(0) {
             return Err(ConfigError::stream(stream, "window.max_count", "must be at least 1"));
@@ -144,7 +163,8 @@ impl WindowConfig {
                 "needs a time bound: set window.tumbling or window.max_wait",
             ));
         }
-        Ok(p)
+        let adaptive = self.adaptive.as_ref().map(|a| a.validate(stream, p.staleness_bound_ms())).transpose()?;
+        Ok(WindowPolicy { adaptive, ..p })
     }
 }
 
@@ -155,6 +175,12 @@ impl WindowPolicy {
         [self.tumbling_ms, self.max_wait_ms].into_iter().flatten().min().unwrap_or(MAX_WINDOW_MS)
     }
 
+    /// The staleness bound including the load-adaptive stretch: `max_staleness` for adaptive
+    /// policies, else [`WindowPolicy::staleness_bound_ms`].
+    pub fn max_staleness_ms(&self) -> u64 {
+        self.adaptive.map_or_else(|| self.staleness_bound_ms(), |a| a.max_staleness_ms)
+    }
+
     /// The start of the window that a first input stamped `stamp` opens.
     pub fn window_start(&self, stamp: Millis) -> Millis {
         match self.tumbling_ms {
@@ -163,7 +189,8 @@ impl WindowPolicy {
         }
     }
 
-    /// When the window described by `w` closes by time, under this policy.
+    /// When the window described by `w` closes by time, under this policy: the earliest time
+    /// trigger, plus the adaptive stretch in force ([`crate::adaptive::AdaptivePolicy::extra_ms`]).
     pub fn deadline(&self, w: &WindowState) -> Millis {
         let candidates = [
             self.tumbling_ms.map(|t| w.start.saturating_add(t)),
@@ -171,7 +198,14 @@ impl WindowPolicy {
             self.debounce_ms.map(|d| w.last_input_at.saturating_add(d)),
             self.idle_ms.map(|i| w.last_input_at.saturating_add(i)),
         ];
-        candidates.into_iter().flatten().min().unwrap_or(Millis::MAX)
+        let extra = self.adaptive.map_or(0, |a| a.extra_ms.min(a.max_extra_ms()));
+        candidates.into_iter().flatten().min().map_or(Millis::MAX, |d| d.saturating_add(extra))
+    }
+
+    /// This policy with the adaptive stretch `extra_ms` in force; unchanged if not adaptive.
+    /// The shard leader calls it on the rules of each Ingest entry it proposes.
+    pub fn with_extra_ms(self, extra_ms: u64) -> Self {
+        Self { adaptive: self.adaptive.map(|a| a.with_extra(extra_ms)), ..self }
     }
 
     /// Whether a data trigger (count or bytes) closes the window now.
@@ -305,6 +339,26 @@ mod tests {
         );
         assert!(cfg("tumbling = \"8days\"").validate("s").unwrap_err().to_string().contains("at most 7d"));
         assert!(cfg("tumbling = \"1s\"\nmax_count = 0").validate("s").is_err());
+    }
+
+    #[test]
+    fn adaptive_is_validated_against_the_time_bound() {
+        let p =
+            cfg("tumbling = \"1s\"\nadaptive = { max_staleness = \"10s\", backlog_high = 500 }").validate("s").unwrap();
+        let a = p.adaptive.unwrap();
+        assert_eq!((a.base_bound_ms, a.max_extra_ms(), a.backlog_high), (1000, 9000, 500));
+        assert_eq!((p.staleness_bound_ms(), p.max_staleness_ms()), (1000, 10_000));
+        assert_eq!(p.to_string(), "tumbling 1s, adaptive up to 10s");
+        let e = cfg("max_wait = \"1m\"\ntumbling = \"2m\"\nadaptive = { max_staleness = \"30s\" }")
+            .validate("s")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "stream \"s\": window.adaptive.max_staleness must be >= the window's time bound (1m)"
+        );
+        assert!(toml::from_str::<WindowConfig>("tumbling = \"1s\"\nadaptive = { max_stale = \"1s\" }").is_err());
+        let plain = cfg("tumbling = \"1s\"").validate("s").unwrap();
+        assert_eq!((plain.adaptive, plain.max_staleness_ms()), (None, 1000));
     }
 
     #[test]

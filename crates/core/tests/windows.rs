@@ -45,7 +45,10 @@ fn policy() -> impl Strategy<Value = WindowPolicy> {
 }
 
 fn rules(window: WindowPolicy) -> BTreeMap<String, StreamRules> {
-    BTreeMap::from([(STREAM.to_owned(), StreamRules { op: MergeOp::SumI64, window, overflow: OverflowPolicy::Reject })])
+    BTreeMap::from([(
+        STREAM.to_owned(),
+        StreamRules { op: MergeOp::SumI64, window, overflow: OverflowPolicy::Reject, samples: None },
+    )])
 }
 
 fn key(k: u8) -> BufKey {
@@ -53,7 +56,7 @@ fn key(k: u8) -> BufKey {
 }
 
 fn partial(v: i64) -> Partial {
-    Partial { agg: Aggregate::SumI64(v), inputs: 1, first_event_at: 0, last_event_at: 0 }
+    Partial { agg: Aggregate::SumI64(v), inputs: 1, first_event_at: 0, last_event_at: 0, samples: None }
 }
 
 /// (key, first input, last input, inputs, sum, window end, sealed at)
@@ -302,7 +305,8 @@ fn overflow_closes_the_window_and_keeps_the_sum_exact() {
 
 fn limited(overflow: OverflowPolicy, max_keys: u64) -> (MemStore, BTreeMap<String, StreamRules>, ShardLimits) {
     let window = WindowPolicy { max_wait_ms: Some(1000), ..Default::default() };
-    let rules = BTreeMap::from([(STREAM.to_owned(), StreamRules { op: MergeOp::SumI64, window, overflow })]);
+    let rules =
+        BTreeMap::from([(STREAM.to_owned(), StreamRules { op: MergeOp::SumI64, window, overflow, samples: None })]);
     (MemStore::default(), rules, ShardLimits { max_keys, max_bytes: 1 << 30 })
 }
 

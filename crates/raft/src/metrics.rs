@@ -151,3 +151,28 @@ pub(crate) fn record_outputs(outputs: &[coalesce_core::output::Output], stamp: u
         AGGREGATION.with_label_values(&[stream]).observe(age_ms as f64 / 1000.0);
     }
 }
+
+/// A stream's counters on this node since it started (see the module docs: summed over nodes
+/// they are the cluster's numbers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamCounts {
+    pub inputs: u64,
+    pub shed: u64,
+    pub outputs: u64,
+    pub absorbed: u64,
+}
+
+/// This node's counters of `stream`.
+pub fn stream_counts(stream: &str) -> StreamCounts {
+    use prometheus::core::Collector;
+    let get = |m: &IntCounterVec| m.get_metric_with_label_values(&[stream]).map_or(0, |c| c.get());
+    // Outputs are counted by (stream, reason): add up the stream's reasons.
+    let outputs = OUTPUTS
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .filter(|m| m.get_label().iter().any(|l| l.name() == "stream" && l.value() == stream))
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum();
+    StreamCounts { inputs: get(&INPUTS), shed: get(&SHED), outputs, absorbed: get(&ABSORBED) }
+}

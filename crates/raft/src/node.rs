@@ -11,8 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use coalesce_core::adaptive::{AdaptiveController, Decision, Pressure};
 use coalesce_core::buffer::ShardBuffer;
 use coalesce_core::hash::ShardId;
+use coalesce_core::hotkeys::{HotKey, HotKeys};
 use coalesce_core::stream::{OverflowPolicy, StreamTable};
 use coalesce_core::time::{Clock, SystemClock};
 use coalesce_proto::v1::raft_peer_client::RaftPeerClient;
@@ -244,6 +246,15 @@ pub struct RaftNode {
     /// Set by an operator's drain: balancing moves leadership away from this node.
     draining: std::sync::atomic::AtomicBool,
     db: Arc<NodeDb>,
+    /// Hot-key trackers of the shards this node leads ([`coalesce_core::hotkeys`]):
+    /// leader-local telemetry, fed when an Ingest is proposed, decayed on the sealer tick and
+    /// dropped when leadership is lost. A std mutex: held only for map work, never across an
+    /// await.
+    hot: std::sync::Mutex<BTreeMap<ShardId, HotKeys>>,
+    /// Adaptive-window controllers ([`coalesce_core::adaptive`]) of the shards this node leads,
+    /// per (shard, adaptive stream): fed the shard's pressure on the sealer tick, read when an
+    /// Ingest is proposed (the stretch rides in its rules), dropped when leadership is lost.
+    adaptive: std::sync::Mutex<BTreeMap<(ShardId, String), AdaptiveController>>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -327,6 +338,8 @@ impl RaftNode {
             lease_max: Duration::from_millis(timing.election_max_ms),
             draining: std::sync::atomic::AtomicBool::new(false),
             db,
+            hot: std::sync::Mutex::new(BTreeMap::new()),
+            adaptive: std::sync::Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -632,7 +645,13 @@ impl RaftNode {
             if def.rules.overflow == OverflowPolicy::Reject {
                 gated.push((key, ShardBuffer::new_key_bytes(key, partial)));
             }
-            rules.entry(key.stream.clone()).or_insert_with(|| def.rules.clone());
+            rules.entry(key.stream.clone()).or_insert_with(|| {
+                let mut r = def.rules.clone();
+                if let Some(d) = self.adaptive_decision(shard, &key.stream) {
+                    r.window = r.window.with_extra_ms(d.extra_ms);
+                }
+                r
+            });
         }
         if !gated.is_empty() {
             let stats = group.store.stats().map_err(fatal)?;
@@ -660,8 +679,130 @@ impl RaftNode {
                 }
             }
         }
+        self.observe_hot(shard, &groups);
         let cmd = Command::Ingest { stamp: self.clock.now(), rules, limits: self.streams.limits(), groups };
         self.propose(shard, cmd).await
+    }
+
+    /// Counts admitted partials in the shard's hot-key tracker (created on first use).
+    fn observe_hot(&self, shard: ShardId, groups: &[IngestGroup]) {
+        let Ok(mut hot) = self.hot.lock() else { return };
+        let tracker = hot.entry(shard).or_insert_with(|| {
+            let mut t = HotKeys::default();
+            t.tick(self.clock.now());
+            t
+        });
+        for (key, partial) in groups.iter().flat_map(|g| g.partials.iter()) {
+            tracker.observe(&key.stream, &key.key, partial.inputs);
+        }
+    }
+
+    /// Decays the hot-key tracker of every shard this node leads and forgets those of shards
+    /// it no longer leads. Called on every sealer tick.
+    fn tick_hot(&self, led: &BTreeSet<ShardId>) {
+        let now = self.clock.now();
+        let Ok(mut hot) = self.hot.lock() else { return };
+        hot.retain(|shard, _| led.contains(shard));
+        for tracker in hot.values_mut() {
+            tracker.tick(now);
+        }
+    }
+
+    /// The adaptive controller's current decision for `stream` on `shard`, when this node
+    /// leads it and the stream is adaptive.
+    pub fn adaptive_decision(&self, shard: ShardId, stream: &str) -> Option<Decision> {
+        let ctl = self.adaptive.lock().ok()?;
+        ctl.get(&(shard, stream.to_owned())).map(AdaptiveController::decision)
+    }
+
+    /// Every adaptive controller's decision on the shards this node leads: (shard, stream).
+    pub fn adaptive_decisions(&self) -> Vec<(ShardId, String, Decision)> {
+        let Ok(ctl) = self.adaptive.lock() else { return Vec::new() };
+        ctl.iter().map(|((shard, stream), c)| (*shard, stream.clone(), c.decision())).collect()
+    }
+
+    /// The downstream pressure on a shard this node leads: outputs the slowest consumer has
+    /// not acknowledged, the age of the oldest of them, and buffer fill. Sink throttling and
+    /// failures are not wired in yet (always false).
+    fn pressure(&self, group: &Group, now: coalesce_core::time::Millis) -> Option<Pressure> {
+        let outbox = crate::state_machine::load_outbox(&group.store).ok()?;
+        let stats = group.store.stats().ok()?;
+        let limits = self.streams.limits();
+        let (outbox_backlog, oldest_undelivered_age_ms) = match outbox.cursors.values().min() {
+            // Without any consumer nothing waits on the outbox.
+            None => (0, 0),
+            Some(&acked) => {
+                let backlog = outbox.next_seq.saturating_sub(1).saturating_sub(acked);
+                let age = if backlog == 0 {
+                    0
+                } else {
+                    let first = group.store.outbox_from(acked.max(outbox.low.saturating_sub(1)) + 1, 1).ok()?;
+                    first.first().map_or(0, |o| now.saturating_sub(o.window_end))
+                };
+                (backlog, age)
+            }
+        };
+        let ratio = |used: u64, max: u64| if max == 0 { 0.0 } else { used as f64 / max as f64 };
+        Some(Pressure {
+            outbox_backlog,
+            oldest_undelivered_age_ms,
+            sink_throttled: false,
+            sink_failing: false,
+            buffer_fill: ratio(stats.keys, limits.max_keys).max(ratio(stats.bytes, limits.max_bytes)),
+        })
+    }
+
+    /// One control step of every adaptive stream on every shard this node leads (sealer tick);
+    /// controllers of shards no longer led are dropped.
+    fn tick_adaptive(&self, led: &BTreeSet<ShardId>) {
+        let adaptive: Vec<_> =
+            self.streams.iter().filter_map(|d| d.rules.window.adaptive.map(|p| (d.name.clone(), p))).collect();
+        if adaptive.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        // Storage reads first, without the lock.
+        let pressures: Vec<(ShardId, Pressure)> = led
+            .iter()
+            .filter_map(|shard| self.group(*shard).and_then(|g| self.pressure(&g, now)).map(|p| (*shard, p)))
+            .collect();
+        let Ok(mut ctl) = self.adaptive.lock() else { return };
+        ctl.retain(|(shard, _), _| led.contains(shard));
+        for (shard, pressure) in pressures {
+            for (stream, policy) in &adaptive {
+                let c = ctl.entry((shard, stream.clone())).or_insert_with(|| AdaptiveController::new(*policy));
+                let before = c.decision();
+                let after = c.update(now, &pressure);
+                if after != before {
+                    tracing::debug!(
+                        shard,
+                        stream,
+                        extra_ms = after.extra_ms,
+                        reason = after.reason.as_str(),
+                        "adaptive window"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The `k` heaviest keys of each shard this node leads (all of them, or `shard`), only of
+    /// `stream` when given, with the shard's decayed total inputs. Shards without input yet
+    /// are left out.
+    pub fn hot_keys(&self, shard: Option<ShardId>, stream: Option<&str>, k: usize) -> Vec<(ShardId, f64, Vec<HotKey>)> {
+        let led = self.led_shards();
+        let Ok(hot) = self.hot.lock() else { return Vec::new() };
+        hot.iter()
+            .filter(|(s, _)| led.contains(s) && shard.is_none_or(|want| want == **s))
+            .map(|(s, tracker)| {
+                let keys = match stream {
+                    // Filter before cutting to k: the top k of one stream, not k of all streams.
+                    Some(name) => tracker.top(tracker.len()).into_iter().filter(|h| h.stream == name).take(k).collect(),
+                    None => tracker.top(k),
+                };
+                (*s, tracker.total(), keys)
+            })
+            .collect()
     }
 
     /// Runs the window scheduler of every local group until `shutdown` resolves: while this
@@ -679,6 +820,9 @@ impl RaftNode {
                 _ = &mut shutdown => return,
                 _ = interval.tick() => {}
             }
+            let led = self.led_shards();
+            self.tick_hot(&led);
+            self.tick_adaptive(&led);
             for group in self.groups() {
                 if !group.raft.is_leader() {
                     continue;

@@ -72,6 +72,7 @@ fn letter(c: u8, seq: u64, now: u64) -> DeadLetter {
         inputs: 1,
         reason: SealReason::Time,
         value: Aggregate::SumI64(seq as i64),
+        samples: None,
     };
     DeadLetter { sink: format!("c{c}"), output, reason: "HTTP 400".into(), failed_at: now, attempts: 1 }
 }

@@ -1,5 +1,5 @@
 //! The operator API (`coalesce.v1.Admin`) on the client port: dead-letter queues, sink
-//! status, leases, shard details, streams, leader transfer and draining.
+//! status, leases, shard details, streams, hot keys, leader transfer and draining.
 
 use std::sync::Arc;
 
@@ -17,6 +17,10 @@ const TRANSFER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most dead letters one list, replay or purge call handles.
 pub const MAX_LETTERS: usize = 1_000;
+
+/// Hot keys per shard a `HotKeys` call returns by default, and at most.
+pub const DEFAULT_HOT_KEYS: usize = 10;
+pub const MAX_HOT_KEYS: usize = 64;
 
 /// The operator service of one node.
 #[derive(Debug, Clone)]
@@ -233,6 +237,31 @@ impl pb::admin_server::Admin for AdminService {
             draining: self.node.is_draining(),
             shards,
         }))
+    }
+
+    async fn hot_keys(&self, request: Request<pb::HotKeysRequest>) -> Result<Response<pb::HotKeysResponse>, Status> {
+        let r = request.into_inner();
+        let k = match r.k {
+            0 => DEFAULT_HOT_KEYS,
+            k if k as usize > MAX_HOT_KEYS => {
+                return Err(Status::invalid_argument(format!("k: at most {MAX_HOT_KEYS}")));
+            }
+            k => k as usize,
+        };
+        let mut keys = Vec::new();
+        for (shard, total, top) in self.node.hot_keys(r.shard, r.stream.as_deref(), k) {
+            keys.extend(top.into_iter().map(|h| pb::HotKey {
+                shard,
+                share: if total > 0.0 { h.count / total } else { 0.0 },
+                stream: h.stream,
+                key: h.key,
+                key_truncated: h.key_truncated,
+                count: h.count,
+                error: h.error,
+                rate_per_second: h.rate_per_sec.unwrap_or(0.0),
+            }));
+        }
+        Ok(Response::new(pb::HotKeysResponse { node: self.node.me().name.clone(), keys }))
     }
 
     async fn streams(&self, _request: Request<pb::StreamsRequest>) -> Result<Response<pb::StreamsResponse>, Status> {

@@ -45,6 +45,16 @@ pub fn output(o: &Output) -> pb::Output {
         reason: o.reason.as_str().to_owned(),
         op: o.value.op_name().to_owned(),
         value_json: o.value.to_json().to_string(),
+        samples: o
+            .samples
+            .iter()
+            .flat_map(|s| s.iter())
+            .map(|s| pb::Sample {
+                event_time: s.event_time,
+                value_json: s.value.to_json().to_string(),
+                truncated: s.truncated,
+            })
+            .collect(),
     }
 }
 

@@ -329,6 +329,7 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
                 buffered_bytes: stats.bytes,
                 next_seq: outbox.next_seq,
                 last_applied: view.last_applied,
+                shed_inputs: stats.shed_inputs_total,
             });
         }
         Ok(TonicResponse::new(pb::StatusResponse {
@@ -341,6 +342,21 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
                 .nodes
                 .iter()
                 .map(|n| pb::NodeInfo { name: n.name.clone(), client_addr: n.client_addr.clone() })
+                .collect(),
+            streams: self
+                .node
+                .streams()
+                .iter()
+                .map(|d| {
+                    let c = coalesce_raft::metrics::stream_counts(&d.name);
+                    pb::StreamCounters {
+                        stream: d.name.clone(),
+                        inputs: c.inputs,
+                        shed: c.shed,
+                        outputs: c.outputs,
+                        absorbed: c.absorbed,
+                    }
+                })
                 .collect(),
         }))
     }

@@ -241,7 +241,12 @@ struct Families {
     rate_wait: prometheus::CounterVec,
     cf_bytes: IntGaugeVec,
     build: IntGaugeVec,
+    hot_key_rate: GaugeVec,
+    adaptive_extra: GaugeVec,
 }
+
+/// Ranks of hot keys exported per stream (`rank` = 1..=HOT_KEY_RANKS): a bounded label set.
+pub const HOT_KEY_RANKS: usize = 10;
 
 fn int_gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition")
@@ -326,10 +331,22 @@ impl Families {
                 &["cf"],
             ),
             build: int_gauge("coalesce_build_info", "Always 1; labels name the build.", &["version"]),
+            hot_key_rate: gauge(
+                "coalesce_hot_key_inputs_per_second",
+                "Estimated input rate of the stream's rank-th heaviest key over the shards this node leads \
+                 (decaying Space-Saving sketch; the key itself is in the HotKeys admin call, never a label).",
+                &["stream", "rank"],
+            ),
+            adaptive_extra: gauge(
+                "coalesce_adaptive_extra_seconds",
+                "Load-adaptive window stretch in force for an adaptive stream: the largest over the shards this \
+                 node leads (0 = windows at their configured length).",
+                &["stream"],
+            ),
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 17] {
+    fn collectors(&self) -> [&dyn Collector; 19] {
         [
             &self.cluster_shards,
             &self.led,
@@ -348,6 +365,8 @@ impl Families {
             &self.rate_wait,
             &self.cf_bytes,
             &self.build,
+            &self.hot_key_rate,
+            &self.adaptive_extra,
         ]
     }
 }
@@ -426,6 +445,33 @@ impl NodeCollector {
         }
         for (cf, bytes) in self.node.column_family_sizes() {
             f.cf_bytes.with_label_values(&[cf]).set(bytes as i64);
+        }
+        for d in self.node.streams().iter().filter(|d| d.rules.window.adaptive.is_some()) {
+            f.adaptive_extra.with_label_values(&[d.name.as_str()]).set(0.0);
+        }
+        let mut extra: std::collections::BTreeMap<String, u64> = Default::default();
+        for (_, stream, decision) in self.node.adaptive_decisions() {
+            let e = extra.entry(stream).or_default();
+            *e = (*e).max(decision.extra_ms);
+        }
+        for (stream, ms) in extra {
+            f.adaptive_extra.with_label_values(&[stream.as_str()]).set(ms as f64 / 1000.0);
+        }
+        // Per stream, the heaviest keys of all led shards, ranked by rate.
+        let mut rates: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        for (_, _, keys) in self.node.hot_keys(None, None, coalesce_core::hotkeys::DEFAULT_CAPACITY) {
+            for k in keys {
+                if let Some(rate) = k.rate_per_sec {
+                    rates.entry(k.stream).or_default().push(rate);
+                }
+            }
+        }
+        for (stream, mut r) in rates {
+            r.sort_by(|a, b| b.total_cmp(a));
+            for (i, rate) in r.into_iter().take(HOT_KEY_RANKS).enumerate() {
+                let rank = (i + 1).to_string();
+                f.hot_key_rate.with_label_values(&[stream.as_str(), rank.as_str()]).set(rate);
+            }
         }
     }
 }

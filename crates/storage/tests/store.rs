@@ -53,7 +53,7 @@ fn log_append_range_truncate_purge() {
 fn rules(overflow: OverflowPolicy) -> BTreeMap<String, StreamRules> {
     let window =
         WindowPolicy { debounce_ms: Some(30), max_wait_ms: Some(200), max_count: Some(9), ..Default::default() };
-    BTreeMap::from([("s".to_owned(), StreamRules { op: MergeOp::SumI64, window, overflow })])
+    BTreeMap::from([("s".to_owned(), StreamRules { op: MergeOp::SumI64, window, overflow, samples: None })])
 }
 
 /// A deterministic pseudo-random workload of ingests and seals.
@@ -99,7 +99,13 @@ where
                 .map(|(k, v)| {
                     (
                         BufKey { stream: "s".into(), key: format!("k{k}") },
-                        Partial { agg: Aggregate::SumI64(*v), inputs: 1, first_event_at: *t, last_event_at: *t },
+                        Partial {
+                            agg: Aggregate::SumI64(*v),
+                            inputs: 1,
+                            first_event_at: *t,
+                            last_event_at: *t,
+                            samples: None,
+                        },
                     )
                 })
                 .collect();
@@ -219,6 +225,7 @@ fn state_survives_restart_and_moves_by_snapshot() {
             inputs: 1,
             reason: coalesce_core::window::SealReason::Time,
             value: Aggregate::SumI64(5),
+            samples: None,
         };
         batch.outbox_put(&out).unwrap();
         batch.session_put(77, &coalesce_core::session::Session { last_seq: 9, last_seen: 1 }).unwrap();
