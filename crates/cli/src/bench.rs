@@ -521,6 +521,8 @@ async fn latency_levels(args: &LatencyArgs, endpoints: &[String]) -> anyhow::Res
     w.local.say(format!("maximum (closed loop): {max:.0} events/s; request latency {}", fmt_q(&sat.latency)));
     let mut levels = Vec::new();
     for &level in &args.levels {
+        // Let the previous phase's backlog (windows sealing, outputs) drain first.
+        tokio::time::sleep(Duration::from_secs(3)).await;
         let offered = max * level;
         let r = run_phase(w, &client, Some(offered), Duration::from_secs(w.seconds), None).await?;
         w.local.say(format!(
