@@ -268,6 +268,8 @@ const PEER_ID_KEY: &str = "peer_id";
 /// How long a request forwarded to a shard's leader may take: twice the maximum election
 /// timeout, within these bounds. A leader that does not answer by then is likely paused or cut
 /// off, and a successor is being elected; the client retries (same seqs) and reaches it.
+/// The balancer waits for a leadership-transfer target at most this many entries behind.
+const TRANSFER_MAX_LAG: u64 = 1_000;
 const FORWARD_TIMEOUT_MIN: Duration = Duration::from_millis(500);
 const FORWARD_TIMEOUT_MAX: Duration = Duration::from_secs(2);
 
@@ -904,7 +906,6 @@ impl RaftNode {
                 if !m.state.is_leader() {
                     continue;
                 }
-                let Some(last) = m.last_log_index else { continue };
                 let membership = m.membership_config.membership();
                 // Not while a membership change is under way (joint config, or a returning
                 // peer still a learner): the preferred name may then map to two ids, and a
@@ -914,21 +915,42 @@ impl RaftNode {
                 if !settled {
                     continue;
                 }
-                let Some(id) =
-                    membership.voter_ids().find(|id| membership.get_node(id).is_some_and(|n| n.name == preferred))
-                else {
-                    continue;
-                };
-                let caught_up = m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(&id).cloned().flatten())
-                    .is_some_and(|matched| matched.index >= last);
-                caught_up.then_some(id)
+                membership.voter_ids().find(|id| membership.get_node(id).is_some_and(|n| n.name == preferred))
             };
-            if let Some(to) = target {
+            // The target ignores a transfer unless it holds the leader's whole log when the
+            // request arrives. Under steady load the log grows between two looks, so a target
+            // that is close is watched for a moment until it has everything.
+            let Some(to) = target else { continue };
+            if Self::wait_caught_up(&group, to, Duration::from_millis(200)).await {
                 tracing::info!(shard = group.shard, to = %preferred, "handing leadership to the desired replica");
                 let _ = group.raft.trigger().transfer_leader(to).await;
+            }
+        }
+    }
+
+    /// True once `to` has replicated the leader's whole log, watching the leader's metrics for
+    /// at most `within` (only while `to` is at most [`TRANSFER_MAX_LAG`] entries behind).
+    async fn wait_caught_up(group: &Group, to: u64, within: Duration) -> bool {
+        let mut metrics = group.raft.metrics();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let lag = {
+                let m = metrics.borrow_watched();
+                if !m.state.is_leader() {
+                    return false;
+                }
+                let Some(last) = m.last_log_index else { return false };
+                let matched = m.replication.as_ref().and_then(|r| r.get(&to).cloned().flatten());
+                matched.map_or(u64::MAX, |l| last.saturating_sub(l.index))
+            };
+            if lag == 0 {
+                return true;
+            }
+            if lag > TRANSFER_MAX_LAG {
+                return false;
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed()).await.map_or(true, |r| r.is_err()) {
+                return false;
             }
         }
     }
