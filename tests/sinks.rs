@@ -451,23 +451,7 @@ async fn alert_digests_carry_the_configured_samples() {
     // Both digests, from each shard's outbox (the `watch` subscriber never acks).
     let deadline = Instant::now() + Duration::from_secs(20);
     let outputs = loop {
-        let mut all = Vec::new();
-        for (shard, leader) in &cluster.wait_ready(Duration::from_secs(10)).await {
-            let i = cluster.index_of(leader).unwrap();
-            let mut s = cluster
-                .client(i)
-                .subscribe(pb::SubscribeRequest {
-                    consumer: "watch".into(),
-                    shards: vec![*shard],
-                    from_seq: Default::default(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            while let Ok(Ok(Some(batch))) = tokio::time::timeout(Duration::from_millis(300), s.message()).await {
-                all.extend(batch.outputs);
-            }
-        }
+        let all = watched(&cluster).await;
         if all.len() >= 2 {
             break all;
         }

@@ -184,6 +184,27 @@ impl LoadArgs {
         Ok(())
     }
 
+    /// Runs `measure` against `--endpoints`, else against a local cluster started with
+    /// `streams` (stopped afterwards), with a client that is ready; writes its result where
+    /// `--json` says.
+    pub(crate) async fn measure_on(
+        &self,
+        streams: &str,
+        measure: impl AsyncFnOnce(&Client, &[String]) -> anyhow::Result<serde_json::Value>,
+    ) -> anyhow::Result<()> {
+        let (endpoints, cluster) = self.cluster(streams).await?;
+        let result = async {
+            let client = Client::connect_lazy(endpoints.iter().cloned())?;
+            client.wait_ready(Duration::from_secs(60)).await?;
+            measure(&client, &endpoints).await
+        }
+        .await;
+        if let Some(mut c) = cluster {
+            c.stop_all(Duration::from_secs(20));
+        }
+        self.local.emit(&result?)
+    }
+
     /// The client addresses to load: `--endpoints`, else a local cluster started with
     /// `streams` (returned so the caller stops it).
     pub(crate) async fn cluster(&self, streams: &str) -> anyhow::Result<(Vec<String>, Option<LocalCluster>)> {
@@ -388,12 +409,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     if !(args.load > 0.0 && args.load <= 1.0) {
         bail!("--load must be in (0, 1]");
     }
-    let (endpoints, cluster) = args.work.cluster(STREAMS).await?;
-    let result = ingest_phases(&args, &endpoints).await;
-    if let Some(mut c) = cluster {
-        c.stop_all(Duration::from_secs(20));
-    }
-    args.work.local.emit(&result?)
+    args.work.measure_on(STREAMS, async |client, endpoints| ingest_phases(&args, client, endpoints).await).await
 }
 
 /// Outputs the cluster's windows have emitted so far (every shard's next seq − 1, asked of
@@ -409,10 +425,8 @@ pub(crate) async fn outputs_emitted(client: &Client) -> u64 {
     next_seq.values().map(|n| n - 1).sum()
 }
 
-async fn ingest_phases(args: &IngestArgs, endpoints: &[String]) -> anyhow::Result<serde_json::Value> {
+async fn ingest_phases(args: &IngestArgs, client: &Client, endpoints: &[String]) -> anyhow::Result<serde_json::Value> {
     let w = &args.work;
-    let client = Client::connect_lazy(endpoints.iter().cloned())?;
-    client.wait_ready(Duration::from_secs(60)).await?;
     let say = |s: String| w.local.say(s);
     say(format!(
         "bench ingest: {} producers × {} events/request, {} keys (zipf {}), {} shards, {} nodes",
@@ -424,8 +438,8 @@ async fn ingest_phases(args: &IngestArgs, endpoints: &[String]) -> anyhow::Resul
         endpoints.len()
     ));
     // Warm-up, then saturation.
-    let warm = run_phase(w, &client, None, Duration::from_secs(2), None).await?;
-    let sat = run_phase(w, &client, None, Duration::from_secs(w.seconds), None).await?;
+    let warm = run_phase(w, client, None, Duration::from_secs(2), None).await?;
+    let sat = run_phase(w, client, None, Duration::from_secs(w.seconds), None).await?;
     let throughput = sat.rate();
     say(format!(
         "saturation: {:.0} events/s acked ({} requests, {} retried rounds, {} events failed); request latency {}",
@@ -436,7 +450,7 @@ async fn ingest_phases(args: &IngestArgs, endpoints: &[String]) -> anyhow::Resul
         fmt_q(&sat.latency)
     ));
     let offered = args.rate.unwrap_or(throughput * args.load);
-    let half = run_phase(w, &client, Some(offered), Duration::from_secs(w.seconds), None).await?;
+    let half = run_phase(w, client, Some(offered), Duration::from_secs(w.seconds), None).await?;
     say(format!(
         "at {:.0}% load ({:.0} events/s offered, {:.0} acked): ack latency {}",
         100.0 * offered / throughput.max(1.0),
@@ -448,7 +462,7 @@ async fn ingest_phases(args: &IngestArgs, endpoints: &[String]) -> anyhow::Resul
     // for the last 1 s windows to close).
     let inputs: u64 = [&warm, &sat, &half].iter().map(|p| p.events()).sum();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let outputs = outputs_emitted(&client).await;
+    let outputs = outputs_emitted(client).await;
     let ratio = inputs as f64 / outputs.max(1) as f64;
     say(format!("coalesce ratio: {inputs} inputs → {outputs} outputs = {ratio:.1}:1"));
     Ok(json!({
@@ -491,20 +505,17 @@ async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     if args.levels.is_empty() || args.levels.iter().any(|l| !(l.is_finite() && *l > 0.0 && *l <= 2.0)) {
         bail!("--levels must be fractions in (0, 2], e.g. 0.25,0.5,0.75,1");
     }
-    let (endpoints, cluster) = args.work.cluster(STREAMS).await?;
-    let result = latency_levels(&args, &endpoints).await;
-    if let Some(mut c) = cluster {
-        c.stop_all(Duration::from_secs(20));
-    }
-    args.work.local.emit(&result?)
+    args.work.measure_on(STREAMS, async |client, endpoints| latency_levels(&args, client, endpoints).await).await
 }
 
 /// Saturation (closed loop) gives the maximum; then one open-loop phase per level at that
 /// fraction of it, latency counted from each request's scheduled send time.
-async fn latency_levels(args: &LatencyArgs, endpoints: &[String]) -> anyhow::Result<serde_json::Value> {
+async fn latency_levels(
+    args: &LatencyArgs,
+    client: &Client,
+    endpoints: &[String],
+) -> anyhow::Result<serde_json::Value> {
     let w = &args.work;
-    let client = Client::connect_lazy(endpoints.iter().cloned())?;
-    client.wait_ready(Duration::from_secs(60)).await?;
     w.local.say(format!(
         "bench latency: {} producers × {} events/request, {} keys (zipf {}), {} shards, {} nodes, {} s per level",
         w.producers,
@@ -515,8 +526,8 @@ async fn latency_levels(args: &LatencyArgs, endpoints: &[String]) -> anyhow::Res
         endpoints.len(),
         w.seconds
     ));
-    run_phase(w, &client, None, Duration::from_secs(2), None).await?;
-    let sat = run_phase(w, &client, None, Duration::from_secs(w.seconds), None).await?;
+    run_phase(w, client, None, Duration::from_secs(2), None).await?;
+    let sat = run_phase(w, client, None, Duration::from_secs(w.seconds), None).await?;
     let max = sat.rate();
     w.local.say(format!("maximum (closed loop): {max:.0} events/s; request latency {}", fmt_q(&sat.latency)));
     let mut levels = Vec::new();
@@ -524,7 +535,7 @@ async fn latency_levels(args: &LatencyArgs, endpoints: &[String]) -> anyhow::Res
         // Let the previous phase's backlog (windows sealing, outputs) drain first.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let offered = max * level;
-        let r = run_phase(w, &client, Some(offered), Duration::from_secs(w.seconds), None).await?;
+        let r = run_phase(w, client, Some(offered), Duration::from_secs(w.seconds), None).await?;
         w.local.say(format!(
             "{:>4.0}% ({:>8.0} events/s offered, {:>8.0} acked): {}",
             level * 100.0,

@@ -62,18 +62,11 @@ pub(crate) async fn run(args: SavingsArgs) -> anyhow::Result<()> {
          [streams.{}]\nmerge = \"sum_i64\"\nwindow = {{ tumbling = \"{window_ms}ms\" }}\n",
         w.stream
     );
-    let (endpoints, cluster) = w.cluster(&streams).await?;
-    let result = measure(&args, &endpoints).await;
-    if let Some(mut c) = cluster {
-        c.stop_all(Duration::from_secs(20));
-    }
-    w.local.emit(&result?)
+    w.measure_on(&streams, async |client, endpoints| measure(&args, client, endpoints).await).await
 }
 
-async fn measure(args: &SavingsArgs, endpoints: &[String]) -> anyhow::Result<serde_json::Value> {
+async fn measure(args: &SavingsArgs, client: &Client, endpoints: &[String]) -> anyhow::Result<serde_json::Value> {
     let w = &args.work;
-    let client = Client::connect_lazy(endpoints.iter().cloned())?;
-    client.wait_ready(Duration::from_secs(60)).await?;
     w.local.say(format!(
         "bench savings: {:.0} events/s for {} s over {} keys (zipf {}), {} ms windows, consumer batches of {}",
         args.rate,
@@ -83,12 +76,12 @@ async fn measure(args: &SavingsArgs, endpoints: &[String]) -> anyhow::Result<ser
         args.window.as_millis(),
         args.consumer_batch
     ));
-    let before = outputs_emitted(&client).await;
+    let before = outputs_emitted(client).await;
     let record = Arc::new(Mutex::new(Vec::new()));
-    let load = run_phase(w, &client, Some(args.rate), Duration::from_secs(w.seconds), Some(record.clone())).await?;
+    let load = run_phase(w, client, Some(args.rate), Duration::from_secs(w.seconds), Some(record.clone())).await?;
     // Let the last windows close and be sealed.
     tokio::time::sleep(args.window + Duration::from_millis(2_000)).await;
-    let outputs = outputs_emitted(&client).await - before;
+    let outputs = outputs_emitted(client).await - before;
     let keys = std::mem::take(&mut *record.lock().unwrap_or_else(|p| p.into_inner()));
     let events = keys.len() as u64;
     let distinct = keys.iter().collect::<std::collections::HashSet<_>>().len() as u64;
