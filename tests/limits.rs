@@ -36,6 +36,16 @@ max_value_bytes = 64
 [streams.patches]
 merge = "json_merge_patch"
 window = { tumbling = "1h" }
+
+[streams.capped]
+merge = "sum_i64"
+window = { tumbling = "1h" }
+key_rate_limit = { per_second = 1, burst = 3 }
+
+[streams.dropped]
+merge = "sum_i64"
+window = { tumbling = "1h" }
+key_rate_limit = { per_second = 1, burst = 2, action = "shed" }
 "#;
 
 const API: &str = "[api]\nmax_events_per_request = 100\nmax_request_bytes = 65536\n";
@@ -142,6 +152,31 @@ async fn every_limit_and_error_has_its_code_and_field() {
     let overlap = pb::IngestRequest { producer_id: 77, events: vec![seq(3, "p"), seq(4, "p")] };
     let r = api.ingest(overlap).await.unwrap().into_inner();
     expect(&r.statuses[0], EventCode::FailedPrecondition, "sequence_overlap", "overlaps");
+
+    // Per-key rate limits: a key's burst passes, the rest is refused with a retry hint (or shed
+    // and acknowledged), other keys keep their own budget, and nothing over the rate is applied.
+    let mut events: Vec<pb::Event> = (0..6).map(|_| ev("capped", "hot", int(1))).collect();
+    events.push(ev("capped", "cold", int(1)));
+    events.extend((0..4).map(|_| ev("dropped", "hot", int(1))));
+    let r = api.ingest(pb::IngestRequest { producer_id: 0, events }).await.unwrap().into_inner();
+    let s = &r.statuses;
+    assert!(s[..3].iter().all(|s| s.code == EventCode::Ok as i32), "the burst passes: {s:?}");
+    for (i, st) in s.iter().enumerate().take(6).skip(3) {
+        expect(st, EventCode::ResourceExhausted, "key_rate_limited", &format!("events[{i}].key"));
+        assert!(st.retry_after_ms >= 1 && st.retry_after_ms <= 1_000, "a retry hint: {st:?}");
+    }
+    assert_eq!(s[6].code, EventCode::Ok as i32, "another key has its own bucket: {:?}", s[6]);
+    assert!(s[7..9].iter().all(|s| s.code == EventCode::Ok as i32), "{s:?}");
+    for (i, st) in s.iter().enumerate().skip(9) {
+        expect(st, EventCode::Shed, "key_rate_limited", &format!("events[{i}].key"));
+    }
+    let mut inputs = std::collections::BTreeMap::new();
+    for i in 0..3 {
+        for c in cluster.status(i).await.unwrap().streams {
+            *inputs.entry(c.stream).or_insert(0) += c.inputs;
+        }
+    }
+    assert_eq!((inputs["capped"], inputs["dropped"]), (4, 2), "only events within the rate were applied");
 
     // Buffer limits (40 keys per shard, 2 shards): a request of new keys that cannot fit is
     // refused whole for its shard, with a retry hint, and changes nothing.

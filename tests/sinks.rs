@@ -575,22 +575,155 @@ async fn adaptive_windows_stretch_under_backlog_and_relax_after() {
             .await
             .unwrap();
     }
-    let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut extra = Vec::new();
-        for n in &cluster.local.nodes {
-            let text = http.get(format!("http://{}/metrics", n.http_addr)).send().await.unwrap().text().await.unwrap();
-            extra.extend(
-                text.lines()
-                    .filter(|l| l.starts_with("coalesce_adaptive_extra_seconds{stream=\"stretchy\"}"))
-                    .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap()),
-            );
-        }
+        let extra = cluster.metric("coalesce_adaptive_extra_seconds{stream=\"stretchy\"}").await;
         if extra.len() == 3 && extra.iter().all(|e| *e == 0.0) {
             break;
         }
         assert!(Instant::now() < deadline, "the stretch did not relax: {extra:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Sends one `count` event to each of `keys` keys of `stream` every 100 ms for `run`; returns
+/// the events acked.
+async fn steady_load(client: &Client, stream: &str, keys: usize, run: Duration) -> u64 {
+    let mut producer = client.producer();
+    let mut sent = 0;
+    let started = Instant::now();
+    while started.elapsed() < run {
+        let tick = Instant::now();
+        let batch = (0..keys).map(|k| event(stream, &format!("k{k}"), ())).collect::<Vec<_>>();
+        let report = producer.send(batch).await.unwrap();
+        assert!(report.all_acked(), "{:?}", report.failures().collect::<Vec<_>>());
+        sent += keys as u64;
+        tokio::time::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed())).await;
+    }
+    sent
+}
+
+/// Issue 11's throttled-sink test. A webhook takes at most 200 outputs/s and answers 429
+/// beyond. 200 keys written every 100 ms with 250 ms windows make 800 outputs/s: with fixed
+/// windows the sink's backlog grows without bound; with adaptive windows (`max_staleness` 5 s)
+/// the leader hears the 429s (sink_throttled), stretches the windows, and the backlog stops
+/// growing while the outputs produced stay within the sink's capacity; no window outlives
+/// `max_staleness`; when the throttle ends the windows return to 250 ms. Nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttled_sink_bounds_the_adaptive_backlog_where_fixed_windows_grow() {
+    const CAPACITY: u64 = 200;
+    const KEYS: usize = 200;
+    let (hook, base) = coalesce_cli::webhook::ThrottledHook::serve(CAPACITY).await.unwrap();
+    let sink = |name: &str| {
+        format!(
+            "[sinks.{name}]\nkind = \"http\"\nurl = \"{base}/{name}\"\nbatch_max = 50\n\
+             retry_initial = \"50ms\"\nretry_max = \"500ms\"\n\n"
+        )
+    };
+    let streams = format!(
+        "{}{}[streams.fixed]\nmerge = \"count\"\nwindow = {{ tumbling = \"250ms\" }}\nsinks = [\"fixed_hook\"]\n\n\
+         [streams.stretchy]\nmerge = \"count\"\n\
+         window = {{ tumbling = \"250ms\", adaptive = {{ max_staleness = \"5s\", backlog_high = 400 }} }}\n\
+         sinks = [\"adaptive_hook\"]\n",
+        sink("fixed_hook"),
+        sink("adaptive_hook"),
+    );
+    let cluster = Cluster::start(3, 2, &streams);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let addrs: Vec<String> = cluster.local.nodes.iter().map(|n| n.client_addr.clone()).collect();
+    let client = Client::connect(addrs).await.unwrap();
+    let total = |v: Vec<f64>| v.iter().sum::<f64>();
+    let backlog = |sink: &'static str| {
+        let cluster = &cluster;
+        async move { total(cluster.metric(&format!("coalesce_sink_backlog_outputs{{sink=\"{sink}\"}}")).await) }
+    };
+
+    // A: fixed windows under the throttle. Sampled every second while the load runs.
+    let load = steady_load(&client, "fixed", KEYS, Duration::from_secs(12));
+    let sample = async {
+        let mut seen = Vec::new();
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            seen.push(backlog("fixed_hook").await);
+        }
+        seen
+    };
+    let (sent_fixed, fixed_backlog) = tokio::join!(load, sample);
+    eprintln!("fixed windows: sink backlog per second {fixed_backlog:?}");
+    let grows = fixed_backlog[11] > fixed_backlog[5] * 1.5 && fixed_backlog[11] > 3_000.0;
+    assert!(grows, "with fixed windows the throttled sink's backlog grows: {fixed_backlog:?}");
+
+    // B: adaptive windows under the same throttle.
+    let outputs_made = || cluster.metric("coalesce_stream_outputs_total{stream=\"stretchy\",reason=\"time\"}");
+    let load = steady_load(&client, "stretchy", KEYS, Duration::from_secs(20));
+    let sample = async {
+        let mut seen = Vec::new();
+        let mut made = Vec::new();
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            seen.push(backlog("adaptive_hook").await);
+            made.push(total(outputs_made().await));
+        }
+        (seen, made)
+    };
+    let (sent_stretchy, (adaptive_backlog, made)) = tokio::join!(load, sample);
+    let rate = (made[19] - made[9]) / 10.0;
+    eprintln!(
+        "adaptive windows: sink backlog per second {adaptive_backlog:?}; outputs made {rate:.0}/s in the last 10 s"
+    );
+    let (early, late) = adaptive_backlog.split_at(10);
+    let early_peak = early.iter().copied().fold(0.0, f64::max);
+    let late_peak = late.iter().copied().fold(0.0, f64::max);
+    assert!(
+        late_peak <= early_peak.max(2.0 * CAPACITY as f64),
+        "the adaptive backlog stops growing: {adaptive_backlog:?}"
+    );
+    assert!(late_peak * 3.0 < fixed_backlog[11], "adaptive {late_peak} vs fixed {}", fixed_backlog[11]);
+    assert!(rate <= 1.25 * CAPACITY as f64, "outputs made stay within the sink's capacity: {rate:.0}/s");
+    let throttled = total(
+        cluster
+            .metric("coalesce_adaptive_high_pressure_steps_total{stream=\"stretchy\",cause=\"sink_throttled\"}")
+            .await,
+    );
+    assert!(throttled > 0.0, "the 429s reached the controller as sink_throttled");
+
+    // C: the throttle ends; the stretch relaxes to zero on every node while the load goes on.
+    hook.set_throttling(false);
+    let relaxed = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let extra = cluster.metric("coalesce_adaptive_extra_seconds{stream=\"stretchy\"}").await;
+            if extra.len() == 3 && extra.iter().all(|e| *e == 0.0) {
+                return std::time::SystemTime::now();
+            }
+            assert!(Instant::now() < deadline, "the stretch did not relax after the throttle: {extra:?}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let (more, relaxed_at) = tokio::join!(steady_load(&client, "stretchy", KEYS, Duration::from_secs(15)), relaxed);
+    let relaxed_ms = relaxed_at.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+
+    // Everything arrives exactly: Σ inputs of accepted outputs (deduped by shard, seq) == sent.
+    let want = [("fixed_hook", sent_fixed), ("adaptive_hook", sent_stretchy + more)];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while want.iter().any(|(route, sent)| hook.inputs(route) != *sent) {
+        assert!(
+            Instant::now() < deadline,
+            "delivered inputs {:?} of {want:?}",
+            want.map(|(route, _)| hook.inputs(route))
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let adaptive = hook.accepted("adaptive_hook");
+    let longest = adaptive.iter().map(|o| o.field("window_end") - o.field("first_input_at")).max().unwrap();
+    eprintln!("adaptive windows: longest first input → close {longest} ms");
+    assert!(longest > 250, "windows stretched: {longest} ms");
+    assert!(longest <= 5_000, "no window outlives max_staleness: {longest} ms");
+    for o in adaptive.iter().filter(|o| o.field("window_start") > relaxed_ms + 1_000) {
+        assert!(o.field("window_end") - o.field("window_start") <= 250, "back to 250 ms windows: {:?}", o.output);
+    }
+    for o in hook.accepted("fixed_hook") {
+        let length = o.field("window_end") - o.field("window_start");
+        assert!(length <= 250, "fixed windows keep their length: {:?}", o.output);
     }
 }

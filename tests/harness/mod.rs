@@ -190,6 +190,12 @@ impl Cluster {
         (shard, self.index_of(&leaders[&shard]).unwrap())
     }
 
+    /// The value of one metric series (its name and labels exactly as exposed, e.g.
+    /// `coalesce_sink_backlog_outputs{sink="hook"}`) on every running node that exposes it.
+    pub async fn metric(&self, series: &str) -> Vec<f64> {
+        self.local.metric(series).await
+    }
+
     /// Prints errors and the tail of every node's log (on failure).
     pub fn dump_logs(&self) {
         for n in &self.local.nodes {

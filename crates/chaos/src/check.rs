@@ -57,7 +57,9 @@
 //! must not be received before its last input was stamped (`received_ms + 50 >=
 //! last_input_at`). Each output breaking any rule counts once. Two time-closed outputs of the
 //! same `(stream, key, window_start)` are a `duplicate_windows` violation (one output per key
-//! per window).
+//! per window). A stream with adaptive windows (`Window::Adaptive`) is held to the same rules
+//! except that a time-closed window may end anywhere in `window_start + w ..= window_start +
+//! max_staleness` (the stretch), and its inputs anywhere before that end.
 //!
 //! **Routing** (`wrong_shard`, `unknown_stream`, `unparseable_value`). An output of a key on
 //! another shard than its events; an event or output of a stream the scenario did not declare;
@@ -147,7 +149,9 @@ impl ViolationKind {
             ViolationKind::InvalidSeq => "outputs with seq 0",
             ViolationKind::EpochRegressions => "outputs with a lower epoch than a lower seq",
             ViolationKind::ConflictingDuplicates => "copies of a (shard, seq) that differ",
-            ViolationKind::EarlyEmissions => "outputs emitted before their window allowed",
+            ViolationKind::EarlyEmissions => {
+                "outputs emitted before their window allowed (or breaking its bounds: misaligned, past max_staleness)"
+            }
             ViolationKind::DuplicateWindows => "second time-closed output of one key and window",
             ViolationKind::StaleEpochAccepted => "fencing-sink rows accepted from a stale epoch",
             ViolationKind::SinkDuplicates => "fencing-sink rows accepted twice",
@@ -456,6 +460,8 @@ fn describe(o: &Output) -> String {
 fn window_violation(window: Window, o: &Output) -> Option<String> {
     let w = window.length_ms();
     let end = o.window_start.saturating_add(w);
+    // Adaptive windows may close later, up to the staleness bound.
+    let latest_end = o.window_start.saturating_add(window.max_staleness_ms());
     let mut why = Vec::new();
     if !o.window_start.is_multiple_of(w) {
         why.push(format!("window_start not aligned to {w} ms"));
@@ -467,18 +473,20 @@ fn window_violation(window: Window, o: &Output) -> Option<String> {
         why.push(format!("last input at {} before first input at {}", o.last_input_at, o.first_input_at));
     }
     if o.reason == "time" {
-        if o.window_end != end {
-            why.push(format!("closed by time but window_end is not window_start + {w} = {end}"));
+        if o.window_end < end || o.window_end > latest_end {
+            let allowed = if latest_end == end { format!("{end}") } else { format!("{end}..={latest_end}") };
+            why.push(format!("closed by time but window_end {} is not window_start + {w} ({allowed})", o.window_end));
         }
-        if o.last_input_at >= end {
-            why.push(format!("last input at {} not before the window's end {end}", o.last_input_at));
+        if o.last_input_at >= o.window_end.max(end) {
+            why.push(format!("last input at {} not before the window's end {}", o.last_input_at, o.window_end));
         }
-        if o.received_ms.saturating_add(EARLY_TOLERANCE_MS) < end {
-            why.push(format!("received {} ms before the window's end {end}", end - o.received_ms));
+        let closes = o.window_end.max(end);
+        if o.received_ms.saturating_add(EARLY_TOLERANCE_MS) < closes {
+            why.push(format!("received {} ms before the window's end {closes}", closes - o.received_ms));
         }
     } else {
-        if o.window_end > end {
-            why.push(format!("closed by {} at {} after the window's end {end}", o.reason, o.window_end));
+        if o.window_end > latest_end {
+            why.push(format!("closed by {} at {} after the window's end {latest_end}", o.reason, o.window_end));
         }
         if o.last_input_at > o.window_end {
             why.push(format!("last input at {} after window_end", o.last_input_at));

@@ -185,13 +185,25 @@ pub enum Merge {
 pub enum Window {
     /// Aligned windows `[k·ms, (k+1)·ms)` of the leader clock.
     Tumbling { ms: u64 },
+    /// Tumbling windows of `ms` that the leader may stretch under downstream pressure
+    /// (`window.adaptive`): a window starting at an aligned `k·ms` closes no earlier than
+    /// `(k+1)·ms` and no later than `k·ms + max_staleness_ms`.
+    Adaptive { ms: u64, max_staleness_ms: u64 },
 }
 
 impl Window {
     /// The window length in milliseconds (at least 1).
     pub fn length_ms(&self) -> u64 {
         match self {
-            Window::Tumbling { ms } => (*ms).max(1),
+            Window::Tumbling { ms } | Window::Adaptive { ms, .. } => (*ms).max(1),
+        }
+    }
+
+    /// The latest a window may close after its start.
+    pub fn max_staleness_ms(&self) -> u64 {
+        match self {
+            Window::Tumbling { .. } => self.length_ms(),
+            Window::Adaptive { max_staleness_ms, .. } => (*max_staleness_ms).max(self.length_ms()),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! | `failover.svg` | histogram of failover times and of times to the new leader's first emission |
 
 mod plot;
+pub use plot::{Line, lines_svg};
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -97,6 +97,11 @@ pub(crate) async fn shards(addr: &str, as_json: bool) -> anyhow::Result<()> {
                 .iter()
                 .map(|p| json!({ "name": p.name, "node_id": p.node_id, "voter": p.voter, "matched": p.matched, "lag": p.lag }))
                 .collect();
+            let adaptive: Vec<_> = s
+                .adaptive
+                .iter()
+                .map(|a| json!({ "stream": a.stream, "extra_ms": a.extra_ms, "reason": a.reason, "cause": a.cause }))
+                .collect();
             println!(
                 "{}",
                 json!({
@@ -105,6 +110,7 @@ pub(crate) async fn shards(addr: &str, as_json: bool) -> anyhow::Result<()> {
                     "apply_lag": s.apply_lag, "replicas": replicas, "buffered_keys": s.buffered_keys,
                     "buffered_bytes": s.buffered_bytes, "next_seq": s.next_seq, "outbox_low": s.outbox_low,
                     "cursors": s.cursors, "preferred_leader": s.preferred_leader, "lease_valid": s.lease_valid,
+                    "quiesced": s.quiesced, "adaptive": adaptive,
                 })
             );
         }
@@ -126,7 +132,7 @@ pub(crate) async fn shards(addr: &str, as_json: bool) -> anyhow::Result<()> {
         println!(
             "{:>5} {:<9} {:<14} {:>5} {:>9} {:>9} {:>6} {:>9} {:>9} {:>8}  {}",
             s.shard,
-            s.role,
+            if s.quiesced { format!("{}~", s.role) } else { s.role.clone() },
             leader,
             s.term,
             s.committed,
@@ -138,7 +144,17 @@ pub(crate) async fn shards(addr: &str, as_json: bool) -> anyhow::Result<()> {
             lag.join(" ")
         );
     }
-    println!("(* leader chosen with transfer-leader; OUTBOX = outputs kept for unacked consumers)");
+    println!(
+        "(* leader chosen with transfer-leader; ~ quiesced: idle, no heartbeats; OUTBOX = outputs kept for unacked consumers)"
+    );
+    let adaptive: Vec<_> = r.shards.iter().flat_map(|s| s.adaptive.iter().map(move |a| (s.shard, a))).collect();
+    if !adaptive.is_empty() {
+        println!("\n{:>5} {:<20} {:>10}  DECISION", "SHARD", "ADAPTIVE STREAM", "STRETCH");
+        for (shard, a) in adaptive {
+            let why = if a.cause.is_empty() { a.reason.clone() } else { format!("{} ({})", a.reason, a.cause) };
+            println!("{shard:>5} {:<20} {:>10}  {why}", a.stream, format!("+{} ms", a.extra_ms));
+        }
+    }
     Ok(())
 }
 

@@ -9,7 +9,8 @@
 //!   restarting the node in between.
 //! * `bench ingest-vs-etcd` ([`crate::bench_etcd`]), `bench savings` ([`crate::bench_savings`]),
 //!   `bench state-scale` and `bench idle` ([`crate::bench_state`]), `bench postgres`
-//!   ([`crate::bench_pg`]), `bench fetch` ([`crate::bench_fetch`]).
+//!   ([`crate::bench_pg`]), `bench fetch` ([`crate::bench_fetch`]), `bench adaptive`
+//!   ([`crate::bench_adaptive`]).
 //!
 //! Every benchmark writes its result as JSON with `--json FILE` (`--json` alone: to stdout).
 //! They start a local cluster of real `coalesced` processes (the binary next to this one;
@@ -66,6 +67,8 @@ pub(crate) enum BenchCmd {
     StateScale(crate::bench_state::StateArgs),
     /// CPU and memory of an idle cluster (64 shards by default).
     Idle(crate::bench_state::IdleArgs),
+    /// A throttled sink: backlog and staleness with fixed windows vs load-adaptive windows.
+    Adaptive(crate::bench_adaptive::AdaptiveArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -264,6 +267,7 @@ pub(crate) async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Savings(args) => crate::bench_savings::run(args).await,
         BenchCmd::StateScale(args) => crate::bench_state::state_scale(args).await,
         BenchCmd::Idle(args) => crate::bench_state::idle(args).await,
+        BenchCmd::Adaptive(args) => crate::bench_adaptive::run(args).await,
     }
 }
 
@@ -414,6 +418,18 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
 
 /// Outputs the cluster's windows have emitted so far (every shard's next seq − 1, asked of
 /// every node).
+/// (events received, partials they were pre-merged into) for `stream`, summed over nodes.
+pub(crate) async fn premerge_counts(client: &Client, stream: &str) -> (u64, u64) {
+    let mut total = (0, 0);
+    for (_, st) in client.statuses().await {
+        for c in st.map(|s| s.streams).unwrap_or_default().into_iter().filter(|c| c.stream == stream) {
+            total.0 += c.received;
+            total.1 += c.premerged;
+        }
+    }
+    total
+}
+
 pub(crate) async fn outputs_emitted(client: &Client) -> u64 {
     let mut next_seq: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
     for (_, st) in client.statuses().await {

@@ -14,7 +14,7 @@ use anyhow::bail;
 use coalesce_client::Client;
 use serde_json::json;
 
-use crate::bench::{LoadArgs, fmt_q, machine, outputs_emitted, quantiles_ms, run_phase};
+use crate::bench::{LoadArgs, fmt_q, machine, outputs_emitted, premerge_counts, quantiles_ms, run_phase};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct SavingsArgs {
@@ -77,11 +77,15 @@ async fn measure(args: &SavingsArgs, client: &Client, endpoints: &[String]) -> a
         args.consumer_batch
     ));
     let before = outputs_emitted(client).await;
+    let premerge_before = premerge_counts(client, &w.stream).await;
     let record = Arc::new(Mutex::new(Vec::new()));
     let load = run_phase(w, client, Some(args.rate), Duration::from_secs(w.seconds), Some(record.clone())).await?;
     // Let the last windows close and be sealed.
     tokio::time::sleep(args.window + Duration::from_millis(2_000)).await;
     let outputs = outputs_emitted(client).await - before;
+    let premerge_after = premerge_counts(client, &w.stream).await;
+    let (received, partials) = (premerge_after.0 - premerge_before.0, premerge_after.1 - premerge_before.1);
+    let premerge_pct = reduction_pct(partials, received);
     let keys = std::mem::take(&mut *record.lock().unwrap_or_else(|p| p.into_inner()));
     let events = keys.len() as u64;
     let distinct = keys.iter().collect::<std::collections::HashSet<_>>().len() as u64;
@@ -100,6 +104,10 @@ async fn measure(args: &SavingsArgs, client: &Client, endpoints: &[String]) -> a
     say(format!(
         "coalesce, {:>4} ms windows:      {outputs:>10}  ({coalesce_pct:.2} % fewer)",
         args.window.as_millis()
+    ));
+    say(format!(
+        "ingest pre-merge ({} events/request): {received} events → {partials} partials to the leaders ({premerge_pct:.2} % fewer)",
+        w.batch
     ));
     Ok(json!({
         "bench": "savings",
@@ -121,6 +129,10 @@ async fn measure(args: &SavingsArgs, client: &Client, endpoints: &[String]) -> a
         "consumer_batch_write_reduction": batch_pct / 100.0,
         "coalesce_writes": outputs,
         "downstream_write_reduction": coalesce_pct / 100.0,
+        "events_per_request": w.batch,
+        "premerge_events": received,
+        "premerge_partials": partials,
+        "premerge_reduction": premerge_pct / 100.0,
     }))
 }
 

@@ -87,6 +87,11 @@ pub struct Scenario {
     /// Tumbling window of both streams.
     #[serde(with = "humantime_serde", default = "default_window")]
     pub window: Duration,
+    /// Makes the sum stream's windows load-adaptive up to this staleness (`window.adaptive`,
+    /// stretching once 50 outputs wait for a consumer); the checker then allows windows to
+    /// close anywhere up to it.
+    #[serde(with = "humantime_serde", default)]
+    pub adaptive_max_staleness: Option<Duration>,
     pub load: Load,
     pub faults: Vec<FaultPlan>,
     /// Deliver both streams to a fencing PostgreSQL sink (`append` mode, a throw-away server)
@@ -170,6 +175,8 @@ fn default_give_up() -> Duration {
 }
 
 const SUMS: &str = "sums";
+/// `window.adaptive.backlog_high` of an adaptive sum stream: low, so faults make it stretch.
+const ADAPTIVE_BACKLOG_HIGH: u64 = 50;
 const LATEST: &str = "latest";
 
 impl Scenario {
@@ -193,6 +200,9 @@ impl Scenario {
         if self.window.is_zero() {
             bail!("window must be positive");
         }
+        if self.adaptive_max_staleness.is_some_and(|m| m < self.window) {
+            bail!("adaptive_max_staleness must be at least the window");
+        }
         for f in &self.faults {
             if f.kind == FaultKind::SlowDisk && (f.latency.is_zero() || f.latency > Duration::from_secs(60)) {
                 bail!("faults: slow_disk latency must be between 1ms and 60s, got {:?}", f.latency);
@@ -203,8 +213,12 @@ impl Scenario {
 
     fn streams(&self) -> Vec<StreamSpec> {
         let ms = self.window.as_millis() as u64;
+        let sums = match self.adaptive_max_staleness {
+            Some(m) => Window::Adaptive { ms, max_staleness_ms: m.as_millis() as u64 },
+            None => Window::Tumbling { ms },
+        };
         vec![
-            StreamSpec { name: SUMS.into(), merge: Merge::Sum, window: Window::Tumbling { ms } },
+            StreamSpec { name: SUMS.into(), merge: Merge::Sum, window: sums },
             StreamSpec { name: LATEST.into(), merge: Merge::Latest, window: Window::Tumbling { ms } },
         ]
     }
@@ -225,8 +239,15 @@ impl Scenario {
             ),
             None => ("[sinks.chaos]\nkind = \"grpc\"\n\n".to_owned(), "sinks = [\"chaos\"]\n"),
         };
+        let adaptive = match self.adaptive_max_staleness {
+            Some(m) => format!(
+                ", adaptive = {{ max_staleness = \"{}\", backlog_high = {ADAPTIVE_BACKLOG_HIGH} }}",
+                humantime::format_duration(m)
+            ),
+            None => String::new(),
+        };
         format!(
-            "{sink}[streams.{SUMS}]\nmerge = \"sum_i64\"\nwindow = {{ tumbling = \"{w}\" }}\n{feeds}\n\
+            "{sink}[streams.{SUMS}]\nmerge = \"sum_i64\"\nwindow = {{ tumbling = \"{w}\"{adaptive} }}\n{feeds}\n\
              [streams.{LATEST}]\nmerge = \"latest\"\nwindow = {{ tumbling = \"{w}\" }}\n{feeds}"
         )
     }
@@ -661,7 +682,8 @@ async fn run_in(
     }
     let duration_ms = now_ms().saturating_sub(started_ms);
     wait_leaders(cluster, name, scenario.shards, Duration::from_secs(60)).await?;
-    drain(cluster, scenario.shards, &records, Duration::from_secs(60)).await?;
+    let bound = scenario.adaptive_max_staleness.unwrap_or(scenario.window);
+    drain(cluster, scenario.shards, &records, Duration::from_secs(60) + bound).await?;
     stop_subs.store(true, Ordering::Relaxed);
     for s in subs {
         let _ = s.await;

@@ -7,6 +7,7 @@
 //! - [`outputs`]: following a node's outputs as a durable consumer (game days, benchmarks).
 //! - [`netproxy`]: cuttable TCP links between local nodes, for real partitions on loopback.
 //! - [`pg`]: a throw-away PostgreSQL server (for the Postgres sink's tests and benchmark).
+//! - [`webhook`]: a webhook that throttles with 429s (adaptive-window benchmark and tests).
 //!
 //! The binary talks to nodes over the client API only (generated from `proto/`).
 //! Libraries: clap (flags), tonic (gRPC), nix (signals), rand/rand_distr (demo load),
@@ -17,3 +18,4 @@ pub mod local;
 pub mod netproxy;
 pub mod outputs;
 pub mod pg;
+pub mod webhook;

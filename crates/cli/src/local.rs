@@ -61,6 +61,20 @@ pub fn reset_dir(dir: &Path, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A metric series (`name{a="x",b="y"}`) as its name and sorted label pairs, so label order
+/// does not matter.
+fn series_key(series: &str) -> (String, Vec<String>) {
+    match series.split_once('{') {
+        Some((name, labels)) => {
+            let mut pairs: Vec<String> =
+                labels.trim_end_matches('}').split(',').filter(|p| !p.is_empty()).map(str::to_owned).collect();
+            pairs.sort();
+            (name.to_owned(), pairs)
+        }
+        None => (series.trim().to_owned(), Vec::new()),
+    }
+}
+
 /// How to lay out a local cluster.
 #[derive(Debug, Clone)]
 pub struct LocalOptions {
@@ -221,6 +235,31 @@ impl LocalCluster {
         self.nodes[i].child.is_some()
     }
 
+    /// The value of one metric series (its name and labels as exposed, in any label order, e.g.
+    /// `coalesce_sink_backlog_outputs{sink="hook"}`) on every running node that exposes it.
+    pub async fn metric(&self, series: &str) -> Vec<f64> {
+        let want = series_key(series);
+        let http = reqwest::Client::new();
+        let mut values = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !self.is_running(i) {
+                continue;
+            }
+            let Ok(r) = http.get(format!("http://{}/metrics", n.http_addr)).send().await else { continue };
+            let text = r.text().await.unwrap_or_default();
+            values.extend(
+                text.lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .filter_map(|l| {
+                        let (s, v) = l.rsplit_once(' ')?;
+                        (series_key(s) == want).then(|| v.trim().parse::<f64>().ok()).flatten()
+                    })
+                    .take(1),
+            );
+        }
+        values
+    }
+
     /// SIGKILLs node `i` and reaps it.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
@@ -289,5 +328,17 @@ impl Drop for LocalCluster {
             let _ = self.signal(i, Signal::SIGCONT); // a paused node must wake up to die
             self.kill(i);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::series_key;
+
+    #[test]
+    fn series_match_in_any_label_order() {
+        assert_eq!(series_key(r#"m{b="2",a="1"}"#), series_key(r#"m{a="1",b="2"}"#));
+        assert_ne!(series_key(r#"m{a="1"}"#), series_key(r#"m{a="2"}"#));
+        assert_eq!(series_key("up"), ("up".to_owned(), Vec::new()));
     }
 }

@@ -4,6 +4,7 @@
 
 mod admin;
 mod bench;
+mod bench_adaptive;
 mod bench_etcd;
 mod bench_fetch;
 mod bench_pg;
@@ -264,19 +265,36 @@ async fn status(addr: &str) -> anyhow::Result<()> {
                     t.shed += c.shed;
                     t.outputs += c.outputs;
                     t.absorbed += c.absorbed;
+                    t.received += c.received;
+                    t.premerged += c.premerged;
+                    t.rate_limited += c.rate_limited;
                 }
             }
             Err(e) => unreachable.push(format!("{} ({e})", n.name)),
         }
     }
     println!();
-    println!("{:<24} {:>12} {:>12} {:>12} {:>8}", "STREAM", "INPUTS", "SHED", "OUTPUTS", "RATIO");
+    println!(
+        "{:<24} {:>12} {:>10} {:>12} {:>12} {:>8} {:>10}",
+        "STREAM", "INPUTS", "PRE-MERGE", "SHED", "OUTPUTS", "RATIO", "KEY-RATE"
+    );
+    let ratio = |a: u64, b: u64| if b == 0 { "-".to_owned() } else { format!("{:.1}", a as f64 / b as f64) };
     for t in totals.values() {
-        let ratio =
-            if t.outputs == 0 { "-".to_owned() } else { format!("{:.1}", t.absorbed as f64 / t.outputs as f64) };
-        println!("{:<24} {:>12} {:>12} {:>12} {:>8}", t.stream, t.inputs, t.shed, t.outputs, ratio);
+        println!(
+            "{:<24} {:>12} {:>10} {:>12} {:>12} {:>8} {:>10}",
+            t.stream,
+            t.inputs,
+            ratio(t.received, t.premerged),
+            t.shed,
+            t.outputs,
+            ratio(t.absorbed, t.outputs),
+            t.rate_limited
+        );
     }
-    println!("(stream counters: every node since it started, summed; SHED: dropped by overflow = \"shed\")");
+    println!(
+        "(stream counters: every node since it started, summed; PRE-MERGE: events per partial sent to leaders; \
+         SHED: dropped by overflow = \"shed\"; RATIO: inputs per output; KEY-RATE: over key_rate_limit)"
+    );
     if !unreachable.is_empty() {
         eprintln!("not reachable (its counts are missing): {}", unreachable.join(", "));
     }

@@ -63,6 +63,41 @@ fn savings_counts_writes_three_ways() {
     assert!(batch >= coalesced && batch <= events, "{v:#}");
     let reduction = f(&v, "downstream_write_reduction");
     assert!((reduction - (1.0 - coalesced / events)).abs() < 0.001, "{v:#}");
+    // Pre-merge at ingest: 100 events per request over Zipf(1.1) keys repeat some keys.
+    let (received, partials) = (f(&v, "premerge_events"), f(&v, "premerge_partials"));
+    assert!(received >= events && partials > 0.0 && partials < received, "{v:#}");
+}
+
+#[test]
+fn adaptive_samples_both_phases_and_plots_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let plots = dir.path().join("plots");
+    let v = bench(
+        dir.path(),
+        &[
+            "adaptive",
+            "--seconds",
+            "3",
+            "--relax-seconds",
+            "1",
+            "--keys",
+            "50",
+            "--shards",
+            "2",
+            "--plots",
+            plots.to_str().unwrap(),
+        ],
+    );
+    for phase in ["fixed", "adaptive"] {
+        let p = &v[phase];
+        assert!(f(p, "events") >= 50.0, "{v:#}");
+        assert!(f(p, "outputs_delivered") > 0.0, "{v:#}");
+        assert_eq!(v[format!("{phase}_samples")].as_array().unwrap().len(), 4, "{v:#}");
+    }
+    for svg in ["adaptive-backlog.svg", "adaptive-staleness.svg"] {
+        let text = std::fs::read_to_string(plots.join(svg)).unwrap();
+        assert!(text.starts_with("<svg") && text.contains("throttle lifted"), "{svg}");
+    }
 }
 
 #[test]

@@ -258,6 +258,14 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// What made pressure high, when stretching or braking.
+    pub fn cause(&self) -> Option<Cause> {
+        match self {
+            Reason::Stretching(c) | Reason::BufferBrake(c) => Some(*c),
+            _ => None,
+        }
+    }
+
     /// A stable name for metrics labels and logs.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -298,6 +306,8 @@ pub struct AdaptiveController {
     /// Consecutive calm intervals.
     calm_steps: u32,
     reason: Reason,
+    /// Control steps taken so far.
+    steps: u64,
 }
 
 impl AdaptiveController {
@@ -318,12 +328,19 @@ impl AdaptiveController {
             max_fill: 0.0,
             calm_steps: 0,
             reason: if extra_ms == 0 { Reason::Calm } else { Reason::Holding },
+            steps: 0,
         }
     }
 
     /// The policy.
     pub fn policy(&self) -> &AdaptivePolicy {
         &self.policy
+    }
+
+    /// How many control steps [`AdaptiveController::update`] has taken (one per interval with
+    /// a sample): a caller that sees it grow knows the decision's reason is a fresh step.
+    pub fn steps(&self) -> u64 {
+        self.steps
     }
 
     /// The current decision without a new sample.
@@ -360,6 +377,7 @@ impl AdaptiveController {
             return self.decision();
         }
         self.last_interval = Some(interval);
+        self.steps += 1;
         let worst = std::mem::replace(&mut self.worst, Level::Calm);
         let brake = self.max_fill * 1000.0 >= f64::from(self.policy.buffer_high_permille);
         self.max_fill = 0.0;
@@ -468,7 +486,9 @@ mod tests {
             let p = if t == 500 { HIGH } else { Pressure::default() };
             assert_eq!(c.update(t, &p).extra_ms, 0);
         }
+        assert_eq!(c.steps(), 1);
         assert_eq!(c.update(1000, &Pressure::default()).extra_ms, 250);
+        assert_eq!((c.steps(), c.decision().reason.cause()), (2, Some(Cause::Backlog)));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! overflow = "reject"           # reject | flush_early | shed
 //! sinks = ["warehouse"]
 //! samples = { n = 3, pick = "last" }   # optional: keep 3 folded inputs per output
+//! key_rate_limit = { per_second = 100, burst = 200, action = "reject" }   # optional
 //! ```
 //! Every table refuses unknown fields, and every validation error names the stream and field:
 //! `stream "api-calls": window.debounce must be <= window.max_wait`.
@@ -100,6 +101,71 @@ impl Default for ShardLimits {
     }
 }
 
+/// `key_rate_limit = { per_second = N, burst = B, action = "reject" | "shed" }`: at most `N`
+/// events per second per key, with bursts up to `B` (default `N`), enforced where events
+/// arrive, before they are merged (the server's `keyrate` module). A leader-aware producer
+/// sends a shard's events to its leader, so the budget is per key for the cluster; events sent
+/// to other nodes get each node's budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRateConfig {
+    pub per_second: u32,
+    #[serde(default)]
+    pub burst: Option<u32>,
+    #[serde(default)]
+    pub action: KeyRateAction,
+}
+
+/// What happens to an event over its key's rate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyRateAction {
+    /// RESOURCE_EXHAUSTED (`key_rate_limited`) with a retry hint; the event is not applied and
+    /// its seq is used up: resend it as a new event.
+    #[default]
+    Reject,
+    /// Acknowledged as SHED (`key_rate_limited`) and dropped, counted per stream.
+    Shed,
+}
+
+impl KeyRateAction {
+    /// The name as written in config.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyRateAction::Reject => "reject",
+            KeyRateAction::Shed => "shed",
+        }
+    }
+}
+
+/// A validated per-key rate limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyRateLimit {
+    pub per_second: std::num::NonZeroU32,
+    pub burst: std::num::NonZeroU32,
+    pub action: KeyRateAction,
+}
+
+/// The largest `key_rate_limit.per_second` / `burst`.
+pub const MAX_KEY_RATE: u32 = 1_000_000_000;
+
+impl KeyRateConfig {
+    fn validate(&self, stream: &str) -> Result<KeyRateLimit, ConfigError> {
+        let positive = |field: &str, v: u32| {
+            std::num::NonZeroU32::new(v).filter(|v| v.get() <= MAX_KEY_RATE).ok_or_else(|| {
+                ConfigError::stream(
+                    stream,
+                    &format!("key_rate_limit.{field}"),
+                    format!("must be in 1..={MAX_KEY_RATE}"),
+                )
+            })
+        };
+        let per_second = positive("per_second", self.per_second)?;
+        let burst = positive("burst", self.burst.unwrap_or(self.per_second))?;
+        Ok(KeyRateLimit { per_second, burst, action: self.action })
+    }
+}
+
 /// What a Raft entry carries about a stream so apply never depends on local config.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StreamRules {
@@ -120,6 +186,8 @@ pub struct StreamDef {
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
     pub description: String,
+    /// Per-key input rate limit, enforced at ingest (not part of the replicated rules).
+    pub key_rate_limit: Option<KeyRateLimit>,
 }
 
 /// A stream as written in config.
@@ -146,6 +214,9 @@ pub struct StreamConfig {
     /// folded inputs in each output (suppression visibility for dedupe streams).
     #[serde(default)]
     pub samples: Option<SamplesConfig>,
+    /// `key_rate_limit = { per_second = 100, burst = 200, action = "reject" | "shed" }`.
+    #[serde(default)]
+    pub key_rate_limit: Option<KeyRateConfig>,
 }
 
 fn default_max_key_bytes() -> usize {
@@ -247,6 +318,7 @@ impl StreamConfig {
             max_key_bytes: self.max_key_bytes,
             max_value_bytes: self.max_value_bytes,
             description: self.description.clone(),
+            key_rate_limit: self.key_rate_limit.map(|k| k.validate(name)).transpose()?,
         })
     }
 }
@@ -370,6 +442,33 @@ mod tests {
         assert_eq!(t.get("a").unwrap().rules.op, MergeOp::Max { value_type: NumType::I64 });
         assert_eq!(t.get("b").unwrap().rules.op, MergeOp::Max { value_type: NumType::F64 });
         assert_eq!(t.get("c").unwrap().rules.op, MergeOp::SetUnion { max_members: 5 });
+    }
+
+    #[test]
+    fn key_rate_limits_default_their_burst_and_name_bad_fields() {
+        let t = StreamsFile::parse(
+            "[streams.a]\nmerge = \"count\"\nwindow = { tumbling = \"1s\" }\nkey_rate_limit = { per_second = 10 }\n\
+             [streams.b]\nmerge = \"count\"\nwindow = { tumbling = \"1s\" }\n\
+             key_rate_limit = { per_second = 10, burst = 50, action = \"shed\" }\n",
+        )
+        .unwrap()
+        .validate(KINDS)
+        .unwrap();
+        let a = t.get("a").unwrap().key_rate_limit.unwrap();
+        assert_eq!((a.per_second.get(), a.burst.get(), a.action), (10, 10, KeyRateAction::Reject));
+        let b = t.get("b").unwrap().key_rate_limit.unwrap();
+        assert_eq!((b.per_second.get(), b.burst.get(), b.action), (10, 50, KeyRateAction::Shed));
+        let base = "[streams.x]\nmerge = \"count\"\nwindow = { tumbling = \"1s\" }\n";
+        assert_eq!(
+            parse_err(&format!("{base}key_rate_limit = {{ per_second = 0 }}")),
+            "stream \"x\": key_rate_limit.per_second must be in 1..=1000000000"
+        );
+        assert_eq!(
+            parse_err(&format!("{base}key_rate_limit = {{ per_second = 5, burst = 0 }}")),
+            "stream \"x\": key_rate_limit.burst must be in 1..=1000000000"
+        );
+        assert!(parse_err(&format!("{base}key_rate_limit = {{ per_second = 5, action = \"drop\" }}")).contains("drop"));
+        assert!(parse_err(&format!("{base}key_rate_limit = {{ rate = 5 }}")).contains("unknown field `rate`"));
     }
 
     #[test]

@@ -28,6 +28,24 @@ struct StoredEntry {
     payload: StoredPayload,
 }
 
+/// [`StoredPayload`] borrowing the command: the same bytes (postcard encodes a reference as the
+/// value), without copying an Ingest's partials to write them.
+#[derive(Serialize)]
+enum StoredPayloadRef<'a> {
+    Blank,
+    Normal(&'a Command),
+    Membership(String),
+}
+
+/// [`StoredEntry`] with a [`StoredPayloadRef`].
+#[derive(Serialize)]
+struct StoredEntryRef<'a> {
+    term: u64,
+    node: u64,
+    index: u64,
+    payload: StoredPayloadRef<'a>,
+}
+
 fn enc_err(what: &'static str, e: impl std::fmt::Display) -> StorageError {
     StorageError::Encode { what, detail: e.to_string() }
 }
@@ -43,14 +61,18 @@ pub fn log_id(term: u64, node: u64, index: u64) -> LogId {
 
 pub fn encode_entry(e: &Entry) -> Result<Vec<u8>, StorageError> {
     let payload = match &e.payload {
-        EntryPayload::Blank => StoredPayload::Blank,
-        EntryPayload::Normal(c) => StoredPayload::Normal(c.clone()),
+        EntryPayload::Blank => StoredPayloadRef::Blank,
+        EntryPayload::Normal(c) => StoredPayloadRef::Normal(c),
         EntryPayload::Membership(m) => {
-            StoredPayload::Membership(serde_json::to_string(m).map_err(|e| enc_err("membership", e))?)
+            StoredPayloadRef::Membership(serde_json::to_string(m).map_err(|e| enc_err("membership", e))?)
         }
     };
-    let stored =
-        StoredEntry { term: e.log_id.leader_id.term, node: e.log_id.leader_id.node_id, index: e.log_id.index, payload };
+    let stored = StoredEntryRef {
+        term: e.log_id.leader_id.term,
+        node: e.log_id.leader_id.node_id,
+        index: e.log_id.index,
+        payload,
+    };
     postcard::to_allocvec(&stored).map_err(|e| enc_err("log entry", e))
 }
 

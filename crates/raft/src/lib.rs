@@ -22,6 +22,7 @@ pub mod log_store;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod quiesce;
 pub mod state_machine;
 pub mod tracectx;
 pub mod types;
@@ -29,7 +30,7 @@ pub mod types;
 pub use log_store::LogStore;
 pub use node::{
     ClusterSpec, Leadership, NodeSpec, PeerService, ProposeError, RaftNode, RaftTiming, ReplicaDetail, ShardDetail,
-    ShardView,
+    ShardView, SinkHealth,
 };
 pub use state_machine::ShardStateMachine;
 pub use types::{Command, GroupOutcome, IngestGroup, PeerNode, Response, TypeConfig};

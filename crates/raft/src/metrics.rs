@@ -118,6 +118,22 @@ pub(crate) static SNAPSHOTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["event"],
     )
 });
+pub(crate) static ADAPTIVE_STEPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_adaptive_steps_total",
+        "Control steps of the load-adaptive window controllers on shards this node leads, by stream and \
+         decision (calm, stretching, buffer_brake, holding, relaxing).",
+        &["stream", "reason"],
+    )
+});
+pub(crate) static ADAPTIVE_HIGH: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_adaptive_high_pressure_steps_total",
+        "Adaptive control steps taken under high pressure, by stream and what made it high (backlog, \
+         sink_lag, sink_throttled, sink_failing).",
+        &["stream", "cause"],
+    )
+});
 
 /// Creates every family, so each is listed from the first scrape on,
 /// with a zero child for every stream in `streams`.

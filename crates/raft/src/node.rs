@@ -16,10 +16,10 @@ use coalesce_core::buffer::ShardBuffer;
 use coalesce_core::hash::ShardId;
 use coalesce_core::hotkeys::{HotKey, HotKeys};
 use coalesce_core::stream::{OverflowPolicy, StreamTable};
-use coalesce_core::time::{Clock, SystemClock};
+use coalesce_core::time::{Clock, Millis, SystemClock};
 use coalesce_proto::v1::raft_peer_client::RaftPeerClient;
 use coalesce_proto::v1::raft_peer_server::RaftPeer;
-use coalesce_proto::v1::{HelloRequest, HelloResponse, RaftMessage, SnapshotChunk};
+use coalesce_proto::v1::{HelloRequest, HelloResponse, PingRequest, PingResponse, RaftMessage, SnapshotChunk};
 use coalesce_storage::{NodeDb, ShardStore, StorageError};
 use openraft::errors::{ClientWriteError, ForwardReason, RaftError};
 use openraft::storage::Snapshot;
@@ -29,7 +29,7 @@ use tonic::{Request, Response as TonicResponse, Status, Streaming};
 use crate::codec;
 use crate::log_store::LogStore;
 use crate::network::{Channels, GroupNetworkFactory};
-use crate::state_machine::ShardStateMachine;
+use crate::state_machine::{OutboxMeta, ShardStateMachine};
 use crate::types::{Command, IngestGroup, PeerNode, Response, TypeConfig};
 use openraft::async_runtime::WatchReceiver;
 
@@ -72,11 +72,13 @@ pub struct RaftTiming {
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
+    /// An idle group stops its timers after this long ([`crate::quiesce`]); 0: never.
+    pub quiesce_after_ms: u64,
 }
 
 impl Default for RaftTiming {
     fn default() -> Self {
-        Self { heartbeat_ms: 100, election_min_ms: 250, election_max_ms: 350 }
+        Self { heartbeat_ms: 100, election_min_ms: 250, election_max_ms: 350, quiesce_after_ms: 2_000 }
     }
 }
 
@@ -122,6 +124,11 @@ pub struct Group {
     pub store: ShardStore,
     /// The state machine's change counter (see [`ShardStateMachine::version`]).
     pub version: Arc<std::sync::atomic::AtomicU64>,
+    /// The adaptive stretch of each stream in the last Ingest entry applied here (see
+    /// [`ShardStateMachine::applied_extra`]): where a new leader's controllers resume.
+    pub applied_extra: crate::state_machine::AppliedExtra,
+    /// Whether the group's timers are stopped ([`crate::quiesce`]), and when it was last needed.
+    pub quiet: Arc<crate::quiesce::Quiet>,
 }
 
 impl std::fmt::Debug for Group {
@@ -199,6 +206,8 @@ pub struct ShardDetail {
     pub committed: u64,
     pub last_applied: u64,
     pub replicas: Vec<ReplicaDetail>,
+    /// The group's timers are stopped ([`crate::quiesce`]).
+    pub quiesced: bool,
 }
 
 /// What a node forwards to a shard leader over the peer port.
@@ -230,19 +239,24 @@ pub enum NodeError {
 
 /// All shard groups of one node.
 pub struct RaftNode {
-    id: u64,
+    pub(crate) id: u64,
     me: PeerNode,
-    spec: ClusterSpec,
+    pub(crate) spec: ClusterSpec,
     /// The streams this node runs with; a leader stamps their rules into Ingest entries.
     streams: StreamTable,
-    channels: Arc<Channels>,
+    pub(crate) channels: Arc<Channels>,
     /// Written only at start-up; never held across an await.
     groups: RwLock<BTreeMap<ShardId, Group>>,
     clock: Arc<dyn Clock>,
     /// How long a quorum acknowledgement keeps this node's leadership valid for delivery.
-    lease: Duration,
+    pub(crate) lease: Duration,
     /// The maximum election timeout: how long followers wait before campaigning.
-    lease_max: Duration,
+    pub(crate) lease_max: Duration,
+    pub(crate) heartbeat: Duration,
+    /// Idle groups stop their timers after this long ([`crate::quiesce`]).
+    pub(crate) quiesce_after: Option<Duration>,
+    /// Peers' liveness, standing in for quiesced groups' heartbeats.
+    pub(crate) liveness: crate::quiesce::Liveness,
     /// Set by an operator's drain: balancing moves leadership away from this node.
     draining: std::sync::atomic::AtomicBool,
     db: Arc<NodeDb>,
@@ -255,7 +269,26 @@ pub struct RaftNode {
     /// per (shard, adaptive stream): fed the shard's pressure on the sealer tick, read when an
     /// Ingest is proposed (the stretch rides in its rules), dropped when leadership is lost.
     adaptive: std::sync::Mutex<BTreeMap<(ShardId, String), AdaptiveController>>,
+    /// What each delivery worker last saw of its sink on a shard this node leads, and when
+    /// ([`RaftNode::report_sink_health`]); part of the adaptive controllers' pressure.
+    sink_health: std::sync::Mutex<BTreeMap<(ShardId, String), (SinkHealth, std::time::Instant)>>,
+    /// The streams each configured sink carries, by cursor name
+    /// ([`RaftNode::set_sink_streams`]): a stream's pressure looks only at the cursors (and
+    /// sink health) of sinks that carry it, and at every cursor not named here (subscribers).
+    sink_streams: std::sync::RwLock<BTreeMap<String, BTreeSet<String>>>,
 }
+
+/// What a delivery worker last saw of its sink (see [`RaftNode::report_sink_health`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SinkHealth {
+    /// The sink asked to slow down (HTTP 429), or full batches waited for its rate limit.
+    pub throttled: bool,
+    /// Deliveries fail and are being retried, or its circuit breaker is open.
+    pub failing: bool,
+}
+
+/// A sink-health report older than this no longer counts (its worker stopped or stalled).
+const SINK_HEALTH_TTL: Duration = Duration::from_secs(3);
 
 impl std::fmt::Debug for RaftNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -322,11 +355,13 @@ impl RaftNode {
             let store = ShardStore::new(Arc::clone(&db), shard);
             let sm = ShardStateMachine::open(store.clone())?.counting_as(id);
             let version = sm.version();
+            let applied_extra = sm.applied_extra();
             let net = GroupNetworkFactory::new(shard, Arc::clone(&channels));
             let raft = Raft::new(id, Arc::clone(&config), net, LogStore::new(store.clone()), sm)
                 .await
                 .map_err(|e| NodeError::Start { shard, detail: e.to_string() })?;
-            groups.insert(shard, Group { shard, raft, store, version });
+            let quiet = Arc::default();
+            groups.insert(shard, Group { shard, raft, store, version, applied_extra, quiet });
         }
         Ok(Arc::new(Self {
             id,
@@ -338,10 +373,15 @@ impl RaftNode {
             clock: Arc::new(SystemClock),
             lease: Duration::from_millis(timing.election_min_ms),
             lease_max: Duration::from_millis(timing.election_max_ms),
+            heartbeat: Duration::from_millis(timing.heartbeat_ms),
+            quiesce_after: (timing.quiesce_after_ms > 0).then(|| Duration::from_millis(timing.quiesce_after_ms)),
+            liveness: crate::quiesce::Liveness::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             db,
             hot: std::sync::Mutex::new(BTreeMap::new()),
             adaptive: std::sync::Mutex::new(BTreeMap::new()),
+            sink_health: std::sync::Mutex::new(BTreeMap::new()),
+            sink_streams: std::sync::RwLock::new(BTreeMap::new()),
         }))
     }
 
@@ -452,6 +492,7 @@ impl RaftNode {
     /// Proposes `cmd` to `shard`'s log and waits until it is committed and applied here.
     pub async fn propose(&self, shard: ShardId, cmd: Command) -> Result<Response, ProposeError> {
         let group = self.group(shard).ok_or(ProposeError::NoGroup(shard))?;
+        self.wake(&group).await;
         let (kind, started) = (cmd.kind(), std::time::Instant::now());
         let span = tracing::debug_span!("replicate", shard, command = kind);
         match tracing::Instrument::instrument(group.raft.client_write(cmd), span).await {
@@ -587,6 +628,7 @@ impl RaftNode {
             committed: m.cluster_committed.map_or(0, |c| c.index),
             last_applied: m.last_applied.map_or(0, |a| a.index),
             replicas,
+            quiesced: group.quiet.is_quiesced(),
         })
     }
 
@@ -723,67 +765,110 @@ impl RaftNode {
         ctl.iter().map(|((shard, stream), c)| (*shard, stream.clone(), c.decision())).collect()
     }
 
-    /// The downstream pressure on a shard this node leads: outputs the slowest consumer has
-    /// not acknowledged, the age of the oldest of them, and buffer fill. Sink throttling and
-    /// failures are not wired in yet (always false).
-    fn pressure(&self, group: &Group, now: coalesce_core::time::Millis) -> Option<Pressure> {
-        let outbox = crate::state_machine::load_outbox(&group.store).ok()?;
-        let stats = group.store.stats().ok()?;
-        let limits = self.streams.limits();
-        let (outbox_backlog, oldest_undelivered_age_ms) = match outbox.cursors.values().min() {
+    /// Tells the adaptive controllers which streams sink (cursor) `sink` carries; the server
+    /// calls it once per configured sink at start.
+    pub fn set_sink_streams(&self, sink: &str, streams: BTreeSet<String>) {
+        if let Ok(mut m) = self.sink_streams.write() {
+            m.insert(sink.to_owned(), streams);
+        }
+    }
+
+    /// A delivery worker's latest view of `sink` on `shard` (reported after every delivery
+    /// attempt and when it catches up); counts for [`SINK_HEALTH_TTL`].
+    pub fn report_sink_health(&self, shard: ShardId, sink: &str, health: SinkHealth) {
+        if let Ok(mut m) = self.sink_health.lock() {
+            m.insert((shard, sink.to_owned()), (health, std::time::Instant::now()));
+        }
+    }
+
+    /// The downstream pressure on `stream` of a shard this node leads: outputs the slowest
+    /// cursor that carries the stream has not acknowledged, the age of the oldest of them
+    /// (since its window closed), whether a sink carrying it reported throttling or failures
+    /// recently, and the buffer fill. Backlogs count every output after the cursor (the outbox
+    /// is one seq space for all streams).
+    fn pressure(&self, group: &Group, outbox: &OutboxMeta, fill: f64, stream: &str, now: Millis) -> Pressure {
+        let carriers = self.sink_streams.read().unwrap_or_else(|p| p.into_inner());
+        let carries = |cursor: &str| carriers.get(cursor).is_none_or(|s| s.contains(stream));
+        let slowest = outbox.cursors.iter().filter(|(c, _)| carries(c)).map(|(_, acked)| *acked).min();
+        let (outbox_backlog, oldest_undelivered_age_ms) = match slowest {
             // Without any consumer nothing waits on the outbox.
             None => (0, 0),
-            Some(&acked) => {
+            Some(acked) => {
                 let backlog = outbox.next_seq.saturating_sub(1).saturating_sub(acked);
                 let age = if backlog == 0 {
                     0
                 } else {
-                    let first = group.store.outbox_from(acked.max(outbox.low.saturating_sub(1)) + 1, 1).ok()?;
-                    first.first().map_or(0, |o| now.saturating_sub(o.window_end))
+                    let first = group.store.outbox_from(acked.max(outbox.low.saturating_sub(1)) + 1, 1);
+                    first.ok().and_then(|f| f.first().map(|o| now.saturating_sub(o.window_end))).unwrap_or(0)
                 };
                 (backlog, age)
             }
         };
-        let ratio = |used: u64, max: u64| if max == 0 { 0.0 } else { used as f64 / max as f64 };
-        Some(Pressure {
-            outbox_backlog,
-            oldest_undelivered_age_ms,
-            sink_throttled: false,
-            sink_failing: false,
-            buffer_fill: ratio(stats.keys, limits.max_keys).max(ratio(stats.bytes, limits.max_bytes)),
-        })
+        let (mut sink_throttled, mut sink_failing) = (false, false);
+        let health = self.sink_health.lock().unwrap_or_else(|p| p.into_inner());
+        for ((_, sink), (h, at)) in
+            health.range((group.shard, String::new())..).take_while(|((s, _), _)| *s == group.shard)
+        {
+            if at.elapsed() <= SINK_HEALTH_TTL && carries(sink) {
+                sink_throttled |= h.throttled;
+                sink_failing |= h.failing;
+            }
+        }
+        Pressure { outbox_backlog, oldest_undelivered_age_ms, sink_throttled, sink_failing, buffer_fill: fill }
     }
 
     /// One control step of every adaptive stream on every shard this node leads (sealer tick);
-    /// controllers of shards no longer led are dropped.
+    /// controllers of shards no longer led are dropped. A new leader's controller resumes from
+    /// the stretch of the last Ingest entry it applied, so a failover does not close every
+    /// stretched window at once.
     fn tick_adaptive(&self, led: &BTreeSet<ShardId>) {
         let adaptive: Vec<_> =
             self.streams.iter().filter_map(|d| d.rules.window.adaptive.map(|p| (d.name.clone(), p))).collect();
+        if let Ok(mut health) = self.sink_health.lock() {
+            health.retain(|(shard, _), _| led.contains(shard));
+        }
         if adaptive.is_empty() {
             return;
         }
         let now = self.clock.now();
-        // Storage reads first, without the lock.
-        let pressures: Vec<(ShardId, Pressure)> = led
-            .iter()
-            .filter_map(|shard| self.group(*shard).and_then(|g| self.pressure(&g, now)).map(|p| (*shard, p)))
-            .collect();
+        let limits = self.streams.limits();
+        let ratio = |used: u64, max: u64| if max == 0 { 0.0 } else { used as f64 / max as f64 };
+        // Storage reads first, without the controllers' lock.
+        let mut samples = Vec::new();
+        for shard in led {
+            let Some(group) = self.group(*shard) else { continue };
+            let (Ok(outbox), Ok(stats)) = (crate::state_machine::load_outbox(&group.store), group.store.stats()) else {
+                continue;
+            };
+            let fill = ratio(stats.keys, limits.max_keys).max(ratio(stats.bytes, limits.max_bytes));
+            let applied = group.applied_extra.lock().map(|m| m.clone()).unwrap_or_default();
+            for (stream, policy) in &adaptive {
+                let pressure = self.pressure(&group, &outbox, fill, stream, now);
+                let resume = applied.get(stream).copied().unwrap_or(0);
+                samples.push((*shard, stream, *policy, pressure, resume));
+            }
+        }
         let Ok(mut ctl) = self.adaptive.lock() else { return };
         ctl.retain(|(shard, _), _| led.contains(shard));
-        for (shard, pressure) in pressures {
-            for (stream, policy) in &adaptive {
-                let c = ctl.entry((shard, stream.clone())).or_insert_with(|| AdaptiveController::new(*policy));
-                let before = c.decision();
-                let after = c.update(now, &pressure);
-                if after != before {
-                    tracing::debug!(
-                        shard,
-                        stream,
-                        extra_ms = after.extra_ms,
-                        reason = after.reason.as_str(),
-                        "adaptive window"
-                    );
+        for (shard, stream, policy, pressure, resume) in samples {
+            let c = ctl.entry((shard, stream.clone())).or_insert_with(|| AdaptiveController::resume(policy, resume));
+            let (before, steps) = (c.decision(), c.steps());
+            let after = c.update(now, &pressure);
+            if c.steps() != steps {
+                crate::metrics::ADAPTIVE_STEPS.with_label_values(&[stream.as_str(), after.reason.as_str()]).inc();
+                if let Some(cause) = after.reason.cause() {
+                    crate::metrics::ADAPTIVE_HIGH.with_label_values(&[stream.as_str(), cause.as_str()]).inc();
                 }
+            }
+            if after != before {
+                tracing::debug!(
+                    shard,
+                    stream,
+                    extra_ms = after.extra_ms,
+                    reason = after.reason.as_str(),
+                    cause = after.reason.cause().map_or("", |c| c.as_str()),
+                    "adaptive window"
+                );
             }
         }
     }
@@ -921,6 +1006,7 @@ impl RaftNode {
             // request arrives. Under steady load the log grows between two looks, so a target
             // that is close is watched for a moment until it has everything.
             let Some(to) = target else { continue };
+            self.wake(&group).await;
             if Self::wait_caught_up(&group, to, Duration::from_millis(200)).await {
                 tracing::info!(shard = group.shard, to = %preferred, "handing leadership to the desired replica");
                 let _ = group.raft.trigger().transfer_leader(to).await;
@@ -1028,6 +1114,7 @@ impl RaftNode {
                 continue;
             }
             tracing::warn!(shard = group.shard, node = %node.name, old_id, new_id, "peer came back with a new id; replacing it");
+            self.wake(group).await;
             if let Err(e) = group.raft.add_learner(new_id, node.clone(), true).await {
                 tracing::warn!(shard = group.shard, error = %e, "adding the returning peer failed");
                 continue;
@@ -1047,6 +1134,9 @@ impl RaftNode {
         // A hand-off takes about one election; when peers are stopping too (a whole cluster
         // going down) it may never complete, and waiting longer only delays the exit.
         let deadline = tokio::time::Instant::now() + within.min(self.lease_max * 10);
+        // Quiesced leaderships wake first (all at once: a round trip each, or the lease).
+        let led: Vec<Group> = self.groups().into_iter().filter(|g| g.raft.is_leader()).collect();
+        futures::future::join_all(led.iter().map(|g| self.wake(g))).await;
         for group in self.groups() {
             if group.raft.is_leader() {
                 let target = group.raft.voter_ids().find(|id| *id != self.id);
@@ -1136,6 +1226,7 @@ impl RaftPeer for PeerService {
         let g = self.group(m.group, m.target)?;
         let rpc = codec::decode_msg("append_entries", &m.payload).map_err(bad)?;
         let resp = g.raft.append_entries(rpc).await.map_err(unavailable)?;
+        self.node.wake_on_message(&g);
         reply(m.group, "append_entries", &resp)
     }
 
@@ -1144,6 +1235,7 @@ impl RaftPeer for PeerService {
         let g = self.group(m.group, m.target)?;
         let rpc = codec::decode_msg("vote", &m.payload).map_err(bad)?;
         let resp = g.raft.vote(rpc).await.map_err(unavailable)?;
+        self.node.wake_on_message(&g);
         reply(m.group, "vote", &resp)
     }
 
@@ -1152,6 +1244,7 @@ impl RaftPeer for PeerService {
         let g = self.group(m.group, m.target)?;
         let rpc = codec::decode_msg("pre_vote", &m.payload).map_err(bad)?;
         let resp = g.raft.pre_vote(rpc).await.map_err(unavailable)?;
+        self.node.wake_on_message(&g);
         reply(m.group, "pre_vote", &resp)
     }
 
@@ -1160,6 +1253,7 @@ impl RaftPeer for PeerService {
         let g = self.group(m.group, m.target)?;
         let req = codec::decode_msg("transfer_leader", &m.payload).map_err(bad)?;
         let resp = g.raft.handle_transfer_leader(req).await.map_err(unavailable)?;
+        self.node.wake_on_message(&g);
         reply(m.group, "transfer_leader", &resp)
     }
 
@@ -1197,7 +1291,19 @@ impl RaftPeer for PeerService {
         // snapshots, so corrupt input must never reach it).
         coalesce_storage::StateExport::decode(first.group, &data).map_err(bad)?;
         let resp = g.raft.install_full_snapshot(vote, Snapshot { meta, snapshot: data }).await.map_err(unavailable)?;
+        self.node.wake_on_message(&g);
         reply(first.group, "snapshot response", &resp)
+    }
+
+    async fn quiesce(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        let m = request.into_inner();
+        let g = self.group(m.group, m.target)?;
+        let agreed = self.node.on_quiesce(&g, &m.payload);
+        reply(m.group, "quiesce reply", &agreed)
+    }
+
+    async fn ping(&self, request: Request<PingRequest>) -> Result<TonicResponse<PingResponse>, Status> {
+        Ok(TonicResponse::new(self.node.on_ping(request.get_ref())))
     }
 }
 

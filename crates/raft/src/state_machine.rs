@@ -55,6 +55,10 @@ type CurrentSnapshot = Arc<
     >,
 >;
 
+/// Per adaptive stream, the window stretch (`extra_ms`) of the last Ingest entry applied:
+/// an observation for the node (where a new leader's controller resumes), not replicated state.
+pub type AppliedExtra = Arc<Mutex<BTreeMap<String, u64>>>;
+
 /// A shard group's state machine.
 #[derive(Debug, Clone)]
 pub struct ShardStateMachine {
@@ -69,6 +73,7 @@ pub struct ShardStateMachine {
     /// This node's peer id when it records metrics (see `crate::metrics`): entries proposed by
     /// it are counted here.
     counting_as: Option<u64>,
+    applied_extra: AppliedExtra,
 }
 
 /// The outbox bookkeeping of `store`'s shard as last applied there.
@@ -103,7 +108,14 @@ impl ShardStateMachine {
     /// The state machine of `store`'s shard, as persisted.
     pub fn open(store: ShardStore) -> Result<Self, StorageError> {
         let outbox = load_outbox(&store)?;
-        Ok(Self { store, outbox, current: Arc::new(Mutex::new(None)), version: Arc::default(), counting_as: None })
+        Ok(Self {
+            store,
+            outbox,
+            current: Arc::new(Mutex::new(None)),
+            version: Arc::default(),
+            counting_as: None,
+            applied_extra: Arc::default(),
+        })
     }
 
     /// Records stream metrics for the entries node `me` proposed (`crate::metrics`).
@@ -125,6 +137,11 @@ impl ShardStateMachine {
     /// A counter bumped whenever the state changes (entry applied, snapshot installed).
     pub fn version(&self) -> Arc<std::sync::atomic::AtomicU64> {
         Arc::clone(&self.version)
+    }
+
+    /// The adaptive stretch per stream of the last Ingest entry applied here.
+    pub fn applied_extra(&self) -> AppliedExtra {
+        Arc::clone(&self.applied_extra)
     }
 
     /// The outbox bookkeeping as of the last applied entry.
@@ -189,6 +206,13 @@ impl ShardStateMachine {
                 }
                 SeqCheck::Duplicate => outcomes.push(GroupOutcome::Duplicate),
                 SeqCheck::Overlap { accepted } => outcomes.push(GroupOutcome::Overlap { accepted }),
+            }
+        }
+        if let Ok(mut extra) = self.applied_extra.lock() {
+            for (stream, r) in &rules {
+                if let Some(a) = r.window.adaptive {
+                    extra.insert(stream.clone(), a.extra_ms);
+                }
             }
         }
         let input = IngestBatch { stamp, rules, limits, partials };

@@ -193,6 +193,7 @@ impl pb::admin_server::Admin for AdminService {
     async fn shards(&self, _request: Request<pb::ShardsRequest>) -> Result<Response<pb::ShardsResponse>, Status> {
         let internal = |e: coalesce_storage::StorageError| Status::internal(e.to_string());
         let mut shards = Vec::new();
+        let adaptive = self.node.adaptive_decisions();
         for g in self.node.groups() {
             let Some(d) = self.node.shard_detail(g.shard) else { continue };
             let stats = g.store.stats().map_err(internal)?;
@@ -230,6 +231,17 @@ impl pb::admin_server::Admin for AdminService {
                 cursors: outbox.cursors.into_iter().collect(),
                 preferred_leader: load_preferred_leader(&g.store).map_err(internal)?.unwrap_or_default(),
                 lease_valid: self.node.delivery_epoch(g.shard).is_some(),
+                quiesced: d.quiesced,
+                adaptive: adaptive
+                    .iter()
+                    .filter(|(shard, _, _)| *shard == g.shard)
+                    .map(|(_, stream, d)| pb::AdaptiveWindow {
+                        stream: stream.clone(),
+                        extra_ms: d.extra_ms,
+                        reason: d.reason.as_str().to_owned(),
+                        cause: d.reason.cause().map_or("", |c| c.as_str()).to_owned(),
+                    })
+                    .collect(),
             });
         }
         Ok(Response::new(pb::ShardsResponse {

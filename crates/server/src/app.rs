@@ -220,6 +220,7 @@ pub async fn run(
         }
     });
     let sealer = tokio::spawn(Arc::clone(&node).run_sealer(Duration::from_millis(20), wait(stop_peer_rx.clone())));
+    let liveness = tokio::spawn(Arc::clone(&node).run_liveness(wait(stop_peer_rx.clone())));
     let balancer = tokio::spawn(Arc::clone(&node).run_balancer(Duration::from_secs(2), wait(stop_client_rx2.clone())));
     let delivering = tokio::spawn(Arc::clone(&delivery).run(wait(stop_client_rx2.clone())));
     let lease_book = tokio::spawn(Arc::clone(&leases).run(Duration::from_millis(100), wait(stop_client_rx2.clone())));
@@ -241,6 +242,7 @@ pub async fn run(
     node.shutdown(SHUTDOWN_GRACE).await;
     let _ = stop_peer.send(true);
     let _ = sealer.await;
+    let _ = liveness.await;
     for (name, server) in [("client", client_server), ("peer", peer_server)] {
         join_server(name, server).await;
     }

@@ -91,6 +91,10 @@ pub struct RaftConfig {
     pub election_timeout_min: Duration,
     #[serde(with = "humantime_serde", default = "default_election_max")]
     pub election_timeout_max: Duration,
+    /// An idle shard group stops its Raft timers after this long (`0s`: never); node pings
+    /// stand in for its heartbeats (`coalesce_raft::quiesce`).
+    #[serde(with = "humantime_serde", default = "default_quiesce_after")]
+    pub quiesce_after: Duration,
 }
 
 fn default_heartbeat() -> Duration {
@@ -102,6 +106,9 @@ fn default_election_min() -> Duration {
 fn default_election_max() -> Duration {
     Duration::from_millis(RaftTiming::default().election_max_ms)
 }
+fn default_quiesce_after() -> Duration {
+    Duration::from_millis(RaftTiming::default().quiesce_after_ms)
+}
 
 impl Default for RaftConfig {
     fn default() -> Self {
@@ -109,6 +116,7 @@ impl Default for RaftConfig {
             heartbeat: default_heartbeat(),
             election_timeout_min: default_election_min(),
             election_timeout_max: default_election_max(),
+            quiesce_after: default_quiesce_after(),
         }
     }
 }
@@ -287,6 +295,7 @@ impl Config {
             heartbeat_ms: self.raft.heartbeat.as_millis() as u64,
             election_min_ms: self.raft.election_timeout_min.as_millis() as u64,
             election_max_ms: self.raft.election_timeout_max.as_millis() as u64,
+            quiesce_after_ms: self.raft.quiesce_after.as_millis() as u64,
         }
     }
 }

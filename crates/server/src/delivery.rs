@@ -25,7 +25,7 @@ use std::time::Duration;
 use coalesce_core::output::{DeadLetter, Epoch, Output};
 use coalesce_core::time::{Clock, SystemClock};
 use coalesce_raft::state_machine::load_outbox;
-use coalesce_raft::{Command, ProposeError, RaftNode, Response};
+use coalesce_raft::{Command, ProposeError, RaftNode, Response, SinkHealth};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -40,6 +40,9 @@ const SUPERVISE_EVERY: Duration = Duration::from_millis(50);
 const STOP_WAIT: Duration = Duration::from_secs(2);
 /// How often an idle worker looks for new outputs.
 const IDLE_POLL: Duration = Duration::from_millis(20);
+/// A full batch that waited at least this long for the sink's rate limit reports the sink as
+/// throttled.
+const RATE_WAIT_THROTTLED: Duration = Duration::from_millis(1);
 
 /// Consecutive-failure circuit breaker shared by a sink's workers.
 #[derive(Debug)]
@@ -126,6 +129,7 @@ impl Delivery {
     ) -> anyhow::Result<Arc<Self>> {
         let mut sinks = Vec::new();
         for config in configs {
+            node.set_sink_streams(&config.name, config.streams.iter().cloned().collect());
             let sink =
                 config.build(node_name, data_dir).await.map_err(|e| anyhow::anyhow!("sinks.{}: {e}", config.name))?;
             let d = &config.delivery;
@@ -259,6 +263,7 @@ impl Delivery {
         let Some(target) = &rt.sink else {
             return Err(ReplayError::Invalid(format!("sink {sink:?} is a subscriber: nothing to replay into")));
         };
+        self.node.wake_shard(shard).await;
         let epoch = self.node.delivery_epoch(shard).ok_or(ReplayError::NotLeader(shard))?;
         let group = self.node.group(shard).ok_or(ReplayError::NotLeader(shard))?;
         let mut letters = Vec::new();
@@ -322,6 +327,12 @@ impl Worker {
         self.delivery.node.propose(self.shard, cmd).await
     }
 
+    /// Tells the shard's leader (this node) how the sink is doing: the adaptive windows'
+    /// throttled / failing signals.
+    fn report(&self, throttled: bool, failing: bool) {
+        self.delivery.node.report_sink_health(self.shard, &self.rt.config.name, SinkHealth { throttled, failing });
+    }
+
     async fn run(mut self) {
         let name = self.rt.config.name.clone();
         if let Err(e) = self.deliver_loop().await {
@@ -372,11 +383,16 @@ impl Worker {
                 acked = next - 1;
                 last_ack = Instant::now();
             }
+            if !pending.is_empty() || next - 1 > acked {
+                // Work in hand (or progress to record): the shard must not quiesce.
+                self.delivery.node.keep_awake(self.shard);
+            }
             if pending.is_empty() {
                 let version = group.version.load(std::sync::atomic::Ordering::Acquire);
                 pending.extend(group.store.outbox_from(next, page_size).map_err(|e| e.to_string())?);
                 if pending.is_empty() {
                     // Caught up: wait for new outputs, or until an acknowledgement is due.
+                    self.report(false, false);
                     while self.valid()
                         && group.version.load(std::sync::atomic::Ordering::Acquire) == version
                         && !(next - 1 > acked && last_ack.elapsed() >= ack_interval)
@@ -447,6 +463,7 @@ impl Worker {
         let mut attempts = 0u32;
         loop {
             while let Some(until) = self.rt.breaker.open_until() {
+                self.report(false, true);
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => {}
                     _ = self.stop.changed() => {}
@@ -470,6 +487,7 @@ impl Worker {
                 attempt = attempts,
             );
             let (shard, epoch, fetch) = (self.shard, self.epoch, self.delivery.fetch.get());
+            let waited_before = sink.rate_limit_waited();
             let attempt = async move {
                 // The event → fetch bridge swaps in fetched answers first (crate::fetch).
                 let bridged = match fetch {
@@ -482,33 +500,28 @@ impl Worker {
             let kind = match &result {
                 Ok(()) => "ok",
                 Err(DeliveryError::Transient { .. }) => "transient",
+                Err(DeliveryError::Throttled { .. }) => "throttled",
                 Err(DeliveryError::Rejected { .. }) => "rejected",
                 Err(DeliveryError::Fenced { .. }) => "fenced",
             };
             metrics::SINK_DURATION
                 .with_label_values(&[self.rt.config.name.as_str(), kind])
                 .observe(started.elapsed().as_secs_f64());
-            match result {
+            let (reason, retry_after, throttled) = match result {
                 Ok(()) => {
                     self.rt.breaker.success();
+                    // A full batch that had to wait for the sink's rate limit: more is queued
+                    // than the limit lets through.
+                    let waited = sink.rate_limit_waited().saturating_sub(waited_before);
+                    let full = outputs.len() >= self.rt.config.batch_max();
+                    self.report(full && waited >= RATE_WAIT_THROTTLED, false);
                     return Outcome::Delivered;
                 }
-                Err(DeliveryError::Transient { reason, retry_after }) => {
-                    let opened = self.rt.breaker.failure();
-                    metrics::SINK_RETRIES.with_label_values(&[self.rt.config.name.as_str()]).inc();
-                    if attempts == 1 || opened || attempts.is_multiple_of(10) {
-                        tracing::warn!(sink = %self.rt.config.name, shard = self.shard, attempts, breaker_opened = opened, %reason, "delivery failed, retrying");
-                    }
-                    let exp = d.retry_initial.saturating_mul(1u32 << (attempts - 1).min(20)).min(d.retry_max);
-                    let jitter = 0.5 + rand::random::<f64>();
-                    let wait = retry_after.unwrap_or_default().max(exp.mul_f64(jitter));
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = self.stop.changed() => return Outcome::Stop,
-                    }
-                }
+                Err(DeliveryError::Transient { reason, retry_after }) => (reason, retry_after, false),
+                Err(DeliveryError::Throttled { reason, retry_after }) => (reason, retry_after, true),
                 Err(DeliveryError::Rejected { reason }) => {
                     self.rt.breaker.success();
+                    self.report(false, false);
                     if let [one] = outputs {
                         return Outcome::Refused(vec![DeadLetter {
                             sink: self.rt.config.name.clone(),
@@ -541,6 +554,20 @@ impl Worker {
                     }
                     return Outcome::Stop;
                 }
+            };
+            self.report(throttled, !throttled);
+            // A throttling sink is alive: it does not open the breaker.
+            let opened = !throttled && self.rt.breaker.failure();
+            metrics::SINK_RETRIES.with_label_values(&[self.rt.config.name.as_str()]).inc();
+            if attempts == 1 || opened || attempts.is_multiple_of(10) {
+                tracing::warn!(sink = %self.rt.config.name, shard = self.shard, attempts, breaker_opened = opened, throttled, %reason, "delivery failed, retrying");
+            }
+            let exp = d.retry_initial.saturating_mul(1u32 << (attempts - 1).min(20)).min(d.retry_max);
+            let jitter = 0.5 + rand::random::<f64>();
+            let wait = retry_after.unwrap_or_default().max(exp.mul_f64(jitter));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.stop.changed() => return Outcome::Stop,
             }
         }
     }

@@ -5,8 +5,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use coalesce_core::batch::BatchBuilder;
+use coalesce_core::batch::{BatchBuilder, EventBatch};
 use coalesce_core::error::Category;
+use coalesce_core::hash::ShardId;
+use coalesce_core::stream::KeyRateAction;
 use coalesce_core::time::{Clock, SystemClock};
 use coalesce_proto::v1 as pb;
 use coalesce_proto::v1::EventCode;
@@ -28,6 +30,7 @@ pub struct CoalesceService {
     limits: ApiLimits,
     delivery: Arc<Delivery>,
     fetch: crate::fetch::FetchService,
+    key_rates: Arc<crate::keyrate::KeyRates>,
 }
 
 impl CoalesceService {
@@ -37,7 +40,8 @@ impl CoalesceService {
         delivery: Arc<Delivery>,
         fetch: crate::fetch::FetchService,
     ) -> Self {
-        Self { node, limits, delivery, fetch }
+        let key_rates = Arc::new(crate::keyrate::KeyRates::new(node.streams()));
+        Self { node, limits, delivery, fetch, key_rates }
     }
 
     /// Checks a subscriber's consumer name: the cursor it acks must not be a sink's.
@@ -58,6 +62,41 @@ impl CoalesceService {
 
 fn status(code: EventCode, reason: &str, message: String) -> pb::EventStatus {
     pb::EventStatus { code: code as i32, reason: reason.to_owned(), message, ..Default::default() }
+}
+
+/// Counts, per stream, the events accepted into `batches` and the partials they became.
+fn count_premerge(batches: &BTreeMap<ShardId, EventBatch>) {
+    let mut per_stream: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for (key, partial) in batches.values().flat_map(|b| &b.groups).flat_map(|g| &g.partials) {
+        let c = per_stream.entry(key.stream.as_str()).or_default();
+        c.0 += partial.inputs;
+        c.1 += 1;
+    }
+    for (stream, (events, partials)) in per_stream {
+        crate::metrics::RECEIVED.with_label_values(&[stream]).inc_by(events);
+        crate::metrics::PREMERGED.with_label_values(&[stream]).inc_by(partials);
+    }
+}
+
+/// The status of an event over its key's `key_rate_limit` (see [`crate::keyrate`]).
+fn rate_limited(stream: &str, index: usize, l: &crate::keyrate::Limited) -> pb::EventStatus {
+    let what = format!(
+        "events[{index}].key: over stream {stream:?}'s per-key rate limit ({}/s, burst {})",
+        l.per_second, l.burst
+    );
+    let retry_after_ms = l.retry_after.as_millis().max(1) as u64;
+    match l.action {
+        KeyRateAction::Reject => {
+            let mut s = status(
+                EventCode::ResourceExhausted,
+                "key_rate_limited",
+                format!("{what}; not applied, resend it as a new event after {retry_after_ms} ms"),
+            );
+            s.retry_after_ms = retry_after_ms;
+            s
+        }
+        KeyRateAction::Shed => status(EventCode::Shed, "key_rate_limited", format!("{what}; dropped")),
+    }
 }
 
 /// Outbox entries read per shard per look.
@@ -139,6 +178,13 @@ impl CoalesceService {
                 builder.skip();
                 status(EventCode::InvalidArgument, "invalid_value", format!("events[{}].{field}: {msg}", offset + i))
             });
+            let result = result.and_then(|ev| match self.key_rates.check(&ev.stream, &ev.key) {
+                Ok(()) => Ok(ev),
+                Err(limited) => {
+                    builder.skip();
+                    Err(rate_limited(&ev.stream, offset + i, &limited))
+                }
+            });
             match result.and_then(|ev| {
                 builder.add(&ev).map_err(|err| {
                     let code = match err.category() {
@@ -155,6 +201,7 @@ impl CoalesceService {
             }
         }
         let batches = builder.finish();
+        count_premerge(&batches);
         let mut leader_hints = std::collections::HashMap::new();
         for shard in batches.keys() {
             if let Some(view) = self.node.shard_view(*shard)
@@ -355,6 +402,12 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
                         shed: c.shed,
                         outputs: c.outputs,
                         absorbed: c.absorbed,
+                        received: crate::metrics::counter_of(&crate::metrics::RECEIVED, &[&d.name]),
+                        premerged: crate::metrics::counter_of(&crate::metrics::PREMERGED, &[&d.name]),
+                        rate_limited: ["reject", "shed"]
+                            .iter()
+                            .map(|a| crate::metrics::counter_of(&crate::metrics::RATE_LIMITED, &[&d.name, a]))
+                            .sum(),
                     }
                 })
                 .collect(),

@@ -11,6 +11,7 @@
 //! - [`leases`]: leader leases in the shape of Kubernetes `coordination.k8s.io/v1` Leases.
 //! - [`k8s`]: publishing them as real Leases through the Kubernetes API (kube, k8s-openapi);
 //!   [`k8s_fake`]: the stateful fake API server its tests run against.
+//! - [`keyrate`]: per-key input rate limits (`key_rate_limit`), with `governor`'s GCRA buckets.
 //! - [`convert`]: proto ↔ domain conversions.
 //! - [`metrics`]: Prometheus metrics (event counters and scrape-time gauges).
 //! - [`http`]: the HTTP port (axum): `/metrics`, `/livez`, `/readyz`, `/loglevel`.
@@ -20,7 +21,7 @@
 //!
 //! The binary `coalesced` parses flags and calls [`app::run`]. Libraries used: tonic/prost
 //! (gRPC), clap (flags), toml + serde + humantime-serde (config), tracing-subscriber (logs),
-//! prometheus (metrics), axum (HTTP port), kube + k8s-openapi (Leases), and the sinks' own (see `coalesce-sinks`).
+//! prometheus (metrics), governor (per-key rate limits), axum (HTTP port), kube + k8s-openapi (Leases), and the sinks' own (see `coalesce-sinks`).
 
 pub mod admin;
 pub mod app;
@@ -32,6 +33,7 @@ pub mod grpc;
 pub mod http;
 pub mod k8s;
 pub mod k8s_fake;
+pub mod keyrate;
 pub mod leases;
 pub mod metrics;
 pub mod security;

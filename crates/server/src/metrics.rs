@@ -49,6 +49,28 @@ pub(crate) static SINK_DELIVERED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub(crate) static SINK_RETRIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec("coalesce_sink_retries_total", "Delivery attempts that failed transiently and were retried.", &["sink"])
 });
+pub(crate) static RECEIVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_ingest_received_events_total",
+        "Events this node accepted at ingest (before pre-merging them per key), by stream.",
+        &["stream"],
+    )
+});
+pub(crate) static PREMERGED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_ingest_premerged_partials_total",
+        "Per-key partials this node's received events were pre-merged into before going to the shard \
+         leaders; received / premerged = how much pre-merge shrinks forwarding and Raft entries.",
+        &["stream"],
+    )
+});
+pub(crate) static RATE_LIMITED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_stream_rate_limited_inputs_total",
+        "Events over their key's `key_rate_limit` on this node, by stream and action (reject, shed).",
+        &["stream", "action"],
+    )
+});
 pub(crate) static SINK_DEAD_LETTERED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "coalesce_sink_dead_lettered_total",
@@ -175,6 +197,11 @@ pub fn init(streams: &[&str], sinks: &[&str], fetch_streams: &[&str]) {
     coalesce_raft::metrics::init(streams);
 }
 
+/// A counter's value for `labels` (a child that did not exist yet is created, at 0).
+pub(crate) fn counter_of(family: &IntCounterVec, labels: &[&str]) -> u64 {
+    family.get_metric_with_label_values(labels).map_or(0, |c| c.get())
+}
+
 /// Times a client API call: records its duration under its method and status code.
 pub(crate) async fn timed<T>(
     method: &'static str,
@@ -243,6 +270,7 @@ struct Families {
     build: IntGaugeVec,
     hot_key_rate: GaugeVec,
     adaptive_extra: GaugeVec,
+    quiesced: IntGaugeVec,
 }
 
 /// Ranks of hot keys exported per stream (`rank` = 1..=HOT_KEY_RANKS): a bounded label set.
@@ -337,6 +365,11 @@ impl Families {
                  (decaying Space-Saving sketch; the key itself is in the HotKeys admin call, never a label).",
                 &["stream", "rank"],
             ),
+            quiesced: int_gauge(
+                "coalesce_raft_quiesced_groups",
+                "Local shard replicas that are idle with their Raft timers stopped (no heartbeats until the next write).",
+                &[],
+            ),
             adaptive_extra: gauge(
                 "coalesce_adaptive_extra_seconds",
                 "Load-adaptive window stretch in force for an adaptive stream: the largest over the shards this \
@@ -346,7 +379,7 @@ impl Families {
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 19] {
+    fn collectors(&self) -> [&dyn Collector; 20] {
         [
             &self.cluster_shards,
             &self.led,
@@ -367,6 +400,7 @@ impl Families {
             &self.build,
             &self.hot_key_rate,
             &self.adaptive_extra,
+            &self.quiesced,
         ]
     }
 }
@@ -437,6 +471,7 @@ impl NodeCollector {
             }
         }
         f.led.with_label_values::<&str>(&[]).set(led);
+        f.quiesced.with_label_values::<&str>(&[]).set(self.node.quiesced_groups() as i64);
         for (sink, n) in backlog {
             f.sink_backlog.with_label_values(&[sink.as_str()]).set(n);
         }

@@ -153,7 +153,9 @@ impl Sink for HttpSink {
         let wait = retry_after(response.headers());
         let text = response.text().await.unwrap_or_default();
         let reason = format!("HTTP {}: {}", status.as_u16(), text.chars().take(200).collect::<String>());
-        if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {
+        if status.as_u16() == 429 {
+            Err(DeliveryError::Throttled { reason, retry_after: wait })
+        } else if status.as_u16() == 408 || status.is_server_error() {
             Err(DeliveryError::Transient { reason, retry_after: wait })
         } else {
             Err(DeliveryError::Rejected { reason })

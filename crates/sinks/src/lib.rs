@@ -44,10 +44,15 @@ pub const SINK_KINDS: &[&str] = &["file", "postgres", "http", "grpc"];
 /// Why a delivery did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeliveryError {
-    /// Try again later (network, timeouts, HTTP 429/5xx, database unavailable). `retry_after`
+    /// Try again later (network, timeouts, HTTP 408/5xx, database unavailable). `retry_after`
     /// when the sink said how long to wait.
     #[error("{reason}")]
     Transient { reason: String, retry_after: Option<Duration> },
+    /// The sink asked us to slow down (HTTP 429): retried like `Transient`, but it does not
+    /// count towards the circuit breaker (the downstream is alive), and it is the signal that
+    /// stretches adaptive windows (`coalesce_core::adaptive`).
+    #[error("throttled: {reason}")]
+    Throttled { reason: String, retry_after: Option<Duration> },
     /// The sink refuses these outputs for good (HTTP 4xx, a constraint violation): they go to
     /// the dead-letter queue.
     #[error("rejected: {reason}")]

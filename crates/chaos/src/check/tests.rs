@@ -335,6 +335,42 @@ fn outputs_before_their_window_allows_are_early() {
 }
 
 #[test]
+fn adaptive_windows_may_close_late_but_never_past_max_staleness() {
+    let events = clean_events();
+    let base = emit(&all(&events));
+    let adaptive = vec![
+        StreamSpec {
+            name: "sums".into(),
+            merge: Merge::Sum,
+            window: Window::Adaptive { ms: W, max_staleness_ms: 3 * W },
+        },
+        specs()[1].clone(),
+    ];
+    let i = base.iter().position(|o| o.stream == "sums").unwrap();
+    let stretch = |outputs: &mut Vec<Output>, end: u64| {
+        outputs[i].window_end = outputs[i].window_start + end;
+        outputs[i].received_ms = outputs[i].window_end + 10;
+    };
+    // Stretched within the bound: fine for the adaptive stream, a violation for a fixed one.
+    let mut outputs = base.clone();
+    stretch(&mut outputs, 2_500);
+    assert!(check(&adaptive, &events, &outputs, &[]).pass);
+    assert_only(&check(&specs(), &events, &outputs, &[]), ViolationKind::EarlyEmissions, 1);
+    // Past max_staleness, or received before its stretched end.
+    stretch(&mut outputs, 3_001);
+    let v = check(&adaptive, &events, &outputs, &[]);
+    assert_only(&v, ViolationKind::EarlyEmissions, 1);
+    let (start, d) = (outputs[i].window_start, &v.violations[0].detail);
+    assert!(d.contains(&format!("({}..={})", start + W, start + 3 * W)), "{d}");
+    stretch(&mut outputs, 2_500);
+    outputs[i].received_ms = outputs[i].window_start + 2_000;
+    assert_only(&check(&adaptive, &events, &outputs, &[]), ViolationKind::EarlyEmissions, 1);
+    // Never shorter than the configured window.
+    stretch(&mut outputs, W - 100);
+    assert_only(&check(&adaptive, &events, &outputs, &[]), ViolationKind::EarlyEmissions, 1);
+}
+
+#[test]
 fn two_time_closed_outputs_of_one_window_are_duplicates() {
     let events = clean_events();
     let mut outputs = emit(&all(&events));

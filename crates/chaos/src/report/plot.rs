@@ -210,6 +210,74 @@ pub(crate) fn latency_svg(meta: &RunMeta, samples: &[Sample], faults: &[Fault]) 
     Ok(svg)
 }
 
+/// One line of [`lines_svg`]; points with a NaN y leave a hole.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Colours of [`lines_svg`]'s lines, in order.
+const PALETTE: [RGBColor; 5] = [ACKED, AMBIGUOUS, P50, P99, ERRORS];
+
+/// A line chart over seconds (benchmarks' time series), with labelled vertical markers at
+/// `(x, label)`; the y axis starts at 0.
+pub fn lines_svg(title: &str, y_desc: &str, lines: &[Line], markers: &[(f64, String)]) -> anyhow::Result<String> {
+    let xs = || lines.iter().flat_map(|l| l.points.iter().map(|p| p.0)).chain(markers.iter().map(|m| m.0));
+    let (x_lo, x_hi) = (xs().fold(f64::INFINITY, f64::min), xs().fold(f64::NEG_INFINITY, f64::max));
+    let (x_lo, x_hi) = if x_lo.is_finite() && x_hi > x_lo { (x_lo, x_hi) } else { (0.0, 1.0) };
+    let y_max = lines.iter().flat_map(|l| &l.points).map(|p| p.1).filter(|y| y.is_finite()).fold(0.0, f64::max);
+    let y_top = (y_max * 1.15).max(1.0);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, (FONT, 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x_lo..x_hi, 0.0..y_top)
+            .map_err(draw_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc(y_desc)
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(draw_err)?;
+        for (x, label) in markers {
+            let line = DashedPathElement::new(vec![(*x, 0.0), (*x, y_top)], 6, 4, FAULT.stroke_width(1));
+            chart.draw_series(std::iter::once(line)).map_err(draw_err)?;
+            let text = EmptyElement::at((*x, y_top * 0.97)) + Text::new(label.clone(), (4, 0), (FONT, 13).into_font());
+            chart.draw_series(std::iter::once(text)).map_err(draw_err)?;
+        }
+        for (i, l) in lines.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            chart
+                .draw_series(LineSeries::new(Vec::<(f64, f64)>::new(), color.stroke_width(2)))
+                .map_err(draw_err)?
+                .label(l.name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            let runs = segments(l.points.iter().map(|&(x, y)| (x, y, y.is_finite())).collect());
+            for run in runs {
+                chart.draw_series(LineSeries::new(run, color.stroke_width(2))).map_err(draw_err)?;
+            }
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font((FONT, 13))
+            .draw()
+            .map_err(draw_err)?;
+        root.present().map_err(draw_err)?;
+    }
+    Ok(svg)
+}
+
 /// A bin width of 1, 2 or 5 × 10^k ms giving at most `bins` bins up to `max`.
 fn bin_width(max: u64, bins: u64) -> u64 {
     let target = max.div_ceil(bins.max(1)).max(1);
