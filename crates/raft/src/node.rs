@@ -1224,9 +1224,13 @@ impl RaftPeer for PeerService {
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
         let m = request.into_inner();
         let g = self.group(m.group, m.target)?;
-        let rpc = codec::decode_msg("append_entries", &m.payload).map_err(bad)?;
+        let rpc: openraft::raft::AppendEntriesRequest<TypeConfig> =
+            codec::decode_msg("append_entries", &m.payload).map_err(bad)?;
+        let keepalive = g.quiet.is_keepalive(rpc.vote.leader_id.node_id, rpc.vote.leader_id.term, rpc.entries.len());
         let resp = g.raft.append_entries(rpc).await.map_err(unavailable)?;
-        self.node.wake_on_message(&g);
+        if !keepalive {
+            self.node.wake_on_message(&g);
+        }
         reply(m.group, "append_entries", &resp)
     }
 

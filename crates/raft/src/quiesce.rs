@@ -14,11 +14,13 @@
 //!   held by every follower, lease valid. It sends `Quiesce {term, last_log_index}` to each
 //!   follower; a follower that agrees (same leader and term, the same last log entry,
 //!   committed) stops its ticker. Once all agreed, and nothing happened meanwhile, the leader
-//!   stops its own (no more heartbeats). Otherwise it stays awake and its next heartbeat wakes
-//!   the followers that stopped.
-//! - **Wake**: a proposal on a quiesced leader restarts its ticker, sends a heartbeat at once
-//!   and waits (at most the maximum election timeout) for a quorum to answer, because openraft
-//!   refuses writes without a valid lease: about one round trip. A Raft message arriving at a
+//!   stops its own: from then on it sends one heartbeat every other `heartbeat` period, only
+//!   to keep its lease (openraft holds back heartbeats and refuses writes once a leader went a
+//!   lease without a quorum acknowledgement), with no timers on either side. Otherwise it stays
+//!   awake and its next heartbeat wakes the followers that stopped.
+//! - **Wake**: a proposal on a quiesced leader restarts its ticker and proceeds at once (the
+//!   lease is kept); should the lease have lapsed, it sends a heartbeat and waits (at most the
+//!   maximum election timeout) for a quorum to answer. A Raft message arriving at a
 //!   quiesced replica wakes it after it was processed, so the message renews the follower's
 //!   view of its leader before its election timer runs again.
 //! - **Liveness**: every node pings each peer every `heartbeat` ([`Ping`]: name and boot id).
@@ -31,9 +33,10 @@
 //!   replica would campaign unless it hears from the leader) and when a peer answers again
 //!   after failing.
 //!
-//! Safety does not rest on any of this: votes and terms are Raft's, a quiesced leader's lease
-//! lapses (no sealing or delivery under it; writes wait for the wake-up), and a wrong call
-//! costs an election, never an acknowledged event.
+//! Safety does not rest on any of this: votes and terms are Raft's; a quiesced follower never
+//! campaigns sooner after its leader's last keepalive than its election timer would, so the
+//! leader lease that fences sealing and delivery holds; and a wrong call costs an election,
+//! never an acknowledged event.
 //!
 //! [`Ping`]: coalesce_proto::v1::PingRequest
 
@@ -55,6 +58,9 @@ use crate::types::PeerNode;
 const AWAKE: u8 = 0;
 const QUIESCED_LEADER: u8 = 1;
 const QUIESCED_FOLLOWER: u8 = 2;
+/// Quiesced leaders heartbeat every this many liveness rounds (heartbeats): often enough to
+/// keep their lease (the maximum election timeout), a third of the normal rate at defaults.
+const KEEPALIVE_ROUNDS: u64 = 2;
 
 /// Milliseconds since this process started (for cheap atomic timestamps).
 fn now_ms() -> u64 {
@@ -72,6 +78,12 @@ pub struct Quiet {
     woke_ms: AtomicU64,
     /// A quiesced follower's leader (node name).
     leader: Mutex<String>,
+    /// A quiesced follower's leader (Raft id) and term: its keepalive heartbeats do not wake it.
+    leader_id: AtomicU64,
+    leader_term: AtomicU64,
+    /// When a quiesced follower last heard its leader's keepalive (ms): it never campaigns
+    /// sooner than the minimum election timeout after it, as a Raft election timer would not.
+    heard_ms: AtomicU64,
 }
 
 impl Default for Quiet {
@@ -81,6 +93,9 @@ impl Default for Quiet {
             active_ms: AtomicU64::new(now_ms()),
             woke_ms: AtomicU64::new(0),
             leader: Mutex::new(String::new()),
+            leader_id: AtomicU64::new(0),
+            leader_term: AtomicU64::new(0),
+            heard_ms: AtomicU64::new(0),
         }
     }
 }
@@ -98,6 +113,19 @@ impl Quiet {
 
     fn idle_for(&self) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(self.active_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Whether an AppendEntries from `leader` in `term` with `entries` is the keepalive of the
+    /// leader this follower quiesced under (which must not wake it).
+    pub fn is_keepalive(&self, leader: u64, term: u64, entries: usize) -> bool {
+        let keepalive = entries == 0
+            && self.state.load(Ordering::Acquire) == QUIESCED_FOLLOWER
+            && self.leader_id.load(Ordering::Acquire) == leader
+            && self.leader_term.load(Ordering::Acquire) == term;
+        if keepalive {
+            self.heard_ms.store(now_ms(), Ordering::Release);
+        }
+        keepalive
     }
 
     /// Marks the group awake; returns the state it left.
@@ -329,6 +357,9 @@ impl RaftNode {
             }
         };
         *group.quiet.leader.lock().unwrap_or_else(|p| p.into_inner()) = leader_name;
+        group.quiet.leader_id.store(req.leader, Ordering::Release);
+        group.quiet.leader_term.store(req.term, Ordering::Release);
+        group.quiet.heard_ms.store(now_ms(), Ordering::Release);
         group.quiet.state.store(QUIESCED_FOLLOWER, Ordering::Release);
         group.raft.runtime_config().tick(false);
         true
@@ -367,6 +398,7 @@ impl RaftNode {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         let mut last_round = Instant::now();
+        let mut round = 0u64;
         let peers: Vec<PeerNode> = self
             .spec
             .nodes
@@ -394,6 +426,10 @@ impl RaftNode {
                 }
             }
             last_round = Instant::now();
+            round += 1;
+            if round % KEEPALIVE_ROUNDS == 0 {
+                self.keep_leases().await;
+            }
             let me = PingRequest { name: self.me().name.clone(), boot: self.liveness.boot };
             let pings = peers.iter().map(|p| {
                 let channel = self.channels.for_peer(p);
@@ -423,6 +459,18 @@ impl RaftNode {
         }
     }
 
+    /// One heartbeat from every quiesced leadership: it keeps the leader's lease (openraft
+    /// holds back heartbeats and refuses writes once a leader has gone a lease without a quorum
+    /// acknowledgement), so a quiesced group wakes without a wait, at a fraction of the normal
+    /// heartbeat rate and with no timers.
+    async fn keep_leases(&self) {
+        for g in self.groups() {
+            if g.quiet.state.load(Ordering::Acquire) == QUIESCED_LEADER {
+                let _ = g.raft.trigger().heartbeat().await;
+            }
+        }
+    }
+
     /// Quiesces the groups this node leads that have been idle long enough.
     async fn quiesce_idle(&self) {
         let Some(after) = self.quiesce_after else { return };
@@ -446,7 +494,10 @@ impl RaftNode {
                 continue;
             }
             let leader = g.quiet.leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            if !silent.contains(&leader) || g.quiet.take() == AWAKE {
+            let heard = Duration::from_millis(now_ms().saturating_sub(g.quiet.heard_ms.load(Ordering::Acquire)));
+            // Never sooner after the leader's last keepalive than a Raft election timer would:
+            // the leader's lease (delivery, sealing) rests on that.
+            if !silent.contains(&leader) || heard < self.lease || g.quiet.take() == AWAKE {
                 continue;
             }
             let successor = self.spec.placement(g.shard).into_iter().find(|n| n.name != leader).map(|n| n.name.clone());
