@@ -427,7 +427,7 @@ impl RaftNode {
             }
             last_round = Instant::now();
             round += 1;
-            if round % KEEPALIVE_ROUNDS == 0 {
+            if round.is_multiple_of(KEEPALIVE_ROUNDS) {
                 self.keep_leases().await;
             }
             let me = PingRequest { name: self.me().name.clone(), boot: self.liveness.boot };
