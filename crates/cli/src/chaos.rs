@@ -1,10 +1,12 @@
 //! `coalescectl chaos run SCENARIO --report-dir DIR`: a game day on a local cluster of real
-//! `coalesced` processes. Producers write a sum stream (Zipf keys) and a latest-wins stream
-//! (each key owned by one producer, strictly increasing values) at a fixed rate; subscribers on
-//! every node record every output; the fault schedule kills (SIGKILL), pauses (SIGSTOP) and
-//! partitions (cuts its peer links, [`crate::netproxy`]) shard leaders found from their
-//! Lease holder, and kills and restarts the whole cluster. Then `coalesce-chaos` checks the
-//! invariants and writes the report; the command exits 1 on any violation and prints the seed.
+//! `coalesced` processes (or, with `--backend compose`, containers of the Coalesce image run by
+//! docker compose, [`crate::compose`]). Producers write a sum stream (Zipf keys) and a
+//! latest-wins stream (each key owned by one producer, strictly increasing values) at a fixed
+//! rate; subscribers on every node record every output; the fault schedule kills (SIGKILL),
+//! pauses (SIGSTOP; a container's cgroup freezer) and partitions (cuts its peer links,
+//! [`crate::netproxy`]) shard leaders found from their Lease holder, and kills and restarts the
+//! whole cluster. Then `coalesce-chaos` checks the invariants and writes the report; the command
+//! exits 1 on any violation and prints the seed.
 //!
 //! Scenario files: `chaos/scenarios/*.toml` (see `chaos/README.md`).
 
@@ -27,7 +29,8 @@ use rand_distr::{Distribution, Zipf};
 use serde::Deserialize;
 use tonic::transport::Channel;
 
-use crate::local::{LocalCluster, LocalOptions, Signal};
+use crate::compose::ComposeOptions;
+use crate::local::{LocalCluster, LocalOptions, Runtime, Signal};
 use crate::outputs::{channel, now_ms};
 
 #[derive(Debug, clap::Subcommand)]
@@ -52,6 +55,13 @@ pub struct RunArgs {
     /// The `coalesced` binary (default: $COALESCED_BIN, else next to coalescectl).
     #[arg(long)]
     pub coalesced: Option<PathBuf>,
+    /// Where the nodes run (default: the scenario's `backend`): `local` processes, or `compose`
+    /// containers of `--image` (chaos/README.md).
+    #[arg(long, value_parser = BACKENDS)]
+    pub backend: Option<String>,
+    /// The Coalesce image of the compose backend (deploy/docker/build-local.sh builds it).
+    #[arg(long, default_value = "coalesce:local")]
+    pub image: String,
     /// TEST ONLY: run the nodes with a deliberate defect (`COALESCE_FAILPOINTS`, see
     /// `coalesce_raft::failpoints`), to prove the checker catches it, e.g. `double_seal`.
     #[arg(long)]
@@ -72,7 +82,8 @@ pub struct Scenario {
     #[serde(default = "default_nodes")]
     pub nodes: usize,
     pub shards: u32,
-    /// Only `local` (processes on loopback) runs here; see chaos/README.md for the others.
+    /// `local` (processes on loopback) or `compose` (containers on the host network); see
+    /// chaos/README.md for Kubernetes.
     #[serde(default = "default_backend")]
     pub backend: String,
     /// Load before the first fault.
@@ -174,6 +185,9 @@ fn default_give_up() -> Duration {
     Duration::from_secs(30)
 }
 
+/// The backends `coalescectl` runs.
+const BACKENDS: [&str; 2] = ["local", "compose"];
+
 const SUMS: &str = "sums";
 /// `window.adaptive.backlog_high` of an adaptive sum stream: low, so faults make it stretch.
 const ADAPTIVE_BACKLOG_HIGH: u64 = 50;
@@ -188,11 +202,11 @@ impl Scenario {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.backend != "local" {
-            bail!("backend {:?}: only \"local\" runs from coalescectl (see chaos/README.md)", self.backend);
+        if !BACKENDS.contains(&self.backend.as_str()) {
+            bail!("backend {:?}: coalescectl runs {BACKENDS:?} (see chaos/README.md for Kubernetes)", self.backend);
         }
         if self.nodes != 3 {
-            bail!("nodes: the local backend runs 3 nodes (replication 3), got {}", self.nodes);
+            bail!("nodes: the {} backend runs 3 nodes (replication 3), got {}", self.backend, self.nodes);
         }
         if self.shards == 0 || self.load.rate == 0 || self.load.producers == 0 || self.load.batch == 0 {
             bail!("shards, load.rate, load.producers and load.batch must be positive");
@@ -586,13 +600,21 @@ async fn drain(cluster: &LocalCluster, shards: u32, records: &Records, within: D
 
 pub async fn run(cmd: ChaosCmd) -> anyhow::Result<()> {
     let ChaosCmd::Run(args) = cmd;
-    let scenario = Arc::new(Scenario::load(&args.scenario)?);
+    let mut scenario = Scenario::load(&args.scenario)?;
+    if let Some(b) = &args.backend {
+        scenario.backend = b.clone();
+    }
+    let scenario = Arc::new(scenario);
     let seed = args.seed.or(scenario.seed).unwrap_or_else(rand::random);
-    let command = format!(
+    let backend = scenario.backend.clone();
+    let mut command = format!(
         "coalescectl chaos run {} --report-dir {} --seed {seed}",
         args.scenario.display(),
         args.report_dir.display()
     );
+    if backend != "local" {
+        command += &format!(" --backend {backend} --image {}", args.image);
+    }
     eprintln!("chaos: scenario {} seed {seed} (replay: {command})", scenario.name);
     std::fs::create_dir_all(&args.report_dir).with_context(|| format!("creating {}", args.report_dir.display()))?;
     let dir = args.dir.clone().unwrap_or_else(|| args.report_dir.join("cluster"));
@@ -621,11 +643,18 @@ pub async fn run(cmd: ChaosCmd) -> anyhow::Result<()> {
         proxied: true,
     };
     crate::local::reset_dir(&dir, "chaos cluster")?;
-    let bin = match &args.coalesced {
-        Some(b) => b.clone(),
-        None => crate::local::coalesced_bin()?,
+    let runtime = match backend.as_str() {
+        // The fencing sink's URL names its socket directory: the containers must see it.
+        "compose" => Runtime::Compose(ComposeOptions {
+            image: args.image.clone(),
+            mounts: pg.iter().map(|p| p.socket_dir().to_owned()).collect(),
+        }),
+        _ => Runtime::Processes(match &args.coalesced {
+            Some(b) => b.clone(),
+            None => crate::local::coalesced_bin()?,
+        }),
     };
-    let mut cluster = LocalCluster::create(&dir, bin, &opts)?;
+    let mut cluster = LocalCluster::create_on(&dir, runtime, &opts)?;
     cluster.spawn_all()?;
     let result = run_in(&mut cluster, &scenario, seed, &args, &command, cluster_name, pg.as_ref()).await;
     cluster.stop_all(Duration::from_secs(20));

@@ -4,6 +4,8 @@
 //!   partitions), checked and reported by `coalesce-chaos`.
 //! - [`local`]: a cluster of real `coalesced` processes on loopback (configs, processes,
 //!   signals, graceful stop), used by `coalescectl demo` and by the multi-process tests.
+//! - [`compose`]: the same cluster's nodes as Docker containers of the Coalesce image in a
+//!   compose project (host network, faults through the `docker` CLI): the chaos `compose` backend.
 //! - [`outputs`]: following a node's outputs as a durable consumer (game days, benchmarks).
 //! - [`netproxy`]: cuttable TCP links between local nodes, for real partitions on loopback.
 //! - [`pg`]: a throw-away PostgreSQL server (for the Postgres sink's tests and benchmark).
@@ -14,6 +16,7 @@
 //! tokio-postgres and tempfile (the throw-away PostgreSQL).
 
 pub mod chaos;
+pub mod compose;
 pub mod local;
 pub mod netproxy;
 pub mod outputs;

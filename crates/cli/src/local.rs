@@ -1,5 +1,8 @@
-//! A local cluster of `coalesced` processes on loopback: config files, processes, signals,
-//! graceful stop. Used by `coalescectl demo` and by the multi-process tests in `tests/`.
+//! A local cluster of `coalesced` nodes on loopback: config files, processes, signals,
+//! graceful stop. Used by `coalescectl demo` and by the multi-process tests in `tests/`. The
+//! nodes are child processes, or ([`Runtime::Compose`], for `coalescectl chaos run --backend
+//! compose`) containers of the Coalesce image sharing the host's network ([`crate::compose`]);
+//! either way they are driven through the same methods.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +13,7 @@ pub use nix::sys::signal::Signal;
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 
+use crate::compose::{self, ComposeOptions};
 use crate::netproxy::Links;
 
 /// A free loopback port, chosen below the kernel's ephemeral range (32768+ by default) so no
@@ -96,6 +100,23 @@ pub struct LocalOptions {
     pub proxied: bool,
 }
 
+/// Where the nodes of a [`LocalCluster`] run.
+#[derive(Debug, Clone)]
+pub enum Runtime {
+    /// Child processes of this program, running this `coalesced` binary.
+    Processes(PathBuf),
+    /// One container per node in a docker compose project ([`crate::compose`]).
+    Compose(ComposeOptions),
+}
+
+/// The nodes' runtime, as the cluster drives it.
+#[derive(Debug)]
+enum Driver {
+    /// Each node's process is its [`LocalNode::child`].
+    Processes(PathBuf),
+    Compose(compose::Project),
+}
+
 /// One node of a local cluster.
 #[derive(Debug)]
 pub struct LocalNode {
@@ -104,25 +125,38 @@ pub struct LocalNode {
     pub client_addr: String,
     /// The HTTP port (`/metrics`, `/livez`, `/readyz`).
     pub http_addr: String,
+    /// Its stderr (a container's whole log, copied whenever it stops).
     pub log: PathBuf,
+    /// Its process, while it runs (processes only).
     pub child: Option<Child>,
 }
 
-/// Node processes, their configs and logs under one directory.
+/// Node processes (or containers), their configs and logs under one directory.
 #[derive(Debug)]
 pub struct LocalCluster {
     pub dir: PathBuf,
     pub nodes: Vec<LocalNode>,
-    bin: PathBuf,
+    driver: Driver,
     log_filter: String,
     env: Vec<(String, String)>,
     links: Option<Links>,
 }
 
 impl LocalCluster {
-    /// Writes the streams file and one config per node under `dir` (nothing is started).
+    /// Writes the streams file and one config per node under `dir` (nothing is started); the
+    /// nodes will be processes of `bin`.
     pub fn create(dir: &Path, bin: PathBuf, opts: &LocalOptions) -> anyhow::Result<Self> {
+        Self::create_on(dir, Runtime::Processes(bin), opts)
+    }
+
+    /// [`LocalCluster::create`] for nodes run by `runtime`. Containers see `dir` at its own path,
+    /// so it is made absolute for them, and Docker and the image are checked here.
+    pub fn create_on(dir: &Path, runtime: Runtime, opts: &LocalOptions) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = &match runtime {
+            Runtime::Processes(_) => dir.to_owned(),
+            Runtime::Compose(_) => dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?,
+        };
         std::fs::write(dir.join("streams.toml"), &opts.streams)?;
         let ports: Vec<(u16, u16, u16)> = (0..opts.nodes).map(|_| (free_port(), free_port(), free_port())).collect();
         let links = if opts.proxied {
@@ -176,7 +210,32 @@ impl LocalCluster {
                 child: None,
             });
         }
-        Ok(Self { dir: dir.to_owned(), nodes, bin, log_filter: opts.log_filter.clone(), env: opts.env.clone(), links })
+        let driver = match runtime {
+            Runtime::Processes(bin) => Driver::Processes(bin),
+            Runtime::Compose(c) => {
+                let services: Vec<compose::Service> = nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| compose::Service {
+                        name: n.name.clone(),
+                        config: n.config.clone(),
+                        data_dir: dir.join(format!("data-{i}")),
+                        env: std::iter::once(("RUST_LOG".to_owned(), opts.log_filter.clone()))
+                            .chain(opts.env.iter().cloned())
+                            .collect(),
+                    })
+                    .collect();
+                Driver::Compose(compose::Project::create(dir, &opts.cluster, &c, &services)?)
+            }
+        };
+        Ok(Self {
+            dir: dir.to_owned(),
+            nodes,
+            driver,
+            log_filter: opts.log_filter.clone(),
+            env: opts.env.clone(),
+            links,
+        })
     }
 
     /// Empties `dir` (see [`reset_dir`]; `opts.cluster` names what it is for), writes the
@@ -190,9 +249,13 @@ impl LocalCluster {
 
     /// Starts node `i` (again), appending to its log.
     pub fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let bin = match &mut self.driver {
+            Driver::Processes(bin) => bin,
+            Driver::Compose(p) => return p.start(i),
+        };
         let node = &mut self.nodes[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
-        let child = Command::new(&self.bin)
+        let child = Command::new(&*bin)
             .arg("--config")
             .arg(&node.config)
             .env("RUST_LOG", &self.log_filter)
@@ -201,13 +264,16 @@ impl LocalCluster {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
+            .with_context(|| format!("starting {}", bin.display()))?;
         node.child = Some(child);
         Ok(())
     }
 
-    /// Starts every node.
+    /// Starts every node (containers: every one not running).
     pub fn spawn_all(&mut self) -> anyhow::Result<()> {
+        if let Driver::Compose(p) = &mut self.driver {
+            return p.start_all();
+        }
         (0..self.nodes.len()).try_for_each(|i| self.spawn(i))
     }
 
@@ -230,9 +296,12 @@ impl LocalCluster {
         }
     }
 
-    /// Whether node `i` has a process.
+    /// Whether node `i` has a process (a running container).
     pub fn is_running(&self, i: usize) -> bool {
-        self.nodes[i].child.is_some()
+        match &self.driver {
+            Driver::Processes(_) => self.nodes[i].child.is_some(),
+            Driver::Compose(p) => p.is_running(i),
+        }
     }
 
     /// The value of one metric series (its name and labels as exposed, in any label order, e.g.
@@ -262,17 +331,37 @@ impl LocalCluster {
 
     /// SIGKILLs node `i` and reaps it.
     pub fn kill(&mut self, i: usize) {
+        if let Driver::Compose(p) = &mut self.driver {
+            if let Err(e) = p.kill(i) {
+                eprintln!("local: killing {}: {e:#}", self.nodes[i].name);
+            }
+            self.save_log(i);
+            return;
+        }
         if let Some(mut c) = self.nodes[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    /// Sends `signal` to node `i` (a no-op when it is not running).
-    pub fn signal(&self, i: usize, signal: Signal) -> nix::Result<()> {
+    /// Sends `signal` to node `i` (a no-op when it is not running). A container is frozen and
+    /// thawed (`docker pause`/`unpause`) for SIGSTOP and SIGCONT.
+    pub fn signal(&self, i: usize, signal: Signal) -> anyhow::Result<()> {
+        if let Driver::Compose(p) = &self.driver {
+            return p.signal(i, signal);
+        }
         match &self.nodes[i].child {
-            Some(c) => kill(Pid::from_raw(c.id() as i32), signal),
+            Some(c) => Ok(kill(Pid::from_raw(c.id() as i32), signal)?),
             None => Ok(()),
+        }
+    }
+
+    /// Copies a container's log to its node's log file (a process writes its own).
+    fn save_log(&self, i: usize) {
+        if let Driver::Compose(p) = &self.driver
+            && let Err(e) = p.save_log(i, &self.nodes[i].log)
+        {
+            eprintln!("local: saving {}'s log: {e:#}", self.nodes[i].name);
         }
     }
 
@@ -280,6 +369,11 @@ impl LocalCluster {
     /// Returns how long it took.
     pub fn terminate(&mut self, i: usize, within: Duration) -> anyhow::Result<Duration> {
         let started = Instant::now();
+        if let Driver::Compose(p) = &mut self.driver {
+            let result = p.terminate(i, within);
+            self.save_log(i);
+            return result.map(|()| started.elapsed());
+        }
         self.signal(i, Signal::SIGTERM)?;
         let Some(mut child) = self.nodes[i].child.take() else { return Ok(Duration::ZERO) };
         loop {
@@ -300,6 +394,13 @@ impl LocalCluster {
 
     /// SIGTERMs every node (each hands off its shards) and waits up to `grace` before SIGKILL.
     pub fn stop_all(&mut self, grace: Duration) {
+        if let Driver::Compose(p) = &mut self.driver {
+            if let Err(e) = p.stop_all(grace) {
+                eprintln!("local: stopping the containers: {e:#}");
+            }
+            (0..self.nodes.len()).for_each(|i| self.save_log(i));
+            return;
+        }
         for i in 0..self.nodes.len() {
             let _ = self.signal(i, Signal::SIGCONT);
             let _ = self.signal(i, Signal::SIGTERM);
@@ -324,6 +425,16 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        if matches!(self.driver, Driver::Compose(_)) {
+            // Even on a panic: no container outlives its cluster (a paused one goes too).
+            (0..self.nodes.len()).for_each(|i| self.save_log(i));
+            if let Driver::Compose(p) = &mut self.driver
+                && let Err(e) = p.down()
+            {
+                eprintln!("local: removing the containers: {e:#}");
+            }
+            return;
+        }
         for i in 0..self.nodes.len() {
             let _ = self.signal(i, Signal::SIGCONT); // a paused node must wake up to die
             self.kill(i);
