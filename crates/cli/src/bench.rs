@@ -92,6 +92,10 @@ pub(crate) struct LocalArgs {
     /// Raft election timeout range of the local cluster, e.g. `300ms..450ms`.
     #[arg(long, value_parser = parse_range)]
     election_timeout: Option<(Duration, Duration)>,
+    /// Idle groups stop their Raft timers after this long (`0s`: never; default: the node
+    /// default, 2 s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    quiesce_after: Option<Duration>,
 }
 
 fn parse_range(s: &str) -> Result<(Duration, Duration), String> {
@@ -143,6 +147,9 @@ impl LocalArgs {
         }
         if let Some((min, max)) = self.election_timeout {
             t += &format!("election_timeout_min = {}\nelection_timeout_max = {}\n", ms(min), ms(max));
+        }
+        if let Some(q) = self.quiesce_after {
+            t += &format!("quiesce_after = {}\n", ms(q));
         }
         t
     }
