@@ -35,6 +35,19 @@ fn args(report: &Path, failpoint: &[&str], postgres: bool) -> RunArgs {
     }
 }
 
+/// The smoke scenario's report: enough load, nothing lost or doubled, the fencing PostgreSQL
+/// sink took every output and its rows were checked, one fault of each kind.
+fn assert_smoke_clean(r: &serde_json::Value) {
+    assert!(r["acked_events"].as_u64().unwrap() > 500);
+    assert_eq!(r["lost_events"], 0);
+    assert_eq!(r["double_counted_events"], 0);
+    assert!(r["metrics"]["fenced_rows"].as_u64().unwrap() > 0, "{:#}", r["metrics"]);
+    assert_eq!(r["stale_epoch_accepted"], 0);
+    for kind in ["kill_leader", "pause_leader", "partition_leader", "kill_all", "slow_disk"] {
+        assert_eq!(r["faults"][kind], 1, "{kind}: {}", r["faults"]);
+    }
+}
+
 fn report(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
 }
@@ -60,15 +73,7 @@ async fn the_smoke_game_day_passes_and_reports() {
     ] {
         assert!(!r[field].is_null(), "report.json has {field}: {r:#}");
     }
-    assert!(r["acked_events"].as_u64().unwrap() > 500);
-    assert_eq!(r["lost_events"], 0);
-    assert_eq!(r["double_counted_events"], 0);
-    // The fencing PostgreSQL sink took every output, and its rows were checked.
-    assert!(r["metrics"]["fenced_rows"].as_u64().unwrap() > 0, "{:#}", r["metrics"]);
-    assert_eq!(r["stale_epoch_accepted"], 0);
-    for kind in ["kill_leader", "pause_leader", "partition_leader", "kill_all", "slow_disk"] {
-        assert_eq!(r["faults"][kind], 1, "{kind}: {}", r["faults"]);
-    }
+    assert_smoke_clean(&r);
     for plot in ["throughput.svg", "latency.svg", "failover.svg", "report.md"] {
         assert!(dir.path().join(plot).exists(), "{plot}");
     }
@@ -135,14 +140,7 @@ async fn the_smoke_game_day_passes_on_the_compose_backend() {
     assert_eq!(r["verdict"], "pass");
     assert_eq!(r["backend"], "compose");
     assert!(r["command"].as_str().unwrap().contains("--backend compose"), "{}", r["command"]);
-    assert!(r["acked_events"].as_u64().unwrap() > 500);
-    assert_eq!(r["lost_events"], 0);
-    assert_eq!(r["double_counted_events"], 0);
-    assert!(r["metrics"]["fenced_rows"].as_u64().unwrap() > 0, "{:#}", r["metrics"]);
-    assert_eq!(r["stale_epoch_accepted"], 0);
-    for kind in ["kill_leader", "pause_leader", "partition_leader", "kill_all", "slow_disk"] {
-        assert_eq!(r["faults"][kind], 1, "{kind}: {}", r["faults"]);
-    }
+    assert_smoke_clean(&r);
 
     // The nodes were containers of the image, each log spans its restarts (kill_all restarted
     // every container), and no container is left.

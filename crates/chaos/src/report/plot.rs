@@ -86,6 +86,18 @@ fn draw_faults(chart: &mut Chart<'_, '_>, meta: &RunMeta, faults: &[Fault], y_to
     Ok(())
 }
 
+/// The series legend, boxed, at `position`.
+fn draw_legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font((FONT, 13))
+        .draw()
+        .map_err(draw_err)
+}
+
 /// Splits `(x, y)` points into runs where `keep` holds, so a line is broken across the rest.
 fn segments(points: Vec<(f64, f64, bool)>) -> Vec<Vec<(f64, f64)>> {
     let mut out: Vec<Vec<(f64, f64)>> = Vec::new();
@@ -143,14 +155,7 @@ pub(crate) fn throughput_svg(meta: &RunMeta, samples: &[Sample], faults: &[Fault
                 .label(name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font((FONT, 13))
-            .draw()
-            .map_err(draw_err)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         root.present().map_err(draw_err)?;
     }
     Ok(svg)
@@ -197,14 +202,7 @@ pub(crate) fn latency_svg(meta: &RunMeta, samples: &[Sample], faults: &[Fault]) 
                 chart.draw_series(LineSeries::new(run, color.stroke_width(2))).map_err(draw_err)?;
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font((FONT, 13))
-            .draw()
-            .map_err(draw_err)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         root.present().map_err(draw_err)?;
     }
     Ok(svg)
@@ -265,14 +263,7 @@ pub fn lines_svg(title: &str, y_desc: &str, lines: &[Line], markers: &[(f64, Str
                 chart.draw_series(LineSeries::new(run, color.stroke_width(2))).map_err(draw_err)?;
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font((FONT, 13))
-            .draw()
-            .map_err(draw_err)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         root.present().map_err(draw_err)?;
     }
     Ok(svg)
@@ -372,14 +363,7 @@ pub(crate) fn failover_svg(meta: &RunMeta, timings: &[FaultTiming]) -> anyhow::R
             let text = Text::new("no failover observed", (x_hi * 0.4, y_top * 0.55), (FONT, 18).into_font());
             chart.draw_series(std::iter::once(text)).map_err(draw_err)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font((FONT, 13))
-            .draw()
-            .map_err(draw_err)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         root.present().map_err(draw_err)?;
     }
     Ok(svg)
