@@ -54,6 +54,19 @@ pub const LATENCY_BUCKETS: &[f64] =
 pub const AGE_BUCKETS: &[f64] =
     &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
 
+pub(crate) static CHECKPOINT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "coalesce_state_checkpoint_seconds",
+        "Time to write a shard's applied-but-pending state machine effects to RocksDB.",
+        LATENCY_BUCKETS,
+    )
+});
+pub(crate) static CHECKPOINT_ROWS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "coalesce_state_checkpoint_rows_total",
+        "RocksDB rows written or deleted by state machine checkpoints (all shards of the node).",
+    )
+});
 pub(crate) static INPUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "coalesce_stream_inputs_total",

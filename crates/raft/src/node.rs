@@ -74,11 +74,20 @@ pub struct RaftTiming {
     pub election_max_ms: u64,
     /// An idle group stops its timers after this long ([`crate::quiesce`]); 0: never.
     pub quiesce_after_ms: u64,
+    /// Applied state is checkpointed to RocksDB at least this often
+    /// ([`ShardStateMachine::checkpoint_every`]); 0: after every apply.
+    pub checkpoint_ms: u64,
 }
 
 impl Default for RaftTiming {
     fn default() -> Self {
-        Self { heartbeat_ms: 100, election_min_ms: 250, election_max_ms: 350, quiesce_after_ms: 2_000 }
+        Self {
+            heartbeat_ms: 100,
+            election_min_ms: 250,
+            election_max_ms: 350,
+            quiesce_after_ms: 2_000,
+            checkpoint_ms: 1_000,
+        }
     }
 }
 
@@ -353,7 +362,9 @@ impl RaftNode {
                 continue;
             }
             let store = ShardStore::new(Arc::clone(&db), shard);
-            let sm = ShardStateMachine::open(store.clone())?.counting_as(id);
+            let sm = ShardStateMachine::open(store.clone())?
+                .counting_as(id)
+                .checkpoint_every(Duration::from_millis(timing.checkpoint_ms));
             let version = sm.version();
             let applied_extra = sm.applied_extra();
             let net = GroupNetworkFactory::new(shard, Arc::clone(&channels));
@@ -1152,6 +1163,11 @@ impl RaftNode {
         }
         for group in self.groups() {
             let _ = group.raft.shutdown().await;
+            // What is applied but not checkpointed would be re-applied from the log after a
+            // restart; writing it now makes the restart cheaper.
+            if let Err(e) = group.store.checkpoint() {
+                tracing::warn!(shard = group.shard, error = %e, "checkpoint at shutdown");
+            }
         }
     }
 

@@ -2,7 +2,12 @@
 //! the node's RocksDB. Applying reads only the entry and the stored state — never the clock —
 //! so every replica holds byte-identical state after the same log.
 //!
-//! Each entry is applied as one atomic RocksDB write that also records the applied log id.
+//! Applied effects are staged in memory ahead of RocksDB (the store's pending state, which
+//! every reader sees) and checkpointed — all of them with the applied log id, in one atomic
+//! RocksDB write — every `checkpoint_interval`, when they grow large, before a snapshot, and at
+//! once for the rare entries whose effects are read from RocksDB only (dead letters,
+//! membership). A crash loses what was not checkpointed and the node re-applies those entries
+//! from its durable log, so no acknowledged input depends on a checkpoint.
 //! Outputs sealed by an entry enter the outbox with gap-free, increasing per-shard seqs and
 //! the epoch (term, node) of the leader that wrote the entry.
 
@@ -74,7 +79,12 @@ pub struct ShardStateMachine {
     /// it are counted here.
     counting_as: Option<u64>,
     applied_extra: AppliedExtra,
+    /// The longest applied effects wait in memory before a checkpoint writes them.
+    checkpoint_interval: std::time::Duration,
 }
+
+/// Default of [`ShardStateMachine::checkpoint_every`] (`[raft] checkpoint_interval`).
+pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The outbox bookkeeping of `store`'s shard as last applied there.
 pub fn load_outbox(store: &ShardStore) -> Result<OutboxMeta, StorageError> {
@@ -115,7 +125,16 @@ impl ShardStateMachine {
             version: Arc::default(),
             counting_as: None,
             applied_extra: Arc::default(),
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
         })
+    }
+
+    /// Checkpoints applied effects to RocksDB at least this often (zero: after every apply,
+    /// i.e. write-through). Longer intervals write less under load and make a restarted node
+    /// re-apply more of its log.
+    pub fn checkpoint_every(mut self, interval: std::time::Duration) -> Self {
+        self.checkpoint_interval = interval;
+        self
     }
 
     /// Records stream metrics for the entries node `me` proposed (`crate::metrics`).
@@ -347,19 +366,33 @@ impl ShardStateMachine {
         })
     }
 
-    /// Writes `batch` with the outbox meta and the applied log id `last` in one atomic write.
-    /// On failure the cached outbox meta returns to `before`.
+    /// Writes the applied state held in memory to RocksDB (see the module docs).
+    pub fn checkpoint(&self) -> Result<(), StorageError> {
+        let started = std::time::Instant::now();
+        let written = self.store.checkpoint()?;
+        if written.rows > 0 {
+            crate::metrics::CHECKPOINT_SECONDS.observe(started.elapsed().as_secs_f64());
+            crate::metrics::CHECKPOINT_ROWS.inc_by(written.rows as u64);
+        }
+        Ok(())
+    }
+
+    /// Stages `batch` with the outbox meta and the applied log id `last` (one atomic unit),
+    /// checkpointing when due. On failure the cached outbox meta returns to `before`.
     fn commit(&mut self, mut batch: ApplyBatch<'_>, last: &LogId, before: &OutboxMeta) -> Result<(), StorageError> {
         let result = (|| {
             if self.outbox != *before {
                 batch.sm_meta_put(SmMetaTag::Outbox, encode("outbox meta", &self.outbox)?);
             }
             batch.sm_meta_put(SmMetaTag::Applied, codec::encode_log_id(last)?);
-            batch.commit()
+            batch.stage()
         })();
         match result {
-            Ok(()) => {
+            Ok(staged) => {
                 self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+                if staged.urgent || self.store.checkpoint_due(self.checkpoint_interval) {
+                    self.checkpoint()?;
+                }
                 Ok(())
             }
             Err(e) => {

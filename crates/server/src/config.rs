@@ -95,6 +95,10 @@ pub struct RaftConfig {
     /// stand in for its heartbeats (`coalesce_raft::quiesce`).
     #[serde(with = "humantime_serde", default = "default_quiesce_after")]
     pub quiesce_after: Duration,
+    /// Applied state waits in memory at most this long before it is written to RocksDB
+    /// (`0s`: after every apply); a restarted node re-applies the rest from its Raft log.
+    #[serde(with = "humantime_serde", default = "default_checkpoint_interval")]
+    pub checkpoint_interval: Duration,
 }
 
 fn default_heartbeat() -> Duration {
@@ -109,6 +113,9 @@ fn default_election_max() -> Duration {
 fn default_quiesce_after() -> Duration {
     Duration::from_millis(RaftTiming::default().quiesce_after_ms)
 }
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_millis(RaftTiming::default().checkpoint_ms)
+}
 
 impl Default for RaftConfig {
     fn default() -> Self {
@@ -117,6 +124,7 @@ impl Default for RaftConfig {
             election_timeout_min: default_election_min(),
             election_timeout_max: default_election_max(),
             quiesce_after: default_quiesce_after(),
+            checkpoint_interval: default_checkpoint_interval(),
         }
     }
 }
@@ -296,6 +304,7 @@ impl Config {
             election_min_ms: self.raft.election_timeout_min.as_millis() as u64,
             election_max_ms: self.raft.election_timeout_max.as_millis() as u64,
             quiesce_after_ms: self.raft.quiesce_after.as_millis() as u64,
+            checkpoint_ms: self.raft.checkpoint_interval.as_millis() as u64,
         }
     }
 }

@@ -120,9 +120,14 @@ pub fn raft_meta_key(shard: ShardId, tag: RaftMetaTag) -> [u8; 5] {
 
 /// Key of a state-machine metadata row.
 pub fn sm_meta_key(shard: ShardId, tag: SmMetaTag) -> [u8; 5] {
+    sm_meta_key_raw(shard, tag as u8)
+}
+
+/// [`sm_meta_key`] of a tag given as its number.
+pub(crate) fn sm_meta_key_raw(shard: ShardId, tag: u8) -> [u8; 5] {
     let mut k = [0u8; 5];
     k[..4].copy_from_slice(&shard.to_be_bytes());
-    k[4] = tag as u8;
+    k[4] = tag;
     k
 }
 

@@ -7,7 +7,6 @@
 //! the applied log id) in one atomic RocksDB write.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use coalesce_core::buffer::{BufKey, BufferStore, Buffered, ShardStats};
@@ -35,15 +34,19 @@ pub(crate) fn decode<T: DeserializeOwned>(shard: ShardId, what: &'static str, by
 /// Accounted bytes ([`Buffered::bytes`]) of buffered aggregates one shard keeps in memory.
 pub const BUFFER_CACHE_BYTES: u64 = 16 << 20;
 
+/// Approximate bytes of applied-but-not-checkpointed state a shard holds before
+/// [`ShardStore::checkpoint_due`] asks for a checkpoint, whatever the interval.
+pub const PENDING_MAX_BYTES: u64 = 16 << 20;
+
 /// The shard's committed buffer rows kept in memory, so applying an entry does not read (and
 /// decode) RocksDB for every key it touches: a read-through cache of the buffer column family
-/// that also remembers absent keys. Only two things write that column family — committed apply
-/// batches, which update the cache with their writes, and snapshot installs, which clear it —
-/// so a hit is always the committed value. Bounded by [`BUFFER_CACHE_BYTES`]; when full, about
-/// half the entries are dropped (which ones does not matter: a miss reads RocksDB). Readers
-/// other than the apply task (the leader's admission check) may fill it too: a row read from
-/// RocksDB is cached only if no commit or clear happened since the read began (`generation`),
-/// so a read racing a commit can never put the older value back.
+/// that also remembers absent keys. Only two things write that column family — checkpoints,
+/// which update the cache with their writes, and snapshot installs, which clear it — so a hit is
+/// always the checkpointed value. Bounded by [`BUFFER_CACHE_BYTES`]; when full, about half the
+/// entries are dropped (which ones does not matter: a miss reads RocksDB). Readers other than the
+/// apply task (the leader's admission check) may fill it too: a row read from RocksDB is cached
+/// only if no checkpoint or clear happened since the read began (`generation`), so a read racing
+/// a checkpoint can never put the older value back.
 #[derive(Default)]
 struct BufferCache {
     rows: HashMap<BufKey, Option<Buffered>>,
@@ -51,19 +54,19 @@ struct BufferCache {
     generation: u64,
 }
 
-impl BufferCache {
-    fn cost(key: &BufKey, row: &Option<Buffered>) -> u64 {
-        (key.stream.len() + key.key.len()) as u64 + row.as_ref().map_or(0, |b| b.bytes) + 64
-    }
+fn row_cost(key: &BufKey, row: &Option<Buffered>) -> u64 {
+    (key.stream.len() + key.key.len()) as u64 + row.as_ref().map_or(0, |b| b.bytes) + 64
+}
 
+impl BufferCache {
     fn get(&self, key: &BufKey) -> Option<Option<Buffered>> {
         self.rows.get(key).cloned()
     }
 
     fn insert(&mut self, key: BufKey, row: Option<Buffered>) {
-        let cost = Self::cost(&key, &row);
+        let cost = row_cost(&key, &row);
         if let Some(old) = self.rows.insert(key.clone(), row) {
-            self.bytes = self.bytes.saturating_sub(Self::cost(&key, &old));
+            self.bytes = self.bytes.saturating_sub(row_cost(&key, &old));
         }
         self.bytes += cost;
         if self.bytes > BUFFER_CACHE_BYTES {
@@ -72,15 +75,89 @@ impl BufferCache {
                 keep = !keep;
                 keep
             });
-            self.bytes = self.rows.iter().map(|(k, r)| Self::cost(k, r)).sum();
+            self.bytes = self.rows.iter().map(|(k, r)| row_cost(k, r)).sum();
         }
     }
+}
 
-    fn clear(&mut self) {
-        self.rows.clear();
-        self.bytes = 0;
-        self.generation += 1;
+/// A buffer row applied since the last checkpoint.
+#[derive(Clone)]
+struct PendingRow {
+    /// `None`: deleted.
+    value: Option<Buffered>,
+    /// Whether RocksDB holds a row for the key (as of the last checkpoint): deleting a key that
+    /// was buffered and sealed between two checkpoints writes nothing at all.
+    stored: bool,
+}
+
+/// State-machine effects applied since the last checkpoint (write-behind): the state every
+/// reader of the shard sees, ahead of RocksDB. A checkpoint writes all of it, with the applied
+/// log id, in one atomic RocksDB write; until then a crash loses it and the node re-applies the
+/// entries from its (durable) Raft log, so a checkpoint is an optimisation, never a
+/// correctness step. Under load this turns one write per touched key per entry into one per
+/// key per checkpoint, and a key buffered and sealed between two checkpoints (most keys of
+/// short windows) never reaches RocksDB.
+#[derive(Default)]
+struct Pending {
+    buffers: HashMap<BufKey, PendingRow>,
+    /// Deadline index: `true` = inserted, `false` = a stored row removed.
+    index: BTreeMap<(Millis, BufKey), bool>,
+    stats: Option<ShardStats>,
+    sessions: HashMap<u64, Option<Session>>,
+    outbox: BTreeMap<u64, Output>,
+    /// Stored outbox seqs `[from, to)` to delete.
+    trims: Vec<(u64, u64)>,
+    meta: BTreeMap<u8, Vec<u8>>,
+    /// Dead-letter rows (`None` = delete), in order.
+    dlq: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Approximate bytes held.
+    bytes: u64,
+    /// When the oldest effect held was staged.
+    since: Option<std::time::Instant>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.since.is_none()
     }
+
+    fn trimmed(&self, seq: u64) -> bool {
+        self.trims.iter().any(|(from, to)| (*from..*to).contains(&seq))
+    }
+}
+
+/// The memory in front of one shard's rows: the pending (not yet checkpointed) state and the
+/// read cache of checkpointed buffer rows, under one lock so a reader never sees a row in
+/// neither place.
+#[derive(Default)]
+struct Mem {
+    pending: Pending,
+    cache: BufferCache,
+    /// No stored deadline-index row below this deadline exists: scans seek here instead of
+    /// walking the tombstones that sealed windows leave (RocksDB's queue anti-pattern). Raised
+    /// by staged batches whose scan proved it (only if no checkpoint happened since the scan),
+    /// lowered by checkpoints to their lowest insert, reset by snapshot installs. In memory
+    /// only (0 after a restart, raised by the first seal).
+    floor: Millis,
+    /// Checkpoints and installs so far: what a deadline scan proved about stored rows holds
+    /// only while this has not changed.
+    checkpoints: u64,
+    /// 1 + the highest outbox seq a checkpoint wrote (`u64::MAX` when unknown, after a
+    /// restart or install): trims of seqs at or above it have nothing stored to delete.
+    outbox_stored_end: u64,
+}
+
+impl Mem {
+    fn new() -> Self {
+        Self { outbox_stored_end: u64::MAX, ..Self::default() }
+    }
+}
+
+/// What a checkpoint wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Rows put or deleted (range deletes count once).
+    pub rows: usize,
 }
 
 /// A shard's view of the node database.
@@ -88,14 +165,8 @@ impl BufferCache {
 pub struct ShardStore {
     db: Arc<NodeDb>,
     shard: ShardId,
-    /// Shared by every clone (see [`BufferCache`]).
-    cache: Arc<Mutex<BufferCache>>,
-    /// No deadline-index row below this deadline exists: scans seek here instead of walking
-    /// the tombstones that sealed windows leave (RocksDB's queue anti-pattern). Raised only by
-    /// committed apply batches (which are sequential), lowered by their inserts before the
-    /// write is visible to anyone who checks the state version; reset by snapshot installs.
-    /// Shared by every clone; in memory only (0 after a restart, raised by the first seal).
-    deadline_floor: Arc<AtomicU64>,
+    /// Shared by every clone (see [`Mem`]).
+    mem: Arc<Mutex<Mem>>,
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -107,11 +178,11 @@ impl std::fmt::Debug for ShardStore {
 impl ShardStore {
     /// The rows of `shard` in `db`.
     pub fn new(db: Arc<NodeDb>, shard: ShardId) -> Self {
-        Self { db, shard, deadline_floor: Arc::default(), cache: Arc::default() }
+        Self { db, shard, mem: Arc::new(Mutex::new(Mem::new())) }
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, BufferCache> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
+        self.mem.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The shard id.
@@ -229,37 +300,156 @@ impl ShardStore {
 
     // ---- State machine --------------------------------------------------------------------
 
-    /// A state-machine metadata value.
+    /// A state-machine metadata value, as applied (pending values first).
     pub fn sm_meta_get(&self, tag: SmMetaTag) -> Result<Option<Vec<u8>>, StorageError> {
+        if let Some(v) = self.mem().pending.meta.get(&(tag as u8)) {
+            return Ok(Some(v.clone()));
+        }
+        self.stored_meta(tag)
+    }
+
+    /// A state-machine metadata value as of the last checkpoint.
+    fn stored_meta(&self, tag: SmMetaTag) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self.db.raw().get_cf(self.db.cf(keys::CF_SM_META)?, keys::sm_meta_key(self.shard, tag))?)
     }
 
-    /// Starts applying one Raft entry.
+    /// Starts applying one or more Raft entries.
     pub fn apply_batch(&self) -> ApplyBatch<'_> {
         ApplyBatch {
             store: self,
             buffers: HashMap::new(),
+            stored: HashMap::new(),
             index: BTreeMap::new(),
             stats: None,
             sessions: HashMap::new(),
-            rows: Vec::new(),
+            outbox: BTreeMap::new(),
+            trims: Vec::new(),
+            meta: BTreeMap::new(),
+            dlq: Vec::new(),
             floor_seen: None,
         }
     }
 
+    /// Whether the pending state should be checkpointed: it is older than `interval` or larger
+    /// than [`PENDING_MAX_BYTES`].
+    pub fn checkpoint_due(&self, interval: std::time::Duration) -> bool {
+        let mem = self.mem();
+        mem.pending.since.is_some_and(|t| t.elapsed() >= interval) || mem.pending.bytes >= PENDING_MAX_BYTES
+    }
+
+    /// Approximate bytes of applied state not yet checkpointed.
+    pub fn pending_bytes(&self) -> u64 {
+        self.mem().pending.bytes
+    }
+
+    /// Writes every pending effect to RocksDB in one atomic write (no fsync: the log is the
+    /// durable record, and the applied log id travels in the same write). Readers hold off for
+    /// the duration, so none sees a row in neither place.
+    pub fn checkpoint(&self) -> Result<Checkpoint, StorageError> {
+        let mut mem = self.mem();
+        if mem.pending.is_empty() {
+            return Ok(Checkpoint::default());
+        }
+        let pending = std::mem::take(&mut mem.pending);
+        let (batch, rows) = match self.checkpoint_batch(&pending) {
+            Ok(b) => b,
+            Err(e) => {
+                mem.pending = pending;
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.db.write(batch) {
+            mem.pending = pending;
+            return Err(e);
+        }
+        mem.checkpoints += 1;
+        mem.cache.generation += 1;
+        if let Some(((lowest, _), _)) = pending.index.iter().find(|(_, present)| **present) {
+            mem.floor = mem.floor.min(*lowest);
+        }
+        if let Some((&seq, _)) = pending.outbox.last_key_value() {
+            mem.outbox_stored_end = seq + 1;
+        }
+        for (key, row) in pending.buffers {
+            mem.cache.insert(key, row.value);
+        }
+        Ok(Checkpoint { rows })
+    }
+
+    fn checkpoint_batch(&self, p: &Pending) -> Result<(WriteBatch, usize), StorageError> {
+        let db = &self.db;
+        let shard = self.shard;
+        let mut batch = WriteBatch::default();
+        let cf = db.cf(keys::CF_BUFFER)?;
+        for (key, row) in &p.buffers {
+            let k = keys::buffer_key(shard, key);
+            match &row.value {
+                Some(b) => batch.put_cf(cf, k, encode("buffered aggregate", b)?),
+                None => batch.delete_cf(cf, k),
+            }
+        }
+        let cf = db.cf(keys::CF_DEADLINE)?;
+        for ((deadline, key), present) in &p.index {
+            let k = keys::deadline_key(shard, *deadline, key);
+            if *present { batch.put_cf(cf, k, []) } else { batch.delete_cf(cf, k) }
+        }
+        let cf = db.cf(keys::CF_SM_META)?;
+        if let Some(stats) = &p.stats {
+            batch.put_cf(cf, keys::sm_meta_key(shard, SmMetaTag::Stats), encode("shard stats", stats)?);
+        }
+        for (tag, v) in &p.meta {
+            batch.put_cf(cf, keys::sm_meta_key_raw(shard, *tag), v);
+        }
+        let cf = db.cf(keys::CF_SESSIONS)?;
+        for (producer, s) in &p.sessions {
+            let k = keys::session_key(shard, *producer);
+            match s {
+                Some(s) => batch.put_cf(cf, k, encode("session", s)?),
+                None => batch.delete_cf(cf, k),
+            }
+        }
+        let cf = db.cf(keys::CF_OUTBOX)?;
+        for (from, to) in &p.trims {
+            batch.delete_range_cf(cf, keys::outbox_key(shard, *from), keys::outbox_key(shard, *to));
+        }
+        for (seq, o) in &p.outbox {
+            batch.put_cf(cf, keys::outbox_key(shard, *seq), encode("outbox entry", o)?);
+        }
+        let cf = db.cf(keys::CF_DLQ)?;
+        for (k, v) in &p.dlq {
+            match v {
+                Some(v) => batch.put_cf(cf, k, v),
+                None => batch.delete_cf(cf, k),
+            }
+        }
+        let rows = batch.len();
+        Ok((batch, rows))
+    }
+
     /// Outbox entries with `seq >= from`, at most `limit`.
     pub fn outbox_from(&self, from: u64, limit: usize) -> Result<Vec<Output>, StorageError> {
+        let mem = self.mem();
         let cf = self.db.cf(keys::CF_OUTBOX)?;
         let (ro, start) = self.range_opts(&keys::outbox_key(self.shard, from), keys::shard_end(self.shard));
         let mut out = Vec::new();
-        for item in self.db.raw().iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)).take(limit) {
-            let (_, v) = item?;
-            out.push(decode(self.shard, "outbox entry", &v)?);
+        for item in self.db.raw().iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            let seq = keys::decode_u64_suffix(&k).ok_or_else(|| self.corrupt("outbox key", "short key"))?;
+            if !mem.pending.trimmed(seq) {
+                out.push(decode(self.shard, "outbox entry", &v)?);
+            }
         }
+        // Pending outputs all follow the stored ones (seqs only grow).
+        let room = limit.saturating_sub(out.len());
+        out.extend(mem.pending.outbox.range(from..).take(room).map(|(_, o)| o.clone()));
         Ok(out)
     }
 
-    /// Dead letters of `sink` with `seq >= from`, at most `limit`, in seq order.
+    /// Dead letters of `sink` with `seq >= from`, at most `limit`, in seq order. (Entries that
+    /// change dead letters are checkpointed at once, so RocksDB holds them all.)
     pub fn dlq_from(&self, sink: &str, from: u64, limit: usize) -> Result<Vec<DeadLetter>, StorageError> {
         let cf = self.db.cf(keys::CF_DLQ)?;
         let (ro, start) = self.range_opts(&keys::dlq_key(self.shard, sink, from), keys::dlq_end(self.shard, sink));
@@ -284,29 +474,41 @@ impl ShardStore {
         Ok(out)
     }
 
-    /// Every producer session of the shard.
+    /// Every producer session of the shard, as applied.
     pub fn sessions(&self) -> Result<Vec<(u64, Session)>, StorageError> {
+        let mem = self.mem();
         let cf = self.db.cf(keys::CF_SESSIONS)?;
         let (ro, start) = self.range_opts(&keys::shard_prefix(self.shard), keys::shard_end(self.shard));
-        let mut out = Vec::new();
+        let mut all = BTreeMap::new();
         for item in self.db.raw().iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item?;
             let producer = keys::decode_u64_suffix(&k).ok_or_else(|| self.corrupt("session key", "short key"))?;
-            out.push((producer, decode(self.shard, "session", &v)?));
+            all.insert(producer, decode(self.shard, "session", &v)?);
         }
-        Ok(out)
+        for (producer, s) in &mem.pending.sessions {
+            match s {
+                Some(s) => all.insert(*producer, *s),
+                None => all.remove(producer),
+            };
+        }
+        Ok(all.into_iter().collect())
     }
 
-    /// Number of buffered keys (from the stats row; no scan).
+    /// Occupancy and counters of the buffer, as applied (no scan).
     pub fn stats(&self) -> Result<ShardStats, StorageError> {
-        match self.sm_meta_get(SmMetaTag::Stats)? {
+        if let Some(s) = self.mem().pending.stats {
+            return Ok(s);
+        }
+        match self.stored_meta(SmMetaTag::Stats)? {
             Some(b) => decode(self.shard, "shard stats", &b),
             None => Ok(ShardStats::default()),
         }
     }
 
-    /// Every state-machine row of the shard, read from one consistent RocksDB snapshot.
+    /// Every state-machine row of the shard as applied: checkpoints first, then reads one
+    /// consistent RocksDB snapshot.
     pub fn export_state(&self) -> Result<StateExport, StorageError> {
+        self.checkpoint()?;
         let snap = self.db.raw().snapshot();
         let mut rows: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
         for (i, name) in keys::SM_CFS.iter().enumerate() {
@@ -323,7 +525,7 @@ impl ShardStore {
     }
 
     /// Replaces every state-machine row of the shard with `data` (an encoded [`StateExport`],
-    /// possibly from another node), atomically and durably.
+    /// possibly from another node), atomically and durably; pending effects are dropped.
     pub fn import_state(&self, data: &[u8]) -> Result<(), StorageError> {
         let rows = StateExport::decode(self.shard, data)?.rows;
         let mut batch = WriteBatch::default();
@@ -342,9 +544,12 @@ impl ShardStore {
             key.extend_from_slice(&suffix);
             batch.put_cf(self.db.cf(name)?, key, value);
         }
+        let mut mem = self.mem();
         self.db.write_sync(batch)?;
-        self.deadline_floor.store(0, Ordering::Release);
-        self.cache().clear();
+        // Counters only grow, so a read or scan that began before the install proves nothing.
+        let (checkpoints, generation) = (mem.checkpoints + 1, mem.cache.generation + 1);
+        *mem = Mem { checkpoints, ..Mem::new() };
+        mem.cache.generation = generation;
         Ok(())
     }
 
@@ -388,33 +593,27 @@ impl StateExport {
     }
 }
 
-/// Column families an [`ApplyBatch`] writes besides the buffer and index.
-#[derive(Debug, Clone, Copy)]
-enum Row {
-    Outbox,
-    Session,
-    SmMeta,
-    Dlq,
-    /// Outbox seqs `[from, to)` deleted (key = from, value = to), in order with outbox puts so
-    /// a trim after a put in the same batch deletes it.
-    OutboxTrim,
-}
-
-/// One Raft entry's state-machine effects, committed atomically. Reads see earlier writes of
-/// the same batch.
+/// The effects of one or more Raft entries, staged or committed atomically. Reads see earlier
+/// writes of the same batch, then the pending state, then RocksDB.
 pub struct ApplyBatch<'a> {
     store: &'a ShardStore,
     /// Buffer overlay: `None` = deleted in this batch.
     buffers: HashMap<BufKey, Option<Buffered>>,
+    /// Whether RocksDB held a row, for keys this batch read from the cache or RocksDB.
+    stored: HashMap<BufKey, bool>,
     /// Deadline-index overlay: `true` = inserted, `false` = removed in this batch.
     index: BTreeMap<(Millis, BufKey), bool>,
     stats: Option<ShardStats>,
-    /// Session overlay (`None` = deleted), so later reads in the batch see earlier writes.
+    /// Session overlay (`None` = deleted).
     sessions: HashMap<u64, Option<Session>>,
-    /// Other writes, in order.
-    rows: Vec<(Row, Vec<u8>, Option<Vec<u8>>)>,
-    /// What deadline scans of the database proved: no stored row below this deadline.
-    floor_seen: Option<Millis>,
+    outbox: BTreeMap<u64, Output>,
+    /// Outbox seqs `[from, to)` deleted, in order.
+    trims: Vec<(u64, u64)>,
+    meta: BTreeMap<u8, Vec<u8>>,
+    dlq: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// What a deadline scan of the database proved — no stored row below this deadline — and
+    /// the checkpoint count it was proved at.
+    floor_seen: Option<(Millis, u64)>,
 }
 
 impl std::fmt::Debug for ApplyBatch<'_> {
@@ -423,30 +622,40 @@ impl std::fmt::Debug for ApplyBatch<'_> {
             .field("shard", &self.store.shard)
             .field("buffers", &self.buffers.len())
             .field("index", &self.index.len())
-            .field("rows", &self.rows.len())
+            .field("outbox", &self.outbox.len())
             .finish()
     }
+}
+
+/// What staging a batch asks of its caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Staged {
+    /// The batch changed something readers take from RocksDB only (dead letters, membership,
+    /// the preferred leader): checkpoint now.
+    pub urgent: bool,
 }
 
 impl ApplyBatch<'_> {
     /// Adds an output to the outbox at its seq.
     pub fn outbox_put(&mut self, output: &Output) -> Result<(), StorageError> {
-        let v = encode("outbox entry", output)?;
-        self.rows.push((Row::Outbox, keys::outbox_key(self.store.shard, output.seq).to_vec(), Some(v)));
+        self.outbox.insert(output.seq, output.clone());
         Ok(())
     }
 
     /// Deletes outbox entries with `from <= seq < to`.
     pub fn outbox_trim(&mut self, from: u64, to: u64) {
         if from < to {
-            let (from, to) = (keys::outbox_key(self.store.shard, from), keys::outbox_key(self.store.shard, to));
-            self.rows.push((Row::OutboxTrim, from.to_vec(), Some(to.to_vec())));
+            self.outbox.retain(|seq, _| !(from..to).contains(seq));
+            push_range(&mut self.trims, from, to);
         }
     }
 
     /// A producer session, as of this batch's writes.
     pub fn session_get(&mut self, producer: u64) -> Result<Option<Session>, StorageError> {
         if let Some(s) = self.sessions.get(&producer) {
+            return Ok(*s);
+        }
+        if let Some(s) = self.store.mem().pending.sessions.get(&producer) {
             return Ok(*s);
         }
         let db = &self.store.db;
@@ -459,8 +668,6 @@ impl ApplyBatch<'_> {
     /// Sets a producer session.
     pub fn session_put(&mut self, producer: u64, session: &Session) -> Result<(), StorageError> {
         self.sessions.insert(producer, Some(*session));
-        let v = encode("session", session)?;
-        self.rows.push((Row::Session, keys::session_key(self.store.shard, producer).to_vec(), Some(v)));
         Ok(())
     }
 
@@ -479,85 +686,97 @@ impl ApplyBatch<'_> {
     /// Deletes a producer session.
     pub fn session_delete(&mut self, producer: u64) {
         self.sessions.insert(producer, None);
-        self.rows.push((Row::Session, keys::session_key(self.store.shard, producer).to_vec(), None));
     }
 
     /// Stores a dead letter under its sink and seq.
     pub fn dlq_put(&mut self, letter: &DeadLetter) -> Result<(), StorageError> {
         let v = encode("dead letter", letter)?;
-        let k = keys::dlq_key(self.store.shard, &letter.sink, letter.output.seq);
-        self.rows.push((Row::Dlq, k, Some(v)));
+        self.dlq.push((keys::dlq_key(self.store.shard, &letter.sink, letter.output.seq), Some(v)));
         Ok(())
     }
 
     /// Deletes a dead letter (nothing happens when it does not exist).
     pub fn dlq_delete(&mut self, sink: &str, seq: u64) {
-        self.rows.push((Row::Dlq, keys::dlq_key(self.store.shard, sink, seq), None));
+        self.dlq.push((keys::dlq_key(self.store.shard, sink, seq), None));
     }
 
     /// Sets a state-machine metadata value.
     pub fn sm_meta_put(&mut self, tag: SmMetaTag, value: Vec<u8>) {
-        self.rows.push((Row::SmMeta, keys::sm_meta_key(self.store.shard, tag).to_vec(), Some(value)));
+        self.meta.insert(tag as u8, value);
     }
 
-    /// Writes everything, atomically (no fsync: the log is the durable record; a lost apply is
-    /// redone from the log on restart because the applied log id is in the same write).
+    /// Makes the batch the applied state: readers of the shard see it at once; RocksDB gets it
+    /// at the next [`ShardStore::checkpoint`].
+    pub fn stage(self) -> Result<Staged, StorageError> {
+        let urgent = !self.dlq.is_empty()
+            || self.meta.keys().any(|t| ![SmMetaTag::Applied as u8, SmMetaTag::Outbox as u8].contains(t));
+        let mut mem = self.store.mem();
+        let mem = &mut *mem;
+        let p = &mut mem.pending;
+        for (key, value) in self.buffers {
+            let added = row_cost(&key, &value);
+            let (stored, removed) = match p.buffers.get(&key) {
+                Some(row) => (row.stored, row_cost(&key, &row.value)),
+                None => (self.stored.get(&key).copied().unwrap_or(true), 0),
+            };
+            p.bytes = (p.bytes + added).saturating_sub(removed);
+            if value.is_none() && !stored {
+                p.buffers.remove(&key);
+            } else {
+                p.buffers.insert(key, PendingRow { value, stored });
+            }
+        }
+        for (entry, present) in self.index {
+            if !present && p.index.get(&entry) == Some(&true) {
+                p.index.remove(&entry);
+            } else {
+                p.bytes += (entry.1.stream.len() + entry.1.key.len()) as u64 + 32;
+                p.index.insert(entry, present);
+            }
+        }
+        if self.stats.is_some() {
+            p.stats = self.stats;
+        }
+        for (producer, s) in self.sessions {
+            p.bytes += 32;
+            p.sessions.insert(producer, s);
+        }
+        for (from, to) in self.trims {
+            p.outbox.retain(|seq, _| !(from..to).contains(seq));
+            let to = to.min(mem.outbox_stored_end);
+            if from < to {
+                push_range(&mut p.trims, from, to);
+            }
+        }
+        for (seq, o) in self.outbox {
+            p.bytes += 128 + (o.key.len() + o.stream.len()) as u64;
+            p.outbox.insert(seq, o);
+        }
+        p.meta.extend(self.meta);
+        p.dlq.extend(self.dlq);
+        p.since.get_or_insert_with(std::time::Instant::now);
+        if let Some((seen, at)) = self.floor_seen
+            && at == mem.checkpoints
+        {
+            mem.floor = mem.floor.max(seen);
+        }
+        Ok(Staged { urgent })
+    }
+
+    /// Stages the batch and checkpoints at once (write-through).
     pub fn commit(self) -> Result<(), StorageError> {
-        let db = &self.store.db;
-        let shard = self.store.shard;
-        let mut batch = WriteBatch::default();
-        let cf_buffer = db.cf(keys::CF_BUFFER)?;
-        for (key, value) in &self.buffers {
-            let k = keys::buffer_key(shard, key);
-            match value {
-                Some(b) => batch.put_cf(cf_buffer, k, encode("buffered aggregate", b)?),
-                None => batch.delete_cf(cf_buffer, k),
-            }
-        }
-        let cf_deadline = db.cf(keys::CF_DEADLINE)?;
-        for ((deadline, key), present) in &self.index {
-            let k = keys::deadline_key(shard, *deadline, key);
-            if *present { batch.put_cf(cf_deadline, k, []) } else { batch.delete_cf(cf_deadline, k) }
-        }
-        if let Some(stats) = &self.stats {
-            batch.put_cf(
-                db.cf(keys::CF_SM_META)?,
-                keys::sm_meta_key(shard, SmMetaTag::Stats),
-                encode("shard stats", stats)?,
-            );
-        }
-        for (row, key, value) in self.rows {
-            let cf = db.cf(match row {
-                Row::Outbox | Row::OutboxTrim => keys::CF_OUTBOX,
-                Row::Session => keys::CF_SESSIONS,
-                Row::SmMeta => keys::CF_SM_META,
-                Row::Dlq => keys::CF_DLQ,
-            })?;
-            match (row, value) {
-                (Row::OutboxTrim, Some(to)) => batch.delete_range_cf(cf, key, to),
-                (_, Some(v)) => batch.put_cf(cf, key, v),
-                (_, None) => batch.delete_cf(cf, key),
-            }
-        }
-        db.write(batch)?;
-        let mut cache = self.store.cache();
-        cache.generation += 1;
-        for (key, row) in self.buffers {
-            cache.insert(key, row);
-        }
-        drop(cache);
-        // The rows below `floor_seen` that this batch did not insert are gone.
-        let inserted = self.index.iter().find(|(_, present)| **present).map(|((d, _), _)| *d);
-        let floor = &self.store.deadline_floor;
-        let mut next = floor.load(Ordering::Acquire);
-        if let Some(seen) = self.floor_seen {
-            next = next.max(seen);
-        }
-        if let Some(d) = inserted {
-            next = next.min(d);
-        }
-        floor.store(next, Ordering::Release);
-        Ok(())
+        let store = self.store;
+        self.stage()?;
+        store.checkpoint().map(|_| ())
+    }
+}
+
+/// Appends `[from, to)` to `ranges`, merging it with the last range when they touch (trims
+/// follow each other).
+fn push_range(ranges: &mut Vec<(u64, u64)>, from: u64, to: u64) {
+    match ranges.last_mut() {
+        Some(last) if last.1 == from => last.1 = to,
+        _ => ranges.push((from, to)),
     }
 }
 
@@ -569,20 +788,25 @@ impl BufferStore for ApplyBatch<'_> {
             return Ok(v.clone());
         }
         let generation = {
-            let cache = self.store.cache();
-            if let Some(row) = cache.get(key) {
+            let mem = self.store.mem();
+            if let Some(row) = mem.pending.buffers.get(key) {
+                return Ok(row.value.clone());
+            }
+            if let Some(row) = mem.cache.get(key) {
+                self.stored.insert(key.clone(), row.is_some());
                 return Ok(row);
             }
-            cache.generation
+            mem.cache.generation
         };
         let db = &self.store.db;
         let row = match db.raw().get_pinned_cf(db.cf(keys::CF_BUFFER)?, keys::buffer_key(self.store.shard, key))? {
             Some(bytes) => Some(decode(self.store.shard, "buffered aggregate", &bytes)?),
             None => None,
         };
-        let mut cache = self.store.cache();
-        if cache.generation == generation {
-            cache.insert(key.clone(), row.clone());
+        self.stored.insert(key.clone(), row.is_some());
+        let mut mem = self.store.mem();
+        if mem.cache.generation == generation {
+            mem.cache.insert(key.clone(), row.clone());
         }
         Ok(row)
     }
@@ -610,12 +834,16 @@ impl BufferStore for ApplyBatch<'_> {
     fn due(&mut self, upto: Millis, limit: usize) -> Result<Vec<(Millis, BufKey)>, StorageError> {
         let shard = self.store.shard;
         let db = &self.store.db;
-        let mut from_db = Vec::new();
+        let mem = self.store.mem();
+        let removed = |entry: &(Millis, BufKey)| {
+            self.index.get(entry) == Some(&false) || mem.pending.index.get(entry) == Some(&false)
+        };
+        let mut all = BTreeSet::new();
+        let mut proved = None;
         if limit > 0 {
             let mut ro = ReadOptions::default();
             ro.set_iterate_upper_bound(keys::deadline_upper_bound(shard, upto));
-            let floor = self.store.deadline_floor.load(Ordering::Acquire);
-            let start = keys::deadline_from(shard, floor);
+            let start = keys::deadline_from(shard, mem.floor);
             let mut first = None;
             for item in
                 db.raw().iterator_cf_opt(db.cf(keys::CF_DEADLINE)?, ro, IteratorMode::From(&start, Direction::Forward))
@@ -628,20 +856,34 @@ impl BufferStore for ApplyBatch<'_> {
                 })?;
                 first.get_or_insert(deadline);
                 let entry = (deadline, key);
-                if self.index.get(&entry) == Some(&false) {
+                if removed(&entry) {
                     continue;
                 }
-                from_db.push(entry);
-                if from_db.len() >= limit {
+                all.insert(entry);
+                if all.len() >= limit {
                     break;
                 }
             }
             // Nothing stored below the first row seen (or up to `upto` when none was).
-            let proved = first.unwrap_or_else(|| upto.saturating_add(1));
-            self.floor_seen = Some(self.floor_seen.map_or(proved, |f| f.max(proved)));
+            proved = Some(first.unwrap_or_else(|| upto.saturating_add(1)));
+            let staged = mem
+                .pending
+                .index
+                .iter()
+                .take_while(|((d, _), _)| *d <= upto)
+                .filter(|(e, present)| **present && self.index.get(e) != Some(&false))
+                .take(limit);
+            all.extend(staged.map(|(e, _)| e.clone()));
         }
-        let mut all: BTreeSet<(Millis, BufKey)> = from_db.into_iter().collect();
         all.extend(self.index.iter().filter(|((d, _), present)| **present && *d <= upto).map(|(e, _)| e.clone()));
+        let checkpoints = mem.checkpoints;
+        drop(mem);
+        if let Some(proved) = proved {
+            self.floor_seen = Some(match self.floor_seen {
+                Some((f, at)) if at == checkpoints => (f.max(proved), at),
+                _ => (proved, checkpoints),
+            });
+        }
         Ok(all.into_iter().take(limit).collect())
     }
 

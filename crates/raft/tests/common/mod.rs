@@ -10,8 +10,13 @@ use coalesce_storage::NodeDb;
 use tokio::sync::oneshot;
 
 /// Raft timing for tests: fast elections on loopback.
-pub const TIMING: RaftTiming =
-    RaftTiming { heartbeat_ms: 50, election_min_ms: 300, election_max_ms: 600, quiesce_after_ms: 0 };
+pub const TIMING: RaftTiming = RaftTiming {
+    heartbeat_ms: 50,
+    election_min_ms: 300,
+    election_max_ms: 600,
+    quiesce_after_ms: 0,
+    checkpoint_ms: 1_000,
+};
 
 /// Starts node `name` of `spec` on `db` and serves its peer port on `listener` until the
 /// returned sender fires.
