@@ -190,15 +190,15 @@ fn apply_op(batch: &mut coalesce_storage::ApplyBatch<'_>, op: &Op, next_seq: &mu
     for o in &mut outputs {
         o.seq = *next_seq;
         *next_seq += 1;
-        batch.outbox_put(o).unwrap();
+        batch.outbox_put(o).expect("outbox put");
     }
-    if i % 5 == 0 && *next_seq > 21 {
+    if i.is_multiple_of(5) && *next_seq > 21 {
         batch.outbox_trim(1, *next_seq - 20);
     }
     let producer = (i % 7) as u64;
-    let last_seq = batch.session_get(producer).unwrap().map_or(0, |s| s.last_seq) + 1;
-    batch.session_put(producer, &coalesce_core::session::Session { last_seq, last_seen: op.0 }).unwrap();
-    if i % 97 == 0 {
+    let last_seq = batch.session_get(producer).expect("session").map_or(0, |s| s.last_seq) + 1;
+    batch.session_put(producer, &coalesce_core::session::Session { last_seq, last_seen: op.0 }).expect("session put");
+    if i.is_multiple_of(97) {
         batch.session_delete((i % 7 + 1) as u64 % 7);
     }
     outputs
@@ -246,7 +246,7 @@ fn staged_batches_checkpointed_at_random_points_match_write_through() {
                 assert_eq!(behind.outbox_from(from, 25).unwrap(), through.outbox_from(from, 25).unwrap(), "op {i}");
                 assert_eq!(behind.sessions().unwrap(), through.sessions().unwrap(), "seed {seed} op {i}");
             }
-            if rand() % 25 == 0 {
+            if rand().is_multiple_of(25) {
                 behind.checkpoint().unwrap();
                 last_checkpoint = (i, seq_b, through.export_state().unwrap().encode().unwrap());
             }
