@@ -79,7 +79,7 @@ fn accounted_bytes(key: &BufKey, agg: &Aggregate, samples: Option<&Samples>) -> 
 pub trait BufferStore {
     type Error: std::error::Error + Send + Sync + 'static;
     fn get(&mut self, key: &BufKey) -> Result<Option<Buffered>, Self::Error>;
-    fn put(&mut self, key: &BufKey, value: &Buffered) -> Result<(), Self::Error>;
+    fn put(&mut self, key: &BufKey, value: Buffered) -> Result<(), Self::Error>;
     fn delete(&mut self, key: &BufKey) -> Result<(), Self::Error>;
     fn index_insert(&mut self, deadline: Millis, key: &BufKey) -> Result<(), Self::Error>;
     fn index_remove(&mut self, deadline: Millis, key: &BufKey) -> Result<(), Self::Error>;
@@ -103,11 +103,11 @@ impl BufferStore for MemStore {
     fn get(&mut self, key: &BufKey) -> Result<Option<Buffered>, Infallible> {
         Ok(self.buffers.get(key).cloned())
     }
-    fn put(&mut self, key: &BufKey, value: &Buffered) -> Result<(), Infallible> {
+    fn put(&mut self, key: &BufKey, value: Buffered) -> Result<(), Infallible> {
         match self.buffers.get_mut(key) {
-            Some(slot) => *slot = value.clone(),
+            Some(slot) => *slot = value,
             None => {
-                self.buffers.insert(key.clone(), value.clone());
+                self.buffers.insert(key.clone(), value);
             }
         }
         Ok(())
@@ -275,7 +275,7 @@ impl ShardBuffer {
         if let Some(reason) = rules.window.data_trigger(current.window.inputs, current.agg.size()) {
             outputs.push(Self::seal(store, stats, key, current, stamp, reason)?);
         } else {
-            store.put(key, &current)?;
+            store.put(key, current)?;
         }
         Ok(PartialOutcome::Applied)
     }

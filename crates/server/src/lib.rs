@@ -21,7 +21,8 @@
 //!
 //! The binary `coalesced` parses flags and calls [`app::run`]. Libraries used: tonic/prost
 //! (gRPC), clap (flags), toml + serde + humantime-serde (config), tracing-subscriber (logs),
-//! prometheus (metrics), governor (per-key rate limits), axum (HTTP port), kube + k8s-openapi (Leases), and the sinks' own (see `coalesce-sinks`).
+//! prometheus (metrics), governor (per-key rate limits), axum (HTTP port), kube + k8s-openapi (Leases),
+//! mimalloc (the binary's allocator), and the sinks' own (see `coalesce-sinks`).
 
 pub mod admin;
 pub mod app;

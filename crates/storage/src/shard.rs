@@ -6,7 +6,10 @@
 //! apply functions read-your-writes semantics and commits one Raft entry's effects (including
 //! the applied log id) in one atomic RocksDB write.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use hashbrown::HashMap;
+use hashbrown::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 
 use coalesce_core::buffer::{BufKey, BufferStore, Buffered, ShardStats};
@@ -65,8 +68,9 @@ impl BufferCache {
 
     fn insert(&mut self, key: BufKey, row: Option<Buffered>) {
         let cost = row_cost(&key, &row);
-        if let Some(old) = self.rows.insert(key.clone(), row) {
-            self.bytes = self.bytes.saturating_sub(row_cost(&key, &old));
+        let key_cost = cost - row.as_ref().map_or(0, |b| b.bytes);
+        if let Some(old) = self.rows.insert(key, row) {
+            self.bytes = self.bytes.saturating_sub(key_cost + old.as_ref().map_or(0, |b| b.bytes));
         }
         self.bytes += cost;
         if self.bytes > BUFFER_CACHE_BYTES {
@@ -318,7 +322,6 @@ impl ShardStore {
         ApplyBatch {
             store: self,
             buffers: HashMap::new(),
-            stored: HashMap::new(),
             index: BTreeMap::new(),
             stats: None,
             sessions: HashMap::new(),
@@ -597,10 +600,8 @@ impl StateExport {
 /// writes of the same batch, then the pending state, then RocksDB.
 pub struct ApplyBatch<'a> {
     store: &'a ShardStore,
-    /// Buffer overlay: `None` = deleted in this batch.
-    buffers: HashMap<BufKey, Option<Buffered>>,
-    /// Whether RocksDB held a row, for keys this batch read from the cache or RocksDB.
-    stored: HashMap<BufKey, bool>,
+    /// Buffer overlay: rows this batch wrote, and rows it read from the cache or RocksDB.
+    buffers: HashMap<BufKey, BatchRow>,
     /// Deadline-index overlay: `true` = inserted, `false` = removed in this batch.
     index: BTreeMap<(Millis, BufKey), bool>,
     stats: Option<ShardStats>,
@@ -625,6 +626,17 @@ impl std::fmt::Debug for ApplyBatch<'_> {
             .field("outbox", &self.outbox.len())
             .finish()
     }
+}
+
+/// A buffer row as an [`ApplyBatch`] sees it.
+struct BatchRow {
+    /// `None`: absent or deleted.
+    value: Option<Buffered>,
+    /// Written (put or deleted) by this batch; rows only read are not staged.
+    written: bool,
+    /// Whether RocksDB held a row, when this batch read the key from the cache or RocksDB
+    /// (`None`: read from the pending state, which knows, or never read).
+    stored: Option<bool>,
 }
 
 /// What staging a batch asks of its caller.
@@ -713,17 +725,29 @@ impl ApplyBatch<'_> {
         let mut mem = self.store.mem();
         let mem = &mut *mem;
         let p = &mut mem.pending;
-        for (key, value) in self.buffers {
+        for (key, row) in self.buffers {
+            if !row.written {
+                continue;
+            }
+            let value = row.value;
             let added = row_cost(&key, &value);
-            let (stored, removed) = match p.buffers.get(&key) {
-                Some(row) => (row.stored, row_cost(&key, &row.value)),
-                None => (self.stored.get(&key).copied().unwrap_or(true), 0),
-            };
-            p.bytes = (p.bytes + added).saturating_sub(removed);
-            if value.is_none() && !stored {
-                p.buffers.remove(&key);
-            } else {
-                p.buffers.insert(key, PendingRow { value, stored });
+            match p.buffers.entry(key) {
+                Entry::Occupied(mut e) => {
+                    p.bytes = (p.bytes + added).saturating_sub(row_cost(e.key(), &e.get().value));
+                    if value.is_none() && !e.get().stored {
+                        e.remove();
+                    } else {
+                        e.get_mut().value = value;
+                    }
+                }
+                Entry::Vacant(e) => {
+                    // Unknown means stored: deleting writes a tombstone that may be needless.
+                    let stored = row.stored.unwrap_or(true);
+                    if value.is_some() || stored {
+                        p.bytes += added;
+                        e.insert(PendingRow { value, stored });
+                    }
+                }
             }
         }
         for (entry, present) in self.index {
@@ -780,44 +804,62 @@ fn push_range(ranges: &mut Vec<(u64, u64)>, from: u64, to: u64) {
     }
 }
 
+impl ApplyBatch<'_> {
+    /// Sets a buffer row in this batch (`None`: deleted), cloning the key only for a key the
+    /// batch has not seen.
+    fn write(&mut self, key: &BufKey, value: Option<Buffered>) {
+        match self.buffers.get_mut(key) {
+            Some(row) => {
+                row.value = value;
+                row.written = true;
+            }
+            None => {
+                self.buffers.insert(key.clone(), BatchRow { value, written: true, stored: None });
+            }
+        }
+    }
+}
+
 impl BufferStore for ApplyBatch<'_> {
     type Error = StorageError;
 
     fn get(&mut self, key: &BufKey) -> Result<Option<Buffered>, StorageError> {
-        if let Some(v) = self.buffers.get(key) {
-            return Ok(v.clone());
+        if let Some(row) = self.buffers.get(key) {
+            return Ok(row.value.clone());
         }
         let generation = {
             let mem = self.store.mem();
             if let Some(row) = mem.pending.buffers.get(key) {
                 return Ok(row.value.clone());
             }
-            if let Some(row) = mem.cache.get(key) {
-                self.stored.insert(key.clone(), row.is_some());
-                return Ok(row);
+            if let Some(value) = mem.cache.get(key) {
+                let row = BatchRow { value: value.clone(), written: false, stored: Some(value.is_some()) };
+                self.buffers.insert(key.clone(), row);
+                return Ok(value);
             }
             mem.cache.generation
         };
         let db = &self.store.db;
-        let row = match db.raw().get_pinned_cf(db.cf(keys::CF_BUFFER)?, keys::buffer_key(self.store.shard, key))? {
+        let value = match db.raw().get_pinned_cf(db.cf(keys::CF_BUFFER)?, keys::buffer_key(self.store.shard, key))? {
             Some(bytes) => Some(decode(self.store.shard, "buffered aggregate", &bytes)?),
             None => None,
         };
-        self.stored.insert(key.clone(), row.is_some());
+        self.buffers
+            .insert(key.clone(), BatchRow { value: value.clone(), written: false, stored: Some(value.is_some()) });
         let mut mem = self.store.mem();
         if mem.cache.generation == generation {
-            mem.cache.insert(key.clone(), row.clone());
+            mem.cache.insert(key.clone(), value.clone());
         }
-        Ok(row)
+        Ok(value)
     }
 
-    fn put(&mut self, key: &BufKey, value: &Buffered) -> Result<(), StorageError> {
-        self.buffers.insert(key.clone(), Some(value.clone()));
+    fn put(&mut self, key: &BufKey, value: Buffered) -> Result<(), StorageError> {
+        self.write(key, Some(value));
         Ok(())
     }
 
     fn delete(&mut self, key: &BufKey) -> Result<(), StorageError> {
-        self.buffers.insert(key.clone(), None);
+        self.write(key, None);
         Ok(())
     }
 

@@ -7,6 +7,12 @@ use anyhow::Context;
 use clap::Parser;
 use coalesce_server::config::Config;
 
+/// mimalloc instead of glibc's malloc: applying entries allocates and frees many small values
+/// (keys, aggregates, outputs) across threads, where glibc's allocator cost a fifth of a loaded
+/// node's CPU (docs/benchmarks.md, "Profile of benchmark 1").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A Coalesce node: a replica of its shards' Raft groups, serving the client API.
 #[derive(Debug, Parser)]
 #[command(version, about)]
