@@ -7,9 +7,6 @@
 //! the applied log id) in one atomic RocksDB write.
 
 use std::collections::{BTreeMap, BTreeSet};
-
-use hashbrown::HashMap;
-use hashbrown::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 
 use coalesce_core::buffer::{BufKey, BufferStore, Buffered, ShardStats};
@@ -17,6 +14,8 @@ use coalesce_core::hash::ShardId;
 use coalesce_core::output::{DeadLetter, Output};
 use coalesce_core::session::Session;
 use coalesce_core::time::Millis;
+use hashbrown::HashMap;
+use hashbrown::hash_map::Entry;
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -57,8 +56,12 @@ struct BufferCache {
     generation: u64,
 }
 
+fn key_cost(key: &BufKey) -> u64 {
+    (key.stream.len() + key.key.len()) as u64 + 64
+}
+
 fn row_cost(key: &BufKey, row: &Option<Buffered>) -> u64 {
-    (key.stream.len() + key.key.len()) as u64 + row.as_ref().map_or(0, |b| b.bytes) + 64
+    key_cost(key) + row.as_ref().map_or(0, |b| b.bytes)
 }
 
 impl BufferCache {
@@ -68,7 +71,7 @@ impl BufferCache {
 
     fn insert(&mut self, key: BufKey, row: Option<Buffered>) {
         let cost = row_cost(&key, &row);
-        let key_cost = cost - row.as_ref().map_or(0, |b| b.bytes);
+        let key_cost = key_cost(&key);
         if let Some(old) = self.rows.insert(key, row) {
             self.bytes = self.bytes.saturating_sub(key_cost + old.as_ref().map_or(0, |b| b.bytes));
         }
@@ -805,6 +808,12 @@ fn push_range(ranges: &mut Vec<(u64, u64)>, from: u64, to: u64) {
 }
 
 impl ApplyBatch<'_> {
+    /// Remembers a row read from the cache or RocksDB (and whether RocksDB holds it).
+    fn remember_read(&mut self, key: &BufKey, value: &Option<Buffered>) {
+        let row = BatchRow { value: value.clone(), written: false, stored: Some(value.is_some()) };
+        self.buffers.insert(key.clone(), row);
+    }
+
     /// Sets a buffer row in this batch (`None`: deleted), cloning the key only for a key the
     /// batch has not seen.
     fn write(&mut self, key: &BufKey, value: Option<Buffered>) {
@@ -833,8 +842,7 @@ impl BufferStore for ApplyBatch<'_> {
                 return Ok(row.value.clone());
             }
             if let Some(value) = mem.cache.get(key) {
-                let row = BatchRow { value: value.clone(), written: false, stored: Some(value.is_some()) };
-                self.buffers.insert(key.clone(), row);
+                self.remember_read(key, &value);
                 return Ok(value);
             }
             mem.cache.generation
@@ -844,8 +852,7 @@ impl BufferStore for ApplyBatch<'_> {
             Some(bytes) => Some(decode(self.store.shard, "buffered aggregate", &bytes)?),
             None => None,
         };
-        self.buffers
-            .insert(key.clone(), BatchRow { value: value.clone(), written: false, stored: Some(value.is_some()) });
+        self.remember_read(key, &value);
         let mut mem = self.store.mem();
         if mem.cache.generation == generation {
             mem.cache.insert(key.clone(), value.clone());
