@@ -96,6 +96,10 @@ pub(crate) struct LocalArgs {
     /// default, 2 s).
     #[arg(long, value_parser = humantime::parse_duration)]
     quiesce_after: Option<Duration>,
+    /// How often each replica writes its applied state to RocksDB (default: the node default,
+    /// 1 s; `0s`: after every apply).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    checkpoint_interval: Option<Duration>,
 }
 
 fn parse_range(s: &str) -> Result<(Duration, Duration), String> {
@@ -150,6 +154,9 @@ impl LocalArgs {
         }
         if let Some(q) = self.quiesce_after {
             t += &format!("quiesce_after = {}\n", ms(q));
+        }
+        if let Some(c) = self.checkpoint_interval {
+            t += &format!("checkpoint_interval = {}\n", ms(c));
         }
         t
     }

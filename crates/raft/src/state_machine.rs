@@ -366,15 +366,33 @@ impl ShardStateMachine {
         })
     }
 
-    /// Writes the applied state held in memory to RocksDB (see the module docs).
+    /// Writes the applied state held in memory to RocksDB before returning (see the module
+    /// docs).
     pub fn checkpoint(&self) -> Result<(), StorageError> {
         let started = std::time::Instant::now();
         let written = self.store.checkpoint()?;
-        if written.rows > 0 {
-            crate::metrics::CHECKPOINT_SECONDS.observe(started.elapsed().as_secs_f64());
-            crate::metrics::CHECKPOINT_ROWS.inc_by(written.rows as u64);
-        }
+        record_checkpoint(written, started);
         Ok(())
+    }
+
+    /// Starts writing the applied state held in memory to RocksDB on a blocking thread, so
+    /// applying goes on meanwhile; readers see it in flight until it lands. A failed
+    /// background write is logged and retried by the next apply, synchronously, whose error
+    /// then stops the group (as a failed synchronous checkpoint does).
+    fn checkpoint_in_background(&self) {
+        let Some(job) = self.store.begin_checkpoint() else { return };
+        let shard = self.store.shard();
+        let run = move || {
+            let started = std::time::Instant::now();
+            match job.run() {
+                Ok(written) => record_checkpoint(written, started),
+                Err(e) => tracing::warn!(shard, error = %e, "background checkpoint failed; the next one retries it"),
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(run)),
+            Err(_) => run(),
+        }
     }
 
     /// Stages `batch` with the outbox meta and the applied log id `last` (one atomic unit),
@@ -390,8 +408,12 @@ impl ShardStateMachine {
         match result {
             Ok(staged) => {
                 self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
-                if staged.urgent || self.store.checkpoint_due(self.checkpoint_interval) {
+                // Write-through (a zero interval), effects read from RocksDB only, and the retry
+                // of a failed background write happen here, before the entries are answered.
+                if staged.urgent || self.checkpoint_interval.is_zero() || self.store.checkpoint_failed() {
                     self.checkpoint()?;
+                } else if self.store.checkpoint_due(self.checkpoint_interval) {
+                    self.checkpoint_in_background();
                 }
                 Ok(())
             }
@@ -400,6 +422,14 @@ impl ShardStateMachine {
                 Err(e)
             }
         }
+    }
+}
+
+/// Counts a checkpoint that wrote something (`coalesce_state_checkpoint_*`).
+fn record_checkpoint(written: coalesce_storage::shard::Checkpoint, started: std::time::Instant) {
+    if written.rows > 0 {
+        crate::metrics::CHECKPOINT_SECONDS.observe(started.elapsed().as_secs_f64());
+        crate::metrics::CHECKPOINT_ROWS.inc_by(written.rows as u64);
     }
 }
 

@@ -7,7 +7,7 @@
 //! the applied log id) in one atomic RocksDB write.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use coalesce_core::buffer::{BufKey, BufferStore, Buffered, ShardStats};
 use coalesce_core::hash::ShardId;
@@ -133,12 +133,16 @@ impl Pending {
     }
 }
 
-/// The memory in front of one shard's rows: the pending (not yet checkpointed) state and the
-/// read cache of checkpointed buffer rows, under one lock so a reader never sees a row in
-/// neither place.
+/// The memory in front of one shard's rows: the pending (not yet checkpointed) state, the
+/// state a checkpoint is writing, and the read cache of checkpointed buffer rows, under one
+/// lock so a reader never sees a row in none of those places. Readers look in that order —
+/// pending, in flight, cache, RocksDB — so the newest applied value wins.
 #[derive(Default)]
 struct Mem {
     pending: Pending,
+    /// Effects handed to a checkpoint that has not landed (see [`ShardStore::begin_checkpoint`]).
+    /// The lock is not held while it is written, so readers and the apply task go on.
+    in_flight: Option<InFlight>,
     cache: BufferCache,
     /// No stored deadline-index row below this deadline exists: scans seek here instead of
     /// walking the tombstones that sealed windows leave (RocksDB's queue anti-pattern). Raised
@@ -158,6 +162,122 @@ impl Mem {
     fn new() -> Self {
         Self { outbox_stored_end: u64::MAX, ..Self::default() }
     }
+
+    /// The in-flight effects, if a checkpoint is writing (or failed to write) some.
+    fn flying(&self) -> Option<&Pending> {
+        self.in_flight.as_ref().map(|f| &*f.pending)
+    }
+
+    /// A buffer row as applied, if the pending or in-flight state holds it.
+    fn buffer_row(&self, key: &BufKey) -> Option<&PendingRow> {
+        self.pending.buffers.get(key).or_else(|| self.flying()?.buffers.get(key))
+    }
+
+    /// A producer session as applied, if the pending or in-flight state holds it.
+    fn session(&self, producer: u64) -> Option<Option<Session>> {
+        self.pending.sessions.get(&producer).or_else(|| self.flying()?.sessions.get(&producer)).copied()
+    }
+
+    /// A state-machine metadata value as applied, if the pending or in-flight state holds it.
+    fn meta(&self, tag: u8) -> Option<&Vec<u8>> {
+        self.pending.meta.get(&tag).or_else(|| self.flying()?.meta.get(&tag))
+    }
+
+    /// Whether the pending or in-flight state deletes the stored deadline-index row `entry`.
+    fn index_removed(&self, entry: &(Millis, BufKey)) -> bool {
+        self.pending.index.get(entry) == Some(&false)
+            || self.flying().is_some_and(|f| f.index.get(entry) == Some(&false))
+    }
+}
+
+/// Effects a checkpoint is writing.
+struct InFlight {
+    pending: Arc<Pending>,
+    /// The last write of them failed: the next checkpoint retries them before anything else.
+    failed: bool,
+}
+
+/// The lock around a shard's [`Mem`], and the signal that an in-flight checkpoint landed or
+/// failed (what a synchronous checkpoint, a snapshot install or backpressure waits for).
+#[derive(Default)]
+struct MemLock {
+    mem: Mutex<Mem>,
+    landed: Condvar,
+}
+
+/// A checkpoint handed its effects by [`ShardStore::begin_checkpoint`]: [`CheckpointJob::run`]
+/// writes them without holding the shard's lock (on any thread) and then makes them the
+/// checkpointed state. Dropping it without running leaves the effects in flight, to be
+/// retried by the next checkpoint.
+#[must_use = "a checkpoint job writes nothing until it runs"]
+pub struct CheckpointJob {
+    store: ShardStore,
+    pending: Arc<Pending>,
+    ran: bool,
+}
+
+impl std::fmt::Debug for CheckpointJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointJob").field("shard", &self.store.shard).finish_non_exhaustive()
+    }
+}
+
+impl CheckpointJob {
+    /// Writes the effects in one atomic RocksDB write and publishes the result: on success the
+    /// written buffer rows move to the read cache and the in-flight layer goes away; on failure
+    /// it stays (readers keep seeing it) and the next checkpoint retries it.
+    pub fn run(mut self) -> Result<Checkpoint, StorageError> {
+        self.ran = true;
+        let written = self.store.checkpoint_batch(&self.pending).and_then(|(batch, rows)| {
+            self.store.db.write(batch)?;
+            Ok(rows)
+        });
+        let lock = &self.store.mem;
+        let mut mem = lock.mem.lock().unwrap_or_else(|p| p.into_inner());
+        let result = match written {
+            Ok(rows) => {
+                let done = mem.in_flight.take().map(|f| f.pending);
+                // Only the lock's holder and this job share the effects: unwrap the last copy.
+                let pending = std::mem::replace(&mut self.pending, Arc::new(Pending::default()));
+                drop(done);
+                let pending = Arc::try_unwrap(pending).unwrap_or_else(|shared| Pending {
+                    buffers: shared.buffers.clone(),
+                    index: shared.index.clone(),
+                    ..Pending::default()
+                });
+                mem.checkpoints += 1;
+                mem.cache.generation += 1;
+                if let Some(((lowest, _), _)) = pending.index.iter().find(|(_, present)| **present) {
+                    mem.floor = mem.floor.min(*lowest);
+                }
+                for (key, row) in pending.buffers {
+                    mem.cache.insert(key, row.value);
+                }
+                Ok(Checkpoint { rows })
+            }
+            Err(e) => {
+                if let Some(f) = mem.in_flight.as_mut() {
+                    f.failed = true;
+                }
+                Err(e)
+            }
+        };
+        lock.landed.notify_all();
+        result
+    }
+}
+
+impl Drop for CheckpointJob {
+    fn drop(&mut self) {
+        if !self.ran {
+            // Never ran: let the next checkpoint retry the effects instead of waiting forever.
+            let mut mem = self.store.mem();
+            if let Some(f) = mem.in_flight.as_mut() {
+                f.failed = true;
+            }
+            self.store.mem.landed.notify_all();
+        }
+    }
 }
 
 /// What a checkpoint wrote.
@@ -173,7 +293,7 @@ pub struct ShardStore {
     db: Arc<NodeDb>,
     shard: ShardId,
     /// Shared by every clone (see [`Mem`]).
-    mem: Arc<Mutex<Mem>>,
+    mem: Arc<MemLock>,
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -185,11 +305,20 @@ impl std::fmt::Debug for ShardStore {
 impl ShardStore {
     /// The rows of `shard` in `db`.
     pub fn new(db: Arc<NodeDb>, shard: ShardId) -> Self {
-        Self { db, shard, mem: Arc::new(Mutex::new(Mem::new())) }
+        Self { db, shard, mem: Arc::new(MemLock { mem: Mutex::new(Mem::new()), landed: Condvar::new() }) }
     }
 
     fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
-        self.mem.lock().unwrap_or_else(|p| p.into_inner())
+        self.mem.mem.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits, releasing the lock meanwhile, until no checkpoint is being written (one that
+    /// failed may remain in flight).
+    fn await_landed<'a>(&self, mut mem: std::sync::MutexGuard<'a, Mem>) -> std::sync::MutexGuard<'a, Mem> {
+        while mem.in_flight.as_ref().is_some_and(|f| !f.failed) {
+            mem = self.mem.landed.wait(mem).unwrap_or_else(|p| p.into_inner());
+        }
+        mem
     }
 
     /// The shard id.
@@ -309,7 +438,7 @@ impl ShardStore {
 
     /// A state-machine metadata value, as applied (pending values first).
     pub fn sm_meta_get(&self, tag: SmMetaTag) -> Result<Option<Vec<u8>>, StorageError> {
-        if let Some(v) = self.mem().pending.meta.get(&(tag as u8)) {
+        if let Some(v) = self.mem().meta(tag as u8) {
             return Ok(Some(v.clone()));
         }
         self.stored_meta(tag)
@@ -337,49 +466,82 @@ impl ShardStore {
     }
 
     /// Whether the pending state should be checkpointed: it is older than `interval` or larger
-    /// than [`PENDING_MAX_BYTES`].
+    /// than [`PENDING_MAX_BYTES`] — and no checkpoint is being written (one that failed is due
+    /// at once, to be retried).
     pub fn checkpoint_due(&self, interval: std::time::Duration) -> bool {
         let mem = self.mem();
-        mem.pending.since.is_some_and(|t| t.elapsed() >= interval) || mem.pending.bytes >= PENDING_MAX_BYTES
-    }
-
-    /// Approximate bytes of applied state not yet checkpointed.
-    pub fn pending_bytes(&self) -> u64 {
-        self.mem().pending.bytes
-    }
-
-    /// Writes every pending effect to RocksDB in one atomic write (no fsync: the log is the
-    /// durable record, and the applied log id travels in the same write). Readers hold off for
-    /// the duration, so none sees a row in neither place.
-    pub fn checkpoint(&self) -> Result<Checkpoint, StorageError> {
-        let mut mem = self.mem();
-        if mem.pending.is_empty() {
-            return Ok(Checkpoint::default());
-        }
-        let pending = std::mem::take(&mut mem.pending);
-        let (batch, rows) = match self.checkpoint_batch(&pending) {
-            Ok(b) => b,
-            Err(e) => {
-                mem.pending = pending;
-                return Err(e);
+        match &mem.in_flight {
+            Some(f) => f.failed,
+            None => {
+                mem.pending.since.is_some_and(|t| t.elapsed() >= interval) || mem.pending.bytes >= PENDING_MAX_BYTES
             }
-        };
-        if let Err(e) = self.db.write(batch) {
-            mem.pending = pending;
-            return Err(e);
         }
-        mem.checkpoints += 1;
-        mem.cache.generation += 1;
-        if let Some(((lowest, _), _)) = pending.index.iter().find(|(_, present)| **present) {
-            mem.floor = mem.floor.min(*lowest);
+    }
+
+    /// Whether the last write of the in-flight checkpoint failed (the next checkpoint retries
+    /// it).
+    pub fn checkpoint_failed(&self) -> bool {
+        self.mem().in_flight.as_ref().is_some_and(|f| f.failed)
+    }
+
+    /// Approximate bytes of applied state not yet checkpointed (pending and in flight).
+    pub fn pending_bytes(&self) -> u64 {
+        let mem = self.mem();
+        mem.pending.bytes + mem.flying().map_or(0, |f| f.bytes)
+    }
+
+    /// Hands the pending state to a checkpoint and returns the job that writes it, to run on
+    /// any thread: until it lands, readers see those effects as in flight, and applying goes
+    /// on into a new pending state. A checkpoint that failed is retried first (its job is
+    /// returned instead). Returns `None` when nothing is pending — or while another checkpoint
+    /// is being written, unless the pending state has grown past twice [`PENDING_MAX_BYTES`],
+    /// in which case this waits for it (backpressure on the apply task).
+    pub fn begin_checkpoint(&self) -> Option<CheckpointJob> {
+        let mut mem = self.mem();
+        if mem.in_flight.as_ref().is_some_and(|f| !f.failed) {
+            if mem.pending.bytes < 2 * PENDING_MAX_BYTES {
+                return None;
+            }
+            mem = self.await_landed(mem);
         }
+        self.take_checkpoint(&mut mem)
+    }
+
+    /// The job for the failed in-flight checkpoint, else one for the pending state (`None`:
+    /// nothing to write). The caller made sure no checkpoint is being written.
+    fn take_checkpoint(&self, mem: &mut Mem) -> Option<CheckpointJob> {
+        if let Some(f) = mem.in_flight.as_mut() {
+            f.failed = false;
+            return Some(CheckpointJob { store: self.clone(), pending: Arc::clone(&f.pending), ran: false });
+        }
+        if mem.pending.is_empty() {
+            return None;
+        }
+        let pending = Arc::new(std::mem::take(&mut mem.pending));
+        // Once this lands RocksDB holds these outputs: later trims of them must delete rows.
         if let Some((&seq, _)) = pending.outbox.last_key_value() {
             mem.outbox_stored_end = seq + 1;
         }
-        for (key, row) in pending.buffers {
-            mem.cache.insert(key, row.value);
+        mem.in_flight = Some(InFlight { pending: Arc::clone(&pending), failed: false });
+        Some(CheckpointJob { store: self.clone(), pending, ran: false })
+    }
+
+    /// Writes every applied effect to RocksDB before returning: waits for a checkpoint being
+    /// written, retries one that failed, then writes the pending state (one atomic write each,
+    /// no fsync: the log is the durable record, and the applied log id travels in the same
+    /// write).
+    pub fn checkpoint(&self) -> Result<Checkpoint, StorageError> {
+        let mut total = Checkpoint::default();
+        loop {
+            let job = {
+                let mut mem = self.await_landed(self.mem());
+                self.take_checkpoint(&mut mem)
+            };
+            match job {
+                Some(job) => total.rows += job.run()?.rows,
+                None => return Ok(total),
+            }
         }
-        Ok(Checkpoint { rows })
     }
 
     fn checkpoint_batch(&self, p: &Pending) -> Result<(WriteBatch, usize), StorageError> {
@@ -444,13 +606,22 @@ impl ShardStore {
             }
             let (k, v) = item?;
             let seq = keys::decode_u64_suffix(&k).ok_or_else(|| self.corrupt("outbox key", "short key"))?;
-            if !mem.pending.trimmed(seq) {
-                out.push(decode(self.shard, "outbox entry", &v)?);
+            let flying = mem.flying();
+            // An in-flight output may have landed already: it is taken from the in-flight layer.
+            if flying.is_some_and(|f| f.trimmed(seq) || f.outbox.contains_key(&seq)) || mem.pending.trimmed(seq) {
+                continue;
             }
+            out.push(decode(self.shard, "outbox entry", &v)?);
         }
-        // Pending outputs all follow the stored ones (seqs only grow).
+        // In-flight outputs follow the stored ones and pending outputs follow those (seqs only
+        // grow).
+        let flying = mem
+            .flying()
+            .into_iter()
+            .flat_map(|f| f.outbox.range(from..))
+            .filter(|(seq, _)| !mem.pending.trimmed(**seq));
         let room = limit.saturating_sub(out.len());
-        out.extend(mem.pending.outbox.range(from..).take(room).map(|(_, o)| o.clone()));
+        out.extend(flying.chain(mem.pending.outbox.range(from..)).take(room).map(|(_, o)| o.clone()));
         Ok(out)
     }
 
@@ -491,7 +662,7 @@ impl ShardStore {
             let producer = keys::decode_u64_suffix(&k).ok_or_else(|| self.corrupt("session key", "short key"))?;
             all.insert(producer, decode(self.shard, "session", &v)?);
         }
-        for (producer, s) in &mem.pending.sessions {
+        for (producer, s) in mem.flying().into_iter().flat_map(|f| &f.sessions).chain(&mem.pending.sessions) {
             match s {
                 Some(s) => all.insert(*producer, *s),
                 None => all.remove(producer),
@@ -502,9 +673,11 @@ impl ShardStore {
 
     /// Occupancy and counters of the buffer, as applied (no scan).
     pub fn stats(&self) -> Result<ShardStats, StorageError> {
-        if let Some(s) = self.mem().pending.stats {
+        let mem = self.mem();
+        if let Some(s) = mem.pending.stats.or_else(|| mem.flying()?.stats) {
             return Ok(s);
         }
+        drop(mem);
         match self.stored_meta(SmMetaTag::Stats)? {
             Some(b) => decode(self.shard, "shard stats", &b),
             None => Ok(ShardStats::default()),
@@ -550,7 +723,8 @@ impl ShardStore {
             key.extend_from_slice(&suffix);
             batch.put_cf(self.db.cf(name)?, key, value);
         }
-        let mut mem = self.mem();
+        // A checkpoint landing after the install would bring back what it replaced.
+        let mut mem = self.await_landed(self.mem());
         self.db.write_sync(batch)?;
         // Counters only grow, so a read or scan that began before the install proves nothing.
         let (checkpoints, generation) = (mem.checkpoints + 1, mem.cache.generation + 1);
@@ -670,8 +844,8 @@ impl ApplyBatch<'_> {
         if let Some(s) = self.sessions.get(&producer) {
             return Ok(*s);
         }
-        if let Some(s) = self.store.mem().pending.sessions.get(&producer) {
-            return Ok(*s);
+        if let Some(s) = self.store.mem().session(producer) {
+            return Ok(s);
         }
         let db = &self.store.db;
         match db.raw().get_pinned_cf(db.cf(keys::CF_SESSIONS)?, keys::session_key(self.store.shard, producer))? {
@@ -841,6 +1015,13 @@ impl BufferStore for ApplyBatch<'_> {
             if let Some(row) = mem.pending.buffers.get(key) {
                 return Ok(row.value.clone());
             }
+            // What an in-flight checkpoint writes is what RocksDB will hold.
+            if let Some(row) = mem.buffer_row(key) {
+                let value = row.value.clone();
+                drop(mem);
+                self.remember_read(key, &value);
+                return Ok(value);
+            }
             if let Some(value) = mem.cache.get(key) {
                 self.remember_read(key, &value);
                 return Ok(value);
@@ -884,9 +1065,7 @@ impl BufferStore for ApplyBatch<'_> {
         let shard = self.store.shard;
         let db = &self.store.db;
         let mem = self.store.mem();
-        let removed = |entry: &(Millis, BufKey)| {
-            self.index.get(entry) == Some(&false) || mem.pending.index.get(entry) == Some(&false)
-        };
+        let removed = |entry: &(Millis, BufKey)| self.index.get(entry) == Some(&false) || mem.index_removed(entry);
         let mut all = BTreeSet::new();
         let mut proved = None;
         if limit > 0 {
@@ -915,14 +1094,23 @@ impl BufferStore for ApplyBatch<'_> {
             }
             // Nothing stored below the first row seen (or up to `upto` when none was).
             proved = Some(first.unwrap_or_else(|| upto.saturating_add(1)));
+            // Each source contributes its `limit` first live entries, so the union's first
+            // `limit` are the same however the state is split between checkpoints.
+            let live = |e: &(Millis, BufKey)| self.index.get(e) != Some(&false);
+            let flying = mem
+                .flying()
+                .into_iter()
+                .flat_map(|f| f.index.iter().take_while(|((d, _), _)| *d <= upto))
+                .filter(|(e, present)| **present && mem.pending.index.get(*e) != Some(&false) && live(e))
+                .take(limit);
             let staged = mem
                 .pending
                 .index
                 .iter()
                 .take_while(|((d, _), _)| *d <= upto)
-                .filter(|(e, present)| **present && self.index.get(e) != Some(&false))
+                .filter(|(e, present)| **present && live(e))
                 .take(limit);
-            all.extend(staged.map(|(e, _)| e.clone()));
+            all.extend(flying.chain(staged).map(|(e, _)| e.clone()));
         }
         all.extend(self.index.iter().filter(|((d, _), present)| **present && *d <= upto).map(|(e, _)| e.clone()));
         let checkpoints = mem.checkpoints;

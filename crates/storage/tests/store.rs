@@ -271,6 +271,107 @@ fn staged_batches_checkpointed_at_random_points_match_write_through() {
     }
 }
 
+/// Background checkpoints: while a checkpoint is in flight (handed its effects, not yet
+/// written) or failed, every read answers as write-through does, applying goes on into a new
+/// pending state, and what lands is exactly the state when the checkpoint began — also when a
+/// write is abandoned and retried, and across a crash with a checkpoint still in flight.
+#[test]
+fn checkpoints_in_flight_or_failed_answer_reads_like_write_through() {
+    let keys: Vec<BufKey> = (0..50).map(|k| BufKey { stream: "s".into(), key: format!("k{k}") }).collect();
+    let rows = |shard: &ShardStore| keys.iter().map(|k| shard.apply_batch().get(k).unwrap()).collect::<Vec<_>>();
+    for seed in [31u64, 32, 33] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path());
+        let through = ShardStore::new(db.clone(), 1);
+        let mut behind = ShardStore::new(db.clone(), 2);
+        let ops = workload(seed, 2_500);
+        let mut rand = xorshift(seed * 104_729);
+        let (mut seq_a, mut seq_b) = (1, 1);
+        let export = |s: &ShardStore| s.export_state().unwrap().encode().unwrap();
+        // What RocksDB holds for `behind` (op index, next seq, write-through export then), and
+        // the same for the checkpoint in flight.
+        let mut landed = (0, 1, export(&through));
+        let mut flying = None;
+        let mut job: Option<coalesce_storage::shard::CheckpointJob> = None;
+        let crash_at = 1_000 + (rand() % 1_000) as usize;
+        let (mut began, mut abandoned, mut ran_elsewhere) = (0, 0, 0);
+        let mut i = 0;
+        while i < ops.len() {
+            let mut a = through.apply_batch();
+            let expect = apply_op(&mut a, &ops[i], &mut seq_a, i);
+            a.commit().unwrap();
+            let mut b = behind.apply_batch();
+            assert_eq!(apply_op(&mut b, &ops[i], &mut seq_b, i), expect, "seed {seed} op {i}");
+            assert!(!b.stage().unwrap().urgent);
+            i += 1;
+            assert_eq!(behind.stats().unwrap(), through.stats().unwrap(), "seed {seed} op {i}");
+            if i % 5 == 0 {
+                let from = seq_a.saturating_sub(30);
+                assert_eq!(behind.outbox_from(from, 25).unwrap(), through.outbox_from(from, 25).unwrap(), "op {i}");
+                assert_eq!(behind.sessions().unwrap(), through.sessions().unwrap(), "seed {seed} op {i}");
+                assert_eq!(rows(&behind), rows(&through), "seed {seed} op {i}");
+                let (mut a, mut b) = (through.apply_batch(), behind.apply_batch());
+                assert_eq!(b.due(u64::MAX, 40).unwrap(), a.due(u64::MAX, 40).unwrap(), "seed {seed} op {i}");
+            }
+            match rand() % 40 {
+                0..=3 => match job.take() {
+                    None => {
+                        let retry = behind.checkpoint_failed();
+                        job = behind.begin_checkpoint();
+                        if job.is_some() && !retry {
+                            flying = Some((i, seq_b, export(&through)));
+                            began += 1;
+                        }
+                    }
+                    Some(j) if i % 2 == 0 => {
+                        // Written on another thread, as the state machine does.
+                        std::thread::spawn(move || j.run().unwrap()).join().unwrap();
+                        landed = flying.take().unwrap();
+                        ran_elsewhere += 1;
+                    }
+                    Some(j) => {
+                        j.run().unwrap();
+                        landed = flying.take().unwrap();
+                    }
+                },
+                // A write that never happens: the effects stay in flight, marked failed.
+                4 if job.take().is_some() => {
+                    assert!(behind.checkpoint_failed());
+                    abandoned += 1;
+                }
+                5 => {
+                    if let Some(j) = job.take() {
+                        j.run().unwrap();
+                    }
+                    behind.checkpoint().unwrap();
+                    flying = None;
+                    landed = (i, seq_b, export(&through));
+                }
+                _ => {}
+            }
+            if i == crash_at {
+                // The process dies with a checkpoint in flight (or not): RocksDB holds the last
+                // one that landed.
+                drop(job.take());
+                flying = None;
+                behind = ShardStore::new(db.clone(), 2);
+                assert_eq!(export(&behind), landed.2, "seed {seed}");
+                (i, seq_b) = (landed.0, landed.1);
+                seq_a = seq_b;
+                through.import_state(&landed.2).unwrap();
+            }
+        }
+        if let Some(j) = job.take() {
+            j.run().unwrap();
+        }
+        assert_eq!(export(&behind), export(&through), "seed {seed}: byte-identical rows once checkpointed");
+        assert!(
+            began >= 20 && abandoned >= 2 && ran_elsewhere >= 5,
+            "seed {seed}: {began} {abandoned} {ran_elsewhere}"
+        );
+    }
+}
+
 #[test]
 fn overlay_reads_its_own_writes_within_one_batch() {
     let dir = tempfile::tempdir().unwrap();
