@@ -103,7 +103,8 @@ impl LeaseBook {
                         holder_identity: self.node.me().name.clone(),
                         lease_duration_seconds: duration,
                         acquire_time: micro_time(since),
-                        renew_time: micro_time(now - l.quorum_acked_ago),
+                        // The quorum ack that confirmed leadership may predate noticing it.
+                        renew_time: micro_time((now - l.quorum_acked_ago).max(since)),
                         lease_transitions: i32::try_from(epoch.term).unwrap_or(i32::MAX),
                     }),
                 })
