@@ -97,6 +97,34 @@ struct PendingRow {
     stored: bool,
 }
 
+/// A deadline-index row changed since the last checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IndexRow {
+    /// Inserted; RocksDB holds no such row (removing it again leaves nothing to write).
+    Inserted,
+    /// A row RocksDB may hold, removed: the checkpoint deletes it.
+    Removed,
+    /// A removed stored row inserted again: RocksDB holds it, so removing it once more must
+    /// still delete it (a deadline can move away and back, e.g. an adaptive window's stretch).
+    Restored,
+}
+
+impl IndexRow {
+    fn present(self) -> bool {
+        self != IndexRow::Removed
+    }
+
+    /// The row after the apply batch inserted (`present`) or removed it.
+    fn then(old: Option<IndexRow>, present: bool) -> Option<IndexRow> {
+        match (old, present) {
+            (Some(IndexRow::Inserted), false) => None,
+            (_, false) => Some(IndexRow::Removed),
+            (Some(IndexRow::Removed | IndexRow::Restored), true) => Some(IndexRow::Restored),
+            (None | Some(IndexRow::Inserted), true) => Some(IndexRow::Inserted),
+        }
+    }
+}
+
 /// State-machine effects applied since the last checkpoint (write-behind): the state every
 /// reader of the shard sees, ahead of RocksDB. A checkpoint writes all of it, with the applied
 /// log id, in one atomic RocksDB write; until then a crash loses it and the node re-applies the
@@ -107,8 +135,8 @@ struct PendingRow {
 #[derive(Default)]
 struct Pending {
     buffers: HashMap<BufKey, PendingRow>,
-    /// Deadline index: `true` = inserted, `false` = a stored row removed.
-    index: BTreeMap<(Millis, BufKey), bool>,
+    /// Deadline-index rows changed since the last checkpoint.
+    index: BTreeMap<(Millis, BufKey), IndexRow>,
     stats: Option<ShardStats>,
     sessions: HashMap<u64, Option<Session>>,
     outbox: BTreeMap<u64, Output>,
@@ -185,8 +213,8 @@ impl Mem {
 
     /// Whether the pending or in-flight state deletes the stored deadline-index row `entry`.
     fn index_removed(&self, entry: &(Millis, BufKey)) -> bool {
-        self.pending.index.get(entry) == Some(&false)
-            || self.flying().is_some_and(|f| f.index.get(entry) == Some(&false))
+        self.pending.index.get(entry) == Some(&IndexRow::Removed)
+            || self.flying().is_some_and(|f| f.index.get(entry) == Some(&IndexRow::Removed))
     }
 }
 
@@ -247,7 +275,7 @@ impl CheckpointJob {
                 });
                 mem.checkpoints += 1;
                 mem.cache.generation += 1;
-                if let Some(((lowest, _), _)) = pending.index.iter().find(|(_, present)| **present) {
+                if let Some(((lowest, _), _)) = pending.index.iter().find(|(_, row)| row.present()) {
                     mem.floor = mem.floor.min(*lowest);
                 }
                 for (key, row) in pending.buffers {
@@ -557,9 +585,9 @@ impl ShardStore {
             }
         }
         let cf = db.cf(keys::CF_DEADLINE)?;
-        for ((deadline, key), present) in &p.index {
+        for ((deadline, key), row) in &p.index {
             let k = keys::deadline_key(shard, *deadline, key);
-            if *present { batch.put_cf(cf, k, []) } else { batch.delete_cf(cf, k) }
+            if row.present() { batch.put_cf(cf, k, []) } else { batch.delete_cf(cf, k) }
         }
         let cf = db.cf(keys::CF_SM_META)?;
         if let Some(stats) = &p.stats {
@@ -928,11 +956,14 @@ impl ApplyBatch<'_> {
             }
         }
         for (entry, present) in self.index {
-            if !present && p.index.get(&entry) == Some(&true) {
-                p.index.remove(&entry);
-            } else {
-                p.bytes += (entry.1.stream.len() + entry.1.key.len()) as u64 + 32;
-                p.index.insert(entry, present);
+            match IndexRow::then(p.index.get(&entry).copied(), present) {
+                None => {
+                    p.index.remove(&entry);
+                }
+                Some(row) => {
+                    p.bytes += (entry.1.stream.len() + entry.1.key.len()) as u64 + 32;
+                    p.index.insert(entry, row);
+                }
             }
         }
         if self.stats.is_some() {
@@ -1101,14 +1132,14 @@ impl BufferStore for ApplyBatch<'_> {
                 .flying()
                 .into_iter()
                 .flat_map(|f| f.index.iter().take_while(|((d, _), _)| *d <= upto))
-                .filter(|(e, present)| **present && mem.pending.index.get(*e) != Some(&false) && live(e))
+                .filter(|(e, row)| row.present() && mem.pending.index.get(*e) != Some(&IndexRow::Removed) && live(e))
                 .take(limit);
             let staged = mem
                 .pending
                 .index
                 .iter()
                 .take_while(|((d, _), _)| *d <= upto)
-                .filter(|(e, present)| **present && live(e))
+                .filter(|(e, row)| row.present() && live(e))
                 .take(limit);
             all.extend(flying.chain(staged).map(|(e, _)| e.clone()));
         }

@@ -372,6 +372,53 @@ fn checkpoints_in_flight_or_failed_answer_reads_like_write_through() {
     }
 }
 
+/// A deadline that moves away from a stored index row and back (an adaptive window's stretch
+/// going up and down) and is then removed leaves no row behind — whether or not a checkpoint
+/// fell in between, so replicas that checkpoint at different times hold the same rows.
+#[test]
+fn a_deadline_that_moves_back_and_is_removed_leaves_no_row() {
+    let key = BufKey { stream: "s".into(), key: "k".into() };
+    let (a, b) = (5_000, 6_000);
+    for checkpoint_between in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path());
+        let shard = ShardStore::new(db.clone(), 4);
+        let mut batch = shard.apply_batch();
+        batch.index_insert(a, &key).unwrap();
+        batch.commit().unwrap();
+        let steps: [&dyn Fn(&mut coalesce_storage::ApplyBatch<'_>); 3] = [
+            &|x| {
+                x.index_remove(a, &key).unwrap();
+                x.index_insert(b, &key).unwrap();
+            },
+            &|x| {
+                x.index_remove(b, &key).unwrap();
+                x.index_insert(a, &key).unwrap();
+            },
+            &|x| x.index_remove(a, &key).unwrap(),
+        ];
+        for (i, step) in steps.iter().enumerate() {
+            let mut batch = shard.apply_batch();
+            step(&mut batch);
+            batch.stage().unwrap();
+            if checkpoint_between && i == 0 {
+                shard.checkpoint().unwrap();
+            }
+            if i == 1 {
+                assert_eq!(shard.apply_batch().due(u64::MAX, 10).unwrap(), vec![(a, key.clone())]);
+            }
+        }
+        assert_eq!(shard.apply_batch().due(u64::MAX, 10).unwrap(), vec![], "checkpoint between: {checkpoint_between}");
+        shard.checkpoint().unwrap();
+        let reopened = ShardStore::new(db.clone(), 4);
+        assert_eq!(
+            reopened.apply_batch().due(u64::MAX, 10).unwrap(),
+            vec![],
+            "checkpoint between: {checkpoint_between}"
+        );
+    }
+}
+
 #[test]
 fn overlay_reads_its_own_writes_within_one_batch() {
     let dir = tempfile::tempdir().unwrap();
