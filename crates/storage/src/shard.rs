@@ -172,11 +172,13 @@ struct Mem {
     /// The lock is not held while it is written, so readers and the apply task go on.
     in_flight: Option<InFlight>,
     cache: BufferCache,
-    /// No stored deadline-index row below this deadline exists: scans seek here instead of
-    /// walking the tombstones that sealed windows leave (RocksDB's queue anti-pattern). Raised
-    /// by staged batches whose scan proved it (only if no checkpoint happened since the scan),
-    /// lowered by checkpoints to their lowest insert, reset by snapshot installs. In memory
-    /// only (0 after a restart, raised by the first seal).
+    /// No stored deadline-index row below this deadline exists that the pending or in-flight
+    /// state has not removed: scans seek here instead of walking the tombstones that sealed
+    /// windows leave (RocksDB's queue anti-pattern) or rows already removed in memory. Raised
+    /// by every scan (under the lock) and by staged batches whose scan proved it with their
+    /// own removals (only if no checkpoint happened since the scan), lowered by checkpoints to
+    /// their lowest insert, reset by snapshot installs. In memory only (0 after a restart,
+    /// raised by the first scan).
     floor: Millis,
     /// Checkpoints and installs so far: what a deadline scan proved about stored rows holds
     /// only while this has not changed.
@@ -1095,15 +1097,14 @@ impl BufferStore for ApplyBatch<'_> {
     fn due(&mut self, upto: Millis, limit: usize) -> Result<Vec<(Millis, BufKey)>, StorageError> {
         let shard = self.store.shard;
         let db = &self.store.db;
-        let mem = self.store.mem();
-        let removed = |entry: &(Millis, BufKey)| self.index.get(entry) == Some(&false) || mem.index_removed(entry);
+        let mut mem = self.store.mem();
         let mut all = BTreeSet::new();
         let mut proved = None;
         if limit > 0 {
             let mut ro = ReadOptions::default();
             ro.set_iterate_upper_bound(keys::deadline_upper_bound(shard, upto));
             let start = keys::deadline_from(shard, mem.floor);
-            let mut first = None;
+            let (mut first, mut first_live) = (None, None);
             for item in
                 db.raw().iterator_cf_opt(db.cf(keys::CF_DEADLINE)?, ro, IteratorMode::From(&start, Direction::Forward))
             {
@@ -1115,7 +1116,11 @@ impl BufferStore for ApplyBatch<'_> {
                 })?;
                 first.get_or_insert(deadline);
                 let entry = (deadline, key);
-                if removed(&entry) {
+                let gone = mem.index_removed(&entry);
+                if !gone {
+                    first_live.get_or_insert(deadline);
+                }
+                if gone || self.index.get(&entry) == Some(&false) {
                     continue;
                 }
                 all.insert(entry);
@@ -1125,6 +1130,11 @@ impl BufferStore for ApplyBatch<'_> {
             }
             // Nothing stored below the first row seen (or up to `upto` when none was).
             proved = Some(first.unwrap_or_else(|| upto.saturating_add(1)));
+            // Stored rows the pending or in-flight state removed stay removed until a checkpoint
+            // deletes them (inserting one again goes through those states), so later scans may
+            // seek past them at once — the sealer's, every tick, would otherwise walk every key
+            // sealed since the last checkpoint.
+            mem.floor = mem.floor.max(first_live.unwrap_or_else(|| upto.saturating_add(1)));
             // Each source contributes its `limit` first live entries, so the union's first
             // `limit` are the same however the state is split between checkpoints.
             let live = |e: &(Millis, BufKey)| self.index.get(e) != Some(&false);
