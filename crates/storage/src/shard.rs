@@ -198,11 +198,6 @@ impl Mem {
         self.in_flight.as_ref().map(|f| &*f.pending)
     }
 
-    /// A buffer row as applied, if the pending or in-flight state holds it.
-    fn buffer_row(&self, key: &BufKey) -> Option<&PendingRow> {
-        self.pending.buffers.get(key).or_else(|| self.flying()?.buffers.get(key))
-    }
-
     /// A producer session as applied, if the pending or in-flight state holds it.
     fn session(&self, producer: u64) -> Option<Option<Session>> {
         self.pending.sessions.get(&producer).or_else(|| self.flying()?.sessions.get(&producer)).copied()
@@ -1049,7 +1044,7 @@ impl BufferStore for ApplyBatch<'_> {
                 return Ok(row.value.clone());
             }
             // What an in-flight checkpoint writes is what RocksDB will hold.
-            if let Some(row) = mem.buffer_row(key) {
+            if let Some(row) = mem.flying().and_then(|f| f.buffers.get(key)) {
                 let value = row.value.clone();
                 drop(mem);
                 self.remember_read(key, &value);

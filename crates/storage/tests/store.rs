@@ -204,6 +204,26 @@ fn apply_op(batch: &mut coalesce_storage::ApplyBatch<'_>, op: &Op, next_seq: &mu
     outputs
 }
 
+/// Applies op `i` to `through` write-through and to `behind` staged (write-behind): both emit
+/// the same outputs and report the same stats.
+fn apply_both(through: &ShardStore, behind: &ShardStore, op: &Op, seqs: (&mut u64, &mut u64), i: usize, seed: u64) {
+    let mut a = through.apply_batch();
+    let expect = apply_op(&mut a, op, seqs.0, i);
+    a.commit().expect("commit");
+    let mut b = behind.apply_batch();
+    assert_eq!(apply_op(&mut b, op, seqs.1, i), expect, "seed {seed} op {i}");
+    assert!(!b.stage().expect("stage").urgent);
+    assert_eq!(behind.stats().expect("stats"), through.stats().expect("stats"), "seed {seed} op {i}");
+}
+
+/// The recent outbox and the producer sessions read the same from both stores.
+fn same_outbox_and_sessions(through: &ShardStore, behind: &ShardStore, next_seq: u64, i: usize, seed: u64) {
+    let from = next_seq.saturating_sub(30);
+    let outbox = |s: &ShardStore| s.outbox_from(from, 25).expect("outbox");
+    assert_eq!(outbox(behind), outbox(through), "seed {seed} op {i}");
+    assert_eq!(behind.sessions().expect("sessions"), through.sessions().expect("sessions"), "seed {seed} op {i}");
+}
+
 fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
     move || {
         x ^= x << 13;
@@ -232,19 +252,10 @@ fn staged_batches_checkpointed_at_random_points_match_write_through() {
         let crash_at = 800 + (rand() % 800) as usize;
         let mut i = 0;
         while i < ops.len() {
-            let mut a = through.apply_batch();
-            let expect = apply_op(&mut a, &ops[i], &mut seq_a, i);
-            a.commit().unwrap();
-            let mut b = behind.apply_batch();
-            let got = apply_op(&mut b, &ops[i], &mut seq_b, i);
-            assert_eq!(got, expect, "seed {seed} op {i}");
-            assert!(!b.stage().unwrap().urgent);
+            apply_both(&through, &behind, &ops[i], (&mut seq_a, &mut seq_b), i, seed);
             i += 1;
-            assert_eq!(behind.stats().unwrap(), through.stats().unwrap(), "seed {seed} op {i}");
             if i % 7 == 0 {
-                let from = seq_a.saturating_sub(30);
-                assert_eq!(behind.outbox_from(from, 25).unwrap(), through.outbox_from(from, 25).unwrap(), "op {i}");
-                assert_eq!(behind.sessions().unwrap(), through.sessions().unwrap(), "seed {seed} op {i}");
+                same_outbox_and_sessions(&through, &behind, seq_a, i, seed);
             }
             if rand().is_multiple_of(25) {
                 behind.checkpoint().unwrap();
@@ -297,18 +308,10 @@ fn checkpoints_in_flight_or_failed_answer_reads_like_write_through() {
         let (mut began, mut abandoned, mut ran_elsewhere) = (0, 0, 0);
         let mut i = 0;
         while i < ops.len() {
-            let mut a = through.apply_batch();
-            let expect = apply_op(&mut a, &ops[i], &mut seq_a, i);
-            a.commit().unwrap();
-            let mut b = behind.apply_batch();
-            assert_eq!(apply_op(&mut b, &ops[i], &mut seq_b, i), expect, "seed {seed} op {i}");
-            assert!(!b.stage().unwrap().urgent);
+            apply_both(&through, &behind, &ops[i], (&mut seq_a, &mut seq_b), i, seed);
             i += 1;
-            assert_eq!(behind.stats().unwrap(), through.stats().unwrap(), "seed {seed} op {i}");
             if i % 5 == 0 {
-                let from = seq_a.saturating_sub(30);
-                assert_eq!(behind.outbox_from(from, 25).unwrap(), through.outbox_from(from, 25).unwrap(), "op {i}");
-                assert_eq!(behind.sessions().unwrap(), through.sessions().unwrap(), "seed {seed} op {i}");
+                same_outbox_and_sessions(&through, &behind, seq_a, i, seed);
                 assert_eq!(rows(&behind), rows(&through), "seed {seed} op {i}");
                 let (mut a, mut b) = (through.apply_batch(), behind.apply_batch());
                 assert_eq!(b.due(u64::MAX, 40).unwrap(), a.due(u64::MAX, 40).unwrap(), "seed {seed} op {i}");
