@@ -75,6 +75,19 @@ async fn buffered_keys(cluster: &Cluster) -> u64 {
     st.local_shards.iter().map(|s| s.buffered_keys).sum()
 }
 
+/// Node 0's buffered keys once they reach `n` (or whatever they are after 10 s): node 0 may
+/// follow a shard, and a follower applies an entry only after the leader acknowledged it.
+async fn buffered_keys_reaching(cluster: &Cluster, n: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys = buffered_keys(cluster).await;
+        if keys >= n || tokio::time::Instant::now() >= deadline {
+            return keys;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_limit_and_error_has_its_code_and_field() {
     let cluster = Cluster::start_with(3, 2, STREAMS, API);
@@ -109,7 +122,8 @@ async fn every_limit_and_error_has_its_code_and_field() {
     expect(&s[6], EventCode::InvalidArgument, "event_time_in_future", "events[6].event_time");
     expect(&s[7], EventCode::InvalidArgument, "value_too_large", "events[7].value");
     assert_eq!(s[8].code, EventCode::Ok as i32, "{:?}", s[8]);
-    assert_eq!(buffered_keys(&cluster).await, before + 1, "only the valid event changed anything");
+    let after = buffered_keys_reaching(&cluster, before + 1).await;
+    assert_eq!(after, before + 1, "only the valid event changed anything");
 
     // The client-streaming call: statuses of every message in order, indices across messages.
     let msgs = vec![
@@ -120,7 +134,7 @@ async fn every_limit_and_error_has_its_code_and_field() {
     assert_eq!(r.statuses.len(), 5);
     assert!(r.statuses[..4].iter().all(|s| s.code == EventCode::Ok as i32), "{r:?}");
     expect(&r.statuses[4], EventCode::NotFound, "unknown_stream", "events[4].stream");
-    let before = buffered_keys(&cluster).await;
+    let before = buffered_keys_reaching(&cluster, 5).await;
     assert!(before >= 5, "the stream's events were applied");
 
     // Request-level limits: the whole request is refused, naming the field.
@@ -191,7 +205,11 @@ async fn every_limit_and_error_has_its_code_and_field() {
         assert!(s.retry_after_ms >= 100, "a retry hint: {s:?}");
     }
     let applied = r.statuses.iter().filter(|s| s.code == EventCode::Ok as i32).count() as u64;
-    assert_eq!(buffered_keys(&cluster).await, before + applied, "refused events change nothing");
+    assert_eq!(
+        buffered_keys_reaching(&cluster, before + applied).await,
+        before + applied,
+        "refused events change nothing"
+    );
 
     // Subscribe and Ack refuse bad consumers and shards, naming the field.
     let e = api
