@@ -149,19 +149,27 @@ async fn whole_cluster_restart_keeps_buffered_state() {
     assert_eq!(emitted, acked, "buffered state survived a whole-cluster restart (seed {seed})");
 }
 
+/// A SIGSTOPped leader is replaced; when it resumes it never seals with its old epoch. Each
+/// round also sends a probe event through a follower right after the pause: the follower
+/// forwards it to the silent leader and, once it sees the successor, sends it there instead of
+/// waiting out the forward timeout (a reroute; the producer seq makes the resend safe).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_leader_never_seals_with_its_old_epoch() {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
-    let cluster = Cluster::start(3, SHARDS, STREAMS);
+    let cluster = Arc::new(Cluster::start(3, SHARDS, STREAMS));
     cluster.wait_ready(Duration::from_secs(60)).await;
     let stop = Arc::new(AtomicBool::new(false));
     let clients = (0..3).map(|i| cluster.client(i)).collect();
     let producer = tokio::spawn(produce(clients, seed, stop.clone()));
-    for _ in 0..3 {
+    let probe_producer = rng.random::<u64>() | 1;
+    let mut probed = BTreeMap::new();
+    for round in 0..3u64 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..800))).await;
         let (shard, zombie) = cluster.random_leader(&mut rng).await;
         cluster.signal(zombie, "STOP");
+        let via = (zombie + 1 + rng.random_range(0..2)) % 3;
+        let probe = tokio::spawn(probe_through(cluster.clone(), via, shard, probe_producer, round + 1));
         // Wait for the others to elect a new leader, let it work, then wake the zombie.
         let t = Instant::now();
         loop {
@@ -184,16 +192,61 @@ async fn a_paused_leader_never_seals_with_its_old_epoch() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let (key, value, took, attempts) = probe.await.unwrap();
+        eprintln!(
+            "round {round}: probe through node {via} acknowledged {took:?} after the pause ({attempts} attempts)"
+        );
+        *probed.entry(key).or_insert(0) += value;
         tokio::time::sleep(Duration::from_millis(500)).await;
         cluster.signal(zombie, "CONT");
     }
     stop.store(true, Ordering::Relaxed);
-    let (acked, _, _) = producer.await.unwrap();
+    let (mut acked, _, _) = producer.await.unwrap();
+    for (key, value) in probed {
+        *acked.entry(key).or_insert(0) += value;
+    }
     cluster.wait_ready(Duration::from_secs(30)).await;
+    let reroutes = metric_sum(&cluster, "coalesce_raft_forward_reroutes_total").await;
+    eprintln!("forwards rerouted to a successor: {reroutes}");
+    assert!(reroutes >= 1.0, "no forward followed the new leader in 3 pauses (seed {seed})");
     // `collect` asserts seqs are gap-free and epochs never decrease in seq order: an output
     // sealed by the zombie's old epoch after the new leader's would fail it.
     let emitted = cluster.collect_outputs().await;
     assert_eq!(emitted, acked, "Σ emitted per key == Σ acknowledged per key (seed {seed})");
+}
+
+/// Sends one event of `shard` (producer `producer`, seq `seq`) through node `via` until it is
+/// acknowledged, retrying at once on anything else. Returns its key, value, the time to the
+/// acknowledgement and the attempts made.
+async fn probe_through(
+    cluster: Arc<Cluster>,
+    via: usize,
+    shard: u32,
+    producer: u64,
+    seq: u64,
+) -> (String, i64, Duration, u32) {
+    let key = (0u64..)
+        .map(|k| format!("probe-{k}"))
+        .find(|k| coalesce_core::hash::shard_for(harness::STREAM, k, SHARDS) == shard)
+        .unwrap();
+    let req =
+        pb::IngestRequest { producer_id: producer, events: vec![harness::sum_event(harness::STREAM, &key, 1, seq)] };
+    let started = Instant::now();
+    let mut attempts = 0;
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "probe of shard {shard} through node {via} not acknowledged"
+        );
+        attempts += 1;
+        if let Ok(resp) = cluster.client(via).ingest(req.clone()).await {
+            let code = resp.into_inner().statuses[0].code;
+            if code == pb::EventCode::Ok as i32 || code == pb::EventCode::Duplicate as i32 {
+                return (key, 1, started.elapsed(), attempts);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

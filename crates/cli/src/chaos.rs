@@ -630,7 +630,9 @@ pub async fn run(cmd: ChaosCmd) -> anyhow::Result<()> {
         shards: scenario.shards,
         streams: scenario.streams_toml(pg.as_ref().map(|p| p.url()).as_deref()),
         raft: String::new(),
-        log_filter: "info,openraft=error".into(),
+        // `COALESCE_CHAOS_LOG` sets the nodes' `RUST_LOG` (e.g. `info,coalesce_raft=debug` to see
+        // elections and forwards around a fault); their logs are in the report's `cluster/`.
+        log_filter: std::env::var("COALESCE_CHAOS_LOG").unwrap_or_else(|_| "info,openraft=error".into()),
         extra: String::new(),
         env: {
             // `runtime` lets the slow-disk fault be switched on a node's HTTP port.

@@ -87,6 +87,21 @@ pub(crate) static DUPLICATES: LazyLock<IntCounter> = LazyLock::new(|| {
         "Producer batches acknowledged as duplicates of ones already applied (not applied again).",
     )
 });
+pub(crate) static FORWARD_REROUTES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "coalesce_raft_forward_reroutes_total",
+        "Requests forwarded to a shard leader that were sent again to its successor once this node saw \
+         a new leader, instead of waiting for the silent one (producer seqs make the resend safe).",
+    )
+});
+pub(crate) static APPEND_STREAMS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_raft_append_streams_total",
+        "Pipelined replication streams (one per group and follower, reopened after an error), by how \
+         each ended: `opened`, `stalled` (no answer within its stall time), `failed`.",
+        &["event"],
+    )
+});
 pub(crate) static OUTPUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "coalesce_stream_outputs_total",
@@ -152,6 +167,10 @@ pub(crate) static ADAPTIVE_HIGH: LazyLock<IntCounterVec> = LazyLock::new(|| {
 /// with a zero child for every stream in `streams`.
 pub fn init(streams: &[&str]) {
     LazyLock::force(&DUPLICATES);
+    LazyLock::force(&FORWARD_REROUTES);
+    for event in ["opened", "stalled", "failed"] {
+        APPEND_STREAMS.with_label_values(&[event]);
+    }
     for event in ["built", "installed"] {
         SNAPSHOTS.with_label_values(&[event]);
     }

@@ -2,11 +2,17 @@
 //!
 //! One lazily connected tonic channel per peer address carries the messages of every shard
 //! group; each message names its group. We implement openraft's network traits ourselves
-//! (rather than the multi-raft adapter) to get a real pre-vote and leadership transfer.
+//! (rather than the multi-raft adapter) to get a real pre-vote, leadership transfer and
+//! pipelined replication: `stream_append` keeps one bidirectional gRPC call per (group,
+//! follower) open, sends AppendEntries requests as openraft produces them and yields the
+//! follower's answers in request order, so a follower has several appends in flight instead
+//! of one round trip (and one fsync) at a time. A call that makes no progress for its stall
+//! time while requests are outstanding fails like a timed-out RPC, and openraft opens a new
+//! one. Single requests (heartbeats) stay unary calls.
 //! Errors map to openraft's: a refused or broken connection is `Unreachable` (openraft backs
 //! off at once), anything else is a `NetworkError`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,15 +20,19 @@ use std::time::Duration;
 use coalesce_core::hash::ShardId;
 use coalesce_proto::v1::raft_peer_client::RaftPeerClient;
 use coalesce_proto::v1::{RaftMessage, SnapshotChunk};
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2, stream_append_sequential};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::storage::Snapshot;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::codec;
@@ -30,6 +40,10 @@ use crate::types::{PeerNode, TypeConfig, Vote};
 
 /// Size of a snapshot chunk on the wire.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// The least time a replication stream may go without an answer while requests are
+/// outstanding before it counts as broken (a paused follower, a black-holed connection).
+const MIN_STREAM_STALL: Duration = Duration::from_millis(500);
 
 /// One channel per peer address, shared by every group (and by the Hello exchange).
 #[derive(Debug, Default)]
@@ -173,6 +187,68 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         self.call("append_entries", &rpc, option.hard_ttl(), |mut c, m| async move { c.append_entries(m).await }).await
     }
 
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + openraft::OptionalSend + Unpin + 'static,
+    {
+        // openraft's heartbeats are one-request streams: a unary call is cheaper than a stream.
+        if input.size_hint().1.is_some_and(|n| n <= 1) {
+            return stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let mut client = self.client()?;
+            let (group, target, addr) = (self.group, self.target, self.addr.clone());
+            // Opening waits for the follower's response headers, under load too: the stall time.
+            let stall = option.hard_ttl().max(MIN_STREAM_STALL);
+            let sent = Arc::new(Sent::default());
+            let outbound = {
+                let sent = sent.clone();
+                // A request that cannot be encoded ends the stream: openraft then opens a new one.
+                input
+                    .map(move |rpc| codec::encode_msg("stream_append", &rpc))
+                    .take_while(|r| futures::future::ready(r.is_ok()))
+                    .filter_map(|r| futures::future::ready(r.ok()))
+                    .map(move |payload| {
+                        sent.push();
+                        RaftMessage { group, payload, target }
+                    })
+            };
+            let mut request = tonic::Request::new(outbound);
+            let md = request.metadata_mut();
+            md.insert(crate::node::STREAM_GROUP_HEADER, group.into());
+            md.insert(crate::node::STREAM_TARGET_HEADER, target.into());
+            let opened = tokio::time::timeout(stall, client.stream_append(request))
+                .await
+                .map_err(|_| network_err(format!("stream_append to peer {target} timed out after {stall:?}")))
+                .and_then(|r| r.map_err(|s| status_err(target, &addr, s)));
+            let inbound = match opened {
+                Ok(r) => r.into_inner(),
+                Err(e) => {
+                    crate::metrics::APPEND_STREAMS.with_label_values(&["failed"]).inc();
+                    return Err(e);
+                }
+            };
+            crate::metrics::APPEND_STREAMS.with_label_values(&["opened"]).inc();
+            let answers = inbound.map(move |m| match m {
+                Ok(m) => codec::decode_msg::<Result<StreamAppendResult<TypeConfig>, String>>(
+                    "stream_append reply",
+                    &m.payload,
+                )
+                .map_err(network_err)?
+                .map_err(|fatal| network_err(format!("peer {target}: {fatal}"))),
+                Err(s) => Err(status_err(target, &addr, s)),
+            });
+            Ok(Box::pin(watch_stalls(Box::pin(answers), sent, stall, target)) as BoxStream<'s, _>)
+        })
+    }
+
     async fn vote(
         &mut self,
         rpc: VoteRequest<TypeConfig>,
@@ -237,7 +313,129 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
     }
 }
 
+/// When each request of a replication stream that is not answered yet was sent.
+#[derive(Debug, Default)]
+struct Sent {
+    times: Mutex<VecDeque<Instant>>,
+    more: tokio::sync::Notify,
+}
+
+impl Sent {
+    fn push(&self) {
+        self.times.lock().unwrap_or_else(|p| p.into_inner()).push_back(Instant::now());
+        self.more.notify_one();
+    }
+
+    /// Forgets the oldest request (it was answered).
+    fn pop(&self) {
+        self.times.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+    }
+
+    fn oldest(&self) -> Option<Instant> {
+        self.times.lock().unwrap_or_else(|p| p.into_inner()).front().copied()
+    }
+}
+
+/// `answers`, failing with a network error once requests are outstanding and neither the
+/// oldest of them nor the last answer is younger than `stall`: the follower or the connection
+/// stopped moving, and openraft retries on a new stream. Ends after the first error.
+fn watch_stalls<T: Send + 'static>(
+    answers: impl Stream<Item = Result<T, RPCError<TypeConfig>>> + Send + Unpin + 'static,
+    sent: Arc<Sent>,
+    stall: Duration,
+    target: u64,
+) -> impl Stream<Item = Result<T, RPCError<TypeConfig>>> + Send + 'static {
+    futures::stream::unfold(Some((answers, Instant::now())), move |state| {
+        let sent = sent.clone();
+        async move {
+            let (mut answers, mut last) = state?;
+            loop {
+                let next = match sent.oldest() {
+                    Some(oldest) => tokio::select! {
+                        next = answers.next() => next,
+                        () = tokio::time::sleep_until(oldest.max(last) + stall) => {
+                            crate::metrics::APPEND_STREAMS.with_label_values(&["stalled"]).inc();
+                            let e = network_err(format!("stream_append to peer {target}: no answer for {stall:?}"));
+                            return Some((Err(e), None));
+                        }
+                    },
+                    None => tokio::select! {
+                        next = answers.next() => next,
+                        () = sent.more.notified() => continue,
+                    },
+                };
+                let item = next?;
+                if item.is_err() {
+                    crate::metrics::APPEND_STREAMS.with_label_values(&["failed"]).inc();
+                }
+                sent.pop();
+                last = Instant::now();
+                let more = item.is_ok().then_some((answers, last));
+                return Some((item, more));
+            }
+        }
+    })
+}
+
 /// A stream over owned chunks, for client-streaming calls.
 fn tokio_stream_iter(chunks: Vec<SnapshotChunk>) -> impl futures::Stream<Item = SnapshotChunk> + Send + 'static {
     futures::stream::iter(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Answers = futures::channel::mpsc::UnboundedSender<Result<u32, RPCError<TypeConfig>>>;
+
+    fn watched(stall: Duration) -> (Answers, Arc<Sent>, impl Stream<Item = Result<u32, RPCError<TypeConfig>>>) {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let sent = Arc::new(Sent::default());
+        let stream = watch_stalls(rx, sent.clone(), stall, 7);
+        (tx, sent, stream)
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_request_fails_the_stream_after_the_stall_time() {
+        let stall = Duration::from_millis(100);
+        let (tx, sent, stream) = watched(stall);
+        let mut stream = Box::pin(stream);
+        sent.push();
+        tx.unbounded_send(Ok(1)).unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap(), 1);
+        let started = Instant::now();
+        sent.push();
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap();
+        assert!(started.elapsed() >= stall, "failed after {:?}", started.elapsed());
+        let e = next.unwrap().unwrap_err();
+        assert!(e.to_string().contains("no answer"), "{e}");
+        // The stream ends after its error, as openraft expects.
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_with_nothing_outstanding_never_fails() {
+        let stall = Duration::from_secs(1);
+        let (tx, sent, stream) = watched(stall);
+        let mut stream = Box::pin(stream);
+        // Nothing sent: waiting longer than the stall time yields nothing.
+        assert!(tokio::time::timeout(stall * 2, stream.next()).await.is_err());
+        // A request sent after the idle time gets its own full stall time, and its answer.
+        sent.push();
+        tokio::time::sleep(stall / 20).await;
+        tx.unbounded_send(Ok(2)).unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap(), 2);
+        assert!(sent.oldest().is_none());
+        // A backlog drains: each answer is yielded in order.
+        for _ in 0..4 {
+            sent.push();
+        }
+        for i in 0..4 {
+            tokio::time::sleep(stall / 20).await;
+            tx.unbounded_send(Ok(10 + i)).unwrap();
+            assert_eq!(stream.next().await.unwrap().unwrap(), 10 + i);
+        }
+        drop(tx);
+        assert!(stream.next().await.is_none());
+    }
 }

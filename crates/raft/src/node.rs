@@ -231,6 +231,36 @@ enum Forwarded {
     Command(Command),
 }
 
+impl Forwarded {
+    /// Whether applying it twice is the same as once: ingests whose every group carries its
+    /// producer's seqs (a resend is acknowledged as a duplicate), and acks (a cursor only moves
+    /// forward).
+    fn idempotent(&self) -> bool {
+        match self {
+            Forwarded::Ingest(groups) => groups.iter().all(|g| g.range.is_some()),
+            Forwarded::Ack { .. } => true,
+            Forwarded::Command(_) => false,
+        }
+    }
+}
+
+/// Resolves once `group`'s Raft on this node knows a leader other than `old` (possibly this
+/// node). Never resolves while the group has no leader or still names `old`.
+async fn leader_moves(group: &Group, old: u64) {
+    let mut metrics = group.raft.metrics();
+    loop {
+        // The borrow ends before the await (openraft issue 1238).
+        let moved = metrics.borrow_watched().current_leader.is_some_and(|l| l != old);
+        if moved || metrics.changed().await.is_err() {
+            // A stopped group never reports again: let the forward run its course.
+            if !moved {
+                std::future::pending::<()>().await;
+            }
+            return;
+        }
+    }
+}
+
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -268,6 +298,9 @@ pub struct RaftNode {
     pub(crate) liveness: crate::quiesce::Liveness,
     /// Set by an operator's drain: balancing moves leadership away from this node.
     draining: std::sync::atomic::AtomicBool,
+    /// Set once [`RaftNode::shutdown`] has stopped every group: replication streams that
+    /// peers hold open into this node end, so the peer port can stop gracefully.
+    stopped: tokio::sync::watch::Sender<bool>,
     db: Arc<NodeDb>,
     /// Hot-key trackers of the shards this node leads ([`coalesce_core::hotkeys`]):
     /// leader-local telemetry, fed when an Ingest is proposed, decayed on the sealer tick and
@@ -307,13 +340,16 @@ impl std::fmt::Debug for RaftNode {
 
 const PEER_ID_KEY: &str = "peer_id";
 
-/// How long a request forwarded to a shard's leader may take: twice the maximum election
-/// timeout, within these bounds. A leader that does not answer by then is likely paused or cut
-/// off, and a successor is being elected; the client retries (same seqs) and reaches it.
 /// The balancer waits for a leadership-transfer target at most this many entries behind.
 const TRANSFER_MAX_LAG: u64 = 1_000;
+/// How long a request forwarded to a shard's leader may take: twice the maximum election
+/// timeout, within these bounds. A leader that does not answer by then is likely paused or cut
+/// off, and a successor is being elected; the client retries (same seqs) and reaches it. (An
+/// idempotent request goes to the successor as soon as this node learns of it.)
 const FORWARD_TIMEOUT_MIN: Duration = Duration::from_millis(500);
 const FORWARD_TIMEOUT_MAX: Duration = Duration::from_secs(2);
+/// How many times one request follows a changing leader (see [`RaftNode::submit`]).
+const MAX_FORWARD_REROUTES: u32 = 3;
 
 impl RaftNode {
     /// Opens the node `name` of `spec` on `db` and starts a Raft instance for every shard it
@@ -388,6 +424,7 @@ impl RaftNode {
             quiesce_after: (timing.quiesce_after_ms > 0).then(|| Duration::from_millis(timing.quiesce_after_ms)),
             liveness: crate::quiesce::Liveness::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            stopped: tokio::sync::watch::Sender::new(false),
             db,
             hot: std::sync::Mutex::new(BTreeMap::new()),
             adaptive: std::sync::Mutex::new(BTreeMap::new()),
@@ -504,6 +541,12 @@ impl RaftNode {
     pub async fn propose(&self, shard: ShardId, cmd: Command) -> Result<Response, ProposeError> {
         let group = self.group(shard).ok_or(ProposeError::NoGroup(shard))?;
         self.wake(&group).await;
+        // A leader just elected has no quorum answer yet and openraft would refuse the write
+        // (lease expired): wait for the first one instead (a request rerouted to a successor
+        // arrives exactly then).
+        if group.raft.is_leader() && self.leadership(shard).is_none() {
+            self.await_lease(&group).await;
+        }
         let (kind, started) = (cmd.kind(), std::time::Instant::now());
         let span = tracing::debug_span!("replicate", shard, command = kind);
         match tracing::Instrument::instrument(group.raft.client_write(cmd), span).await {
@@ -653,24 +696,43 @@ impl RaftNode {
 
     async fn submit(&self, shard: ShardId, req: Forwarded) -> Result<Response, ProposeError> {
         let group = self.group(shard).ok_or(ProposeError::NoGroup(shard))?;
-        if group.raft.is_leader() {
-            return self.on_leader(&group, req).await;
+        let mut reroutes = 0;
+        loop {
+            if group.raft.is_leader() {
+                return self.on_leader(&group, req).await;
+            }
+            let (leader_id, leader) = self.leader_of(shard).ok_or(ProposeError::NotLeader { shard, leader: None })?;
+            let payload =
+                codec::encode_msg("forward", &req).map_err(|e| ProposeError::Fatal { shard, detail: e.to_string() })?;
+            let channel =
+                self.channels.for_peer(&leader).map_err(|detail| ProposeError::Unreachable { shard, detail })?;
+            let span = tracing::debug_span!("forward", shard, leader = %leader.name);
+            // Bounded: a paused leader or one behind a partition must not hold the request for
+            // long; the client gets UNAVAILABLE and retries elsewhere (with the same producer seqs).
+            let mut request = tonic::Request::new(RaftMessage { group: shard, payload, target: leader_id });
+            request.set_timeout((self.lease_max * 2).clamp(FORWARD_TIMEOUT_MIN, FORWARD_TIMEOUT_MAX));
+            crate::tracectx::inject(&span, request.metadata_mut().as_mut());
+            let mut client = RaftPeerClient::new(channel);
+            let forward = tracing::Instrument::instrument(client.forward(request), span);
+            // A request that is safe to send twice goes to the successor as soon as this node
+            // sees one, instead of waiting out the timeout on a leader that went silent.
+            let reroute = reroutes < MAX_FORWARD_REROUTES && req.idempotent();
+            let reply = tokio::select! {
+                reply = forward => reply,
+                () = leader_moves(&group, leader_id), if reroute => {
+                    reroutes += 1;
+                    crate::metrics::FORWARD_REROUTES.inc();
+                    tracing::debug!(shard, from = %leader.name, "leader changed during a forward; sending it again");
+                    continue;
+                }
+            };
+            let reply = reply.map_err(|s| ProposeError::Unreachable {
+                shard,
+                detail: format!("{}: {}", leader.name, s.message()),
+            })?;
+            return codec::decode_msg::<Result<Response, ProposeError>>("forward reply", &reply.into_inner().payload)
+                .map_err(|e| ProposeError::Unreachable { shard, detail: e.to_string() })?;
         }
-        let (leader_id, leader) = self.leader_of(shard).ok_or(ProposeError::NotLeader { shard, leader: None })?;
-        let payload =
-            codec::encode_msg("forward", &req).map_err(|e| ProposeError::Fatal { shard, detail: e.to_string() })?;
-        let channel = self.channels.for_peer(&leader).map_err(|detail| ProposeError::Unreachable { shard, detail })?;
-        let span = tracing::debug_span!("forward", shard, leader = %leader.name);
-        // Bounded: a paused leader or one behind a partition must not hold the request for long;
-        // the client gets UNAVAILABLE and retries elsewhere (with the same producer seqs).
-        let mut request = tonic::Request::new(RaftMessage { group: shard, payload, target: leader_id });
-        request.set_timeout((self.lease_max * 2).clamp(FORWARD_TIMEOUT_MIN, FORWARD_TIMEOUT_MAX));
-        crate::tracectx::inject(&span, request.metadata_mut().as_mut());
-        let reply = tracing::Instrument::instrument(RaftPeerClient::new(channel).forward(request), span)
-            .await
-            .map_err(|s| ProposeError::Unreachable { shard, detail: format!("{}: {}", leader.name, s.message()) })?;
-        codec::decode_msg::<Result<Response, ProposeError>>("forward reply", &reply.into_inner().payload)
-            .map_err(|e| ProposeError::Unreachable { shard, detail: e.to_string() })?
     }
 
     /// Admission and proposal on the leader.
@@ -1169,6 +1231,16 @@ impl RaftNode {
                 tracing::warn!(shard = group.shard, error = %e, "checkpoint at shutdown");
             }
         }
+        self.stopped.send_replace(true);
+    }
+
+    /// Resolves once [`RaftNode::shutdown`] has stopped every group.
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopped.subscribe();
+        async move {
+            // An error means the node is gone: stopped as well.
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        }
     }
 
     /// Shard ids led by this node (per local Raft state).
@@ -1201,6 +1273,10 @@ impl PeerService {
         self.node.group(shard).ok_or_else(|| Status::not_found(format!("shard {shard} is not replicated on this node")))
     }
 }
+
+/// Metadata of a `StreamAppend` call: the group, and the node id meant.
+pub(crate) const STREAM_GROUP_HEADER: &str = "x-coalesce-group";
+pub(crate) const STREAM_TARGET_HEADER: &str = "x-coalesce-target";
 
 fn bad(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
@@ -1248,6 +1324,48 @@ impl RaftPeer for PeerService {
             self.node.wake_on_message(&g);
         }
         reply(m.group, "append_entries", &resp)
+    }
+
+    type StreamAppendStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftMessage, Status>> + Send>>;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<RaftMessage>>,
+    ) -> Result<TonicResponse<Self::StreamAppendStream>, Status> {
+        use futures::StreamExt;
+        // Group and target come in the metadata: the leader produces its first request only
+        // once this call has answered, so nothing here may wait for a message.
+        let meta = |name: &str| -> Result<u64, Status> {
+            request
+                .metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad(format!("stream_append: missing or bad {name} metadata")))
+        };
+        let group = ShardId::try_from(meta(STREAM_GROUP_HEADER)?).map_err(bad)?;
+        let g = self.group(group, meta(STREAM_TARGET_HEADER)?)?;
+        let (node, quiet) = (self.node.clone(), g.clone());
+        // Requests until the leader ends the stream, sends something undecodable, or this node
+        // stops; each wakes a quiesced group as a unary AppendEntries would.
+        let input = request
+            .into_inner()
+            .take_until(self.node.stopped())
+            .map(|m| m.ok().and_then(|m| codec::decode_msg("stream_append", &m.payload).ok()))
+            .take_while(|r| futures::future::ready(r.is_some()))
+            .filter_map(futures::future::ready)
+            .inspect(move |rpc: &openraft::raft::AppendEntriesRequest<TypeConfig>| {
+                let (leader, term) = (rpc.vote.leader_id.node_id, rpc.vote.leader_id.term);
+                if !quiet.quiet.is_keepalive(leader, term, rpc.entries.len()) {
+                    node.wake_on_message(&quiet);
+                }
+            });
+        let replies = g.raft.stream_append(input).take_until(self.node.stopped()).map(move |r| {
+            let r: Result<_, String> = r.map_err(|fatal| fatal.to_string());
+            let payload = codec::encode_msg("stream_append reply", &r).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(RaftMessage { group, payload, target: 0 })
+        });
+        Ok(TonicResponse::new(Box::pin(replies)))
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {

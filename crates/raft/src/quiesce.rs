@@ -239,14 +239,21 @@ impl RaftNode {
         // without a valid lease.
         let woke = group.quiet.woke_ms.load(Ordering::Relaxed);
         if woke > 0 && now_ms().saturating_sub(woke) < self.lease_max.as_millis() as u64 {
-            let deadline = tokio::time::Instant::now() + self.lease_max;
-            let mut metrics = group.raft.metrics();
-            loop {
-                let valid = !group.raft.is_leader()
-                    || self.leadership(group.shard).is_some_and(|l| l.quorum_acked_ago < self.lease);
-                if valid || tokio::time::timeout_at(deadline, metrics.changed()).await.map_or(true, |r| r.is_err()) {
-                    break;
-                }
+            self.await_lease(group).await;
+        }
+    }
+
+    /// Waits (at most one maximum election timeout) until this node either does not lead
+    /// `group` or leads it with a valid lease: a quorum answered it recently. openraft refuses
+    /// writes in between (a leader just woken, or just elected and not yet heard by a quorum).
+    pub(crate) async fn await_lease(&self, group: &Group) {
+        let deadline = tokio::time::Instant::now() + self.lease_max;
+        let mut metrics = group.raft.metrics();
+        loop {
+            let valid = !group.raft.is_leader()
+                || self.leadership(group.shard).is_some_and(|l| l.quorum_acked_ago < self.lease);
+            if valid || tokio::time::timeout_at(deadline, metrics.changed()).await.map_or(true, |r| r.is_err()) {
+                break;
             }
         }
     }

@@ -32,11 +32,10 @@ impl Running {
         let id = self.node.id();
         let _ = self.balancer.0.send(());
         self.balancer.1.await.unwrap();
-        // Groups first (ending their replication streams), then the server: a graceful server
-        // stop waits for open streams, as `coalesced` shuts down too.
-        for g in self.node.groups() {
-            g.raft.shutdown().await.unwrap();
-        }
+        // Groups first (which also ends the replication streams peers hold open into this
+        // node), then the server: a graceful server stop waits for open streams, as
+        // `coalesced` shuts down too.
+        self.node.shutdown(Duration::from_secs(5)).await;
         let _ = self.stop.send(());
         self.server.await.unwrap();
         id
