@@ -97,8 +97,9 @@ pub(crate) static FORWARD_REROUTES: LazyLock<IntCounter> = LazyLock::new(|| {
 pub(crate) static APPEND_STREAMS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "coalesce_raft_append_streams_total",
-        "Pipelined replication streams (one per group and follower, reopened after an error), by how \
-         each ended: `opened`, `stalled` (no answer within its stall time), `failed`.",
+        "Pipelined replication streams (one per group and follower, reopened after an error), by event: \
+         `opened`, `stalled` (ended: no answer within its stall time), `failed` (could not open, or ended \
+         by a network error).",
         &["event"],
     )
 });

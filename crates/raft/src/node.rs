@@ -1318,7 +1318,7 @@ impl RaftPeer for PeerService {
         let g = self.group(m.group, m.target)?;
         let rpc: openraft::raft::AppendEntriesRequest<TypeConfig> =
             codec::decode_msg("append_entries", &m.payload).map_err(bad)?;
-        let keepalive = g.quiet.is_keepalive(rpc.vote.leader_id.node_id, rpc.vote.leader_id.term, rpc.entries.len());
+        let keepalive = g.quiet.is_keepalive(&rpc);
         let resp = g.raft.append_entries(rpc).await.map_err(unavailable)?;
         if !keepalive {
             self.node.wake_on_message(&g);
@@ -1355,8 +1355,7 @@ impl RaftPeer for PeerService {
             .take_while(|r| futures::future::ready(r.is_some()))
             .filter_map(futures::future::ready)
             .inspect(move |rpc: &openraft::raft::AppendEntriesRequest<TypeConfig>| {
-                let (leader, term) = (rpc.vote.leader_id.node_id, rpc.vote.leader_id.term);
-                if !quiet.quiet.is_keepalive(leader, term, rpc.entries.len()) {
+                if !quiet.quiet.is_keepalive(rpc) {
                     node.wake_on_message(&quiet);
                 }
             });

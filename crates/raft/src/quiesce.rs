@@ -115,13 +115,14 @@ impl Quiet {
         Duration::from_millis(now_ms().saturating_sub(self.active_ms.load(Ordering::Relaxed)))
     }
 
-    /// Whether an AppendEntries from `leader` in `term` with `entries` is the keepalive of the
-    /// leader this follower quiesced under (which must not wake it).
-    pub fn is_keepalive(&self, leader: u64, term: u64, entries: usize) -> bool {
-        let keepalive = entries == 0
+    /// Whether `rpc` is the keepalive of the leader this follower quiesced under (an
+    /// AppendEntries without entries from that leader and term), which must not wake it.
+    pub fn is_keepalive(&self, rpc: &openraft::raft::AppendEntriesRequest<crate::types::TypeConfig>) -> bool {
+        let leader = &rpc.vote.leader_id;
+        let keepalive = rpc.entries.is_empty()
             && self.state.load(Ordering::Acquire) == QUIESCED_FOLLOWER
-            && self.leader_id.load(Ordering::Acquire) == leader
-            && self.leader_term.load(Ordering::Acquire) == term;
+            && self.leader_id.load(Ordering::Acquire) == leader.node_id
+            && self.leader_term.load(Ordering::Acquire) == leader.term;
         if keepalive {
             self.heard_ms.store(now_ms(), Ordering::Release);
         }
