@@ -181,11 +181,15 @@ async fn alert_digests_to_chat_and_file() {
         let members = d["value"].as_array().unwrap();
         assert!(members.len() <= 4, "distinct alerts only: {d}");
     }
-    let lines: usize = (0..3)
-        .map(|i| {
-            let path = cluster.path().join(format!("data-{i}/digests-coalesce-{i}.jsonl"));
-            std::fs::read_to_string(path).unwrap_or_default().lines().count()
-        })
-        .sum();
-    assert!(lines >= 3, "digests kept in the nodes' files: {lines}");
+    // The file sink is delivered by its own worker: it may trail the webhook.
+    let lines = || -> usize {
+        (0..3)
+            .map(|i| {
+                let path = cluster.path().join(format!("data-{i}/digests-coalesce-{i}.jsonl"));
+                std::fs::read_to_string(path).unwrap_or_default().lines().count()
+            })
+            .sum()
+    };
+    wait_until("digests kept in the nodes' files", &cluster, Duration::from_secs(30), async || lines() >= 3).await;
+    assert!(lines() >= 3, "digests kept in the nodes' files: {}", lines());
 }
