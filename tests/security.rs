@@ -163,3 +163,230 @@ async fn peers_need_certificates_and_clients_need_tokens_with_roles() {
         }
     }
 }
+
+/// The peer (Raft) address of node `i`, from its config.
+fn peer_addr(cluster: &Cluster, i: usize) -> String {
+    let text = std::fs::read_to_string(&cluster.local.nodes[i].config).unwrap();
+    let line = text.lines().find(|l| l.starts_with("peer_listen")).unwrap().to_owned();
+    line.split('"').nth(1).unwrap().to_owned()
+}
+
+/// What a node forwards to a shard leader, as postcard lays it out (the raft crate's private
+/// `Forwarded`): position 2 carried a whole command before December 2026.
+#[derive(serde::Serialize)]
+#[allow(dead_code)]
+enum Forged {
+    Ingest(Vec<coalesce_raft::IngestGroup>),
+    Ack { cursor: String, upto_seq: u64 },
+    Command(coalesce_raft::Command),
+}
+
+/// Sends `forged` to the leader of `shard` on its peer port as a plain caller (no certificate:
+/// the peer port of these clusters is loopback-only plain text), and decodes the answer.
+async fn forward(
+    cluster: &Cluster,
+    shard: u32,
+    forged: &Forged,
+) -> Result<coalesce_raft::Response, coalesce_raft::ProposeError> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "no leader of shard {shard} answered the forward");
+        let leader = cluster.leaders().await.get(&shard).and_then(|l| cluster.index_of(l));
+        let Some(i) = leader else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let channel = Channel::from_shared(format!("http://{}", peer_addr(cluster, i)))
+            .unwrap()
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        let mut peer = RaftPeerClient::new(channel);
+        let Ok(hello) = peer.hello(pb::HelloRequest { cluster: "test".into() }).await else { continue };
+        let payload = postcard::to_allocvec(forged).unwrap();
+        let msg = pb::RaftMessage { group: shard, payload, target: hello.into_inner().node_id };
+        match peer.forward(msg).await {
+            Ok(reply) => return postcard::from_bytes(&reply.into_inner().payload).unwrap(),
+            Err(s) => return Err(coalesce_raft::ProposeError::Unreachable { shard, detail: s.to_string() }),
+        }
+    }
+}
+
+/// A key of `stream` that hashes to `shard` of `shards`.
+fn key_on(stream: &str, shard: u32, shards: u32, n: usize) -> String {
+    (0..)
+        .map(|i| format!("k{i}"))
+        .filter(|k| coalesce_core::hash::shard_for(stream, k, shards) == shard)
+        .nth(n)
+        .unwrap()
+}
+
+/// One producer group of one partial, as a forwarding node would build it.
+fn group(stream: &str, key: &str, sum: i64, inputs: u64, seq: u64) -> coalesce_raft::IngestGroup {
+    use coalesce_core::batch::Partial;
+    use coalesce_core::buffer::BufKey;
+    let partial = Partial {
+        agg: coalesce_core::merge::Aggregate::SumI64(sum),
+        inputs,
+        first_event_at: 1,
+        last_event_at: 1,
+        samples: None,
+    };
+    coalesce_raft::IngestGroup {
+        range: Some(coalesce_core::session::ProducerRange { producer: 77, first_seq: seq, last_seq: seq }),
+        partials: vec![(BufKey { stream: stream.into(), key: key.into() }, partial)],
+    }
+}
+
+const SUMS: &str = "[streams.sums]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"200ms\" }\nmax_key_bytes = 32\n";
+
+/// Sends one event per key through node 0 (which forwards), retrying until acknowledged.
+async fn ingest_all(cluster: &Cluster, producer_id: u64, keys: &[(String, i64)], first_seq: u64) {
+    let events: Vec<pb::Event> =
+        keys.iter().enumerate().map(|(i, (k, v))| harness::sum_event("sums", k, *v, first_seq + i as u64)).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "events on running shards were not acknowledged");
+        let req = pb::IngestRequest { producer_id, events: events.clone() };
+        if let Ok(r) = cluster.client(0).ingest(req).await
+            && r.get_ref()
+                .statuses
+                .iter()
+                .all(|s| s.code == pb::EventCode::Ok as i32 || s.code == pb::EventCode::Duplicate as i32)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_forwards_are_refused_before_anything_is_proposed() {
+    use coalesce_raft::ProposeError;
+    let cluster = Cluster::start(3, 2, SUMS);
+    cluster.wait_ready(Duration::from_secs(30)).await;
+    let key = key_on("sums", 0, 2, 0);
+    let invalid = |r: Result<coalesce_raft::Response, ProposeError>, what: &str, needle: &str| match r {
+        Err(ProposeError::Invalid { error, .. }) => {
+            let text = error.to_string();
+            assert!(text.contains(needle), "{what}: {text}");
+        }
+        other => panic!("{what}: expected a refusal, got {other:?}"),
+    };
+
+    // The crash of November 2026: a whole Ingest command with a zero tumbling window.
+    let mut rules = std::collections::BTreeMap::new();
+    let mut r = coalesce_core::stream::StreamsFile::parse(SUMS)
+        .and_then(|f| f.validate(&[]))
+        .unwrap()
+        .get("sums")
+        .unwrap()
+        .rules
+        .clone();
+    r.window.tumbling_ms = Some(0);
+    rules.insert("sums".to_owned(), r);
+    let zero_window = coalesce_raft::Command::Ingest {
+        stamp: 1,
+        rules,
+        limits: Default::default(),
+        groups: vec![group("sums", &key, 5, 1, 1)],
+    };
+    invalid(forward(&cluster, 0, &Forged::Command(zero_window)).await, "whole command", "not forwarded");
+    let moved = coalesce_raft::Command::SetPreferredLeader { node: Some("coalesce-2".into()) };
+    invalid(forward(&cluster, 0, &Forged::Command(moved)).await, "preferred leader", "not forwarded");
+    let seal_all = coalesce_raft::Command::Seal { stamp: u64::MAX, max: 10, session_ttl_ms: 0 };
+    invalid(forward(&cluster, 0, &Forged::Command(seal_all)).await, "seal", "not forwarded");
+    // Forwarded ingests are checked like a client's request.
+    invalid(forward(&cluster, 0, &Forged::Ingest(vec![group("sums", &key, 5, 0, 2)])).await, "zero inputs", "inputs");
+    let elsewhere = key_on("sums", 1, 2, 0);
+    invalid(forward(&cluster, 0, &Forged::Ingest(vec![group("sums", &elsewhere, 5, 1, 3)])).await, "shard", "shard 1");
+    let long = "x".repeat(40);
+    let long = (0..).map(|i| format!("{long}{i}")).find(|k| coalesce_core::hash::shard_for("sums", k, 2) == 0).unwrap();
+    invalid(forward(&cluster, 0, &Forged::Ingest(vec![group("sums", &long, 5, 1, 4)])).await, "long key", "allows 32");
+    let mut bad_range = group("sums", &key, 5, 1, 5);
+    bad_range.range = Some(coalesce_core::session::ProducerRange { producer: 77, first_seq: 9, last_seq: 5 });
+    invalid(forward(&cluster, 0, &Forged::Ingest(vec![bad_range])).await, "empty range", "first_seq > last_seq");
+
+    // None of it reached the log; a well-formed forward still works, and the cluster is whole.
+    let ok = forward(&cluster, 0, &Forged::Ingest(vec![group("sums", &key, 5, 1, 6)])).await;
+    assert!(ok.is_ok(), "a well-formed forward is applied: {ok:?}");
+    let outputs = cluster.collect_outputs().await;
+    assert_eq!(outputs, [(key.clone(), 5)].into(), "only the well-formed forward was applied");
+    for i in 0..3 {
+        assert!(cluster.is_running(i), "node {i} survived the forged messages");
+    }
+    let mut refused = 0.0;
+    for place in ["peer", "propose"] {
+        let series = format!("coalesce_raft_invalid_commands_total{{where=\"{place}\"}}");
+        refused += cluster.metric(&series).await.iter().sum::<f64>();
+    }
+    assert_eq!(refused, 7.0, "every refusal is counted once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_entry_that_fails_to_apply_stops_its_group_on_every_replica_not_the_nodes() {
+    // Validation is skipped before proposing and on replication (test-only failpoint), so the
+    // bad entry reaches every replica's apply, which still refuses it.
+    let env = [("COALESCE_FAILPOINTS".to_owned(), "skip_validation".to_owned())];
+    let shards = 4;
+    let mut cluster = Cluster::start_env(tempfile::tempdir().unwrap(), 3, shards, SUMS, "", &env);
+    cluster.wait_ready(Duration::from_secs(30)).await;
+    let poisoned = 1u32;
+    let running: Vec<u32> = (0..shards).filter(|s| *s != poisoned).collect();
+    let keys: Vec<(String, i64)> =
+        running.iter().flat_map(|s| (0..3).map(move |n| (key_on("sums", *s, shards, n), 1 + i64::from(*s)))).collect();
+    ingest_all(&cluster, 5, &keys, 1).await;
+
+    let bad = key_on("sums", poisoned, shards, 0);
+    let reply = forward(&cluster, poisoned, &Forged::Ingest(vec![group("sums", &bad, 5, 0, 1)])).await;
+    assert!(reply.is_err(), "the entry that stopped its group is not acknowledged: {reply:?}");
+
+    let stopped_everywhere = |cluster: &Cluster| {
+        let nodes: Vec<_> = cluster.local.nodes.iter().map(|n| n.client_addr.clone()).collect();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for addr in nodes {
+                loop {
+                    assert!(Instant::now() < deadline, "{addr} does not report shard {poisoned} stopped");
+                    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+                    if let Ok(r) = AdminClient::new(channel).shards(pb::ShardsRequest {}).await {
+                        let d = r.into_inner().shards.into_iter().find(|d| d.shard == poisoned);
+                        if let Some(d) = d.filter(|d| d.role == "stopped") {
+                            assert!(d.stopped.contains("inputs must be at least 1"), "{}", d.stopped);
+                            break;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    };
+    stopped_everywhere(&cluster).await;
+    let stopped: f64 = cluster.metric("coalesce_raft_groups_stopped").await.iter().sum();
+    assert_eq!(stopped, 3.0, "every replica counts its stopped group");
+
+    // The other shards keep accepting and emitting.
+    ingest_all(&cluster, 5, &keys, 1_000).await;
+    let expected: std::collections::BTreeMap<String, i64> = keys.iter().map(|(k, v)| (k.clone(), 2 * v)).collect();
+    assert_eq!(cluster.collect_outputs_of(running.clone()).await, expected);
+    for n in &cluster.local.nodes {
+        let r = reqwest::get(format!("http://{}/readyz", n.http_addr)).await.unwrap();
+        assert_eq!(r.status(), 200, "{}: a stopped group does not make the node unready", n.name);
+        let body = r.text().await.unwrap();
+        assert!(body.contains(&format!("shard {poisoned} stopped")), "{body}");
+    }
+
+    // All three restart (the entry is re-applied at start and fails again): no crash loop.
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    for i in 0..3 {
+        cluster.spawn(i);
+    }
+    stopped_everywhere(&cluster).await;
+    ingest_all(&cluster, 5, &keys, 2_000).await;
+    let expected: std::collections::BTreeMap<String, i64> = keys.iter().map(|(k, v)| (k.clone(), 3 * v)).collect();
+    assert_eq!(cluster.collect_outputs_of(running).await, expected);
+    for i in 0..3 {
+        assert!(cluster.is_running(i), "node {i} runs after the restart");
+    }
+}

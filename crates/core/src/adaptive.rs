@@ -151,58 +151,71 @@ impl AdaptivePolicy {
     }
 }
 
+impl AdaptivePolicy {
+    /// Checks the policy's own bounds, for config validation and for the rules a Raft entry
+    /// carries alike; the error names the field (`window.adaptive.backlog_low`).
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.max_staleness_ms < self.base_bound_ms {
+            return Err((
+                "window.adaptive.max_staleness",
+                format!("must be >= the window's time bound ({})", crate::window::fmt_ms(self.base_bound_ms)),
+            ));
+        }
+        let in_window = |ms: u64| (1..=MAX_WINDOW_MS).contains(&ms);
+        if self.max_staleness_ms > MAX_WINDOW_MS {
+            return Err(("window.adaptive.max_staleness", "must be at most 7d".into()));
+        }
+        if self.backlog_high == 0 {
+            return Err(("window.adaptive.backlog_high", "must be at least 1".into()));
+        }
+        if self.backlog_low >= self.backlog_high {
+            return Err(("window.adaptive.backlog_low", "must be < window.adaptive.backlog_high".into()));
+        }
+        if !in_window(self.lag_high_ms) {
+            return Err(("window.adaptive.lag_high", "must be in 1ms..=7d".into()));
+        }
+        if !(1..=1000).contains(&self.buffer_high_permille) {
+            return Err(("window.adaptive.buffer_high", "must be in (0, 1]".into()));
+        }
+        if !in_window(self.adjust_every_ms) {
+            return Err(("window.adaptive.adjust_every", "must be in 1ms..=7d".into()));
+        }
+        if self.cooldown == 0 || self.cooldown > 1000 {
+            return Err(("window.adaptive.cooldown", "must be in 1..=1000".into()));
+        }
+        Ok(())
+    }
+}
+
 impl AdaptiveConfig {
     /// Validates `window.adaptive` of stream `stream` whose window's time bound is
     /// `base_bound_ms`; errors name the field.
     pub fn validate(&self, stream: &str, base_bound_ms: u64) -> Result<AdaptivePolicy, ConfigError> {
-        let err = |field: &str, msg: String| ConfigError::stream(stream, &format!("window.adaptive.{field}"), msg);
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let max_staleness_ms = ms(self.max_staleness);
-        if max_staleness_ms < base_bound_ms {
-            return Err(err(
-                "max_staleness",
-                format!("must be >= the window's time bound ({})", crate::window::fmt_ms(base_bound_ms)),
-            ));
-        }
-        if max_staleness_ms > MAX_WINDOW_MS {
-            return Err(err("max_staleness", "must be at most 7d".into()));
-        }
-        if self.backlog_high == 0 {
-            return Err(err("backlog_high", "must be at least 1".into()));
-        }
-        let backlog_low = self.backlog_low.unwrap_or(self.backlog_high / 4);
-        if backlog_low >= self.backlog_high {
-            return Err(err("backlog_low", "must be < window.adaptive.backlog_high".into()));
-        }
-        let lag_high_ms = self.lag_high.map_or(DEFAULT_LAG_HIGH_MS, ms);
-        if lag_high_ms == 0 || lag_high_ms > MAX_WINDOW_MS {
-            return Err(err("lag_high", "must be in 1ms..=7d".into()));
-        }
         let buffer_high_permille = match self.buffer_high {
             None => DEFAULT_BUFFER_HIGH_PERMILLE,
             Some(f) if f > 0.0 && f <= 1.0 => (f * 1000.0).round().max(1.0) as u16,
-            Some(f) => return Err(err("buffer_high", format!("must be in (0, 1], got {f}"))),
+            Some(f) => {
+                return Err(ConfigError::stream(
+                    stream,
+                    "window.adaptive.buffer_high",
+                    format!("must be in (0, 1], got {f}"),
+                ));
+            }
         };
-        let adjust_every_ms = match self.adjust_every {
-            None => base_bound_ms.clamp(100, 10_000),
-            Some(d) if ms(d) >= 1 && ms(d) <= MAX_WINDOW_MS => ms(d),
-            Some(_) => return Err(err("adjust_every", "must be in 1ms..=7d".into())),
-        };
-        let cooldown = self.cooldown.unwrap_or(DEFAULT_COOLDOWN);
-        if cooldown == 0 || cooldown > 1000 {
-            return Err(err("cooldown", "must be in 1..=1000".into()));
-        }
-        Ok(AdaptivePolicy {
-            max_staleness_ms,
+        let policy = AdaptivePolicy {
+            max_staleness_ms: ms(self.max_staleness),
             base_bound_ms,
             backlog_high: self.backlog_high,
-            backlog_low,
-            lag_high_ms,
+            backlog_low: self.backlog_low.unwrap_or(self.backlog_high / 4),
+            lag_high_ms: self.lag_high.map_or(DEFAULT_LAG_HIGH_MS, ms),
             buffer_high_permille,
-            adjust_every_ms,
-            cooldown,
+            adjust_every_ms: self.adjust_every.map_or(base_bound_ms.clamp(100, 10_000), ms),
+            cooldown: self.cooldown.unwrap_or(DEFAULT_COOLDOWN),
             extra_ms: 0,
-        })
+        };
+        policy.check().map_err(|(field, message)| ConfigError::stream(stream, field, message))?;
+        Ok(policy)
     }
 }
 

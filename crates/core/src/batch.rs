@@ -51,6 +51,28 @@ pub struct Partial {
     pub samples: Option<Samples>,
 }
 
+impl Partial {
+    /// Checks a partial as a Raft entry or a forwarding peer carries it, before it is merged
+    /// under `op`: at least one input, ordered event times, an aggregate of `op`'s type (and
+    /// parameters) with finite numbers, and bounded samples.
+    pub fn check(&self, op: &crate::merge::MergeOp) -> Result<(), String> {
+        if self.inputs == 0 {
+            return Err("inputs must be at least 1".into());
+        }
+        if self.first_event_at > self.last_event_at {
+            return Err("first_event_at is after last_event_at".into());
+        }
+        if !op.accepts(&self.agg) {
+            return Err(format!("a {} aggregate does not fit the stream's {} operator", self.agg.op_name(), op.name()));
+        }
+        self.agg.check()?;
+        if let Some(s) = &self.samples {
+            s.check()?;
+        }
+        Ok(())
+    }
+}
+
 /// A producer's events in one request for one shard, pre-merged per key.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProducerGroup {

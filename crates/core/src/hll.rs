@@ -18,11 +18,31 @@ use xxhash_rust::xxh3::xxh3_64;
 pub const MIN_PRECISION: u8 = 4;
 pub const MAX_PRECISION: u8 = 16;
 
-/// A HyperLogLog sketch.
+/// A HyperLogLog sketch. Decoding checks its shape (precision, register count, index and
+/// rank ranges), so a sketch from a log entry, a row or a snapshot can never index past its
+/// registers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "UncheckedHll")]
 pub struct Hll {
     precision: u8,
     repr: Repr,
+}
+
+/// [`Hll`] as decoded, before [`Hll::check`]: the same fields, so the same encoding.
+#[derive(Deserialize)]
+struct UncheckedHll {
+    precision: u8,
+    repr: Repr,
+}
+
+impl TryFrom<UncheckedHll> for Hll {
+    type Error = String;
+
+    fn try_from(u: UncheckedHll) -> Result<Self, String> {
+        let h = Hll { precision: u.precision, repr: u.repr };
+        h.check()?;
+        Ok(h)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +57,48 @@ impl Hll {
     /// An empty sketch with `2^precision` registers; `precision` is clamped to the valid range.
     pub fn new(precision: u8) -> Self {
         Self { precision: precision.clamp(MIN_PRECISION, MAX_PRECISION), repr: Repr::Sparse(Vec::new()) }
+    }
+
+    /// Checks the invariants every operation relies on: precision in range; dense sketches
+    /// hold exactly `2^p` registers, sparse ones strictly increasing indices below `2^p`; every
+    /// rank at most `65 - p`.
+    pub fn check(&self) -> Result<(), String> {
+        if !(MIN_PRECISION..=MAX_PRECISION).contains(&self.precision) {
+            return Err(format!(
+                "HyperLogLog precision {} is outside {MIN_PRECISION}..={MAX_PRECISION}",
+                self.precision
+            ));
+        }
+        let m = self.registers();
+        let max_rank = 65 - u32::from(self.precision);
+        match &self.repr {
+            Repr::Dense(regs) => {
+                if regs.len() != m {
+                    return Err(format!(
+                        "HyperLogLog has {} registers, precision {} needs {m}",
+                        regs.len(),
+                        self.precision
+                    ));
+                }
+                if regs.iter().any(|&r| u32::from(r) > max_rank) {
+                    return Err(format!("HyperLogLog register rank above {max_rank}"));
+                }
+            }
+            Repr::Sparse(entries) => {
+                let mut last = None;
+                for e in entries {
+                    let (index, rank) = (e >> 8, e & 0xff);
+                    if index as usize >= m || rank == 0 || rank > max_rank || last.is_some_and(|l| l >= index) {
+                        return Err(format!(
+                            "HyperLogLog sparse entry {e:#x} is out of order or range (precision {})",
+                            self.precision
+                        ));
+                    }
+                    last = Some(index);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The sketch's precision.
@@ -201,6 +263,24 @@ mod tests {
             prop_assert_eq!(bytes(&ab), bytes(&ba));
             prop_assert_eq!(bytes(&ab), bytes(&direct));
         }
+    }
+
+    #[test]
+    fn decoding_refuses_sketches_that_would_index_out_of_range() {
+        let encode = |precision: u8, repr: Repr| postcard::to_allocvec(&Hll { precision, repr }).unwrap();
+        let decode = |b: &[u8]| postcard::from_bytes::<Hll>(b);
+        let mut good = Hll::new(4);
+        for i in 0..100u32 {
+            good.insert(&i.to_be_bytes());
+        }
+        assert_eq!(decode(&postcard::to_allocvec(&good).unwrap()).unwrap(), good);
+        assert!(decode(&encode(4, Repr::Dense(vec![0; 15]))).is_err(), "short register array");
+        assert!(decode(&encode(4, Repr::Dense(vec![62; 16]))).is_err(), "rank too high");
+        assert!(decode(&encode(17, Repr::Sparse(vec![]))).is_err(), "precision too high");
+        assert!(decode(&encode(4, Repr::Sparse(vec![16 << 8 | 1]))).is_err(), "index past the registers");
+        assert!(decode(&encode(4, Repr::Sparse(vec![2 << 8 | 1, 1 << 8 | 1]))).is_err(), "unsorted");
+        assert!(decode(&encode(4, Repr::Sparse(vec![2 << 8]))).is_err(), "zero rank");
+        assert!(decode(&encode(4, Repr::Sparse(vec![2 << 8 | 3, 5 << 8 | 61]))).is_ok());
     }
 
     #[test]

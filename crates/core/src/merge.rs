@@ -338,9 +338,101 @@ impl Member {
     }
 }
 
-/// A DDSketch, wrapped to give it `Debug` and `PartialEq` (by encoded bytes).
+/// A DDSketch, wrapped to give it `Debug` and `PartialEq` (by encoded bytes). Decoding checks
+/// the sketch's shape first (see [`SketchWire`]): `sketches-ddsketch` indexes its bins by the
+/// stored keys and offsets without bounds checks, so a forged sketch would panic in a merge.
 #[derive(Clone, Serialize, Deserialize)]
+#[serde(try_from = "SketchWire")]
 pub struct Sketch(pub Box<DDSketch>);
+
+/// The serde shape of `sketches_ddsketch` 0.4's `DDSketch` (its fields are private): decoded
+/// into this mirror, checked, then re-encoded into the real type. A test pins the two shapes
+/// to the same bytes, so a new version of the crate that changes them fails loudly.
+#[derive(Serialize, Deserialize)]
+struct SketchWire {
+    config: DdConfigWire,
+    store: StoreWire,
+    negative_store: StoreWire,
+    min: f64,
+    max: f64,
+    sum: f64,
+    zero_count: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DdConfigWire {
+    max_num_bins: u32,
+    gamma: f64,
+    gamma_ln: f64,
+    min_value: f64,
+    offset: i32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoreWire {
+    bins: Vec<u64>,
+    count: u64,
+    min_key: i32,
+    max_key: i32,
+    offset: i32,
+    bin_limit: usize,
+    is_collapsed: bool,
+}
+
+impl StoreWire {
+    /// A store is either untouched (as `Store::new` makes it) or holds its keys inside its
+    /// bins, with `count` their sum and at most `bin_limit` bins.
+    fn check(&self, bin_limit: u32) -> Result<(), String> {
+        if self.bin_limit != bin_limit as usize {
+            return Err(format!("DDSketch store bin limit {} differs from the sketch's {bin_limit}", self.bin_limit));
+        }
+        if self.count == 0 {
+            let pristine = self.bins.is_empty()
+                && self.min_key == i32::MAX
+                && self.max_key == i32::MIN
+                && self.offset == 0
+                && !self.is_collapsed;
+            return if pristine { Ok(()) } else { Err("DDSketch store is empty but not pristine".into()) };
+        }
+        let len = self.bins.len() as i64;
+        let (offset, min, max) = (i64::from(self.offset), i64::from(self.min_key), i64::from(self.max_key));
+        if len == 0 || len > i64::from(bin_limit) || offset > min || min > max || max - offset >= len {
+            return Err(format!(
+                "DDSketch store keys {min}..={max} (offset {offset}) do not fit its {len} bins (limit {bin_limit})"
+            ));
+        }
+        let sum = self.bins.iter().try_fold(0u64, |a, b| a.checked_add(*b));
+        if sum != Some(self.count) {
+            return Err("DDSketch store count differs from the sum of its bins".into());
+        }
+        Ok(())
+    }
+}
+
+impl TryFrom<SketchWire> for Sketch {
+    type Error = String;
+
+    fn try_from(w: SketchWire) -> Result<Self, String> {
+        let c = &w.config;
+        let consistent = c.gamma.is_finite()
+            && c.gamma > 1.0
+            && c.gamma_ln.to_bits() == c.gamma.ln().to_bits()
+            && c.min_value.is_finite()
+            && c.min_value > 0.0
+            && c.offset == 1 - ((c.min_value.ln() / c.gamma_ln) as i32)
+            && (16..=65_536).contains(&c.max_num_bins);
+        if !consistent {
+            return Err("DDSketch configuration is inconsistent".into());
+        }
+        w.store.check(c.max_num_bins)?;
+        w.negative_store.check(c.max_num_bins)?;
+        if w.min.is_nan() || w.max.is_nan() || w.sum.is_nan() {
+            return Err("DDSketch summary is NaN".into());
+        }
+        let bytes = postcard::to_allocvec(&w).map_err(|e| e.to_string())?;
+        postcard::from_bytes::<DDSketch>(&bytes).map(|s| Sketch(Box::new(s))).map_err(|e| e.to_string())
+    }
+}
 
 impl fmt::Debug for Sketch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -388,6 +480,22 @@ pub enum MergeError {
 }
 
 impl Aggregate {
+    /// Checks what merging relies on beyond the shape decoding already checked (sketches):
+    /// numbers are finite, as [`MergeOp::lift`] makes them.
+    pub fn check(&self) -> Result<(), String> {
+        let finite =
+            |f: f64| if f.is_finite() { Ok(()) } else { Err(format!("{} holds a non-finite number", self.op_name())) };
+        match self {
+            Aggregate::SumF64(f) | Aggregate::MinF64(f) | Aggregate::MaxF64(f) => finite(*f),
+            Aggregate::Latest { value: Value::Float(f), .. } => finite(*f),
+            Aggregate::Append(values) => {
+                values.iter().try_for_each(|v| if let Value::Float(f) = v { finite(*f) } else { Ok(()) })
+            }
+            Aggregate::Hll(h) => h.check(),
+            _ => Ok(()),
+        }
+    }
+
     /// Name of the operator that produces this aggregate.
     pub fn op_name(&self) -> &'static str {
         match self {
@@ -551,5 +659,41 @@ pub fn compose_merge_patch(first: &mut serde_json::Value, second: &serde_json::V
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod sketch_decoding {
+    use super::*;
+
+    fn forged(bytes: &[u8], edit: impl FnOnce(&mut SketchWire)) -> Result<Sketch, postcard::Error> {
+        let mut w: SketchWire = postcard::from_bytes(bytes).expect("mirror decodes");
+        edit(&mut w);
+        postcard::from_bytes::<Sketch>(&postcard::to_allocvec(&w).expect("encode"))
+    }
+
+    #[test]
+    fn sketches_decode_only_when_their_bins_hold_their_keys() {
+        let mut s = DDSketch::new(DdConfig::new(0.01, 2048, 1.0e-9));
+        for v in [0.5, 3.0, -2.0, 0.0, 1e6, 7.25] {
+            s.add(v);
+        }
+        let bytes = postcard::to_allocvec(&s).expect("encode");
+        // The mirror has the real type's shape: the same bytes both ways.
+        let wire: SketchWire = postcard::from_bytes(&bytes).expect("mirror decodes");
+        assert_eq!(postcard::to_allocvec(&wire).expect("encode"), bytes);
+        let back: Sketch = postcard::from_bytes(&bytes).expect("a real sketch decodes");
+        assert_eq!(postcard::to_allocvec(&back.0).expect("encode"), bytes);
+        let empty = postcard::to_allocvec(&DDSketch::new(DdConfig::new(0.02, 512, 1.0e-9))).expect("encode");
+        assert!(postcard::from_bytes::<Sketch>(&empty).is_ok(), "an empty sketch decodes");
+
+        assert!(forged(&bytes, |w| w.store.max_key = w.store.offset + w.store.bins.len() as i32).is_err());
+        assert!(forged(&bytes, |w| w.store.offset = w.store.min_key + 1).is_err());
+        assert!(forged(&bytes, |w| w.store.count += 1).is_err());
+        assert!(forged(&bytes, |w| w.store.bin_limit = 4).is_err());
+        assert!(forged(&bytes, |w| w.config.gamma_ln *= 2.0).is_err());
+        assert!(forged(&bytes, |w| w.config.max_num_bins = 0).is_err());
+        assert!(forged(&bytes, |w| w.sum = f64::NAN).is_err());
+        assert!(forged(&empty, |w| w.store.bins = vec![0; 3]).is_err(), "an empty store with bins");
     }
 }

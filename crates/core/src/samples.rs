@@ -110,6 +110,19 @@ pub struct SamplePolicy {
     pub max_value_bytes: u32,
 }
 
+impl SamplePolicy {
+    /// Checks the policy a Raft entry carries: `n` in `1..=MAX_SAMPLES`, a non-zero value cap.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.n == 0 || usize::from(self.n) > MAX_SAMPLES {
+            return Err(("samples.n", format!("must be in 1..={MAX_SAMPLES}")));
+        }
+        if self.max_value_bytes == 0 {
+            return Err(("samples.max_value_bytes", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
 impl SamplesConfig {
     /// Validates the `samples` table of stream `stream`, whose values are at most
     /// `stream_max_value_bytes`; errors name the field.
@@ -233,6 +246,14 @@ fn truncate_value(value: &Value, max: usize) -> (Value, bool) {
 }
 
 impl Samples {
+    /// At most [`MAX_SAMPLES`] samples.
+    pub fn check(&self) -> Result<(), String> {
+        if self.items.len() > MAX_SAMPLES {
+            return Err(format!("{} samples, at most {MAX_SAMPLES} are kept", self.items.len()));
+        }
+        Ok(())
+    }
+
     /// The samples of one input: `value` at `event_time`; `salt` tells equal inputs apart
     /// (see [`sample_salt`]).
     pub fn of(value: &Value, event_time: Millis, salt: u64, policy: &SamplePolicy) -> Samples {

@@ -37,6 +37,19 @@ pub enum SeqCheck {
     Overlap { accepted: u64 },
 }
 
+impl ProducerRange {
+    /// A range covers at least one seq: `first_seq <= last_seq`.
+    pub fn check(&self) -> Result<(), String> {
+        if self.first_seq > self.last_seq {
+            return Err(format!(
+                "producer {} range {}..={} is empty (first_seq > last_seq)",
+                self.producer, self.first_seq, self.last_seq
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The verdict for `range` given the producer's session (`None`: never seen or expired).
 pub fn check_range(session: Option<Session>, range: &ProducerRange) -> SeqCheck {
     match session {

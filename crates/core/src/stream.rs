@@ -177,6 +177,20 @@ pub struct StreamRules {
     pub samples: Option<SamplePolicy>,
 }
 
+impl StreamRules {
+    /// Checks rules as a Raft entry carries them, with the same bounds config validation
+    /// applied: the merge operator's parameters, the window and the sample policy. The error
+    /// names the field.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        self.op.validate()?;
+        self.window.check()?;
+        if let Some(s) = &self.samples {
+            s.check()?;
+        }
+        Ok(())
+    }
+}
+
 /// A validated stream.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StreamDef {

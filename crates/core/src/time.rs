@@ -7,6 +7,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Milliseconds since the Unix epoch (UTC). All timestamps in Coalesce use this unit.
 pub type Millis = u64;
 
+/// The latest leader stamp a Raft entry may carry: 9999-12-31T23:59:59.999Z. A shard's clock
+/// never goes backwards, so one stamp near `u64::MAX` would pin it there for good (every window
+/// due at once, every producer session expired); entries stamped later are refused.
+pub const MAX_STAMP: Millis = 253_402_300_799_999;
+
 /// A source of wall-clock time.
 pub trait Clock: Send + Sync + std::fmt::Debug {
     /// The current time in milliseconds since the Unix epoch.

@@ -111,64 +111,83 @@ impl std::fmt::Display for WindowPolicy {
 impl WindowConfig {
     /// Validates the policy of stream `stream`; errors name the field.
     pub fn validate(&self, stream: &str) -> Result<WindowPolicy, ConfigError> {
-        let ms = |field: &str, d: Option<Duration>| -> Result<Option<u64>, ConfigError> {
-            match d {
-                None => Ok(None),
-                Some(d) => {
-                    let ms = d.as_millis();
-                    if ms == 0 {
-                        Err(ConfigError::stream(stream, field, "must be at least 1ms"))
-                    } else if ms > u128::from(MAX_WINDOW_MS) {
-                        Err(ConfigError::stream(stream, field, "must be at most 7d"))
-                    } else {
-                        Ok(Some(ms as u64))
-                    }
-                }
-            }
-        };
+        // Saturating: a duration past u64 milliseconds is refused as too long by `check`.
+        let ms = |d: Option<Duration>| d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let p = WindowPolicy {
-            tumbling_ms: ms("window.tumbling", self.tumbling)?,
-            max_wait_ms: ms("window.max_wait", self.max_wait)?,
-            debounce_ms: ms("window.debounce", self.debounce)?,
-            idle_ms: ms("window.idle", self.idle)?,
+            tumbling_ms: ms(self.tumbling),
+            max_wait_ms: ms(self.max_wait),
+            debounce_ms: ms(self.debounce),
+            idle_ms: ms(self.idle),
             max_count: self.max_count,
             max_bytes: self.max_bytes,
             adaptive: None,
         };
-        if p.max_count == Some(0) {
-            return Err(ConfigError::stream(stream, "window.max_count", "must be at least 1"));
-        }
-        if p.max_bytes == Some(0) {
-            return Err(ConfigError::stream(stream, "window.max_bytes", "must be at least 1"));
-        }
-        if let Some(debounce) = p.debounce_ms {
-            match p.max_wait_ms {
-                None => {
-                    return Err(ConfigError::stream(
-                        stream,
-                        "window.debounce",
-                        "requires window.max_wait (a debounce alone never fires under steady traffic)",
-                    ));
-                }
-                Some(max_wait) if debounce > max_wait => {
-                    return Err(ConfigError::stream(stream, "window.debounce", "must be <= window.max_wait"));
-                }
-                Some(_) => {}
-            }
-        }
-        if p.tumbling_ms.is_none() && p.max_wait_ms.is_none() {
-            return Err(ConfigError::stream(
-                stream,
-                "window",
-                "needs a time bound: set window.tumbling or window.max_wait",
-            ));
-        }
+        p.check().map_err(|(field, message)| ConfigError::stream(stream, field, message))?;
         let adaptive = self.adaptive.as_ref().map(|a| a.validate(stream, p.staleness_bound_ms())).transpose()?;
         Ok(WindowPolicy { adaptive, ..p })
     }
 }
 
 impl WindowPolicy {
+    /// Checks what windowing relies on — durations in 1 ms..=7 d, count and byte triggers at
+    /// least 1, a time bound, a debounce only under a `max_wait` it does not exceed, and a
+    /// consistent adaptive policy — for config validation and for the rules a Raft entry
+    /// carries alike. The error names the field (`window.tumbling`) and what is wrong.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        for (field, v) in [
+            ("window.tumbling", self.tumbling_ms),
+            ("window.max_wait", self.max_wait_ms),
+            ("window.debounce", self.debounce_ms),
+            ("window.idle", self.idle_ms),
+        ] {
+            match v {
+                Some(0) => return Err((field, "must be at least 1ms".into())),
+                Some(ms) if ms > MAX_WINDOW_MS => return Err((field, "must be at most 7d".into())),
+                _ => {}
+            }
+        }
+        if self.max_count == Some(0) {
+            return Err(("window.max_count", "must be at least 1".into()));
+        }
+        if self.max_bytes == Some(0) {
+            return Err(("window.max_bytes", "must be at least 1".into()));
+        }
+        if let Some(debounce) = self.debounce_ms {
+            match self.max_wait_ms {
+                None => {
+                    return Err((
+                        "window.debounce",
+                        "requires window.max_wait (a debounce alone never fires under steady traffic)".into(),
+                    ));
+                }
+                Some(max_wait) if debounce > max_wait => {
+                    return Err(("window.debounce", "must be <= window.max_wait".into()));
+                }
+                Some(_) => {}
+            }
+        }
+        if self.tumbling_ms.is_none() && self.max_wait_ms.is_none() {
+            return Err(("window", "needs a time bound: set window.tumbling or window.max_wait".into()));
+        }
+        if let Some(a) = &self.adaptive {
+            if a.base_bound_ms != self.staleness_bound_ms() {
+                return Err((
+                    "window.adaptive",
+                    format!(
+                        "was validated against a time bound of {}, the window's is {}",
+                        fmt_ms(a.base_bound_ms),
+                        fmt_ms(self.staleness_bound_ms())
+                    ),
+                ));
+            }
+            a.check()?;
+            if a.extra_ms > a.max_extra_ms() {
+                return Err(("window.adaptive", format!("stretch {} passes max_staleness", fmt_ms(a.extra_ms))));
+            }
+        }
+        Ok(())
+    }
+
     /// The staleness bound: no input waits longer than this (from the stamp of the window's
     /// first input) before its window closes.
     pub fn staleness_bound_ms(&self) -> u64 {
@@ -359,6 +378,26 @@ mod tests {
         assert!(toml::from_str::<WindowConfig>("tumbling = \"1s\"\nadaptive = { max_stale = \"1s\" }").is_err());
         let plain = cfg("tumbling = \"1s\"").validate("s").unwrap();
         assert_eq!((plain.adaptive, plain.max_staleness_ms()), (None, 1000));
+    }
+
+    #[test]
+    fn policies_as_entries_carry_them_are_checked_like_config() {
+        let valid = cfg("tumbling = \"1s\"\nadaptive = { max_staleness = \"10s\" }").validate("s").unwrap();
+        assert_eq!(valid.check(), Ok(()));
+        let refused = |p: WindowPolicy| p.check().unwrap_err();
+        assert_eq!(refused(WindowPolicy { tumbling_ms: Some(0), ..valid }).0, "window.tumbling");
+        assert_eq!(refused(WindowPolicy { max_wait_ms: Some(u64::MAX), ..valid }).0, "window.max_wait");
+        assert_eq!(refused(WindowPolicy { tumbling_ms: None, ..valid }).0, "window");
+        assert_eq!(refused(WindowPolicy { debounce_ms: Some(5), ..valid }).0, "window.debounce");
+        let stretched =
+            WindowPolicy { adaptive: valid.adaptive.map(|a| AdaptivePolicy { extra_ms: 9_001, ..a }), ..valid };
+        assert_eq!(refused(stretched).0, "window.adaptive");
+        let rebased =
+            WindowPolicy { adaptive: valid.adaptive.map(|a| AdaptivePolicy { base_bound_ms: 2, ..a }), ..valid };
+        assert_eq!(refused(rebased).0, "window.adaptive");
+        let no_cooldown =
+            WindowPolicy { adaptive: valid.adaptive.map(|a| AdaptivePolicy { cooldown: 0, ..a }), ..valid };
+        assert_eq!(refused(no_cooldown).0, "window.adaptive.cooldown");
     }
 
     #[test]

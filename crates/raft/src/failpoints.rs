@@ -6,6 +6,7 @@
 //! | name | defect |
 //! |---|---|
 //! | `double_seal` | sealing emits every output twice, under two seqs (double counting) |
+//! | `skip_validation` | commands are not validated before they are proposed or when a peer replicates them (apply still validates: the way to put an entry into the log that stops its group) |
 //! | `runtime` | the HTTP port serves `PUT /failpoints/slow_disk` (every fsync takes longer: the chaos tool's slow-disk fault) |
 
 use std::sync::LazyLock;

@@ -164,11 +164,31 @@ pub(crate) static ADAPTIVE_HIGH: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub(crate) static APPLY_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "coalesce_raft_apply_failures_total",
+        "Log entries that failed to apply (invalid, an error, or a panic): each stops its shard group on \
+         this node (see coalesce_raft_groups_stopped and docs/operations.md).",
+    )
+});
+pub(crate) static INVALID_COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_raft_invalid_commands_total",
+        "Commands refused by validation before they reached the log, by where: `propose` (this node was \
+         about to propose it) or `peer` (an entry, forward or snapshot a peer sent).",
+        &["where"],
+    )
+});
+
 /// Creates every family, so each is listed from the first scrape on,
 /// with a zero child for every stream in `streams`.
 pub fn init(streams: &[&str]) {
     LazyLock::force(&DUPLICATES);
     LazyLock::force(&FORWARD_REROUTES);
+    LazyLock::force(&APPLY_FAILURES);
+    for place in ["propose", "peer"] {
+        INVALID_COMMANDS.with_label_values(&[place]);
+    }
     for event in ["opened", "stalled", "failed"] {
         APPEND_STREAMS.with_label_values(&[event]);
     }

@@ -15,7 +15,7 @@ use coalesce_core::adaptive::{AdaptiveController, Decision, Pressure};
 use coalesce_core::buffer::ShardBuffer;
 use coalesce_core::hash::ShardId;
 use coalesce_core::hotkeys::{HotKey, HotKeys};
-use coalesce_core::stream::{OverflowPolicy, StreamTable};
+use coalesce_core::stream::{MAX_KEY_BYTES_LIMIT, OverflowPolicy, StreamTable};
 use coalesce_core::time::{Clock, Millis, SystemClock};
 use coalesce_proto::v1::raft_peer_client::RaftPeerClient;
 use coalesce_proto::v1::raft_peer_server::RaftPeer;
@@ -29,8 +29,8 @@ use tonic::{Request, Response as TonicResponse, Status, Streaming};
 use crate::codec;
 use crate::log_store::LogStore;
 use crate::network::{Channels, GroupNetworkFactory};
-use crate::state_machine::{OutboxMeta, ShardStateMachine};
-use crate::types::{Command, IngestGroup, PeerNode, Response, TypeConfig};
+use crate::state_machine::{ApplyFailure, FailureSlot, OutboxMeta, ShardStateMachine};
+use crate::types::{Command, IngestGroup, InvalidCommand, PeerNode, Response, TypeConfig};
 use openraft::async_runtime::WatchReceiver;
 
 /// One node of the static peer list.
@@ -138,6 +138,15 @@ pub struct Group {
     pub applied_extra: crate::state_machine::AppliedExtra,
     /// Whether the group's timers are stopped ([`crate::quiesce`]), and when it was last needed.
     pub quiet: Arc<crate::quiesce::Quiet>,
+    /// Set when an entry failed to apply here: the group has stopped on this node.
+    failure: FailureSlot,
+}
+
+impl Group {
+    /// Why the group stopped on this node, if it did ([`ShardStateMachine::apply_entries`]).
+    pub fn failure(&self) -> Option<ApplyFailure> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
 }
 
 impl std::fmt::Debug for Group {
@@ -159,6 +168,8 @@ pub enum ProposeError {
     Unknown(ShardId),
     #[error("shard {shard} is stopped: {detail}")]
     Fatal { shard: ShardId, detail: String },
+    #[error("shard {shard}: {error}")]
+    Invalid { shard: ShardId, error: InvalidCommand },
     #[error("shard {shard} buffer is full ({what}); retry after {retry_after_ms} ms")]
     BufferFull { shard: ShardId, what: String, retry_after_ms: u64 },
     #[error("stream {stream:?} is not configured on the leader of shard {shard}")]
@@ -219,16 +230,35 @@ pub struct ShardDetail {
     pub quiesced: bool,
 }
 
-/// What a node forwards to a shard leader over the peer port.
+/// What a node forwards to a shard leader over the peer port: only what nodes send on behalf
+/// of their clients, delivery workers and operators — never a whole command, so no peer
+/// chooses a stamp, stream rules or seal parameters. The leader checks each part as it would
+/// a client request before it proposes anything.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 enum Forwarded {
+    /// Pre-merged producer groups; the leader stamps them with its clock and its streams' rules.
     Ingest(Vec<IngestGroup>),
     Ack {
         cursor: String,
         upto_seq: u64,
     },
-    /// Any other command, proposed as it is.
-    Command(Command),
+    /// Before December 2026 this position carried a whole command, proposed as received; a
+    /// peer that still sends one is refused (the position is kept so nothing else decodes
+    /// from such bytes).
+    Retired,
+    /// Dead letters of `sink` replayed or purged.
+    DlqRemove {
+        sink: String,
+        seqs: Vec<u64>,
+    },
+    /// An operator dropped an abandoned consumer.
+    DropCursor {
+        cursor: String,
+    },
+    /// An operator chose (or cleared) the shard's preferred leader; it must be a replica.
+    SetPreferredLeader {
+        node: Option<String>,
+    },
 }
 
 impl Forwarded {
@@ -239,7 +269,8 @@ impl Forwarded {
         match self {
             Forwarded::Ingest(groups) => groups.iter().all(|g| g.range.is_some()),
             Forwarded::Ack { .. } => true,
-            Forwarded::Command(_) => false,
+            Forwarded::Retired => false,
+            Forwarded::DlqRemove { .. } | Forwarded::DropCursor { .. } | Forwarded::SetPreferredLeader { .. } => false,
         }
     }
 }
@@ -286,6 +317,9 @@ pub struct RaftNode {
     pub(crate) channels: Arc<Channels>,
     /// Written only at start-up; never held across an await.
     groups: RwLock<BTreeMap<ShardId, Group>>,
+    /// Shards whose group could not start here (an entry it re-applied at start failed):
+    /// reported, not retried, so a bad entry cannot crash-loop the node.
+    not_started: BTreeMap<ShardId, ApplyFailure>,
     clock: Arc<dyn Clock>,
     /// How long a quorum acknowledgement keeps this node's leadership valid for delivery.
     pub(crate) lease: Duration,
@@ -393,6 +427,7 @@ impl RaftNode {
         let addrs = spec.nodes.iter().map(|n| (n.name.clone(), n.peer_addr.clone())).collect();
         let channels = Arc::new(Channels::new(peer_tls, addrs));
         let mut groups = BTreeMap::new();
+        let mut not_started = BTreeMap::new();
         for shard in 0..spec.shards {
             if !spec.placement(shard).iter().any(|n| n.name == name) {
                 continue;
@@ -403,12 +438,21 @@ impl RaftNode {
                 .checkpoint_every(Duration::from_millis(timing.checkpoint_ms));
             let version = sm.version();
             let applied_extra = sm.applied_extra();
+            let failure = sm.failure();
             let net = GroupNetworkFactory::new(shard, Arc::clone(&channels));
-            let raft = Raft::new(id, Arc::clone(&config), net, LogStore::new(store.clone()), sm)
-                .await
-                .map_err(|e| NodeError::Start { shard, detail: e.to_string() })?;
+            // openraft re-applies committed entries here; one that fails stops this group only.
+            let raft = match Raft::new(id, Arc::clone(&config), net, LogStore::new(store.clone()), sm).await {
+                Ok(raft) => raft,
+                Err(e) => {
+                    let recorded = failure.lock().ok().and_then(|f| f.clone());
+                    let why = recorded.unwrap_or(ApplyFailure { index: 0, term: 0, detail: e.to_string() });
+                    tracing::error!(shard, error = %why, "shard group not started on this node; its other groups run");
+                    not_started.insert(shard, why);
+                    continue;
+                }
+            };
             let quiet = Arc::default();
-            groups.insert(shard, Group { shard, raft, store, version, applied_extra, quiet });
+            groups.insert(shard, Group { shard, raft, store, version, applied_extra, quiet, failure });
         }
         Ok(Arc::new(Self {
             id,
@@ -417,6 +461,7 @@ impl RaftNode {
             streams,
             channels,
             groups: RwLock::new(groups),
+            not_started,
             clock: Arc::new(SystemClock),
             lease: Duration::from_millis(timing.election_min_ms),
             lease_max: Duration::from_millis(timing.election_max_ms),
@@ -469,6 +514,26 @@ impl RaftNode {
     /// Every local group.
     pub fn groups(&self) -> Vec<Group> {
         self.groups.read().map(|g| g.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The shards whose group has stopped on this node because an entry failed to apply
+    /// (at start or since), and why. Their other replicas may still serve them.
+    pub fn stopped_groups(&self) -> BTreeMap<ShardId, ApplyFailure> {
+        let mut stopped = self.not_started.clone();
+        stopped.extend(self.groups().iter().filter_map(|g| g.failure().map(|f| (g.shard, f))));
+        stopped
+    }
+
+    /// The running group of `shard`, or why there is none.
+    fn live_group(&self, shard: ShardId) -> Result<Group, ProposeError> {
+        let stopped = |f: &ApplyFailure| ProposeError::Fatal { shard, detail: f.to_string() };
+        match self.group(shard) {
+            Some(g) => match g.failure() {
+                Some(f) => Err(stopped(&f)),
+                None => Ok(g),
+            },
+            None => Err(self.not_started.get(&shard).map_or(ProposeError::NoGroup(shard), stopped)),
+        }
     }
 
     /// Asks the node at `addr` who it is.
@@ -538,8 +603,18 @@ impl RaftNode {
     }
 
     /// Proposes `cmd` to `shard`'s log and waits until it is committed and applied here.
+    /// The command is validated first ([`Command::validate`]); an invalid one is refused and
+    /// never reaches the log.
     pub async fn propose(&self, shard: ShardId, cmd: Command) -> Result<Response, ProposeError> {
-        let group = self.group(shard).ok_or(ProposeError::NoGroup(shard))?;
+        let group = self.live_group(shard)?;
+        // Test-only (`skip_validation`): lets a test put an entry below validation into the
+        // log, to prove that apply stops the group rather than the node.
+        if !crate::failpoints::active("skip_validation")
+            && let Err(error) = cmd.validate()
+        {
+            crate::metrics::INVALID_COMMANDS.with_label_values(&["propose"]).inc();
+            return Err(ProposeError::Invalid { shard, error });
+        }
         self.wake(&group).await;
         // A leader just elected has no quorum answer yet and openraft would refuse the write
         // (lease expired): wait for the first one instead (a request rerouted to a successor
@@ -609,9 +684,14 @@ impl RaftNode {
         self.submit(shard, Forwarded::Ack { cursor, upto_seq }).await
     }
 
-    /// Proposes `cmd` to `shard` here when this node leads it, else through the leader.
-    pub async fn submit_command(&self, shard: ShardId, cmd: Command) -> Result<Response, ProposeError> {
-        self.submit(shard, Forwarded::Command(cmd)).await
+    /// Removes dead letters of `sink` on `shard` (replayed or purged), through the leader.
+    pub async fn dlq_remove(&self, shard: ShardId, sink: String, seqs: Vec<u64>) -> Result<Response, ProposeError> {
+        self.submit(shard, Forwarded::DlqRemove { sink, seqs }).await
+    }
+
+    /// Forgets consumer `cursor` on `shard`, through the leader.
+    pub async fn drop_cursor(&self, shard: ShardId, cursor: String) -> Result<Response, ProposeError> {
+        self.submit(shard, Forwarded::DropCursor { cursor }).await
     }
 
     /// This node's leadership of `shard`, if it leads it with a committed vote.
@@ -686,16 +766,60 @@ impl RaftNode {
         })
     }
 
+    /// Checks what a peer forwarded as the receiving node checked its client's request: every
+    /// key hashes to this shard and fits its stream's key limit (streams, partials and names
+    /// are checked with the entry in [`RaftNode::propose`]).
+    fn check_forwarded(&self, shard: ShardId, req: &Forwarded) -> Result<(), ProposeError> {
+        let Forwarded::Ingest(groups) = req else { return Ok(()) };
+        for (i, g) in groups.iter().enumerate() {
+            for (j, (key, _)) in g.partials.iter().enumerate() {
+                let invalid = |reason: String| {
+                    let field = format!("groups[{i}].partials[{j}].key");
+                    crate::metrics::INVALID_COMMANDS.with_label_values(&["peer"]).inc();
+                    ProposeError::Invalid { shard, error: InvalidCommand { kind: "forward".into(), field, reason } }
+                };
+                let owner = coalesce_core::hash::shard_for(&key.stream, &key.key, self.spec.shards);
+                if owner != shard {
+                    return Err(invalid(format!("belongs to shard {owner}")));
+                }
+                let max = self.streams.get(&key.stream).map_or(MAX_KEY_BYTES_LIMIT, |d| d.max_key_bytes);
+                if key.key.len() > max {
+                    return Err(invalid(format!("{} bytes, stream {:?} allows {max}", key.key.len(), key.stream)));
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn on_leader(&self, group: &Group, req: Forwarded) -> Result<Response, ProposeError> {
         match req {
             Forwarded::Ingest(groups) => self.ingest_as_leader(group, groups).await,
             Forwarded::Ack { cursor, upto_seq } => self.propose(group.shard, Command::Ack { cursor, upto_seq }).await,
-            Forwarded::Command(cmd) => self.propose(group.shard, cmd).await,
+            Forwarded::Retired => {
+                crate::metrics::INVALID_COMMANDS.with_label_values(&["peer"]).inc();
+                let error = InvalidCommand {
+                    kind: "forward".into(),
+                    field: "payload".into(),
+                    reason: "whole commands are not forwarded; only ingest, ack and operator requests are".into(),
+                };
+                Err(ProposeError::Invalid { shard: group.shard, error })
+            }
+            Forwarded::DlqRemove { sink, seqs } => self.propose(group.shard, Command::DlqRemove { sink, seqs }).await,
+            Forwarded::DropCursor { cursor } => self.propose(group.shard, Command::DropCursor { cursor }).await,
+            Forwarded::SetPreferredLeader { node } => {
+                let shard = group.shard;
+                if let Some(n) = &node
+                    && !self.spec.placement(shard).iter().any(|p| &p.name == n)
+                {
+                    return Err(ProposeError::NotReplica { shard, node: n.clone() });
+                }
+                self.propose(shard, Command::SetPreferredLeader { node }).await
+            }
         }
     }
 
     async fn submit(&self, shard: ShardId, req: Forwarded) -> Result<Response, ProposeError> {
-        let group = self.group(shard).ok_or(ProposeError::NoGroup(shard))?;
+        let group = self.live_group(shard)?;
         let mut reroutes = 0;
         loop {
             if group.raft.is_leader() {
@@ -759,6 +883,7 @@ impl RaftNode {
                 .streams
                 .get(&key.stream)
                 .ok_or_else(|| ProposeError::UnknownStream { shard, stream: key.stream.clone() })?;
+
             if def.rules.overflow == OverflowPolicy::Reject {
                 gated.push((key, ShardBuffer::new_key_bytes(key, partial)));
             }
@@ -1158,7 +1283,7 @@ impl RaftNode {
         {
             return Err(ProposeError::NotReplica { shard, node: n.clone() });
         }
-        self.submit_command(shard, Command::SetPreferredLeader { node }).await?;
+        self.submit(shard, Forwarded::SetPreferredLeader { node }).await?;
         if self.group(shard).is_some_and(|g| g.raft.is_leader()) {
             self.balance_once().await;
         }
@@ -1282,6 +1407,23 @@ fn bad(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+/// Refuses replicated entries whose commands do not validate ([`Command::validate`]): a
+/// follower never takes an entry into its log that its apply would refuse.
+fn check_entries(rpc: &openraft::raft::AppendEntriesRequest<TypeConfig>) -> Result<(), Status> {
+    if crate::failpoints::active("skip_validation") {
+        return Ok(());
+    }
+    for entry in &rpc.entries {
+        if let openraft::EntryPayload::Normal(cmd) = &entry.payload
+            && let Err(e) = cmd.validate()
+        {
+            crate::metrics::INVALID_COMMANDS.with_label_values(&["peer"]).inc();
+            return Err(bad(format!("entry {}: {e}", entry.log_id.index)));
+        }
+    }
+    Ok(())
+}
+
 fn reply<T: serde::Serialize>(group: ShardId, what: &'static str, v: &T) -> Result<TonicResponse<RaftMessage>, Status> {
     let payload = codec::encode_msg(what, v).map_err(|e| Status::internal(e.to_string()))?;
     Ok(TonicResponse::new(RaftMessage { group, payload, target: 0 }))
@@ -1318,6 +1460,7 @@ impl RaftPeer for PeerService {
         let g = self.group(m.group, m.target)?;
         let rpc: openraft::raft::AppendEntriesRequest<TypeConfig> =
             codec::decode_msg("append_entries", &m.payload).map_err(bad)?;
+        check_entries(&rpc)?;
         let keepalive = g.quiet.is_keepalive(&rpc);
         let resp = g.raft.append_entries(rpc).await.map_err(unavailable)?;
         if !keepalive {
@@ -1346,12 +1489,15 @@ impl RaftPeer for PeerService {
         let group = ShardId::try_from(meta(STREAM_GROUP_HEADER)?).map_err(bad)?;
         let g = self.group(group, meta(STREAM_TARGET_HEADER)?)?;
         let (node, quiet) = (self.node.clone(), g.clone());
-        // Requests until the leader ends the stream, sends something undecodable, or this node
-        // stops; each wakes a quiesced group as a unary AppendEntries would.
+        // Requests until the leader ends the stream, sends something undecodable or invalid,
+        // or this node stops; each wakes a quiesced group as a unary AppendEntries would.
         let input = request
             .into_inner()
             .take_until(self.node.stopped())
-            .map(|m| m.ok().and_then(|m| codec::decode_msg("stream_append", &m.payload).ok()))
+            .map(|m| {
+                let rpc = m.ok().and_then(|m| codec::decode_msg("stream_append", &m.payload).ok());
+                rpc.filter(|rpc| check_entries(rpc).is_ok())
+            })
             .take_while(|r| futures::future::ready(r.is_some()))
             .filter_map(futures::future::ready)
             .inspect(move |rpc: &openraft::raft::AppendEntriesRequest<TypeConfig>| {
@@ -1400,7 +1546,9 @@ impl RaftPeer for PeerService {
         let m = request.into_inner();
         let g = self.group(m.group, m.target)?;
         let req: Forwarded = codec::decode_msg("forward", &m.payload).map_err(bad)?;
-        let outcome = if g.raft.is_leader() {
+        let outcome = if let Err(e) = self.node.check_forwarded(m.group, &req) {
+            Err(e)
+        } else if g.raft.is_leader() {
             tracing::Instrument::instrument(self.node.on_leader(&g, req), span).await
         } else {
             Err(ProposeError::NotLeader { shard: m.group, leader: self.node.leader_of(m.group).map(|(_, n)| n) })

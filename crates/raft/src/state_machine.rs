@@ -60,6 +60,25 @@ type CurrentSnapshot = Arc<
     >,
 >;
 
+/// Why this replica stopped applying a shard's log (see [`ShardStateMachine::failure`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyFailure {
+    /// The log entry that failed.
+    pub index: u64,
+    pub term: u64,
+    /// What failed: the validation error, the storage error or the panic message.
+    pub detail: String,
+}
+
+impl std::fmt::Display for ApplyFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "applying log entry {} (term {}) failed: {}", self.index, self.term, self.detail)
+    }
+}
+
+/// Set once, when an entry fails to apply; shared with the node, which reports it.
+pub type FailureSlot = Arc<Mutex<Option<ApplyFailure>>>;
+
 /// Per adaptive stream, the window stretch (`extra_ms`) of the last Ingest entry applied:
 /// an observation for the node (where a new leader's controller resumes), not replicated state.
 pub type AppliedExtra = Arc<Mutex<BTreeMap<String, u64>>>;
@@ -81,6 +100,8 @@ pub struct ShardStateMachine {
     applied_extra: AppliedExtra,
     /// The longest applied effects wait in memory before a checkpoint writes them.
     checkpoint_interval: std::time::Duration,
+    /// The entry this replica could not apply, once one failed: nothing is applied after it.
+    failure: FailureSlot,
 }
 
 /// Default of [`ShardStateMachine::checkpoint_every`] (`[raft] checkpoint_interval`).
@@ -126,6 +147,7 @@ impl ShardStateMachine {
             counting_as: None,
             applied_extra: Arc::default(),
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            failure: Arc::default(),
         })
     }
 
@@ -161,6 +183,11 @@ impl ShardStateMachine {
     /// The adaptive stretch per stream of the last Ingest entry applied here.
     pub fn applied_extra(&self) -> AppliedExtra {
         Arc::clone(&self.applied_extra)
+    }
+
+    /// The entry this replica failed to apply, if one did (the group then stops here).
+    pub fn failure(&self) -> FailureSlot {
+        Arc::clone(&self.failure)
     }
 
     /// The outbox bookkeeping as of the last applied entry.
@@ -299,23 +326,67 @@ impl ShardStateMachine {
     /// Applies `entries` (consecutive, committed) in one atomic RocksDB write and returns their
     /// responses. The result is the same for any split of a log into such calls: reads see the
     /// batch's own writes.
+    ///
+    /// An entry that is invalid ([`Command::validate`]), whose apply fails, or whose apply
+    /// panics stops the group on this replica: nothing of the call is staged, the failure is
+    /// recorded ([`ShardStateMachine::failure`]), logged and counted, and the error returned
+    /// makes openraft stop the group. The process and its other groups go on; the same entry
+    /// fails the same way after a restart, so the group stays stopped instead of crash-looping.
     pub fn apply_entries(&mut self, entries: Vec<crate::codec::Entry>) -> Result<Vec<Response>, StorageError> {
         let Some(last) = entries.last().map(|e| e.log_id) else { return Ok(Vec::new()) };
+        if let Some(f) = self.failure.lock().map_err(|_| self.stopped("failure slot poisoned"))?.clone() {
+            return Err(StorageError::ApplyFailed { shard: self.store.shard(), index: f.index, detail: f.detail });
+        }
         let before = self.outbox.clone();
         let store = self.store.clone();
         let mut batch = store.apply_batch();
         let mut responses = Vec::with_capacity(entries.len());
         for entry in entries {
-            match self.apply_entry(&mut batch, entry) {
+            let log_id = entry.log_id;
+            let applied = match &entry.payload {
+                EntryPayload::Normal(cmd) => cmd.validate().map_err(|e| e.to_string()),
+                _ => Ok(()),
+            }
+            .and_then(|()| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply_entry(&mut batch, entry)))
+                    .map_err(|panic| format!("panicked: {}", panic_message(panic.as_ref())))?
+                    .map_err(|e| e.to_string())
+            });
+            match applied {
                 Ok(r) => responses.push(r),
-                Err(e) => {
+                Err(detail) => {
                     self.outbox = before;
-                    return Err(e);
+                    return Err(self.fail(&log_id, detail));
                 }
             }
         }
-        self.commit(batch, &last, &before)?;
+        if let Err(e) = self.commit(batch, &last, &before) {
+            return Err(self.fail(&last, e.to_string()));
+        }
         Ok(responses)
+    }
+
+    fn stopped(&self, detail: &str) -> StorageError {
+        StorageError::ApplyFailed { shard: self.store.shard(), index: 0, detail: detail.to_owned() }
+    }
+
+    /// Records that `log_id` failed to apply (see [`ShardStateMachine::apply_entries`]).
+    fn fail(&self, log_id: &LogId, detail: String) -> StorageError {
+        let shard = self.store.shard();
+        let failure = ApplyFailure { index: log_id.index, term: log_id.leader_id.term, detail };
+        tracing::error!(
+            shard,
+            index = failure.index,
+            term = failure.term,
+            error = %failure.detail,
+            "a log entry failed to apply: this shard group stops on this node (docs/operations.md, \"A shard group stopped\")"
+        );
+        crate::metrics::APPLY_FAILURES.inc();
+        let err = StorageError::ApplyFailed { shard, index: failure.index, detail: failure.detail.clone() };
+        if let Ok(mut slot) = self.failure.lock() {
+            slot.get_or_insert(failure);
+        }
+        err
     }
 
     /// Applies one entry's effects to `batch` (not yet written).
@@ -423,6 +494,15 @@ impl ShardStateMachine {
             }
         }
     }
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Counts a checkpoint that wrote something (`coalesce_state_checkpoint_*`).

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use coalesce_proto::v1 as pb;
 use coalesce_raft::state_machine::{load_outbox, load_preferred_leader};
-use coalesce_raft::{Command, ProposeError, RaftNode};
+use coalesce_raft::{ProposeError, RaftNode};
 use tonic::{Request, Response, Status};
 
 use crate::convert;
@@ -158,7 +158,7 @@ impl pb::admin_server::Admin for AdminService {
             return Ok(Response::new(pb::PurgeDeadLettersResponse { purged: 0 }));
         }
         let purged = present.len() as u64;
-        match self.node.submit_command(req.shard, Command::DlqRemove { sink: req.sink, seqs: present }).await {
+        match self.node.dlq_remove(req.shard, req.sink, present).await {
             Ok(_) => Ok(Response::new(pb::PurgeDeadLettersResponse { purged })),
             Err(ProposeError::NotLeader { shard, .. }) => Err(self.not_leader(shard, "no leader reachable")),
             Err(e) => Err(Status::unavailable(e.to_string())),
@@ -242,8 +242,26 @@ impl pb::admin_server::Admin for AdminService {
                         cause: d.reason.cause().map_or("", |c| c.as_str()).to_owned(),
                     })
                     .collect(),
+                stopped: String::new(),
             });
         }
+        // Groups stopped here by an entry that failed to apply, including those that could
+        // not start at all (they have no Raft state to show).
+        for (shard, failure) in self.node.stopped_groups() {
+            match shards.iter_mut().find(|d| d.shard == shard) {
+                Some(d) => {
+                    d.role = "stopped".into();
+                    d.stopped = failure.to_string();
+                }
+                None => shards.push(pb::ShardDetail {
+                    shard,
+                    role: "stopped".into(),
+                    stopped: failure.to_string(),
+                    ..Default::default()
+                }),
+            }
+        }
+        shards.sort_by_key(|d| d.shard);
         Ok(Response::new(pb::ShardsResponse {
             node: self.node.me().name.clone(),
             draining: self.node.is_draining(),
@@ -359,10 +377,7 @@ impl pb::admin_server::Admin for AdminService {
             if !outbox.cursors.contains_key(&consumer) {
                 continue;
             }
-            self.node
-                .submit_command(g.shard, Command::DropCursor { cursor: consumer.clone() })
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+            self.node.drop_cursor(g.shard, consumer.clone()).await.map_err(|e| Status::unavailable(e.to_string()))?;
             shards.push(g.shard);
         }
         Ok(Response::new(pb::DropConsumerResponse { shards }))

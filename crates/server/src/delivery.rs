@@ -289,7 +289,7 @@ impl Delivery {
         }
         if !done.is_empty() {
             self.node
-                .submit_command(shard, Command::DlqRemove { sink: sink.to_owned(), seqs: done.clone() })
+                .dlq_remove(shard, sink.to_owned(), done.clone())
                 .await
                 .map_err(|e| ReplayError::Internal(e.to_string()))?;
         }

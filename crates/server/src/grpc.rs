@@ -123,6 +123,7 @@ fn failure(e: &ProposeError) -> pb::EventStatus {
             s
         }
         ProposeError::Unknown(_) => status(EventCode::Unknown, "outcome_unknown", e.to_string()),
+        ProposeError::Invalid { .. } => status(EventCode::InvalidArgument, "invalid_command", e.to_string()),
         ProposeError::NotLeader { leader, .. } => {
             let mut s = status(EventCode::Unavailable, "not_leader", e.to_string());
             s.leader_hint = leader.as_ref().map(|l| l.client_addr.clone()).unwrap_or_default();
@@ -144,6 +145,7 @@ fn failure(e: &ProposeError) -> pb::EventStatus {
     | ProposeError::OutboxFull { shard, .. }
     | ProposeError::UnknownStream { shard, .. }
     | ProposeError::Unreachable { shard, .. }
+    | ProposeError::Invalid { shard, .. }
     | ProposeError::Fatal { shard, .. } = e
     {
         s.shard = *shard;

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /metrics` | Prometheus text exposition (`crate::metrics`) |
 //! | `GET /livez` | 200 unless the process is wedged: the runtime's watchdog tick is late |
-//! | `GET /readyz` | 200 only when the node serves its shards: bootstrapped, not shutting down, every local shard has a leader |
+//! | `GET /readyz` | 200 only when the node serves its shards: bootstrapped, not shutting down, every local shard has a leader; a line per shard group stopped on this node (an entry failed to apply), which does not make it unready |
 //! | `GET /loglevel` | the current log filter (`tracing_subscriber::EnvFilter` syntax) |
 //! | `PUT /loglevel` | replace it, e.g. `curl -X PUT --data 'info,coalesce_raft=debug' :7402/loglevel` |
 //!
@@ -83,6 +83,12 @@ impl Health {
         Ok(())
     }
 
+    /// One line per shard group stopped on this node (an entry failed to apply), for the
+    /// readiness body: the node stays ready for its other shards.
+    pub fn degraded(&self) -> Vec<String> {
+        self.node.stopped_groups().iter().map(|(shard, f)| format!("shard {shard} stopped: {f}")).collect()
+    }
+
     /// `Err(why)` while the node does not serve its shards.
     pub fn ready(&self) -> Result<(), String> {
         if self.stopping.load(Ordering::Acquire) {
@@ -91,10 +97,14 @@ impl Health {
         if !self.bootstrapped.load(Ordering::Acquire) {
             return Err("bootstrapping: not every local shard group is initialized yet".into());
         }
+        // A group stopped by an entry that failed to apply is reported (`degraded`, metrics,
+        // `coalescectl shards`) but does not make the node unready: its other shards serve.
+        let stopped = self.node.stopped_groups();
         let leaderless: Vec<String> = self
             .node
             .groups()
             .iter()
+            .filter(|g| !stopped.contains_key(&g.shard))
             .filter(|g| self.node.shard_view(g.shard).is_none_or(|v| v.leader.is_none()))
             .map(|g| g.shard.to_string())
             .collect();
@@ -129,7 +139,12 @@ async fn livez(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    verdict(s.health.ready())
+    let (code, mut body) = verdict(s.health.ready());
+    for line in s.health.degraded() {
+        body.push_str(&line);
+        body.push('\n');
+    }
+    (code, body)
 }
 
 async fn get_log(State(s): State<AppState>) -> impl IntoResponse {

@@ -271,6 +271,7 @@ struct Families {
     hot_key_rate: GaugeVec,
     adaptive_extra: GaugeVec,
     quiesced: IntGaugeVec,
+    stopped: IntGaugeVec,
 }
 
 /// Ranks of hot keys exported per stream (`rank` = 1..=HOT_KEY_RANKS): a bounded label set.
@@ -370,6 +371,12 @@ impl Families {
                 "Local shard replicas that are idle with their Raft timers stopped (no heartbeats until the next write).",
                 &[],
             ),
+            stopped: int_gauge(
+                "coalesce_raft_groups_stopped",
+                "Local shard replicas stopped because a log entry failed to apply (see \
+                 coalesce_raft_apply_failures_total and docs/operations.md, \"A shard group stopped\").",
+                &[],
+            ),
             adaptive_extra: gauge(
                 "coalesce_adaptive_extra_seconds",
                 "Load-adaptive window stretch in force for an adaptive stream: the largest over the shards this \
@@ -379,7 +386,7 @@ impl Families {
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 20] {
+    fn collectors(&self) -> [&dyn Collector; 21] {
         [
             &self.cluster_shards,
             &self.led,
@@ -401,6 +408,7 @@ impl Families {
             &self.hot_key_rate,
             &self.adaptive_extra,
             &self.quiesced,
+            &self.stopped,
         ]
     }
 }
@@ -472,6 +480,7 @@ impl NodeCollector {
         }
         f.led.with_label_values::<&str>(&[]).set(led);
         f.quiesced.with_label_values::<&str>(&[]).set(self.node.quiesced_groups() as i64);
+        f.stopped.with_label_values::<&str>(&[]).set(self.node.stopped_groups().len() as i64);
         for (sink, n) in backlog {
             f.sink_backlog.with_label_values(&[sink.as_str()]).set(n);
         }

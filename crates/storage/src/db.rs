@@ -36,7 +36,8 @@ pub struct NodeDb {
 }
 
 impl NodeDb {
-    /// Opens (creating if needed) the database at `path` with every column family.
+    /// Opens (creating if needed) the database at `path` with every column family, checks its
+    /// format version and migrates it from an older one ([`crate::format`]).
     pub fn open(path: &Path, options: &StorageOptions) -> Result<Arc<Self>, StorageError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -58,7 +59,9 @@ impl NodeDb {
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let db = Arc::new(db);
         let flusher = Flusher::start(Arc::clone(&db));
-        Ok(Arc::new(Self { db, path: path.to_owned(), flusher }))
+        let node = Arc::new(Self { db, path: path.to_owned(), flusher });
+        crate::format::check_and_migrate(&node)?;
+        Ok(node)
     }
 
     /// The column family `name` (every name in [`ALL_CFS`] exists once opened).

@@ -14,6 +14,15 @@ pub enum StorageError {
     Corrupt { shard: u32, what: &'static str, detail: String },
     #[error("encoding {what}: {detail}")]
     Encode { what: &'static str, detail: String },
+    /// A log entry could not be applied (invalid, or its apply failed or panicked): the shard
+    /// group stops on this replica rather than skip or half-apply it.
+    #[error("shard {shard} stopped: applying log entry {index} failed: {detail}")]
+    ApplyFailed { shard: u32, index: u64, detail: String },
+    #[error(
+        "the data directory {path} was written in storage format {found} by a newer Coalesce; this build reads \
+         formats up to {supported}: run the newer build (or restore a backup taken before the upgrade)"
+    )]
+    NewerFormat { found: u32, supported: u32, path: String },
 }
 
 impl StorageError {
@@ -24,6 +33,8 @@ impl StorageError {
             StorageError::MissingColumnFamily(_) => "missing_cf",
             StorageError::Corrupt { .. } => "corrupt",
             StorageError::Encode { .. } => "encode",
+            StorageError::ApplyFailed { .. } => "apply_failed",
+            StorageError::NewerFormat { .. } => "newer_format",
         }
     }
 }

@@ -6,6 +6,7 @@
 //!
 //! - [`db`]: opening the database with its column families and options.
 //! - [`flusher`]: group commit — one WAL fsync makes many groups' log appends durable.
+//! - [`format`]: the database's format version, checked at open, and migrations.
 //! - [`shard`]: one shard's rows: log operations, the [`coalesce_core::buffer::BufferStore`]
 //!   implementation the state machine applies through, outbox, sessions, snapshots.
 //! - [`error`]: storage errors.
@@ -16,6 +17,7 @@
 pub mod db;
 pub mod error;
 pub mod flusher;
+pub mod format;
 pub mod keys;
 pub mod shard;
 

@@ -514,3 +514,28 @@ fn a_slow_disk_delays_every_sync_until_restored() {
     db.flusher().set_extra_latency(std::time::Duration::ZERO);
     assert_eq!(db.flusher().extra_latency(), std::time::Duration::ZERO);
 }
+
+#[test]
+fn the_format_version_is_recorded_checked_and_migrated() {
+    use coalesce_storage::format::{FORMAT_KEY, FORMAT_VERSION, recorded};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = open(dir.path());
+        assert_eq!(recorded(&db).unwrap(), Some(FORMAT_VERSION), "a new database records its format");
+        db.node_put("peer_id", &7u64.to_be_bytes()).unwrap();
+        // As a database written before versions were recorded (format 0) looks.
+        let node = db.cf(coalesce_storage::keys::CF_NODE).unwrap();
+        db.raw().delete_cf(node, FORMAT_KEY.as_bytes()).unwrap();
+    }
+    {
+        let db = open(dir.path());
+        assert_eq!(recorded(&db).unwrap(), Some(FORMAT_VERSION), "format 0 is migrated");
+        assert_eq!(db.node_get("peer_id").unwrap(), Some(7u64.to_be_bytes().to_vec()), "its data is kept");
+        db.node_put(FORMAT_KEY, &(FORMAT_VERSION + 98).to_be_bytes()).unwrap();
+    }
+    let newer = NodeDb::open(dir.path(), &StorageOptions::default()).expect_err("a newer format is refused");
+    let text = newer.to_string();
+    assert!(text.contains(&format!("format {}", FORMAT_VERSION + 98)), "{text}");
+    assert!(text.contains(&format!("formats up to {FORMAT_VERSION}")), "{text}");
+    assert_eq!(newer.code(), "newer_format");
+}
