@@ -124,6 +124,11 @@ impl Command {
     /// names that are valid consumer, sink or node names. Deterministic, so every replica
     /// reaches the same verdict on the same entry; run before proposing, on entries a peer
     /// sends, and again at apply.
+    ///
+    /// Across versions these checks may only loosen: a newer build that refused at apply what an
+    /// older leader accepted would stop the group on every upgraded replica. A stricter rule
+    /// comes with a format version ([`coalesce_storage::format`]) and applies to entries written
+    /// under it.
     pub fn validate(&self) -> Result<(), InvalidCommand> {
         let err = |field: String, reason: String| InvalidCommand { kind: self.kind().to_owned(), field, reason };
         let stamp = |stamp: Millis| {
