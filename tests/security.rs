@@ -323,7 +323,7 @@ async fn forged_forwards_are_refused_before_anything_is_proposed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_entry_that_fails_to_apply_stops_its_group_on_every_replica_not_the_nodes() {
+async fn an_entry_that_fails_to_apply_stops_its_group_not_the_nodes() {
     // Validation is skipped before proposing and on replication (test-only failpoint), so the
     // bad entry reaches every replica's apply, which still refuses it.
     let env = [("COALESCE_FAILPOINTS".to_owned(), "skip_validation".to_owned())];
@@ -340,40 +340,59 @@ async fn an_entry_that_fails_to_apply_stops_its_group_on_every_replica_not_the_n
     let reply = forward(&cluster, poisoned, &Forged::Ingest(vec![group("sums", &bad, 5, 0, 1)])).await;
     assert!(reply.is_err(), "the entry that stopped its group is not acknowledged: {reply:?}");
 
-    let stopped_everywhere = |cluster: &Cluster| {
+    // Every replica that applies the entry stops; it was committed, so that is at least a
+    // quorum. A replica that never learned of the commit (the leader stopped before telling
+    // it) keeps the entry unapplied, and cannot elect a leader without the stopped ones.
+    let stopped_on_a_quorum = |cluster: &Cluster| {
         let nodes: Vec<_> = cluster.local.nodes.iter().map(|n| n.client_addr.clone()).collect();
         async move {
             let deadline = Instant::now() + Duration::from_secs(30);
-            for addr in nodes {
-                loop {
-                    assert!(Instant::now() < deadline, "{addr} does not report shard {poisoned} stopped");
+            loop {
+                let (mut stopped, mut leading) = (Vec::new(), Vec::new());
+                for addr in &nodes {
                     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-                    if let Ok(r) = AdminClient::new(channel).shards(pb::ShardsRequest {}).await {
-                        let d = r.into_inner().shards.into_iter().find(|d| d.shard == poisoned);
-                        if let Some(d) = d.filter(|d| d.role == "stopped") {
-                            assert!(d.stopped.contains("inputs must be at least 1"), "{}", d.stopped);
-                            break;
-                        }
+                    let Ok(r) = AdminClient::new(channel).shards(pb::ShardsRequest {}).await else { continue };
+                    let Some(d) = r.into_inner().shards.into_iter().find(|d| d.shard == poisoned) else { continue };
+                    if d.role == "stopped" {
+                        assert!(d.stopped.contains("inputs must be at least 1"), "{addr}: {}", d.stopped);
+                        stopped.push(addr.clone());
+                    } else if d.role == "leader" {
+                        leading.push(addr.clone());
                     }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                if stopped.len() >= 2 && leading.is_empty() {
+                    return stopped.len();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "shard {poisoned}: stopped on {stopped:?}, led by {leading:?} (want a quorum stopped, no leader)"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     };
-    stopped_everywhere(&cluster).await;
+    let stopped_replicas = stopped_on_a_quorum(&cluster).await;
     let stopped: f64 = cluster.metric("coalesce_raft_groups_stopped").await.iter().sum();
-    assert_eq!(stopped, 3.0, "every replica counts its stopped group");
+    assert!(stopped >= stopped_replicas as f64, "every stopped replica counts its group: {stopped}");
 
     // The other shards keep accepting and emitting.
     ingest_all(&cluster, 5, &keys, 1_000).await;
     let expected: std::collections::BTreeMap<String, i64> = keys.iter().map(|(k, v)| (k.clone(), 2 * v)).collect();
     assert_eq!(cluster.collect_outputs_of(running.clone()).await, expected);
+    // A node that stopped the group names it and stays ready (its other shards serve). (A
+    // replica that did not apply the entry still waits for a leader of that shard, and is
+    // ready or not by the usual rule.)
+    let mut named = 0;
     for n in &cluster.local.nodes {
         let r = reqwest::get(format!("http://{}/readyz", n.http_addr)).await.unwrap();
-        assert_eq!(r.status(), 200, "{}: a stopped group does not make the node unready", n.name);
+        let status = r.status();
         let body = r.text().await.unwrap();
-        assert!(body.contains(&format!("shard {poisoned} stopped")), "{body}");
+        if body.contains(&format!("shard {poisoned} stopped")) {
+            assert_eq!(status, 200, "{}: a stopped group does not make the node unready: {body}", n.name);
+            named += 1;
+        }
     }
+    assert!(named >= 2, "readiness names the stopped group on every replica that stopped it");
 
     // All three restart (the entry is re-applied at start and fails again): no crash loop.
     for i in 0..3 {
@@ -382,7 +401,7 @@ async fn an_entry_that_fails_to_apply_stops_its_group_on_every_replica_not_the_n
     for i in 0..3 {
         cluster.spawn(i);
     }
-    stopped_everywhere(&cluster).await;
+    stopped_on_a_quorum(&cluster).await;
     ingest_all(&cluster, 5, &keys, 2_000).await;
     let expected: std::collections::BTreeMap<String, i64> = keys.iter().map(|(k, v)| (k.clone(), 3 * v)).collect();
     assert_eq!(cluster.collect_outputs_of(running).await, expected);
