@@ -22,7 +22,9 @@ For each kustomization (deploy/k8s/base and every deploy/k8s/overlays/*):
    match the pod template; every port referenced by name exists; probe paths are endpoints the
    node serves; the ConfigMap's node.toml parses and its static peer list names exactly the
    StatefulSet's pods at the headless Service's DNS names and the container's ports; RBAC lets
-   the pods write their shard Leases; the shutdown budget fits the grace period.
+   the pods write their shard Leases; the shutdown budget fits the grace period; no port listens
+   beyond loopback unauthenticated (the node's own start-up rule), certificates and tokens come
+   from whole Secret volume mounts, and a NetworkPolicy keeps the peer port between the pods.
 
 Exit status: 0 when everything holds, 1 with one line per problem otherwise, 2 on bad usage.
 """
@@ -800,7 +802,54 @@ def check_statefulset(c: Cluster, sts: dict) -> list[dict]:
         check_lease_rbac(c, sts, pod.get("serviceAccountName", "default"), ns)
         if pod.get("automountServiceAccountToken") is False:
             c.err(sts, "kubernetes.leases = true needs the service account token (automountServiceAccountToken)")
+    check_security(c, sts, ct, cm, cfile, cfg, labels)
     return probes
+
+
+def is_loopback(addr: str) -> bool:
+    host = addr.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def check_security(c: Cluster, sts: dict, ct: dict, cm: dict, cfile: str, cfg: dict, labels: dict) -> None:
+    """The node's rule (crates/server/src/security.rs): no unauthenticated port beyond loopback
+    unless the config says so; certificates and tokens from whole-volume Secret mounts (so
+    rotations reach the node); a NetworkPolicy that keeps everyone but the pods off the peer port."""
+    node, tls, auth = cfg.get("node", {}), cfg.get("tls", {}), cfg.get("auth", {})
+    if "peer" not in tls and not node.get("insecure_peer") and not is_loopback(str(node.get("peer_listen", ""))):
+        c.err(cm, f"{cfile}: the peer port listens beyond loopback without [tls.peer]: the node refuses to start "
+                  "(set node.insecure_peer = true only for a network nothing else reaches)")
+    exposed = [a for a in (node.get("client_listen"), node.get("http_listen")) if a and not is_loopback(str(a))]
+    if not auth.get("tokens") and not node.get("insecure") and exposed:
+        c.err(cm, f"{cfile}: client/HTTP ports beyond loopback without [[auth.tokens]]: the node refuses to start")
+    pod = sts["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    files = [t.get(k) for t in (tls.get("peer", {}), tls.get("client", {})) for k in ("cert", "key", "ca", "client_ca")]
+    files += [t.get("token_file") for t in auth.get("tokens", [])]
+    for f in filter(None, files):
+        if not os.path.isabs(f):
+            continue  # relative to the ConfigMap mount: a key of the ConfigMap (not for secrets)
+        mount = max((m for m in ct.get("volumeMounts", []) if f.startswith(m["mountPath"].rstrip("/") + "/")),
+                    key=lambda m: len(m["mountPath"]), default=None)
+        vol = volumes.get(mount["name"]) if mount else None
+        if not vol or not ({"secret", "csi", "projected"} & set(vol)):
+            c.err(sts, f"{cfile} reads {f}, which is not on a Secret (or csi) volume mount of {ct['name']}")
+        elif mount.get("subPath"):
+            c.err(sts, f"{f}: volume {mount['name']} is mounted with subPath, so renewed files never reach the node")
+    if "peer" in tls or node.get("insecure_peer"):
+        policies = [p for p in c.of_kind("NetworkPolicy") if ns_of(p) == ns_of(sts)
+                    and selector_matches(p["spec"].get("podSelector", {}), labels)
+                    and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+        if not policies:
+            c.err(sts, "no NetworkPolicy selects the pods: the peer port should be open only between Coalesce pods")
+        for p in policies:
+            for rule in p["spec"].get("ingress", []):
+                ports = {str(x.get("port")) for x in rule.get("ports", [])} if rule.get("ports") else None
+                opens_peer = ports is None or "peer" in ports or "7401" in ports
+                peers_only = rule.get("from") and all(
+                    set(f) == {"podSelector"} and selector_matches(f["podSelector"], labels) for f in rule["from"])
+                if opens_peer and not peers_only:
+                    c.err(p, "an ingress rule opens the peer port to callers other than the Coalesce pods")
 
 
 def check_lease_rbac(c: Cluster, sts: dict, sa: str, ns: str | None) -> None:
@@ -849,7 +898,7 @@ def check_kustomization(d: Path, renderer: str, log) -> tuple[list[str], list[di
     for sts in stss:
         probes = check_statefulset(c, sts)
     if not errors:
-        log(f"  consistency: selectors, named ports, probes, peer list, RBAC, PDB, shutdown budget ok")
+        log(f"  consistency: selectors, named ports, probes, peer list, RBAC, PDB, shutdown budget, security ok")
     return errors, probes
 
 

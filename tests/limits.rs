@@ -70,6 +70,50 @@ fn expect(s: &pb::EventStatus, code: EventCode, reason: &str, field: &str) {
     assert!(s.message.contains(field), "the message names {field:?}: {s:?}");
 }
 
+/// Sends `body` as the encoded request of `path` (e.g. `/coalesce.v1.Coalesce/Ingest`): bytes a
+/// generated client would never produce.
+async fn raw_call(cluster: &Cluster, path: &'static str, body: Vec<u8>) -> tonic::Status {
+    #[derive(Debug, Clone, Default)]
+    struct Raw;
+    impl tonic::codec::Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = Raw;
+        type Decoder = Raw;
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+    impl tonic::codec::Encoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            prost::bytes::BufMut::put_slice(dst, &item);
+            Ok(())
+        }
+    }
+    impl tonic::codec::Decoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+            let n = prost::bytes::Buf::remaining(src);
+            Ok(Some(prost::bytes::Buf::copy_to_bytes(src, n).to_vec()))
+        }
+    }
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", cluster.local.nodes[0].client_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static(path);
+    grpc.unary(tonic::Request::new(body), path, Raw).await.unwrap_err()
+}
+
 async fn buffered_keys(cluster: &Cluster) -> u64 {
     let st = cluster.status(0).await.unwrap();
     st.local_shards.iter().map(|s| s.buffered_keys).sum()
@@ -124,6 +168,19 @@ async fn every_limit_and_error_has_its_code_and_field() {
     assert_eq!(s[8].code, EventCode::Ok as i32, "{:?}", s[8]);
     let after = buffered_keys_reaching(&cluster, before + 1).await;
     assert_eq!(after, before + 1, "only the valid event changed anything");
+
+    // A request that does not decode is the caller's fault: INVALID_ARGUMENT, never INTERNAL
+    // (which clients retry). Truncated: field 2 (events) announces 100 bytes, has 2.
+    for (what, body) in [
+        ("truncated", vec![0x12, 100, 0x0a, 0x00]),
+        ("invalid UTF-8", vec![0x12, 6, 0x0a, 4, 0xff, 0xfe, 0xfd, 0xfc]),
+        ("a wire type that does not exist", vec![0x0f]),
+    ] {
+        let e = raw_call(&cluster, "/coalesce.v1.Coalesce/Ingest", body).await;
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e:?}");
+        assert!(e.message().contains("does not decode as protobuf"), "{what}: {e:?}");
+    }
+    assert_eq!(buffered_keys(&cluster).await, after, "nothing undecodable changed anything");
 
     // The client-streaming call: statuses of every message in order, indices across messages.
     let msgs = vec![

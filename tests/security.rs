@@ -1,8 +1,10 @@
 //! TLS and tokens against a 3-node cluster of real `coalesced` processes, with certificates
-//! generated at test time (rcgen): peers talk mutual TLS (a caller without a certificate the
-//! cluster's CA signed is refused on the peer port), the client port speaks TLS and checks
-//! bearer tokens per method (UNAUTHENTICATED without one, PERMISSION_DENIED without the role),
-//! and everything works end to end for callers with the right credentials.
+//! generated at test time (rcgen): peers talk mutual TLS with one certificate per node (a caller
+//! without a certificate the cluster's CA signed is refused on the peer port; a certificate of
+//! node A cannot speak for node B; a client certificate of the same CA is not a peer), the
+//! client port speaks TLS and checks bearer tokens per method (UNAUTHENTICATED without one,
+//! PERMISSION_DENIED without the role), `/loglevel` needs the admin token, and everything works
+//! end to end for callers with the right credentials.
 
 #![allow(clippy::unwrap_used)]
 
@@ -24,22 +26,39 @@ const PRODUCER: &str = "producer-secret-token-1";
 const CONSUMER: &str = "consumer-secret-token-2";
 const ADMIN: &str = "admin-secret-token-3";
 
-/// A CA and one certificate it signed for 127.0.0.1/localhost, written as PEM files into `dir`.
+/// A CA and, signed by it and written as PEM files into `dir`: one certificate per node
+/// (`coalesce-N.pem`/`.key`, naming the node, 127.0.0.1 and localhost), a client-only
+/// certificate naming node 1 (`client-only.*`, extended key usage clientAuth) and one naming no
+/// node (`stranger.*`).
 fn certificates(dir: &std::path::Path) -> String {
+    use rcgen::ExtendedKeyUsagePurpose as Eku;
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let issue = |file: &str, name: &str, usages: Vec<Eku>| {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec![name.to_owned(), "127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        params.extended_key_usages = usages;
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+    };
+    for i in 0..3 {
+        issue(&format!("coalesce-{i}"), &format!("coalesce-{i}"), vec![Eku::ServerAuth, Eku::ClientAuth]);
+    }
+    issue("client-only", "coalesce-1", vec![Eku::ClientAuth]);
+    issue("stranger", "producer-7", vec![Eku::ServerAuth, Eku::ClientAuth]);
     std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("node.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("node.key"), key.serialize_pem()).unwrap();
     ca_cert.pem()
+}
+
+/// The PEM certificate and key `certificates` wrote as `file`.
+fn identity(dir: &std::path::Path, file: &str) -> (String, String) {
+    let read = |ext: &str| std::fs::read_to_string(dir.join(format!("{file}.{ext}"))).unwrap();
+    (read("pem"), read("key"))
 }
 
 fn tls_channel(addr: &str, ca: &str, identity: Option<(&str, &str)>) -> Channel {
@@ -71,8 +90,8 @@ async fn peers_need_certificates_and_clients_need_tokens_with_roles() {
     }
     let d = dir.path().display();
     let extra = format!(
-        "[tls.client]\ncert = \"{d}/node.pem\"\nkey = \"{d}/node.key\"\n\n\
-         [tls.peer]\ncert = \"{d}/node.pem\"\nkey = \"{d}/node.key\"\nca = \"{d}/ca.pem\"\n\n\
+        "[tls.client]\ncert = \"{d}/{{node}}.pem\"\nkey = \"{d}/{{node}}.key\"\n\n\
+         [tls.peer]\ncert = \"{d}/{{node}}.pem\"\nkey = \"{d}/{{node}}.key\"\nca = \"{d}/ca.pem\"\n\n\
          [[auth.tokens]]\nname = \"ingester\"\ntoken_file = \"{d}/producer.token\"\nroles = [\"producer\"]\n\n\
          [[auth.tokens]]\nname = \"reader\"\ntoken_file = \"{d}/consumer.token\"\nroles = [\"consumer\"]\n\n\
          [[auth.tokens]]\nname = \"ops\"\ntoken_file = \"{d}/admin.token\"\nroles = [\"admin\"]\n"
@@ -145,15 +164,85 @@ async fn peers_need_certificates_and_clients_need_tokens_with_roles() {
         let line = text.lines().find(|l| l.starts_with("peer_listen")).unwrap().to_owned();
         line.split('"').nth(1).unwrap().to_owned()
     };
-    let hello = || pb::HelloRequest { cluster: "test".into() };
-    let no_cert = RaftPeerClient::new(tls_channel(&peer_addr, &ca, None)).hello(hello()).await;
-    assert!(no_cert.is_err(), "a caller without a client certificate must be refused on the peer port");
+    let hello = || pb::HelloRequest { cluster: "test".into(), ..Default::default() };
+    let mut no_cert = RaftPeerClient::new(tls_channel(&peer_addr, &ca, None));
+    assert!(no_cert.hello(hello()).await.is_err(), "a caller without a client certificate is refused on the peer port");
+    let forged = pb::RaftMessage {
+        group: 0,
+        payload: postcard::to_allocvec(&Forged::Ack { cursor: "x".into(), upto_seq: 1 }).unwrap(),
+        target: 0,
+    };
+    assert!(no_cert.forward(forged).await.is_err(), "and so is its forward");
     let plain = Channel::from_shared(format!("http://{peer_addr}")).unwrap().connect_lazy();
     assert!(RaftPeerClient::new(plain).hello(hello()).await.is_err());
-    let cert = std::fs::read_to_string(cluster.path().join("node.pem")).unwrap();
-    let key = std::fs::read_to_string(cluster.path().join("node.key")).unwrap();
-    let with_cert = RaftPeerClient::new(tls_channel(&peer_addr, &ca, Some((&cert, &key)))).hello(hello()).await;
-    assert!(with_cert.is_ok(), "a certificate the CA signed is accepted: {with_cert:?}");
+    let (cert, key) = identity(cluster.path(), "coalesce-1");
+    let as_node1 = tls_channel(&peer_addr, &ca, Some((&cert, &key)));
+    let with_cert = RaftPeerClient::new(as_node1.clone()).hello(hello()).await;
+    assert!(with_cert.is_ok(), "node 1's certificate is accepted on node 0's peer port: {with_cert:?}");
+    let node0_id = with_cert.unwrap().into_inner().node_id;
+
+    // Certificates the CA signed that are not a node's are refused on every peer call.
+    for (file, why) in [("client-only", "client certificate"), ("stranger", "names no node")] {
+        let (c, k) = identity(cluster.path(), file);
+        let mut peer = RaftPeerClient::new(tls_channel(&peer_addr, &ca, Some((&c, &k))));
+        let e = peer.hello(hello()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{file}: {e:?}");
+        assert!(e.message().contains(why), "{file}: {e:?}");
+        let ping = pb::PingRequest { name: "coalesce-1".into(), boot: 1 };
+        assert_eq!(peer.ping(ping).await.unwrap_err().code(), tonic::Code::PermissionDenied, "{file}");
+        let forward = pb::RaftMessage { group: 0, payload: vec![0], target: node0_id };
+        assert_eq!(peer.forward(forward).await.unwrap_err().code(), tonic::Code::PermissionDenied, "{file}");
+    }
+
+    // Node 1's certificate cannot speak for another node: not in a ping, not as a candidate.
+    let mut peer = RaftPeerClient::new(as_node1);
+    let e = peer.hello(pb::HelloRequest { cluster: "another".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "the cluster name is checked: {e:?}");
+    let future = pb::HelloRequest { cluster: "test".into(), protocol: 90, protocol_min: 90 };
+    let e = peer.hello(future).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "a peer that writes what this build cannot read: {e:?}");
+    let own = peer.ping(pb::PingRequest { name: "coalesce-1".into(), boot: 7 }).await;
+    assert!(own.is_ok(), "{own:?}");
+    let e = peer.ping(pb::PingRequest { name: "coalesce-2".into(), boot: 7 }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let ids = peer_ids(&cluster, &ca).await;
+    let pre_vote = |candidate: u64| {
+        let vote = coalesce_raft::types::Vote::new(1, candidate);
+        let req: openraft::raft::VoteRequest<coalesce_raft::TypeConfig> = openraft::raft::VoteRequest::new(vote, None);
+        pb::RaftMessage {
+            group: 0,
+            payload: coalesce_raft::codec::encode_msg("pre_vote", &req).unwrap(),
+            target: node0_id,
+        }
+    };
+    let e = peer.pre_vote(pre_vote(ids[2])).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "node 1 posing as candidate node 2: {e:?}");
+    assert!(e.message().contains("cannot speak for"), "{e:?}");
+    let own = peer.pre_vote(pre_vote(ids[1])).await;
+    assert!(own.is_ok(), "a pre-vote node 1 asks for itself is answered: {own:?}");
+    let refused = cluster.metric("coalesce_raft_peer_refused_total{reason=\"impersonation\"}").await;
+    assert!(refused.first().is_some_and(|n| *n >= 2.0), "counted on node 0: {refused:?}");
+
+    // /loglevel needs the admin token; the probes and /metrics stay open.
+    let http = &cluster.local.nodes[0].http_addr;
+    let web = reqwest::Client::new();
+    let get = |token: Option<&str>| {
+        let mut r = web.get(format!("http://{http}/loglevel"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    assert_eq!(get(None).await.unwrap().status(), 401);
+    assert_eq!(get(Some(PRODUCER)).await.unwrap().status(), 403);
+    assert_eq!(get(Some(ADMIN)).await.unwrap().status(), 200);
+    let put = web.put(format!("http://{http}/loglevel")).body("info").send().await.unwrap();
+    assert_eq!(put.status(), 401, "changing the log level without a token is refused");
+    let put = web.put(format!("http://{http}/loglevel")).bearer_auth(ADMIN).body("info").send().await.unwrap();
+    assert_eq!(put.status(), 200);
+    for path in ["/metrics", "/livez", "/readyz"] {
+        assert_eq!(web.get(format!("http://{http}{path}")).send().await.unwrap().status(), 200, "{path}");
+    }
 
     // Secrets never reach the logs.
     for n in &cluster.local.nodes {
@@ -162,6 +251,23 @@ async fn peers_need_certificates_and_clients_need_tokens_with_roles() {
             assert!(!log.contains(t), "{} logs a token", n.name);
         }
     }
+}
+
+/// Every node's Raft id, by index, asked over the peer port as node 1.
+async fn peer_ids(cluster: &Cluster, ca: &str) -> Vec<u64> {
+    let (cert, key) = identity(cluster.path(), "coalesce-1");
+    let mut ids = Vec::new();
+    for i in 0..cluster.local.nodes.len() {
+        let mut peer = RaftPeerClient::new(tls_channel(&peer_addr(cluster, i), ca, Some((&cert, &key))));
+        ids.push(
+            peer.hello(pb::HelloRequest { cluster: "test".into(), ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner()
+                .node_id,
+        );
+    }
+    ids
 }
 
 /// The peer (Raft) address of node `i`, from its config.
@@ -201,7 +307,9 @@ async fn forward(
             .timeout(Duration::from_secs(10))
             .connect_lazy();
         let mut peer = RaftPeerClient::new(channel);
-        let Ok(hello) = peer.hello(pb::HelloRequest { cluster: "test".into() }).await else { continue };
+        let Ok(hello) = peer.hello(pb::HelloRequest { cluster: "test".into(), ..Default::default() }).await else {
+            continue;
+        };
         let payload = postcard::to_allocvec(forged).unwrap();
         let msg = pb::RaftMessage { group: shard, payload, target: hello.into_inner().node_id };
         match peer.forward(msg).await {

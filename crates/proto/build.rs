@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // For gRPC server reflection on the client port.
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     config.file_descriptor_set_path(out.join("coalesce_descriptor.bin"));
-    tonic_prost_build::configure().compile_with_config(config, &files, &[root])?;
+    // Undecodable messages are INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
+    tonic_prost_build::configure().codec_path("crate::codec::Codec").compile_with_config(config, &files, &[root])?;
     Ok(())
 }

@@ -10,6 +10,7 @@ mod bench_fetch;
 mod bench_pg;
 mod bench_savings;
 mod bench_state;
+mod certs;
 mod demo;
 mod dlq;
 mod send;
@@ -30,6 +31,9 @@ struct Cli {
     /// Bearer token for clusters that require one (never printed).
     #[arg(long, global = true, env = "COALESCE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the bearer token from this file instead (surrounding whitespace ignored).
+    #[arg(long, global = true, env = "COALESCE_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<std::path::PathBuf>,
     /// Speak TLS to the client port, trusting this CA certificate (PEM file).
     #[arg(long, global = true, env = "COALESCE_CA")]
     ca: Option<std::path::PathBuf>,
@@ -118,6 +122,9 @@ enum Cmd {
     /// Benchmarks that print numbers: ingest throughput and ack latency, failover time.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Generate a CA, one certificate per node and bearer tokens (files for `[tls.peer]`,
+    /// `[tls.client]` and `[[auth.tokens]]`, or Kubernetes Secrets; docs/security.md).
+    Certs(certs::CertsArgs),
     /// Game days: kill, pause and partition shard leaders under load on a local cluster, then
     /// check the invariants and write a report (exit 1 on any violation).
     #[command(subcommand)]
@@ -141,6 +148,10 @@ fn client_options(cli: &Cli) -> anyhow::Result<ClientOptions> {
     }
     if let Some(t) = &cli.token {
         o = o.with_token(t);
+    }
+    if let Some(f) = &cli.token_file {
+        let t = std::fs::read_to_string(f).with_context(|| format!("reading --token-file {}", f.display()))?;
+        o = o.with_token(t.trim());
     }
     Ok(o)
 }
@@ -179,6 +190,7 @@ fn main() {
             Cmd::DropConsumer { consumer } => admin::drop_consumer(&cli.addr, consumer).await,
             Cmd::Dlq(cmd) => dlq::run(&cli.addr, cmd).await,
             Cmd::Demo(args) => demo::run(args).await,
+            Cmd::Certs(args) => certs::run(&args),
             Cmd::Bench(cmd) => bench::run(cmd).await,
             Cmd::Chaos(cmd) => coalesce_cli::chaos::run(cmd).await,
         }

@@ -4,6 +4,8 @@
 //! clients in other languages generate from the same files. Only tonic and prost here.
 #![allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all)]
 
+pub mod codec;
+
 pub mod v1 {
     tonic::include_proto!("coalesce.v1");
 }

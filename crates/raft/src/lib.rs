@@ -10,6 +10,7 @@
 //! - [`state_machine`]: applying Ingest/Seal/Ack deterministically; snapshots.
 //! - [`network`]: the peer transport (tonic, one channel per peer, real pre-vote and
 //!   leadership transfer).
+//! - [`tls`]: TLS on both ports, reloadable certificates, peer identities bound to node names.
 //! - [`metrics`]: Prometheus metrics of the shards (stream inputs/outputs, commit latency).
 //! - [`node`]: a node's groups — placement, bootstrap, proposals, the window scheduler,
 //!   graceful hand-off — and the peer gRPC service.
@@ -24,6 +25,7 @@ pub mod network;
 pub mod node;
 pub mod quiesce;
 pub mod state_machine;
+pub mod tls;
 pub mod tracectx;
 pub mod types;
 

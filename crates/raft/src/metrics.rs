@@ -171,6 +171,42 @@ pub(crate) static APPLY_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
          this node (see coalesce_raft_groups_stopped and docs/operations.md).",
     )
 });
+pub(crate) static PEER_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_raft_peer_refused_total",
+        "Peer-port calls refused before any work, by reason: `not_a_node` (the client certificate names no \
+         single node of this cluster, or is a client certificate), `impersonation` (the call speaks for a \
+         node its certificate does not name), `cluster` (a Hello from another cluster).",
+        &["reason"],
+    )
+});
+pub(crate) static TLS_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_tls_reloads_total",
+        "Certificate files re-read after a change, by port (`peer`, `client`) and result (`reloaded`, or \
+         `failed`: the previous certificates stay in use).",
+        &["port", "result"],
+    )
+});
+pub(crate) static TLS_HANDSHAKE_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_tls_handshake_failures_total",
+        "Inbound TLS handshakes that failed or timed out, by port (`peer`, `client`).",
+        &["port"],
+    )
+});
+pub(crate) static TLS_CERT_EXPIRY: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
+    register(
+        prometheus::IntGaugeVec::new(
+            Opts::new(
+                "coalesce_tls_cert_expiry_timestamp_seconds",
+                "When the certificate a port presents expires (Unix time), by port (`peer`, `client`).",
+            ),
+            &["port"],
+        )
+        .expect("static metric definition"),
+    )
+});
 pub(crate) static INVALID_COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "coalesce_raft_invalid_commands_total",
@@ -188,6 +224,9 @@ pub fn init(streams: &[&str]) {
     LazyLock::force(&APPLY_FAILURES);
     for place in ["propose", "peer"] {
         INVALID_COMMANDS.with_label_values(&[place]);
+    }
+    for reason in ["not_a_node", "impersonation", "cluster"] {
+        PEER_REFUSED.with_label_values(&[reason]);
     }
     for event in ["opened", "stalled", "failed"] {
         APPEND_STREAMS.with_label_values(&[event]);

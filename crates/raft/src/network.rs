@@ -33,7 +33,7 @@ use openraft::storage::Snapshot;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::codec;
 use crate::types::{PeerNode, TypeConfig, Vote};
@@ -48,19 +48,26 @@ const MIN_STREAM_STALL: Duration = Duration::from_millis(500);
 /// One channel per peer address, shared by every group (and by the Hello exchange).
 #[derive(Debug, Default)]
 pub struct Channels {
-    /// Channels are cheap handles onto one HTTP/2 connection; created lazily, never dialed here.
-    by_addr: Mutex<HashMap<String, Channel>>,
+    /// Channels are cheap handles onto one HTTP/2 connection; created lazily, never dialed
+    /// here. Keyed by address and the node name expected there.
+    by_addr: Mutex<HashMap<(String, String), Channel>>,
     /// Mutual TLS towards peers (CA and this node's certificate), when configured.
-    tls: Option<ClientTlsConfig>,
+    tls: Option<Arc<rustls::ClientConfig>>,
     /// This node's own view of where each peer (by name) listens: its config's peer list.
     addrs: HashMap<String, String>,
 }
 
 impl Channels {
-    /// Channels that speak TLS (with this node's client certificate) when `tls` is set, to the
+    /// Channels that speak TLS (with this node's client certificate, checking that each peer's
+    /// certificate names the node dialed: [`crate::tls::Connector`]) when `tls` is set, to the
     /// peers at `addrs` (name → `host:port`).
-    pub fn new(tls: Option<ClientTlsConfig>, addrs: HashMap<String, String>) -> Self {
+    pub fn new(tls: Option<Arc<rustls::ClientConfig>>, addrs: HashMap<String, String>) -> Self {
         Self { by_addr: Mutex::default(), tls, addrs }
+    }
+
+    /// Whether peers speak mutual TLS (and must prove which node they are).
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// Where this node dials `node`: the address its own config gives for that name. The
@@ -73,28 +80,34 @@ impl Channels {
 
     /// The channel to `node` (see [`Channels::addr_of`]).
     pub fn for_peer(&self, node: &PeerNode) -> Result<Channel, String> {
-        self.get(self.addr_of(node))
+        self.channel(self.addr_of(node), &node.name)
     }
 
-    /// The channel to `addr` (`host:port`), created on first use.
-    pub fn get(&self, addr: &str) -> Result<Channel, String> {
+    /// The channel to the configured node called `name`.
+    pub fn for_name(&self, name: &str) -> Result<Channel, String> {
+        let addr = self.addrs.get(name).ok_or_else(|| format!("{name:?} is not in this node's peer list"))?;
+        self.channel(addr, name)
+    }
+
+    /// The channel to `addr` (`host:port`) where the node `name` listens, created on first use.
+    fn channel(&self, addr: &str, name: &str) -> Result<Channel, String> {
         let mut map = self.by_addr.lock().map_err(|_| "channel map poisoned".to_owned())?;
-        if let Some(c) = map.get(addr) {
+        let key = (addr.to_owned(), name.to_owned());
+        if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-            .map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
-        if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("peer TLS for {addr}: {e}"))?;
-        }
+        let endpoint =
+            Endpoint::from_shared(format!("http://{addr}")).map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
         let endpoint = endpoint
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        let channel = endpoint.connect_lazy();
-        map.insert(addr.to_owned(), channel.clone());
+        let channel = match &self.tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(crate::tls::Connector::new(tls.clone(), name)?),
+            None => endpoint.connect_lazy(),
+        };
+        map.insert(key, channel.clone());
         Ok(channel)
     }
 }

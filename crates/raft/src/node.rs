@@ -332,6 +332,9 @@ pub struct RaftNode {
     pub(crate) liveness: crate::quiesce::Liveness,
     /// Set by an operator's drain: balancing moves leadership away from this node.
     draining: std::sync::atomic::AtomicBool,
+    /// The Raft id each peer node answered Hello with (id → name), kept with the ids every
+    /// group's membership names: the ids a peer's certificate may speak for.
+    peer_ids: std::sync::Mutex<BTreeMap<u64, String>>,
     /// Set once [`RaftNode::shutdown`] has stopped every group: replication streams that
     /// peers hold open into this node end, so the peer port can stop gracefully.
     stopped: tokio::sync::watch::Sender<bool>,
@@ -399,14 +402,15 @@ impl RaftNode {
     }
 
     /// [`RaftNode::start`], speaking mutual TLS to peers when `peer_tls` is set (the peer
-    /// port's server side is configured by whoever serves [`PeerService`]).
+    /// port's server side is configured by whoever serves [`PeerService`], with
+    /// [`crate::tls::incoming`]; every peer call must then prove its node with a certificate).
     pub async fn start_with_tls(
         db: Arc<NodeDb>,
         spec: ClusterSpec,
         name: &str,
         timing: RaftTiming,
         streams: StreamTable,
-        peer_tls: Option<tonic::transport::ClientTlsConfig>,
+        peer_tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Arc<Self>, NodeError> {
         let me_spec =
             spec.nodes.iter().find(|n| n.name == name).ok_or_else(|| NodeError::UnknownSelf(name.to_owned()))?;
@@ -469,6 +473,7 @@ impl RaftNode {
             quiesce_after: (timing.quiesce_after_ms > 0).then(|| Duration::from_millis(timing.quiesce_after_ms)),
             liveness: crate::quiesce::Liveness::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            peer_ids: std::sync::Mutex::new(BTreeMap::new()),
             stopped: tokio::sync::watch::Sender::new(false),
             db,
             hot: std::sync::Mutex::new(BTreeMap::new()),
@@ -536,17 +541,86 @@ impl RaftNode {
         }
     }
 
-    /// Asks the node at `addr` who it is.
-    pub async fn hello(&self, addr: &str) -> Result<HelloResponse, String> {
-        let channel = self.channels.get(addr)?;
-        let mut req = tonic::Request::new(HelloRequest { cluster: self.spec.cluster.clone() });
+    /// Asks the node called `name` who it is, and remembers its Raft id.
+    pub async fn hello(&self, name: &str) -> Result<HelloResponse, String> {
+        let channel = self.channels.for_name(name)?;
+        let mut req = tonic::Request::new(HelloRequest {
+            cluster: self.spec.cluster.clone(),
+            protocol: PROTOCOL,
+            protocol_min: PROTOCOL_MIN,
+        });
         req.set_timeout(Duration::from_secs(1));
         let reply =
-            RaftPeerClient::new(channel).hello(req).await.map_err(|s| format!("{addr}: {}", s.message()))?.into_inner();
+            RaftPeerClient::new(channel).hello(req).await.map_err(|s| format!("{name}: {}", s.message()))?.into_inner();
         if reply.cluster != self.spec.cluster {
-            return Err(format!("{addr} belongs to cluster {:?}, not {:?}", reply.cluster, self.spec.cluster));
+            return Err(format!("{name} belongs to cluster {:?}, not {:?}", reply.cluster, self.spec.cluster));
         }
+        if reply.name != name {
+            return Err(format!("the address of {name} is answered by {:?}", reply.name));
+        }
+        check_protocol(reply.protocol, reply.protocol_min).map_err(|e| format!("{name}: {e}"))?;
+        self.peer_ids.lock().unwrap_or_else(|p| p.into_inner()).insert(reply.node_id, reply.name.clone());
         Ok(reply)
+    }
+
+    /// The node a peer-port call comes from, proven by its client certificate
+    /// ([`crate::tls`]); `None` when peers do not speak TLS (nothing can be proven). Refused
+    /// (PERMISSION_DENIED, counted) when the certificate names no single node of the cluster.
+    pub fn peer_sender<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        if !self.channels.tls() {
+            return Ok(None);
+        }
+        let names = crate::tls::ConnInfo::of(request).and_then(|c| c.peer.clone());
+        let found = match &names {
+            Some(names) => names.node(self.spec.nodes.iter().map(|n| n.name.as_str())),
+            None => Err("no client certificate".to_owned()),
+        };
+        found.map(|n| Some(n.to_owned())).map_err(|e| {
+            crate::metrics::PEER_REFUSED.with_label_values(&["not_a_node"]).inc();
+            tracing::warn!(reason = %e, "peer call refused");
+            Status::permission_denied(format!("peer port: {e}"))
+        })
+    }
+
+    /// The node Raft id `id` belongs to, by `group`'s membership or the ids peers answered
+    /// Hello with.
+    fn owner_of(&self, group: &Group, id: u64) -> Option<String> {
+        if id == self.id {
+            return Some(self.me.name.clone());
+        }
+        let metrics = group.raft.metrics();
+        let from_membership =
+            metrics.borrow_watched().membership_config.membership().get_node(&id).map(|n| n.name.clone());
+        from_membership.or_else(|| self.peer_ids.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned())
+    }
+
+    /// [`RaftNode::check_speaks_for_known`], first asking `sender` who it is when the id is
+    /// unknown (a group not initialized here yet, a peer that just came back with new data).
+    async fn check_speaks_for(&self, sender: Option<&str>, group: &Group, id: u64) -> Result<(), Status> {
+        if let Some(sender) = sender
+            && self.owner_of(group, id).is_none()
+        {
+            let _ = self.hello(sender).await;
+        }
+        self.check_speaks_for_known(sender, group, id)
+    }
+
+    /// Checks that Raft id `id` (the leader or candidate a message speaks for) belongs to
+    /// `sender` ([`RaftNode::owner_of`]). An id of nobody this node knows is refused too: it
+    /// cannot tell whose it is (the sender retries).
+    fn check_speaks_for_known(&self, sender: Option<&str>, group: &Group, id: u64) -> Result<(), Status> {
+        let Some(sender) = sender else { return Ok(()) };
+        let owner = self.owner_of(group, id);
+        if owner.as_deref() == Some(sender) {
+            return Ok(());
+        }
+        crate::metrics::PEER_REFUSED.with_label_values(&["impersonation"]).inc();
+        let whose = owner.map_or_else(|| "an id this node does not know".to_owned(), |o| format!("node {o}'s id"));
+        tracing::warn!(shard = group.shard, sender, id, whose, "peer message refused: it speaks for another node");
+        Err(Status::permission_denied(format!(
+            "peer port: {sender}'s certificate cannot speak for Raft id {id} of shard {} ({whose})",
+            group.shard
+        )))
     }
 
     /// Initializes every group this node is the first replica of, once all its replicas answer
@@ -568,7 +642,7 @@ impl RaftNode {
                     if node.name == self.me.name {
                         break self.id;
                     }
-                    match self.hello(&node.peer_addr).await {
+                    match self.hello(&node.name).await {
                         Ok(h) => {
                             running_elsewhere |= h.initialized.contains(&group.shard);
                             break h.node_id;
@@ -1170,7 +1244,7 @@ impl RaftNode {
             draining.insert(self.me.name.clone());
         }
         for peer in self.spec.nodes.iter().filter(|n| n.name != self.me.name) {
-            if let Ok(h) = self.hello(&peer.peer_addr).await {
+            if let Ok(h) = self.hello(&peer.name).await {
                 if h.draining {
                     draining.insert(h.name.clone());
                 }
@@ -1399,6 +1473,27 @@ impl PeerService {
     }
 }
 
+/// The peer protocol this build writes: the encoding of log entries ([`Command`]), forwards
+/// and openraft messages ([`codec`]) between nodes. Bump it with every change a node of the
+/// previous version could not read, and keep writing the old encoding until every member
+/// announces the new one (docs/upgrades.md).
+pub const PROTOCOL: u32 = 1;
+/// The oldest peer protocol this build reads.
+pub const PROTOCOL_MIN: u32 = 1;
+
+/// Whether a peer announcing `protocol` (what it writes) and `protocol_min` (the oldest it
+/// reads) can replicate with this build. 0 is a build from before the announcement: 1.
+fn check_protocol(protocol: u32, protocol_min: u32) -> Result<(), String> {
+    let (theirs, their_min) = (protocol.max(1), protocol_min.max(1));
+    if theirs < PROTOCOL_MIN || their_min > PROTOCOL {
+        return Err(format!(
+            "the peer writes protocol {theirs} and reads {their_min}..={theirs}; this build writes {PROTOCOL} and \
+             reads {PROTOCOL_MIN}..={PROTOCOL}: upgrade one release at a time (docs/upgrades.md)"
+        ));
+    }
+    Ok(())
+}
+
 /// Metadata of a `StreamAppend` call: the group, and the node id meant.
 pub(crate) const STREAM_GROUP_HEADER: &str = "x-coalesce-group";
 pub(crate) const STREAM_TARGET_HEADER: &str = "x-coalesce-target";
@@ -1436,7 +1531,19 @@ fn unavailable(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
     async fn hello(&self, request: Request<HelloRequest>) -> Result<TonicResponse<HelloResponse>, Status> {
-        drop(request);
+        self.node.peer_sender(&request)?;
+        if request.get_ref().cluster != self.node.spec.cluster {
+            crate::metrics::PEER_REFUSED.with_label_values(&["cluster"]).inc();
+            return Err(Status::failed_precondition(format!(
+                "this node belongs to cluster {:?}, not {:?}",
+                self.node.spec.cluster,
+                request.get_ref().cluster
+            )));
+        }
+        if let Err(e) = check_protocol(request.get_ref().protocol, request.get_ref().protocol_min) {
+            tracing::error!(error = %e, "a peer speaks an incompatible protocol");
+            return Err(Status::failed_precondition(e));
+        }
         let me = self.node.me();
         let mut initialized = Vec::new();
         for g in self.node.groups() {
@@ -1452,14 +1559,18 @@ impl RaftPeer for PeerService {
             client_addr: me.client_addr.clone(),
             initialized,
             draining: self.node.is_draining(),
+            protocol: PROTOCOL,
+            protocol_min: PROTOCOL_MIN,
         }))
     }
 
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        let sender = self.node.peer_sender(&request)?;
         let m = request.into_inner();
         let g = self.group(m.group, m.target)?;
         let rpc: openraft::raft::AppendEntriesRequest<TypeConfig> =
             codec::decode_msg("append_entries", &m.payload).map_err(bad)?;
+        self.node.check_speaks_for(sender.as_deref(), &g, rpc.vote.leader_id.node_id).await?;
         check_entries(&rpc)?;
         let keepalive = g.quiet.is_keepalive(&rpc);
         let resp = g.raft.append_entries(rpc).await.map_err(unavailable)?;
@@ -1486,17 +1597,24 @@ impl RaftPeer for PeerService {
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| bad(format!("stream_append: missing or bad {name} metadata")))
         };
+        let sender = self.node.peer_sender(&request)?;
         let group = ShardId::try_from(meta(STREAM_GROUP_HEADER)?).map_err(bad)?;
         let g = self.group(group, meta(STREAM_TARGET_HEADER)?)?;
-        let (node, quiet) = (self.node.clone(), g.clone());
+        let (node, quiet, check) = (self.node.clone(), g.clone(), g.clone());
+        let speaks_for = self.node.clone();
         // Requests until the leader ends the stream, sends something undecodable or invalid,
         // or this node stops; each wakes a quiesced group as a unary AppendEntries would.
         let input = request
             .into_inner()
             .take_until(self.node.stopped())
-            .map(|m| {
+            .map(move |m| {
                 let rpc = m.ok().and_then(|m| codec::decode_msg("stream_append", &m.payload).ok());
-                rpc.filter(|rpc| check_entries(rpc).is_ok())
+                rpc.filter(|rpc: &openraft::raft::AppendEntriesRequest<TypeConfig>| {
+                    check_entries(rpc).is_ok()
+                        && speaks_for
+                            .check_speaks_for_known(sender.as_deref(), &check, rpc.vote.leader_id.node_id)
+                            .is_ok()
+                })
             })
             .take_while(|r| futures::future::ready(r.is_some()))
             .filter_map(futures::future::ready)
@@ -1514,33 +1632,41 @@ impl RaftPeer for PeerService {
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        let sender = self.node.peer_sender(&request)?;
         let m = request.into_inner();
         let g = self.group(m.group, m.target)?;
-        let rpc = codec::decode_msg("vote", &m.payload).map_err(bad)?;
+        let rpc: openraft::raft::VoteRequest<TypeConfig> = codec::decode_msg("vote", &m.payload).map_err(bad)?;
+        self.node.check_speaks_for(sender.as_deref(), &g, rpc.vote.leader_id.node_id).await?;
         let resp = g.raft.vote(rpc).await.map_err(unavailable)?;
         self.node.wake_on_message(&g);
         reply(m.group, "vote", &resp)
     }
 
     async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        let sender = self.node.peer_sender(&request)?;
         let m = request.into_inner();
         let g = self.group(m.group, m.target)?;
-        let rpc = codec::decode_msg("pre_vote", &m.payload).map_err(bad)?;
+        let rpc: openraft::raft::VoteRequest<TypeConfig> = codec::decode_msg("pre_vote", &m.payload).map_err(bad)?;
+        self.node.check_speaks_for(sender.as_deref(), &g, rpc.vote.leader_id.node_id).await?;
         let resp = g.raft.pre_vote(rpc).await.map_err(unavailable)?;
         self.node.wake_on_message(&g);
         reply(m.group, "pre_vote", &resp)
     }
 
     async fn transfer_leader(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        let sender = self.node.peer_sender(&request)?;
         let m = request.into_inner();
         let g = self.group(m.group, m.target)?;
-        let req = codec::decode_msg("transfer_leader", &m.payload).map_err(bad)?;
+        let req: openraft::raft::TransferLeaderRequest<TypeConfig> =
+            codec::decode_msg("transfer_leader", &m.payload).map_err(bad)?;
+        self.node.check_speaks_for(sender.as_deref(), &g, req.from_leader().leader_id.node_id).await?;
         let resp = g.raft.handle_transfer_leader(req).await.map_err(unavailable)?;
         self.node.wake_on_message(&g);
         reply(m.group, "transfer_leader", &resp)
     }
 
     async fn forward(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        self.node.peer_sender(&request)?;
         let span = tracing::debug_span!("forwarded", shard = request.get_ref().group);
         crate::tracectx::extract(&span, request.metadata().as_ref());
         let m = request.into_inner();
@@ -1560,10 +1686,12 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<TonicResponse<RaftMessage>, Status> {
+        let sender = self.node.peer_sender(&request)?;
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| bad("empty snapshot stream"))?;
         let g = self.group(first.group, first.target)?;
         let vote = codec::decode_vote(first.group, &first.vote).map_err(bad)?;
+        self.node.check_speaks_for(sender.as_deref(), &g, vote.leader_id.node_id).await?;
         let meta = codec::decode_snapshot_meta(first.group, &first.meta).map_err(bad)?;
         let mut data = first.data;
         while let Some(chunk) = stream.message().await? {
@@ -1581,13 +1709,25 @@ impl RaftPeer for PeerService {
     }
 
     async fn quiesce(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
+        let sender = self.node.peer_sender(&request)?;
         let m = request.into_inner();
         let g = self.group(m.group, m.target)?;
-        let agreed = self.node.on_quiesce(&g, &m.payload);
+        let agreed = self.node.on_quiesce(&g, &m.payload, |leader| {
+            self.node.check_speaks_for_known(sender.as_deref(), &g, leader).is_ok()
+        });
         reply(m.group, "quiesce reply", &agreed)
     }
 
     async fn ping(&self, request: Request<PingRequest>) -> Result<TonicResponse<PingResponse>, Status> {
+        if let Some(sender) = self.node.peer_sender(&request)?
+            && sender != request.get_ref().name
+        {
+            crate::metrics::PEER_REFUSED.with_label_values(&["impersonation"]).inc();
+            return Err(Status::permission_denied(format!(
+                "peer port: {sender}'s certificate cannot ping as {:?}",
+                request.get_ref().name
+            )));
+        }
         Ok(TonicResponse::new(self.node.on_ping(request.get_ref())))
     }
 }
@@ -1610,6 +1750,15 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn peers_must_read_what_each_other_writes() {
+        assert!(check_protocol(PROTOCOL, PROTOCOL_MIN).is_ok());
+        assert!(check_protocol(0, 0).is_ok(), "a build from before the announcement speaks 1");
+        let e = check_protocol(PROTOCOL + 5, PROTOCOL + 3).unwrap_err();
+        assert!(e.contains("upgrade one release at a time"), "{e}");
+        assert!(check_protocol(PROTOCOL + 1, PROTOCOL).is_ok(), "a newer peer that still reads ours");
     }
 
     #[test]

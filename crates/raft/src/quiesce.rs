@@ -345,8 +345,13 @@ impl RaftNode {
 
     /// A follower's answer to [`QuiesceRequest`]: agrees (and stops its ticker) when it
     /// follows that leader in that term and holds the same committed log.
-    pub(crate) fn on_quiesce(&self, group: &Group, payload: &[u8]) -> bool {
+    /// A quiesce request from the node that `from_leader` accepts as the sender of the
+    /// leader id the request names.
+    pub(crate) fn on_quiesce(&self, group: &Group, payload: &[u8], from_leader: impl FnOnce(u64) -> bool) -> bool {
         let Ok(req) = codec::decode_msg::<QuiesceRequest>("quiesce", payload) else { return false };
+        if !from_leader(req.leader) {
+            return false;
+        }
         let leader_name = {
             let metrics = group.raft.metrics();
             let m = metrics.borrow_watched();

@@ -90,12 +90,41 @@ async fn join_server<E: std::fmt::Display>(name: &str, server: tokio::task::Join
     }
 }
 
-/// The connections a gRPC port accepts, with `TCP_NODELAY` set. (tonic's builder option does
-/// not apply to a listener we bound ourselves, and without it Nagle's algorithm holds a
-/// response's last small frame until the peer's delayed ACK — up to 40 ms on Linux — for
-/// every request on a quiet connection, replication included.)
-fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// The connections a gRPC port accepts (`TCP_NODELAY`, TLS when `certs` is set:
+/// [`coalesce_raft::tls::incoming`]).
+fn incoming(
+    listener: tokio::net::TcpListener,
+    certs: Option<Arc<coalesce_raft::tls::Certs>>,
+    port: &'static str,
+) -> impl futures::Stream<Item = Result<coalesce_raft::tls::Conn, std::io::Error>> + use<> {
+    coalesce_raft::tls::incoming(listener, certs.map(|c| c.server_config()), port)
+}
+
+/// Says loudly, once the log is up, which ports the config lets listen unauthenticated.
+fn warn_insecure(cfg: &crate::config::Config, loaded: &Loaded) {
+    let node = &cfg.node;
+    if loaded.tls.peer.is_none() && !node.peer_listen.ip().is_loopback() {
+        tracing::warn!(
+            peer = %node.peer_listen,
+            "INSECURE: node.insecure_peer is set and the peer port listens beyond loopback without mutual TLS: \
+             anyone who can reach it can act as a node of this cluster"
+        );
+    }
+    let exposed = !node.client_listen.ip().is_loopback() || node.http_listen.is_some_and(|a| !a.ip().is_loopback());
+    if !loaded.auth.enabled() && exposed {
+        tracing::warn!(
+            client = %node.client_listen,
+            http = ?node.http_listen,
+            "INSECURE: node.insecure is set and no [[auth.tokens]] are configured: anyone who can reach the client \
+             or HTTP port can ingest, read and administer this cluster"
+        );
+    }
+    if loaded.auth.enabled() && loaded.tls.client.is_none() && !node.client_listen.ip().is_loopback() {
+        tracing::warn!(
+            client = %node.client_listen,
+            "bearer tokens travel in plain text: the client port has no [tls.client]"
+        );
+    }
 }
 
 async fn wait(mut rx: watch::Receiver<bool>) {
@@ -112,6 +141,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let cfg = &loaded.config;
     coalesce_raft::failpoints::init();
+    warn_insecure(cfg, &loaded);
     std::fs::create_dir_all(&cfg.node.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.node.data_dir.display()))?;
     let db = NodeDb::open(&cfg.node.data_dir, &StorageOptions::default()).context("opening RocksDB")?;
@@ -121,7 +151,7 @@ pub async fn run(
         &cfg.node.name,
         cfg.raft_timing(),
         loaded.streams.clone(),
-        loaded.tls.peer_client.clone(),
+        loaded.tls.peer.as_ref().map(|c| c.client_config()),
     )
     .await
     .context("starting shard groups")?;
@@ -162,19 +192,22 @@ pub async fn run(
     let (stop_client, stop_client_rx) = watch::channel(false);
     let stop_client_rx2 = stop_client_rx.clone();
     let mut peer_builder = tonic::transport::Server::builder();
-    if let Some(tls) = loaded.tls.peer_server.clone() {
-        peer_builder = peer_builder.tls_config(tls).context("peer port TLS")?;
-    }
     // One `rpc` span per call, continuing the caller's trace (crate::telemetry).
-    let mut client_builder = tonic::transport::Server::builder().trace_fn(crate::telemetry::rpc_span);
-    if let Some(tls) = loaded.tls.client_server.clone() {
-        client_builder = client_builder.tls_config(tls).context("client port TLS")?;
-    }
+    let client_builder = tonic::transport::Server::builder().trace_fn(crate::telemetry::rpc_span);
+    // Rotated certificates are picked up without a restart.
+    let reloads: Vec<_> = [&loaded.tls.peer, &loaded.tls.client]
+        .into_iter()
+        .flatten()
+        .map(|c| tokio::spawn(c.clone().watch(loaded.config.tls.reload_interval, wait(stop_peer_rx.clone()))))
+        .collect();
     let peer_server = tokio::spawn(
         peer_builder
             .add_service(RaftPeerServer::new(PeerService::new(node.clone())).max_decoding_message_size(64 << 20))
             .add_service(coalesce_proto::v1::fetch_peer_server::FetchPeerServer::new(fetch.clone()))
-            .serve_with_incoming_shutdown(incoming(peer_listener), wait(stop_peer_rx.clone())),
+            .serve_with_incoming_shutdown(
+                incoming(peer_listener, loaded.tls.peer.clone(), "peer"),
+                wait(stop_peer_rx.clone()),
+            ),
     );
     // Standard gRPC health (`grpc.health.v1`) and server reflection on the client port.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -198,13 +231,17 @@ pub async fn run(
                 CoalesceServer::new(CoalesceService::new(node.clone(), cfg.api, delivery.clone(), fetch))
                     .max_decoding_message_size(decode_limit(cfg.api.max_request_bytes)),
             )
-            .serve_with_incoming_shutdown(incoming(client_listener), wait(stop_client_rx)),
+            .serve_with_incoming_shutdown(
+                incoming(client_listener, loaded.tls.client.clone(), "client"),
+                wait(stop_client_rx),
+            ),
     );
     // The HTTP port stops last: probes and scrapes answer (not ready) during the hand-off.
     let (stop_http, stop_http_rx) = watch::channel(false);
     let http_server = http_listener.map(|listener| {
         let log = log.map(Arc::new);
-        tokio::spawn(crate::http::serve(listener, node_health.clone(), registry, log, wait(stop_http_rx.clone())))
+        let auth = loaded.auth.clone();
+        tokio::spawn(crate::http::serve(listener, node_health.clone(), registry, log, auth, wait(stop_http_rx.clone())))
     });
     let watchdog = tokio::spawn(node_health.clone().run_watchdog(wait(stop_http_rx)));
     on_bound(bound);
@@ -250,6 +287,9 @@ pub async fn run(
     let _ = stop_peer.send(true);
     let _ = sealer.await;
     let _ = liveness.await;
+    for r in reloads {
+        let _ = r.await;
+    }
     for (name, server) in [("client", client_server), ("peer", peer_server)] {
         join_server(name, server).await;
     }

@@ -231,6 +231,7 @@ impl FetchService {
 #[tonic::async_trait]
 impl pb::fetch_peer_server::FetchPeer for FetchService {
     async fn fetch(&self, request: Request<pb::PeerFetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
+        self.node.peer_sender(&request)?;
         let r = request.into_inner();
         if r.target != self.node.id() {
             return Err(Status::unavailable(format!("this is not node {} (it restarted with new data)", r.target)));

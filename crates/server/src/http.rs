@@ -5,11 +5,12 @@
 //! | `GET /metrics` | Prometheus text exposition (`crate::metrics`) |
 //! | `GET /livez` | 200 unless the process is wedged: the runtime's watchdog tick is late |
 //! | `GET /readyz` | 200 only when the node serves its shards: bootstrapped, not shutting down, every local shard has a leader; a line per shard group stopped on this node (an entry failed to apply), which does not make it unready |
-//! | `GET /loglevel` | the current log filter (`tracing_subscriber::EnvFilter` syntax) |
-//! | `PUT /loglevel` | replace it, e.g. `curl -X PUT --data 'info,coalesce_raft=debug' :7402/loglevel` |
+//! | `GET /loglevel` | the current log filter (`tracing_subscriber::EnvFilter` syntax); admin |
+//! | `PUT /loglevel` | replace it, e.g. `curl -X PUT -H "authorization: Bearer $TOKEN" --data 'info,coalesce_raft=debug' :7402/loglevel`; admin |
 //!
-//! The port has no authentication: keep it on the cluster network (Prometheus and the kubelet),
-//! never behind a public Service.
+//! `/metrics` and the probes are open (Prometheus and the kubelet); with `[[auth.tokens]]`,
+//! everything else needs an admin token (401 without a known token, 403 without the role),
+//! as the client port's `Admin` service does. Keep the port on the cluster network.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,13 +19,14 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use coalesce_raft::RaftNode;
 use tokio::net::TcpListener;
 
 use crate::metrics::{WATCHDOG_LIMIT, WATCHDOG_TICK};
+use crate::security::{Auth, Role};
 use crate::telemetry::LogControl;
 
 /// Liveness and readiness of a node.
@@ -120,6 +122,20 @@ struct AppState {
     health: Arc<Health>,
     registry: prometheus::Registry,
     log: Option<Arc<LogControl>>,
+    auth: Arc<Auth>,
+}
+
+/// Admin routes: a token with the admin role when tokens are configured.
+fn admin(s: &AppState, headers: &HeaderMap, what: &str) -> Result<(), (StatusCode, String)> {
+    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    s.auth.check_role(Some(Role::Admin), what, authorization).map_err(|status| {
+        let code = if status.code() == tonic::Code::PermissionDenied {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        (code, format!("{}\n", status.message()))
+    })
 }
 
 fn verdict(r: Result<(), String>) -> (StatusCode, String) {
@@ -147,14 +163,20 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     (code, body)
 }
 
-async fn get_log(State(s): State<AppState>) -> impl IntoResponse {
+async fn get_log(State(s): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+    if let Err(refused) = admin(&s, &headers, "GET /loglevel") {
+        return refused;
+    }
     match &s.log {
         Some(l) => (StatusCode::OK, format!("{}\n", l.current())),
         None => (StatusCode::NOT_FOUND, "this process does not control its log filter\n".into()),
     }
 }
 
-async fn put_log(State(s): State<AppState>, body: String) -> impl IntoResponse {
+async fn put_log(State(s): State<AppState>, headers: HeaderMap, body: String) -> impl IntoResponse {
+    if let Err(refused) = admin(&s, &headers, "PUT /loglevel") {
+        return refused;
+    }
     match &s.log {
         Some(l) => match l.set(body.trim()) {
             Ok(()) => {
@@ -170,7 +192,10 @@ async fn put_log(State(s): State<AppState>, body: String) -> impl IntoResponse {
 /// `PUT /failpoints/slow_disk` with a duration ("300ms", "0s"): every fsync of this node takes
 /// that much longer. Test-only (the chaos tool's slow-disk fault): the route exists only when
 /// the node started with the `runtime` failpoint (`COALESCE_FAILPOINTS=runtime`).
-async fn put_slow_disk(State(s): State<AppState>, body: String) -> impl IntoResponse {
+async fn put_slow_disk(State(s): State<AppState>, headers: HeaderMap, body: String) -> impl IntoResponse {
+    if let Err(refused) = admin(&s, &headers, "PUT /failpoints/slow_disk") {
+        return refused;
+    }
     match humantime::parse_duration(body.trim()) {
         Ok(d) if d <= std::time::Duration::from_secs(60) => {
             s.health.node.set_disk_latency(d);
@@ -188,6 +213,7 @@ pub async fn serve(
     health: Arc<Health>,
     registry: prometheus::Registry,
     log: Option<Arc<LogControl>>,
+    auth: Arc<Auth>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -200,6 +226,6 @@ pub async fn serve(
     } else {
         app
     };
-    let app = app.with_state(AppState { health, registry, log });
+    let app = app.with_state(AppState { health, registry, log, auth });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

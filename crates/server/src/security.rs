@@ -1,9 +1,16 @@
-//! TLS on both ports and bearer tokens with roles on the client port.
+//! TLS on both ports, bearer tokens with roles on the client and HTTP ports, and the rule that
+//! nothing listens beyond loopback unauthenticated unless the config says so explicitly.
 //!
 //! - **Client port**: TLS with the node's certificate when `[tls.client]` is set; with
 //!   `client_ca`, clients must also present a certificate signed by it.
 //! - **Peer port**: mutual TLS when `[tls.peer]` is set — every node presents its certificate
-//!   and accepts only peers whose certificate is signed by `ca` (both directions).
+//!   and accepts only peers whose certificate is signed by `ca` (both directions), and each
+//!   certificate must name its node: a peer's certificate is checked against the node it
+//!   speaks for on every call ([`coalesce_raft::tls`]). Certificates of both ports are re-read
+//!   every `tls.reload_interval` and swapped in when they change.
+//! - **Off loopback** ([`check_exposure`]): a peer port beyond loopback needs `[tls.peer]` or
+//!   `node.insecure_peer = true`; a client or HTTP port beyond loopback needs
+//!   `[[auth.tokens]]` or `node.insecure = true`. Either flag is logged loudly at start.
 //! - **Tokens** (`[[auth.tokens]]`): when any is configured, every call on the client port
 //!   but health and reflection needs `authorization: Bearer <token>`; the method decides the
 //!   role: `Ingest` and `IngestStream` need *producer*, `Subscribe`, `Ack` and `Fetch`
@@ -19,18 +26,33 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use coalesce_raft::tls::{Certs, TlsFiles};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-/// `[tls]`: certificates for the two ports (PEM files, relative to the config file).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[tls]`: certificates for the two ports (PEM files, relative to the config file; `{node}` in
+/// a path stands for the node's name, so one config serves every pod of a StatefulSet).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     #[serde(default)]
     pub client: Option<ClientPortTls>,
     #[serde(default)]
     pub peer: Option<PeerPortTls>,
+    /// How often the certificate files are re-read (rotated certificates are picked up without
+    /// a restart).
+    #[serde(with = "humantime_serde", default = "default_reload_interval")]
+    pub reload_interval: std::time::Duration,
+}
+
+fn default_reload_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self { client: None, peer: None, reload_interval: default_reload_interval() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -51,8 +73,8 @@ pub struct PeerPortTls {
     pub key: PathBuf,
     /// The CA that signs every node's certificate.
     pub ca: PathBuf,
-    /// The name peers' certificates are checked against, when it is not the host in their
-    /// address (e.g. one certificate for `coalesce-peers`).
+    /// Refused with an explanation: peers' certificates are checked against the node name
+    /// (one certificate per node), never a shared name.
     #[serde(default)]
     pub server_name: Option<String>,
 }
@@ -88,45 +110,83 @@ pub enum Role {
     Admin,
 }
 
+fn full_path(base: &Path, path: &Path) -> PathBuf {
+    if path.is_relative() { base.join(path) } else { path.to_owned() }
+}
+
 fn read(base: &Path, path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    let full = if path.is_relative() { base.join(path) } else { path.to_owned() };
+    let full = full_path(base, path);
     std::fs::read(&full).map_err(|e| format!("{what} {}: {e}", full.display()))
 }
 
-/// Server and peer-client TLS settings, loaded from the files.
+/// The certificates of both ports, loaded from the files (and reloadable).
 #[derive(Debug, Clone, Default)]
 pub struct LoadedTls {
-    pub client_server: Option<ServerTlsConfig>,
-    pub peer_server: Option<ServerTlsConfig>,
-    pub peer_client: Option<ClientTlsConfig>,
+    pub client: Option<Arc<Certs>>,
+    pub peer: Option<Arc<Certs>>,
 }
 
 impl TlsConfig {
-    /// Reads every certificate and key (paths relative to `base`).
-    pub fn load(&self, base: &Path) -> Result<LoadedTls, String> {
+    /// Reads every certificate and key (paths relative to `base`, `{node}` replaced by `node`).
+    pub fn load(&self, base: &Path, node: &str) -> Result<LoadedTls, String> {
+        let path = |p: &Path| PathBuf::from(full_path(base, p).to_string_lossy().replace("{node}", node));
         let mut out = LoadedTls::default();
+        if self.reload_interval < std::time::Duration::from_secs(1) {
+            return Err(format!("tls.reload_interval must be at least 1s, got {:?}", self.reload_interval));
+        }
         if let Some(c) = &self.client {
-            let identity =
-                Identity::from_pem(read(base, &c.cert, "tls.client.cert")?, read(base, &c.key, "tls.client.key")?);
-            let mut server = ServerTlsConfig::new().identity(identity);
-            if let Some(ca) = &c.client_ca {
-                server = server.client_ca_root(Certificate::from_pem(read(base, ca, "tls.client.client_ca")?));
-            }
-            out.client_server = Some(server);
+            let files = TlsFiles { cert: path(&c.cert), key: path(&c.key), ca: c.client_ca.as_deref().map(path) };
+            out.client = Some(Certs::load("client", files)?);
         }
         if let Some(p) = &self.peer {
-            let (cert, key) = (read(base, &p.cert, "tls.peer.cert")?, read(base, &p.key, "tls.peer.key")?);
-            let ca = Certificate::from_pem(read(base, &p.ca, "tls.peer.ca")?);
-            out.peer_server =
-                Some(ServerTlsConfig::new().identity(Identity::from_pem(&cert, &key)).client_ca_root(ca.clone()));
-            let mut client = ClientTlsConfig::new().ca_certificate(ca).identity(Identity::from_pem(cert, key));
             if let Some(name) = &p.server_name {
-                client = client.domain_name(name.clone());
+                return Err(format!(
+                    "tls.peer.server_name ({name:?}) is no longer supported: each node's certificate must name that \
+                     node (its name as a DNS subject alternative name), and peers are checked against it; see \
+                     docs/security.md"
+                ));
             }
-            out.peer_client = Some(client);
+            let files = TlsFiles { cert: path(&p.cert), key: path(&p.key), ca: Some(path(&p.ca)) };
+            out.peer = Some(Certs::load("peer", files)?);
         }
         Ok(out)
     }
+}
+
+/// Why a node will not start with its listeners where they are: a port beyond loopback
+/// without authentication, unless the config explicitly allows it (see the module docs).
+pub fn check_exposure(
+    node: &crate::config::NodeConfig,
+    tls: &LoadedTls,
+    auth: &Auth,
+) -> Result<(), (&'static str, String)> {
+    if tls.peer.is_none() && !node.peer_listen.ip().is_loopback() && !node.insecure_peer {
+        return Err((
+            "node.peer_listen",
+            format!(
+                "{} is not a loopback address, and the peer port would accept anyone: configure [tls.peer] (mutual \
+                 TLS with one certificate per node, docs/security.md), or set node.insecure_peer = true on a \
+                 network only Coalesce nodes can reach",
+                node.peer_listen
+            ),
+        ));
+    }
+    if !auth.enabled() && !node.insecure {
+        let exposed = [("node.client_listen", Some(node.client_listen)), ("node.http_listen", node.http_listen)];
+        for (field, addr) in exposed {
+            if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
+                return Err((
+                    field,
+                    format!(
+                        "{addr} is not a loopback address, and without [[auth.tokens]] anyone could ingest, read and \
+                         administer this cluster (and change its log level): configure tokens (docs/security.md), \
+                         or set node.insecure = true on a trusted network"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The tokens a node accepts: SHA-256 of each, with its holder and roles.
@@ -184,10 +244,24 @@ impl Auth {
 
     /// Checks a call to `path` with the `authorization` header value.
     pub fn check(&self, path: &str, authorization: Option<&[u8]>) -> Result<(), tonic::Status> {
+        match Self::required(path) {
+            Some(need) => self.check_role(need, path, authorization),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks that `authorization` carries a token with role `need` (any token for `None`)
+    /// for `what` (named in the error).
+    pub fn check_role(
+        &self,
+        need: Option<Role>,
+        what: &str,
+        authorization: Option<&[u8]>,
+    ) -> Result<(), tonic::Status> {
         if !self.enabled() {
             return Ok(());
         }
-        let Some(need) = Self::required(path) else { return Ok(()) };
+        let path = what;
         let token = authorization
             .and_then(|h| std::str::from_utf8(h).ok())
             .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
