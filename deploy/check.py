@@ -828,7 +828,9 @@ def check_security(c: Cluster, sts: dict, ct: dict, cm: dict, cfile: str, cfg: d
     files += [t.get("token_file") for t in auth.get("tokens", [])]
     for f in filter(None, files):
         if not os.path.isabs(f):
-            continue  # relative to the ConfigMap mount: a key of the ConfigMap (not for secrets)
+            c.err(cm, f"{cfile} reads {f} relative to the ConfigMap: keys, certificates and tokens belong in a "
+                      "Secret volume (an absolute path under its mount)")
+            continue
         mount = max((m for m in ct.get("volumeMounts", []) if f.startswith(m["mountPath"].rstrip("/") + "/")),
                     key=lambda m: len(m["mountPath"]), default=None)
         vol = volumes.get(mount["name"]) if mount else None

@@ -213,6 +213,12 @@ async fn a_paused_leader_never_seals_with_its_old_epoch() {
     // sealed by the zombie's old epoch after the new leader's would fail it.
     let emitted = cluster.collect_outputs().await;
     assert_eq!(emitted, acked, "Σ emitted per key == Σ acknowledged per key (seed {seed})");
+    // A resumed node finds the forwards its peers gave up on reset: it must not answer them by
+    // cutting its peers off (h2's rapid-reset guard, sized for the peer port in app.rs).
+    for n in &cluster.local.nodes {
+        let log = std::fs::read_to_string(&n.log).unwrap();
+        assert!(!log.contains("pending-accept streams reached limit"), "{} dropped its peers (seed {seed})", n.name);
+    }
 }
 
 /// Sends one event of `shard` (producer `producer`, seq `seq`) through node `via` until it is

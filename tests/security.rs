@@ -167,12 +167,6 @@ async fn peers_need_certificates_and_clients_need_tokens_with_roles() {
     let hello = || pb::HelloRequest { cluster: "test".into(), ..Default::default() };
     let mut no_cert = RaftPeerClient::new(tls_channel(&peer_addr, &ca, None));
     assert!(no_cert.hello(hello()).await.is_err(), "a caller without a client certificate is refused on the peer port");
-    let forged = pb::RaftMessage {
-        group: 0,
-        payload: postcard::to_allocvec(&Forged::Ack { cursor: "x".into(), upto_seq: 1 }).unwrap(),
-        target: 0,
-    };
-    assert!(no_cert.forward(forged).await.is_err(), "and so is its forward");
     let plain = Channel::from_shared(format!("http://{peer_addr}")).unwrap().connect_lazy();
     assert!(RaftPeerClient::new(plain).hello(hello()).await.is_err());
     let (cert, key) = identity(cluster.path(), "coalesce-1");
@@ -180,6 +174,12 @@ async fn peers_need_certificates_and_clients_need_tokens_with_roles() {
     let with_cert = RaftPeerClient::new(as_node1.clone()).hello(hello()).await;
     assert!(with_cert.is_ok(), "node 1's certificate is accepted on node 0's peer port: {with_cert:?}");
     let node0_id = with_cert.unwrap().into_inner().node_id;
+    let ack = postcard::to_allocvec(&Forged::Ack { cursor: "x".into(), upto_seq: 1 }).unwrap();
+    let e = no_cert.forward(pb::RaftMessage { group: 0, payload: ack, target: node0_id }).await.unwrap_err();
+    assert!(
+        !matches!(e.code(), tonic::Code::Ok | tonic::Code::NotFound | tonic::Code::PermissionDenied),
+        "a forward without a certificate does not get past the TLS handshake: {e:?}"
+    );
 
     // Certificates the CA signed that are not a node's are refused on every peer call.
     for (file, why) in [("client-only", "client certificate"), ("stranger", "names no node")] {
@@ -198,9 +198,6 @@ async fn peers_need_certificates_and_clients_need_tokens_with_roles() {
     let mut peer = RaftPeerClient::new(as_node1);
     let e = peer.hello(pb::HelloRequest { cluster: "another".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "the cluster name is checked: {e:?}");
-    let future = pb::HelloRequest { cluster: "test".into(), protocol: 90, protocol_min: 90 };
-    let e = peer.hello(future).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "a peer that writes what this build cannot read: {e:?}");
     let own = peer.ping(pb::PingRequest { name: "coalesce-1".into(), boot: 7 }).await;
     assert!(own.is_ok(), "{own:?}");
     let e = peer.ping(pb::PingRequest { name: "coalesce-2".into(), boot: 7 }).await.unwrap_err();
@@ -220,8 +217,22 @@ async fn peers_need_certificates_and_clients_need_tokens_with_roles() {
     assert!(e.message().contains("cannot speak for"), "{e:?}");
     let own = peer.pre_vote(pre_vote(ids[1])).await;
     assert!(own.is_ok(), "a pre-vote node 1 asks for itself is answered: {own:?}");
+    // The certificate metrics the alerts use (deploy/k8s/base/prometheusrule.yaml) are exported.
+    let expiry = cluster.metric("coalesce_tls_cert_expiry_timestamp_seconds{port=\"peer\"}").await;
+    assert!(expiry.first().is_some_and(|t| *t > 1.7e9), "{expiry:?}");
+    assert_eq!(cluster.metric("coalesce_tls_reloads_total{port=\"peer\",result=\"failed\"}").await.first(), Some(&0.0));
     let refused = cluster.metric("coalesce_raft_peer_refused_total{reason=\"impersonation\"}").await;
     assert!(refused.first().is_some_and(|n| *n >= 2.0), "counted on node 0: {refused:?}");
+
+    // A peer announcing a protocol this build cannot read is refused, and so is everything it
+    // sends until it announces a compatible one (as after its upgrade or rollback).
+    let future = pb::HelloRequest { cluster: "test".into(), protocol: 90, protocol_min: 90 };
+    let e = peer.hello(future).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "a peer that writes what this build cannot read: {e:?}");
+    let e = peer.ping(pb::PingRequest { name: "coalesce-1".into(), boot: 7 }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(peer.hello(hello()).await.is_ok(), "a compatible announcement is accepted again");
+    assert!(peer.ping(pb::PingRequest { name: "coalesce-1".into(), boot: 7 }).await.is_ok());
 
     // /loglevel needs the admin token; the probes and /metrics stay open.
     let http = &cluster.local.nodes[0].http_addr;

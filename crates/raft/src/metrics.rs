@@ -176,7 +176,8 @@ pub(crate) static PEER_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "coalesce_raft_peer_refused_total",
         "Peer-port calls refused before any work, by reason: `not_a_node` (the client certificate names no \
          single node of this cluster, or is a client certificate), `impersonation` (the call speaks for a \
-         node its certificate does not name), `cluster` (a Hello from another cluster).",
+         node its certificate does not name), `cluster` (a Hello from another cluster), `protocol` (a \
+         call from a peer whose last Hello announced a protocol this build cannot replicate with).",
         &["reason"],
     )
 });
@@ -225,7 +226,7 @@ pub fn init(streams: &[&str]) {
     for place in ["propose", "peer"] {
         INVALID_COMMANDS.with_label_values(&[place]);
     }
-    for reason in ["not_a_node", "impersonation", "cluster"] {
+    for reason in ["not_a_node", "impersonation", "cluster", "protocol"] {
         PEER_REFUSED.with_label_values(&[reason]);
     }
     for event in ["opened", "stalled", "failed"] {

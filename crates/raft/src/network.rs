@@ -104,7 +104,10 @@ impl Channels {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_while_idle(true);
         let channel = match &self.tls {
-            Some(tls) => endpoint.connect_with_connector_lazy(crate::tls::Connector::new(tls.clone(), name)?),
+            Some(tls) => {
+                let cluster = Arc::new(self.addrs.keys().cloned().collect::<Vec<_>>());
+                endpoint.connect_with_connector_lazy(crate::tls::Connector::new(tls.clone(), name, cluster)?)
+            }
             None => endpoint.connect_lazy(),
         };
         map.insert(key, channel.clone());

@@ -335,6 +335,10 @@ pub struct RaftNode {
     /// The Raft id each peer node answered Hello with (id → name), kept with the ids every
     /// group's membership names: the ids a peer's certificate may speak for.
     peer_ids: std::sync::Mutex<BTreeMap<u64, String>>,
+    /// Peers whose last Hello (either way) announced a protocol this build cannot speak with,
+    /// and why: with mutual TLS every call from them is refused until one announces a
+    /// compatible one.
+    incompatible: std::sync::Mutex<BTreeMap<String, String>>,
     /// Set once [`RaftNode::shutdown`] has stopped every group: replication streams that
     /// peers hold open into this node end, so the peer port can stop gracefully.
     stopped: tokio::sync::watch::Sender<bool>,
@@ -474,6 +478,7 @@ impl RaftNode {
             liveness: crate::quiesce::Liveness::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             peer_ids: std::sync::Mutex::new(BTreeMap::new()),
+            incompatible: std::sync::Mutex::new(BTreeMap::new()),
             stopped: tokio::sync::watch::Sender::new(false),
             db,
             hot: std::sync::Mutex::new(BTreeMap::new()),
@@ -558,9 +563,42 @@ impl RaftNode {
         if reply.name != name {
             return Err(format!("the address of {name} is answered by {:?}", reply.name));
         }
-        check_protocol(reply.protocol, reply.protocol_min).map_err(|e| format!("{name}: {e}"))?;
-        self.peer_ids.lock().unwrap_or_else(|p| p.into_inner()).insert(reply.node_id, reply.name.clone());
+        self.note_protocol(name, check_protocol(reply.protocol, reply.protocol_min))
+            .map_err(|e| format!("{name}: {e}"))?;
+        let mut ids = self.peer_ids.lock().unwrap_or_else(|p| p.into_inner());
+        match ids.get(&reply.node_id) {
+            // Ids are random per data directory: one that another node already answered with is
+            // a peer lying about its id, and must not take it over.
+            Some(owner) if *owner != reply.name => {
+                tracing::error!(id = reply.node_id, owner = %owner, claimed_by = %reply.name, "a peer answered Hello with another node's Raft id");
+                return Err(format!("{name} answered with the Raft id of {owner}"));
+            }
+            Some(_) => {}
+            None => {
+                ids.insert(reply.node_id, reply.name.clone());
+            }
+        }
+        drop(ids);
         Ok(reply)
+    }
+
+    /// Records whether peer `name` speaks a protocol this build can replicate with (logged when
+    /// that changes), passing `verdict` on.
+    fn note_protocol(&self, name: &str, verdict: Result<(), String>) -> Result<(), String> {
+        let mut bad = self.incompatible.lock().unwrap_or_else(|p| p.into_inner());
+        match &verdict {
+            Ok(()) => {
+                if bad.remove(name).is_some() {
+                    tracing::info!(peer = name, "the peer speaks a compatible protocol again");
+                }
+            }
+            Err(e) => {
+                if bad.insert(name.to_owned(), e.clone()).is_none() {
+                    tracing::error!(peer = name, error = %e, "a peer speaks an incompatible protocol: not replicating with it");
+                }
+            }
+        }
+        verdict
     }
 
     /// The node a peer-port call comes from, proven by its client certificate
@@ -575,11 +613,16 @@ impl RaftNode {
             Some(names) => names.node(self.spec.nodes.iter().map(|n| n.name.as_str())),
             None => Err("no client certificate".to_owned()),
         };
-        found.map(|n| Some(n.to_owned())).map_err(|e| {
+        let sender = found.map_err(|e| {
             crate::metrics::PEER_REFUSED.with_label_values(&["not_a_node"]).inc();
             tracing::warn!(reason = %e, "peer call refused");
             Status::permission_denied(format!("peer port: {e}"))
-        })
+        })?;
+        if let Some(why) = self.incompatible.lock().unwrap_or_else(|p| p.into_inner()).get(sender) {
+            crate::metrics::PEER_REFUSED.with_label_values(&["protocol"]).inc();
+            return Err(Status::failed_precondition(format!("peer port: {sender}: {why}")));
+        }
+        Ok(Some(sender.to_owned()))
     }
 
     /// The node Raft id `id` belongs to, by `group`'s membership or the ids peers answered
@@ -1531,7 +1574,13 @@ fn unavailable(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
     async fn hello(&self, request: Request<HelloRequest>) -> Result<TonicResponse<HelloResponse>, Status> {
-        self.node.peer_sender(&request)?;
+        let sender = match self.node.peer_sender(&request) {
+            // An incompatible peer may announce a compatible protocol after its upgrade.
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => crate::tls::ConnInfo::of(&request)
+                .and_then(|c| c.peer.clone())
+                .and_then(|n| n.node(self.node.spec.nodes.iter().map(|x| x.name.as_str())).ok().map(str::to_owned)),
+            other => other?,
+        };
         if request.get_ref().cluster != self.node.spec.cluster {
             crate::metrics::PEER_REFUSED.with_label_values(&["cluster"]).inc();
             return Err(Status::failed_precondition(format!(
@@ -1540,8 +1589,12 @@ impl RaftPeer for PeerService {
                 request.get_ref().cluster
             )));
         }
-        if let Err(e) = check_protocol(request.get_ref().protocol, request.get_ref().protocol_min) {
-            tracing::error!(error = %e, "a peer speaks an incompatible protocol");
+        let verdict = check_protocol(request.get_ref().protocol, request.get_ref().protocol_min);
+        let verdict = match &sender {
+            Some(name) => self.node.note_protocol(name, verdict),
+            None => verdict.inspect_err(|e| tracing::error!(error = %e, "a peer speaks an incompatible protocol")),
+        };
+        if let Err(e) = verdict {
             return Err(Status::failed_precondition(e));
         }
         let me = self.node.me();

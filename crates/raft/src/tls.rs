@@ -39,9 +39,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 /// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once on one port; further connections wait to be accepted.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Handshakes in progress at once on one port; connections beyond it are closed at once (the
+/// accept loop never waits, so callers that complete their handshakes keep getting in).
 const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress at once from one IP address; beyond it, closed at once.
+const MAX_HANDSHAKES_PER_IP: usize = 8;
 
 /// Where one port's certificates live.
 #[derive(Debug, Clone)]
@@ -52,6 +55,9 @@ pub struct TlsFiles {
     /// The CA that signs the certificates this port accepts from the other side (peers, or
     /// clients when client certificates are required).
     pub ca: Option<PathBuf>,
+    /// On the peer port: the node this certificate must speak for, among the cluster's nodes
+    /// (checked at load and at every reload, so a wrong file never replaces a right one).
+    pub node: Option<(String, Vec<String>)>,
 }
 
 /// What one load of the files produced.
@@ -90,6 +96,10 @@ impl Certs {
     pub fn load(port: &'static str, files: TlsFiles) -> Result<Arc<Self>, String> {
         let material = Self::read_material(port, &files)?;
         set_expiry(port, material.not_after);
+        for result in ["reloaded", "failed"] {
+            crate::metrics::TLS_RELOADS.with_label_values(&[port, result]);
+        }
+        crate::metrics::TLS_HANDSHAKE_FAILURES.with_label_values(&[port]);
         Ok(Arc::new(Self { port, files, current: RwLock::new(Arc::new(material)) }))
     }
 
@@ -103,8 +113,20 @@ impl Certs {
         let leaf = chain
             .first()
             .ok_or_else(|| format!("tls.{port}.cert {}: no certificate in the file", files.cert.display()))?;
-        let not_after =
-            Names::of(leaf).map_err(|e| format!("tls.{port}.cert {}: {e}", files.cert.display()))?.not_after;
+        let names = Names::of(leaf).map_err(|e| format!("tls.{port}.cert {}: {e}", files.cert.display()))?;
+        if let Some((me, cluster)) = &files.node {
+            match names.node(cluster.iter().map(String::as_str)) {
+                Ok(n) if n.eq_ignore_ascii_case(me) => {}
+                Ok(n) => {
+                    return Err(format!(
+                        "tls.{port}.cert {}: the certificate is node {n}'s, not {me}'s",
+                        files.cert.display()
+                    ));
+                }
+                Err(e) => return Err(format!("tls.{port}.cert {}: {e}; this node is {me}", files.cert.display())),
+            }
+        }
+        let not_after = names.not_after;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|e| format!("tls.{port}.key {}: {e}", files.key.display()))?;
         let key = CertifiedKey::from_der(chain, key, &provider())
@@ -199,6 +221,10 @@ impl Certs {
         };
         let mut config = builder.with_cert_resolver(Arc::new(Reloading(self.clone())));
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // No session resumption: a resumed session would skip checking the client's chain
+        // against a CA reloaded since (and connections here are long-lived anyway).
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Arc::new(config)
     }
 
@@ -212,6 +238,7 @@ impl Certs {
             .with_custom_certificate_verifier(Arc::new(Reloading(self.clone())))
             .with_client_cert_resolver(Arc::new(Reloading(self.clone())));
         config.alpn_protocols = vec![b"h2".to_vec()];
+        config.resumption = rustls::client::Resumption::disabled();
         Arc::new(config)
     }
 }
@@ -343,7 +370,7 @@ impl ServerCertVerifier for Reloading {
 /// The names a certificate carries and what it may be used for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
-    /// DNS subject alternative names, then subject common names.
+    /// DNS subject alternative names, or the subject common names when it has none.
     pub names: Vec<String>,
     /// Whether the certificate may serve TLS (no extended key usage, or one with `serverAuth`).
     pub server_auth: bool,
@@ -363,9 +390,12 @@ impl Names {
                 }
             }
         }
-        for cn in cert.subject().iter_common_name() {
-            if let Ok(s) = cn.as_str() {
-                names.push(s.to_owned());
+        // The subject CN counts only without DNS names (RFC 6125, as TLS clients do).
+        if names.is_empty() {
+            for cn in cert.subject().iter_common_name() {
+                if let Ok(s) = cn.as_str() {
+                    names.push(s.to_owned());
+                }
             }
         }
         let server_auth = match cert.extended_key_usage() {
@@ -385,7 +415,8 @@ impl Names {
                 self.list()
             ));
         }
-        let named: Vec<&str> = nodes.into_iter().filter(|n| self.names.iter().any(|c| c == n)).collect();
+        let named: Vec<&str> =
+            nodes.into_iter().filter(|n| self.names.iter().any(|c| c.eq_ignore_ascii_case(n))).collect();
         match named.as_slice() {
             [one] => Ok(one),
             [] => Err(format!("the certificate ({}) names no node of this cluster", self.list())),
@@ -492,13 +523,9 @@ pub fn incoming(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Conn, std::io::Error>>(64);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
     tokio::spawn(async move {
         loop {
-            let permit = tokio::select! {
-                _ = tx.closed() => return,
-                p = permits.clone().acquire_owned() => p,
-            };
-            let Ok(permit) = permit else { return };
             let (tcp, remote) = tokio::select! {
                 _ = tx.closed() => return,
                 r = listener.accept() => match r {
@@ -517,12 +544,21 @@ pub fn incoming(
                 if tx.send(Ok(Conn { io: Io::Plain(tcp), info })).await.is_err() {
                     return;
                 }
-                drop(permit);
+                continue;
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                crate::metrics::TLS_HANDSHAKE_FAILURES.with_label_values(&[port]).inc();
+                tracing::debug!(port, %remote, "too many TLS handshakes in progress: connection closed");
+                continue;
+            };
+            let Some(ip_slot) = IpSlot::take(&per_ip, remote.ip()) else {
+                crate::metrics::TLS_HANDSHAKE_FAILURES.with_label_values(&[port]).inc();
+                tracing::debug!(port, %remote, "too many TLS handshakes from this address: connection closed");
                 continue;
             };
             let tx = tx.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permit = (permit, ip_slot);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let peer = stream
@@ -555,20 +591,57 @@ pub fn is_certificate_name(name: &str) -> bool {
     matches!(ServerName::try_from(name), Ok(ServerName::DnsName(_)))
 }
 
-/// Dials a peer over TLS and checks that its certificate names `node` (the dialed node's
-/// name): a tonic connector (`Endpoint::connect_with_connector_lazy`).
+/// One handshake in progress from an address, released when dropped.
+struct IpSlot {
+    map: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl IpSlot {
+    fn take(
+        map: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(Self { map: map.clone(), ip })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Dials a peer over TLS and checks that its certificate is the dialed node's by the same
+/// rule a peer's client certificate is checked by ([`Names::node`] over the cluster's nodes),
+/// after webpki checked it names the node: a tonic connector
+/// (`Endpoint::connect_with_connector_lazy`).
 #[derive(Debug, Clone)]
 pub struct Connector {
     config: Arc<rustls::ClientConfig>,
     node: ServerName<'static>,
+    name: String,
+    cluster: Arc<Vec<String>>,
 }
 
 impl Connector {
-    /// A connector to the node called `node`.
-    pub fn new(config: Arc<rustls::ClientConfig>, node: &str) -> Result<Self, String> {
-        let node = ServerName::try_from(node.to_owned())
+    /// A connector to the node called `node`, one of `cluster`.
+    pub fn new(config: Arc<rustls::ClientConfig>, node: &str, cluster: Arc<Vec<String>>) -> Result<Self, String> {
+        let server = ServerName::try_from(node.to_owned())
             .map_err(|e| format!("node name {node:?} cannot be checked against a certificate: {e}"))?;
-        Ok(Self { config, node })
+        Ok(Self { config, node: server, name: node.to_owned(), cluster })
     }
 }
 
@@ -583,6 +656,7 @@ impl tower::Service<http::Uri> for Connector {
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let (config, node) = (self.config.clone(), self.node.clone());
+        let (name, cluster) = (self.name.clone(), self.cluster.clone());
         Box::pin(async move {
             let authority = uri
                 .authority()
@@ -590,7 +664,18 @@ impl tower::Service<http::Uri> for Connector {
             let tcp = TcpStream::connect(authority.as_str()).await?;
             tcp.set_nodelay(true)?;
             let tls = tokio_rustls::TlsConnector::from(config).connect(node, tcp).await?;
-            Ok(hyper_util::rt::TokioIo::new(tls))
+            let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| Names::of(c));
+            let speaks_for = match leaf {
+                Some(Ok(names)) => names.node(cluster.iter().map(String::as_str)).map(str::to_owned),
+                Some(Err(e)) => Err(e),
+                None => Err("no certificate".to_owned()),
+            };
+            let denied = |m: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, m);
+            match speaks_for {
+                Ok(n) if n.eq_ignore_ascii_case(&name) => Ok(hyper_util::rt::TokioIo::new(tls)),
+                Ok(n) => Err(denied(format!("dialed {name}, answered with node {n}'s certificate"))),
+                Err(e) => Err(denied(format!("dialed {name}: {e}"))),
+            }
         })
     }
 }
@@ -616,7 +701,13 @@ mod tests {
         move |file: &str, name: &str, days: i64| {
             let key = rcgen::KeyPair::generate().unwrap();
             let mut p = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
-            p.not_after = rcgen::date_time_ymd(2030, 1, 1) + std::time::Duration::from_secs(days as u64 * 86_400);
+            // Valid from an hour ago for a year and `days`: not_after differs by whole days.
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+            let today = now - now % 86_400;
+            p.not_before =
+                rcgen::date_time_ymd(1975, 1, 1) + std::time::Duration::from_secs((now - 3_600 - 157_766_400) as u64);
+            p.not_after = rcgen::date_time_ymd(1975, 1, 1)
+                + std::time::Duration::from_secs((today + (365 + days) * 86_400 - 157_766_400) as u64);
             let cert = p.signed_by(&key, &issuer).unwrap();
             std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
             std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
@@ -628,6 +719,7 @@ mod tests {
             cert: dir.join(format!("{file}.pem")),
             key: dir.join(format!("{file}.key")),
             ca: Some(dir.join("ca.pem")),
+            node: None,
         }
     }
 
@@ -653,6 +745,25 @@ mod tests {
         assert!(e.contains("does it match the certificate"), "a key of another certificate: {e}");
     }
 
+    #[test]
+    fn a_peer_certificate_must_be_this_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let issue = ca(dir.path());
+        issue("n", "coalesce-0", 1);
+        let cluster = ["coalesce-0", "coalesce-1"].map(String::from).to_vec();
+        let mut f = files(dir.path(), "n");
+        f.node = Some(("coalesce-1".into(), cluster.clone()));
+        let e = Certs::load("peer", f.clone()).unwrap_err();
+        assert!(e.contains("node coalesce-0's, not coalesce-1's"), "{e}");
+        f.node = Some(("coalesce-0".into(), cluster));
+        let certs = Certs::load("peer", f).unwrap();
+        issue("n", "coalesce-1", 1);
+        assert!(
+            certs.reload().unwrap_err().contains("not coalesce-0's"),
+            "a wrong certificate never replaces a right one"
+        );
+    }
+
     /// Serves TLS with `server`'s certificate; dials it as `client` expecting node `dialed`.
     async fn handshake(dir: &std::path::Path, server: &str, client: &str, dialed: &str) -> Result<Names, String> {
         use tower::Service;
@@ -661,7 +772,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut conns = Box::pin(incoming(listener, Some(server.server_config()), "peer"));
-        let mut connector = Connector::new(client.client_config(), dialed).unwrap();
+        let cluster = Arc::new(["coalesce-0", "coalesce-1", "coalesce-2"].map(String::from).to_vec());
+        let mut connector = Connector::new(client.client_config(), dialed, cluster).unwrap();
         let dial = connector.call(format!("http://{addr}").parse().unwrap());
         let accept = async {
             use futures::StreamExt;
@@ -682,7 +794,7 @@ mod tests {
         let names = handshake(dir.path(), "a", "b", "coalesce-0").await.unwrap();
         assert_eq!(names.node(["coalesce-0", "coalesce-1"]).unwrap(), "coalesce-1", "the caller is node 1");
         let e = handshake(dir.path(), "a", "b", "coalesce-2").await.unwrap_err();
-        assert!(e.contains("certificate") || e.contains("NotValidForName"), "node 0 cannot answer for node 2: {e}");
+        assert!(e.contains("not valid for name \"coalesce-2\""), "node 0 cannot answer for node 2: {e}");
     }
 
     #[test]

@@ -90,6 +90,9 @@ async fn join_server<E: std::fmt::Display>(name: &str, server: tokio::task::Join
     }
 }
 
+/// Streams a peer may reset before the peer port accepts them (see where it is set).
+const PEER_PENDING_RESETS: usize = 4096;
+
 /// The connections a gRPC port accepts (`TCP_NODELAY`, TLS when `certs` is set:
 /// [`coalesce_raft::tls::incoming`]).
 fn incoming(
@@ -117,6 +120,13 @@ fn warn_insecure(cfg: &crate::config::Config, loaded: &Loaded) {
             http = ?node.http_listen,
             "INSECURE: node.insecure is set and no [[auth.tokens]] are configured: anyone who can reach the client \
              or HTTP port can ingest, read and administer this cluster"
+        );
+    }
+    if loaded.auth.enabled() && node.http_listen.is_some_and(|a| !a.ip().is_loopback()) {
+        tracing::warn!(
+            http = ?node.http_listen,
+            "the admin token for /loglevel travels in plain text on the HTTP port: call it from inside the \
+             cluster network (or through a port-forward), never across an untrusted one"
         );
     }
     if loaded.auth.enabled() && loaded.tls.client.is_none() && !node.client_listen.ip().is_loopback() {
@@ -191,7 +201,13 @@ pub async fn run(
     let (stop_peer, stop_peer_rx) = watch::channel(false);
     let (stop_client, stop_client_rx) = watch::channel(false);
     let stop_client_rx2 = stop_client_rx.clone();
-    let mut peer_builder = tonic::transport::Server::builder();
+    // h2 answers more than this many streams that the caller reset before the server accepted
+    // them with GOAWAY (its guard against rapid-reset floods, default 20). A node paused past
+    // its peers' forward timeouts resumes to exactly such a backlog of cancelled forwards and
+    // would cut every peer off; the peer port only serves authenticated nodes, so it allows
+    // many more.
+    let mut peer_builder =
+        tonic::transport::Server::builder().http2_max_pending_accept_reset_streams(Some(PEER_PENDING_RESETS));
     // One `rpc` span per call, continuing the caller's trace (crate::telemetry).
     let client_builder = tonic::transport::Server::builder().trace_fn(crate::telemetry::rpc_span);
     // Rotated certificates are picked up without a restart.

@@ -251,8 +251,11 @@ impl Config {
                 });
             }
         }
-        let tls =
-            self.tls.load(base, &self.node.name).map_err(|message| ConfigError::Invalid { field: "tls", message })?;
+        let names: Vec<String> = self.cluster.nodes.iter().map(|n| n.name.clone()).collect();
+        let tls = self
+            .tls
+            .load(base, &self.node.name, &names)
+            .map_err(|message| ConfigError::Invalid { field: "tls", message })?;
         let auth = self.auth.load(base).map_err(|message| ConfigError::Invalid { field: "auth", message })?;
         crate::security::check_exposure(&self.node, &tls, &auth)
             .map_err(|(field, message)| ConfigError::Invalid { field, message })?;
@@ -328,116 +331,5 @@ impl Config {
             quiesce_after_ms: self.raft.quiesce_after.as_millis() as u64,
             checkpoint_ms: self.raft.checkpoint_interval.as_millis() as u64,
         }
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    /// The example config and streams in a temporary directory, with the certificates and
-    /// tokens it names (as `coalescectl certs` writes them).
-    fn example() -> (tempfile::TempDir, PathBuf) {
-        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/examples");
-        let dir = tempfile::tempdir().unwrap();
-        for f in ["node.toml", "streams.toml"] {
-            std::fs::copy(examples.join(f), dir.path().join(f)).unwrap();
-        }
-        let tls = dir.path().join("tls");
-        std::fs::create_dir_all(tls.join("nodes")).unwrap();
-        std::fs::create_dir_all(tls.join("tokens")).unwrap();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        std::fs::write(tls.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert =
-            rcgen::CertificateParams::new(vec!["coalesce-0".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
-        std::fs::write(tls.join("nodes/coalesce-0.pem"), cert.pem()).unwrap();
-        std::fs::write(tls.join("nodes/coalesce-0.key"), key.serialize_pem()).unwrap();
-        for t in ["ingest", "ops"] {
-            std::fs::write(tls.join(format!("tokens/{t}.token")), format!("{t}-token-0123456789abcdef")).unwrap();
-        }
-        let path = dir.path().join("node.toml");
-        (dir, path)
-    }
-
-    fn finish(path: &Path, edit: impl Fn(&mut Config)) -> Result<Loaded, ConfigError> {
-        let mut config: Config = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        edit(&mut config);
-        config.finish(path.parent().unwrap())
-    }
-
-    #[test]
-    fn the_example_config_loads() {
-        let (_dir, path) = example();
-        let loaded = Config::load(&path).unwrap();
-        assert!(loaded.tls.peer.is_some() && loaded.tls.client.is_some() && loaded.auth.enabled());
-        let c = &loaded.config;
-        assert_eq!(c.node.http_listen, Some("0.0.0.0:7402".parse().unwrap()));
-        assert_eq!(c.kubernetes.renew_interval, Duration::from_secs(2));
-        assert_eq!(c.kubernetes.leases, None, "detected, not forced");
-        assert_eq!(c.cluster.nodes.len(), 3);
-    }
-
-    #[test]
-    fn a_too_short_lease_renewal_is_refused() {
-        let (_dir, path) = example();
-        let err = finish(&path, |c| c.kubernetes.renew_interval = Duration::from_millis(10)).unwrap_err().to_string();
-        assert!(err.contains("kubernetes.renew_interval must be at least 100ms"), "{err}");
-    }
-
-    #[test]
-    fn unauthenticated_ports_beyond_loopback_need_an_explicit_flag() {
-        let (_dir, path) = example();
-        let err = finish(&path, |c| c.tls.peer = None).unwrap_err().to_string();
-        assert!(err.starts_with("node.peer_listen: 0.0.0.0:7401 is not a loopback address"), "{err}");
-        assert!(err.contains("node.insecure_peer = true"), "{err}");
-        let loaded = finish(&path, |c| {
-            c.tls.peer = None;
-            c.node.insecure_peer = true;
-        })
-        .unwrap();
-        assert!(loaded.tls.peer.is_none());
-        let err = finish(&path, |c| c.auth.tokens.clear()).unwrap_err().to_string();
-        assert!(err.starts_with("node.client_listen: 0.0.0.0:7400 is not a loopback address"), "{err}");
-        let err = finish(&path, |c| {
-            c.auth.tokens.clear();
-            c.node.client_listen = "127.0.0.1:7400".parse().unwrap();
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(err.starts_with("node.http_listen: 0.0.0.0:7402"), "the HTTP port counts too: {err}");
-        finish(&path, |c| {
-            c.auth.tokens.clear();
-            c.node.insecure = true;
-        })
-        .unwrap();
-        // Loopback needs nothing.
-        finish(&path, |c| {
-            c.auth.tokens.clear();
-            c.tls = TlsConfig::default();
-            c.node.peer_listen = "127.0.0.1:7401".parse().unwrap();
-            c.node.client_listen = "127.0.0.1:7400".parse().unwrap();
-            c.node.http_listen = Some("[::1]:7402".parse().unwrap());
-        })
-        .unwrap();
-    }
-
-    #[test]
-    fn peer_certificates_must_name_their_node() {
-        let (_dir, path) = example();
-        let err = finish(&path, |c| {
-            c.tls.peer.as_mut().unwrap().server_name = Some("coalesce-peers".into());
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("server_name") && err.contains("no longer supported"), "{err}");
-        let err = finish(&path, |c| c.cluster.nodes[1].name = "node 1".into()).unwrap_err().to_string();
-        assert!(err.contains("must be DNS names"), "{err}");
-        let err = finish(&path, |c| c.node.name = "coalesce-1".into()).unwrap_err().to_string();
-        assert!(err.contains("coalesce-1.pem"), "{{node}} names this node's files: {err}");
     }
 }

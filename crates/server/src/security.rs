@@ -127,15 +127,17 @@ pub struct LoadedTls {
 }
 
 impl TlsConfig {
-    /// Reads every certificate and key (paths relative to `base`, `{node}` replaced by `node`).
-    pub fn load(&self, base: &Path, node: &str) -> Result<LoadedTls, String> {
+    /// Reads every certificate and key (paths relative to `base`, `{node}` replaced by `node`),
+    /// checking that the peer certificate is `node`'s among the `cluster`'s nodes.
+    pub fn load(&self, base: &Path, node: &str, cluster: &[String]) -> Result<LoadedTls, String> {
         let path = |p: &Path| PathBuf::from(full_path(base, p).to_string_lossy().replace("{node}", node));
         let mut out = LoadedTls::default();
         if self.reload_interval < std::time::Duration::from_secs(1) {
             return Err(format!("tls.reload_interval must be at least 1s, got {:?}", self.reload_interval));
         }
         if let Some(c) = &self.client {
-            let files = TlsFiles { cert: path(&c.cert), key: path(&c.key), ca: c.client_ca.as_deref().map(path) };
+            let files =
+                TlsFiles { cert: path(&c.cert), key: path(&c.key), ca: c.client_ca.as_deref().map(path), node: None };
             out.client = Some(Certs::load("client", files)?);
         }
         if let Some(p) = &self.peer {
@@ -146,7 +148,12 @@ impl TlsConfig {
                      docs/security.md"
                 ));
             }
-            let files = TlsFiles { cert: path(&p.cert), key: path(&p.key), ca: Some(path(&p.ca)) };
+            let files = TlsFiles {
+                cert: path(&p.cert),
+                key: path(&p.key),
+                ca: Some(path(&p.ca)),
+                node: Some((node.to_owned(), cluster.to_vec())),
+            };
             out.peer = Some(Certs::load("peer", files)?);
         }
         Ok(out)
