@@ -1661,12 +1661,24 @@ impl RaftPeer for PeerService {
             .into_inner()
             .take_until(self.node.stopped())
             .map(move |m| {
-                let rpc = m.ok().and_then(|m| codec::decode_msg("stream_append", &m.payload).ok());
+                // A refused message ends the stream (the leader opens a new one); each refusal is
+                // logged here or, for the checks, where they count it.
+                let rpc = match m.map(|m| codec::decode_msg("stream_append", &m.payload)) {
+                    Ok(Ok(rpc)) => Some(rpc),
+                    Ok(Err(e)) => {
+                        tracing::warn!(shard = group, error = %e, "replication stream ended: a message did not decode");
+                        None
+                    }
+                    Err(_) => None,
+                };
                 rpc.filter(|rpc: &openraft::raft::AppendEntriesRequest<TypeConfig>| {
-                    check_entries(rpc).is_ok()
-                        && speaks_for
-                            .check_speaks_for_known(sender.as_deref(), &check, rpc.vote.leader_id.node_id)
-                            .is_ok()
+                    let checked = check_entries(rpc).and_then(|()| {
+                        speaks_for.check_speaks_for_known(sender.as_deref(), &check, rpc.vote.leader_id.node_id)
+                    });
+                    if let Err(e) = &checked {
+                        tracing::warn!(shard = group, error = %e.message(), "replication stream ended: a message was refused");
+                    }
+                    checked.is_ok()
                 })
             })
             .take_while(|r| futures::future::ready(r.is_some()))

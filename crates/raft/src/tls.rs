@@ -40,9 +40,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Handshakes in progress at once on one port; connections beyond it are closed at once (the
-/// accept loop never waits, so callers that complete their handshakes keep getting in).
-const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress at once on one port. A connection beyond it evicts the oldest
+/// pending handshake rather than being refused: a flood of idle connections from many addresses
+/// then only delays callers that complete their handshakes (in milliseconds) if it replaces the
+/// whole set faster than that, instead of locking them out.
+const MAX_HANDSHAKES: usize = 1024;
 /// Handshakes in progress at once from one IP address; beyond it, closed at once.
 const MAX_HANDSHAKES_PER_IP: usize = 8;
 
@@ -480,17 +482,28 @@ impl AsyncWrite for Conn {
 
 /// The connections accepted on `listener` (with `TCP_NODELAY`; tonic's builder option does
 /// not apply to a listener bound outside it, and Nagle would hold a response's last small frame
-/// for the peer's delayed ACK). With `tls`, handshakes run concurrently off the accept loop, at
-/// most [`MAX_HANDSHAKES`] at once and each within [`HANDSHAKE_TIMEOUT`]; failed ones are
-/// counted and logged at debug level. The accept loop ends when the stream is dropped.
+/// for the peer's delayed ACK). With `tls`, handshakes run concurrently off the accept loop,
+/// each within [`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES_PER_IP`] from one address (more
+/// are closed) and [`MAX_HANDSHAKES`] in all (more evict the oldest); failed ones are counted
+/// and logged at debug level. The accept loop ends when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     port: &'static str,
 ) -> impl futures::Stream<Item = Result<Conn, std::io::Error>> {
+    incoming_with(listener, tls, port, MAX_HANDSHAKES)
+}
+
+/// [`incoming`] with at most `max_handshakes` in progress.
+fn incoming_with(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    port: &'static str,
+    max_handshakes: usize,
+) -> impl futures::Stream<Item = Result<Conn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Conn, std::io::Error>>(64);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let pending = Arc::new(Pending { max: max_handshakes, ..Pending::default() });
     let per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
     tokio::spawn(async move {
         loop {
@@ -514,20 +527,24 @@ pub fn incoming(
                 }
                 continue;
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                crate::metrics::TLS_HANDSHAKE_FAILURES.with_label_values(&[port]).inc();
-                tracing::debug!(port, %remote, "too many TLS handshakes in progress: connection closed");
-                continue;
-            };
             let Some(ip_slot) = IpSlot::take(&per_ip, remote.ip()) else {
                 crate::metrics::TLS_HANDSHAKE_FAILURES.with_label_values(&[port]).inc();
                 tracing::debug!(port, %remote, "too many TLS handshakes from this address: connection closed");
                 continue;
             };
+            let (slot, evicted) = pending.admit(port);
             let tx = tx.clone();
             tokio::spawn(async move {
-                let _permit = (permit, ip_slot);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let _slots = (slot, ip_slot);
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                let outcome = tokio::select! {
+                    r = handshake => r,
+                    _ = evicted => {
+                        tracing::debug!(port, %remote, "TLS handshake evicted by a newer connection");
+                        return;
+                    }
+                };
+                match outcome {
                     Ok(Ok(stream)) => {
                         let peer = stream
                             .get_ref()
@@ -557,6 +574,47 @@ pub fn incoming(
 /// Whether `name` can be checked against a certificate (a DNS name, e.g. `coalesce-0`).
 pub fn is_certificate_name(name: &str) -> bool {
     matches!(ServerName::try_from(name), Ok(ServerName::DnsName(_)))
+}
+
+/// The handshakes in progress on one port, oldest first, each with the way to cancel it.
+#[derive(Debug, Default)]
+struct Pending {
+    max: usize,
+    next: std::sync::atomic::AtomicU64,
+    queue: std::sync::Mutex<std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>>,
+}
+
+impl Pending {
+    /// Admits a handshake, evicting the oldest when `max` are in progress. The receiver fires
+    /// when this one is evicted in turn.
+    fn admit(self: &Arc<Self>, port: &'static str) -> (PendingSlot, tokio::sync::oneshot::Receiver<()>) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (cancel, cancelled) = tokio::sync::oneshot::channel();
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        while q.len() >= self.max.max(1) {
+            if let Some((_, oldest)) = q.pop_front() {
+                crate::metrics::TLS_HANDSHAKE_FAILURES.with_label_values(&[port]).inc();
+                let _ = oldest.send(());
+            }
+        }
+        q.push_back((id, cancel));
+        (PendingSlot { pending: self.clone(), id }, cancelled)
+    }
+}
+
+/// A handshake in [`Pending`], removed when dropped.
+struct PendingSlot {
+    pending: Arc<Pending>,
+    id: u64,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut q = self.pending.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = q.iter().position(|(id, _)| *id == self.id) {
+            q.remove(i);
+        }
+    }
 }
 
 /// One handshake in progress from an address, released when dropped.
@@ -763,6 +821,38 @@ mod tests {
         assert_eq!(names.node(["coalesce-0", "coalesce-1"]).unwrap(), "coalesce-1", "the caller is node 1");
         let e = handshake(dir.path(), "a", "b", "coalesce-2").await.unwrap_err();
         assert!(e.contains("not valid for name \"coalesce-2\""), "node 0 cannot answer for node 2: {e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_from_many_addresses_do_not_lock_out_a_real_handshake() {
+        use futures::StreamExt;
+        use tower::Service;
+        let dir = tempfile::tempdir().unwrap();
+        let issue = ca(dir.path());
+        issue("a", "coalesce-0", 1);
+        issue("b", "coalesce-1", 1);
+        let server = Certs::load("peer", files(dir.path(), "a")).unwrap();
+        let client = Certs::load("peer", files(dir.path(), "b")).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut conns = Box::pin(incoming_with(listener, Some(server.server_config()), "peer", 16));
+        // 48 connections that never say a word, 2 from each of 24 loopback addresses: three
+        // times the handshake limit, each address within its own limit.
+        let mut idle = Vec::new();
+        for i in 0..48u8 {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(std::net::SocketAddr::from(([127, 0, 9, 1 + i / 2], 0))).unwrap();
+            idle.push(s.connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let cluster = Arc::new(["coalesce-0", "coalesce-1"].map(String::from).to_vec());
+        let mut connector = Connector::new(client.client_config(), "coalesce-0", cluster).unwrap();
+        let dial = connector.call(format!("http://{addr}").parse().unwrap());
+        let accept = tokio::time::timeout(Duration::from_secs(2), conns.next());
+        let (dialed, accepted) = tokio::join!(dial, accept);
+        assert!(dialed.is_ok(), "the real handshake completes: {:?}", dialed.err());
+        assert!(accepted.unwrap().unwrap().is_ok());
+        drop(idle);
     }
 
     #[test]
