@@ -132,7 +132,7 @@ pub fn encode_msg<T: Serialize>(what: &'static str, msg: &T) -> Result<Vec<u8>, 
 
 /// Decodes a message from [`encode_msg`].
 pub fn decode_msg<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StorageError> {
-    postcard::from_bytes(bytes).map_err(|e| StorageError::Encode { what, detail: e.to_string() })
+    postcard::from_bytes(bytes).map_err(|e| StorageError::Decode { what, detail: e.to_string() })
 }
 
 /// Snapshot metadata of a shard group.

@@ -14,6 +14,9 @@ pub enum StorageError {
     Corrupt { shard: u32, what: &'static str, detail: String },
     #[error("encoding {what}: {detail}")]
     Encode { what: &'static str, detail: String },
+    /// Bytes that do not decode as the message they should be (a peer's, or a stored row's).
+    #[error("decoding {what}: {detail}")]
+    Decode { what: &'static str, detail: String },
     /// A log entry could not be applied (invalid, or its apply failed or panicked): the shard
     /// group stops on this replica rather than skip or half-apply it.
     #[error("shard {shard} stopped: applying log entry {index} failed: {detail}")]
@@ -33,6 +36,7 @@ impl StorageError {
             StorageError::MissingColumnFamily(_) => "missing_cf",
             StorageError::Corrupt { .. } => "corrupt",
             StorageError::Encode { .. } => "encode",
+            StorageError::Decode { .. } => "decode",
             StorageError::ApplyFailed { .. } => "apply_failed",
             StorageError::NewerFormat { .. } => "newer_format",
         }
