@@ -50,28 +50,40 @@ async fn leases_transfer_and_drain() {
     })
     .await;
 
-    // Leases: one per shard across the nodes, held by the Raft leader, renewed just now.
-    let mut leases = BTreeMap::new();
-    for i in 0..3 {
-        let r = admin(&cluster, i).leases(pb::LeasesRequest {}).await.unwrap().into_inner();
-        for l in r.leases {
-            assert_eq!((l.api_version.as_str(), l.kind.as_str()), ("coordination.k8s.io/v1", "Lease"));
-            let spec = l.spec.unwrap();
-            assert_eq!(spec.holder_identity, r.node, "a node reports only the leases it holds");
-            let renewed = humantime::parse_rfc3339(&spec.renew_time).unwrap();
-            let acquired = humantime::parse_rfc3339(&spec.acquire_time).unwrap();
-            assert!(acquired <= renewed, "{spec:?}");
-            assert!(SystemTime::now().duration_since(renewed).unwrap_or_default() < Duration::from_secs(3), "{spec:?}");
-            assert_eq!(spec.lease_duration_seconds, 1, "600 ms election timeout rounds up to 1 s");
-            assert!(spec.lease_transitions >= 1);
-            let meta = l.metadata.unwrap();
-            let shard: u32 = meta.labels["coalesce.io/shard"].parse().unwrap();
-            assert_eq!(meta.name, format!("test-shard-{shard}"));
-            assert!(leases.insert(shard, spec.holder_identity).is_none(), "shard {shard} has one lease holder");
+    // Leases: one per shard across the nodes, held by the Raft leader, valid now. A new
+    // leader's Lease appears a lease after its election, so poll (balancing just moved some).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut leases = BTreeMap::new();
+        for i in 0..3 {
+            let r = admin(&cluster, i).leases(pb::LeasesRequest {}).await.unwrap().into_inner();
+            for l in r.leases {
+                assert_eq!((l.api_version.as_str(), l.kind.as_str()), ("coordination.k8s.io/v1", "Lease"));
+                let spec = l.spec.unwrap();
+                assert_eq!(spec.holder_identity, r.node, "a node reports only the leases it holds");
+                let renewed = humantime::parse_rfc3339(&spec.renew_time).unwrap();
+                let acquired = humantime::parse_rfc3339(&spec.acquire_time).unwrap();
+                assert_eq!(spec.lease_duration_seconds, 1, "the sub-second Raft lease rounds up to 1 s");
+                let expires = renewed + Duration::from_secs(1);
+                assert!(acquired <= SystemTime::now() && acquired < expires, "{spec:?}");
+                assert!(expires.duration_since(SystemTime::now()).is_ok(), "valid now by Kubernetes rules: {spec:?}");
+                assert!(spec.lease_transitions >= 1);
+                let meta = l.metadata.unwrap();
+                let shard: u32 = meta.labels["coalesce.io/shard"].parse().unwrap();
+                assert_eq!(meta.name, format!("test-shard-{shard}"));
+                assert!(leases.insert(shard, spec.holder_identity).is_none(), "shard {shard} has one lease holder");
+            }
         }
+        let leaders_now = cluster.leaders().await;
+        if leases == leaders_now {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lease holders {leases:?} are not the Raft leaders {leaders_now:?} (initially {leaders:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let leaders_now = cluster.leaders().await;
-    assert_eq!(leases, leaders_now, "lease holders are the Raft leaders (initially {leaders:?})");
 
     // Streams and shards.
     let streams = admin(&cluster, 0).streams(pb::StreamsRequest {}).await.unwrap().into_inner().streams;
@@ -116,16 +128,24 @@ async fn leases_transfer_and_drain() {
     wait_leaders(&cluster, Duration::from_secs(20), "undrained node gets its shard back", |l| l[&1] == "coalesce-1")
         .await;
 
-    // The CLI's table: one line per shard, under a header.
+    // The CLI's table: one line per shard, under a header (once the last leader's Lease shows).
     let ctl = std::path::Path::new(harness::COALESCED).with_file_name("coalescectl");
-    let out = tokio::process::Command::new(&ctl)
-        .args(["--addr", &cluster.local.nodes[0].client_addr, "leases"])
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let table = String::from_utf8_lossy(&out.stdout);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let table = loop {
+        let out = tokio::process::Command::new(&ctl)
+            .args(["--addr", &cluster.local.nodes[0].client_addr, "leases"])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        if table.lines().count() == 1 + SHARDS as usize || std::time::Instant::now() > deadline {
+            break table;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(table.lines().count(), 1 + SHARDS as usize, "{table}");
+    assert!(table.lines().next().unwrap().contains("EXPIRES"), "{table}");
     assert!(table.lines().nth(1).unwrap().starts_with("test-shard-0"), "{table}");
 }
 

@@ -153,6 +153,8 @@ async fn whole_cluster_restart_keeps_buffered_state() {
 /// round also sends a probe event through a follower right after the pause: the follower
 /// forwards it to the silent leader and, once it sees the successor, sends it there instead of
 /// waiting out the forward timeout (a reroute; the producer seq makes the resend safe).
+/// Throughout, every node's published Leases are polled: no two holders of one shard are ever
+/// valid at the same instant by Kubernetes rules (renewTime + leaseDurationSeconds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_leader_never_seals_with_its_old_epoch() {
     let seed = seed();
@@ -162,6 +164,7 @@ async fn a_paused_leader_never_seals_with_its_old_epoch() {
     let stop = Arc::new(AtomicBool::new(false));
     let clients = (0..3).map(|i| cluster.client(i)).collect();
     let producer = tokio::spawn(produce(clients, seed, stop.clone()));
+    let leases = harness::LeaseWatch::start(cluster.clone());
     let probe_producer = rng.random::<u64>() | 1;
     let mut probed = BTreeMap::new();
     for round in 0..3u64 {
@@ -202,6 +205,11 @@ async fn a_paused_leader_never_seals_with_its_old_epoch() {
     }
     stop.store(true, Ordering::Relaxed);
     let (mut acked, _, _) = producer.await.unwrap();
+    cluster.wait_ready(Duration::from_secs(30)).await;
+    let (overlaps, holders) = leases.finish().await;
+    eprintln!("Lease holders seen (shard, term, node): {holders}");
+    assert!(holders > SHARDS as usize, "the pauses moved leaderships (seed {seed})");
+    assert!(overlaps.is_empty(), "two valid Leases of one shard at once (seed {seed}):\n{}", overlaps.join("\n"));
     for (key, value) in probed {
         *acked.entry(key).or_insert(0) += value;
     }

@@ -223,6 +223,15 @@ async fn every_limit_and_error_has_its_code_and_field() {
     let overlap = pb::IngestRequest { producer_id: 77, events: vec![seq(3, "p"), seq(4, "p")] };
     let r = api.ingest(overlap).await.unwrap().into_inner();
     expect(&r.statuses[0], EventCode::FailedPrecondition, "sequence_overlap", "overlaps");
+    // A producer that restarts its counter under the same id (seq 100, then a new event with
+    // seq 50) gets an error, not DUPLICATE: the shard never applied seq 50. A retry of the
+    // request it did apply is still a duplicate.
+    let r = api.ingest(pb::IngestRequest { producer_id: 78, events: vec![seq(100, "q")] }).await.unwrap().into_inner();
+    assert_eq!(r.statuses[0].code, EventCode::Ok as i32, "{r:?}");
+    let r = api.ingest(pb::IngestRequest { producer_id: 78, events: vec![seq(50, "q")] }).await.unwrap().into_inner();
+    expect(&r.statuses[0], EventCode::FailedPrecondition, "sequence_too_old", "must not restart its seqs");
+    let r = api.ingest(pb::IngestRequest { producer_id: 78, events: vec![seq(100, "q")] }).await.unwrap().into_inner();
+    assert_eq!(r.statuses[0].code, EventCode::Duplicate as i32, "{r:?}");
 
     // Per-key rate limits: a key's burst passes, the rest is refused with a retry hint (or shed
     // and acknowledged), other keys keep their own budget, and nothing over the rate is applied.

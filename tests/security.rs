@@ -94,9 +94,10 @@ async fn peers_need_certificates_and_clients_need_tokens_with_roles() {
          [tls.peer]\ncert = \"{d}/{{node}}.pem\"\nkey = \"{d}/{{node}}.key\"\nca = \"{d}/ca.pem\"\n\n\
          [[auth.tokens]]\nname = \"ingester\"\ntoken_file = \"{d}/producer.token\"\nroles = [\"producer\"]\n\n\
          [[auth.tokens]]\nname = \"reader\"\ntoken_file = \"{d}/consumer.token\"\nroles = [\"consumer\"]\n\n\
-         [[auth.tokens]]\nname = \"ops\"\ntoken_file = \"{d}/admin.token\"\nroles = [\"admin\"]\n"
+         [[auth.tokens]]\nname = \"ops\"\ntoken_file = \"{d}/admin.token\"\nroles = [\"admin\", \"consumer\"]\n"
     );
-    let streams = "[streams.sums]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"200ms\" }\n";
+    let streams =
+        "[outbox]\ncursor_ttl = \"3s\"\n\n[streams.sums]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"200ms\" }\n";
     let cluster = Cluster::start_in(dir, 3, 2, streams, &extra);
 
     // Ready: every shard elected a leader over mutual TLS (Status needs any valid token).
@@ -157,6 +158,47 @@ async fn peers_need_certificates_and_clients_need_tokens_with_roles() {
         }
     }
     assert_eq!(total, 100, "every acknowledged event comes out for the consumer");
+
+    // Acks never create a cursor for an arbitrary name (it would hold every output, and past
+    // `max_outputs` stop ingest cluster-wide): `audit` is declared nowhere, so a consumer token
+    // is refused; an admin's token (which also has the consumer role Ack needs) creates the
+    // cursor, and then the consumer may move it.
+    let st = api.status(with_token(pb::StatusRequest {}, CONSUMER)).await.unwrap().into_inner();
+    let (shard, leader) = st.local_shards.iter().map(|s| (s.shard, s.leader.clone())).next().unwrap();
+    let mut on_leader = CoalesceClient::new(tls_channel(&addrs[cluster.index_of(&leader).unwrap()], &ca, None));
+    let ack = || pb::AckRequest { consumer: "audit".into(), shard, upto_seq: 1 };
+    let e = on_leader.ack(with_token(ack(), CONSUMER)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert!(e.message().contains("declare it as a `grpc` sink"), "{e:?}");
+    let cursors = |i: usize| {
+        let ch = tls_channel(&addrs[i], &ca, None);
+        async move {
+            let mut admin = AdminClient::new(ch);
+            let s = admin.shards(with_token(pb::ShardsRequest {}, ADMIN)).await.unwrap().into_inner();
+            s.shards.iter().find(|d| d.shard == shard).map(|d| d.cursors.clone()).unwrap_or_default()
+        }
+    };
+    let leader_index = cluster.index_of(&leader).unwrap();
+    assert!(!cursors(leader_index).await.contains_key("audit"), "a refused ack creates nothing");
+    on_leader.ack(with_token(ack(), ADMIN)).await.unwrap();
+    on_leader.ack(with_token(pb::AckRequest { upto_seq: 2, ..ack() }, CONSUMER)).await.unwrap();
+    assert!(cursors(leader_index).await.contains_key("audit"), "the admin's ack created the cursor");
+    let dropped = AdminClient::new(tls_channel(&addrs[leader_index], &ca, None))
+        .drop_consumer(with_token(pb::DropConsumerRequest { consumer: "audit".into() }, ADMIN))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dropped.shards, vec![shard]);
+    assert!(!cursors(leader_index).await.contains_key("audit"), "an operator dropped the cursor");
+    on_leader.ack(with_token(ack(), ADMIN)).await.unwrap();
+    // Nobody acks it again: after `[outbox] cursor_ttl` the leader drops it (counted).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cursors(leader_index).await.contains_key("audit") {
+        assert!(Instant::now() < deadline, "an idle cursor of no configured sink outlived its TTL");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let expired: f64 = cluster.metric("coalesce_outbox_cursors_expired_total").await.iter().sum();
+    assert_eq!(expired, 1.0);
 
     // The peer port: TLS without a client certificate is refused, and so is plain text.
     let peer_addr = {

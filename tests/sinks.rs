@@ -325,7 +325,7 @@ async fn debounce_with_max_wait_flushes_steady_and_idle_keys() {
 
 /// A consumer that stays behind bounds the outbox: past `[outbox] max_outputs` the leader refuses
 /// new input with RESOURCE_EXHAUSTED naming the lagging consumer (never silently), and accepts
-/// it again once the consumer acks.
+/// it again once the consumer acks. An undeclared name cannot create a cursor with an ack.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lagging_consumer_bounds_the_outbox_loudly() {
     let streams = "[outbox]\nmax_outputs = 20\n\n[sinks.slow]\nkind = \"grpc\"\n\n\
@@ -366,31 +366,82 @@ async fn a_lagging_consumer_bounds_the_outbox_loudly() {
     let r = api.ingest(send(200..201)).await.unwrap().into_inner();
     assert_eq!(r.statuses[0].code, pb::EventCode::Ok as i32, "{r:?}");
 
-    // A subscriber that acked once and went away holds the outbox the same way, until an
-    // operator drops its cursor.
-    cluster
+    // A subscriber name nobody declared cannot create a cursor (which would hold the outbox the
+    // same way, for ever): its ack is refused and ingest goes on.
+    let e = cluster
         .client(leader)
         .ack(pb::AckRequest { consumer: "gone".into(), shard: 0, upto_seq: next_seq - 1 })
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert!(e.message().contains("\"gone\"") && e.message().contains("grpc"), "{e:?}");
+    assert_eq!(cluster.metric("coalesce_api_acks_refused_total").await.iter().sum::<f64>(), 1.0);
     let r = api.ingest(send(300..330)).await.unwrap().into_inner();
     assert!(r.statuses.iter().all(|s| s.code == pb::EventCode::Ok as i32), "{r:?}");
-    // `slow` keeps up; `gone` does not.
-    let r = ingest_while_slow_keeps_up(&cluster, leader, send(400..401), |s| s.code != pb::EventCode::Ok as i32).await;
-    assert_eq!(r.reason, "outbox_full");
-    assert!(r.message.contains("\"gone\""), "{r:?}");
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", cluster.local.nodes[0].client_addr))
-        .unwrap()
-        .connect_lazy();
-    let dropped = AdminClient::new(ch)
-        .drop_consumer(pb::DropConsumerRequest { consumer: "gone".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(dropped.shards, vec![0]);
-    // With `gone` dropped, only `slow` (which keeps acking) holds outputs: input is accepted.
-    let r = ingest_while_slow_keeps_up(&cluster, leader, send(500..501), |s| s.code == pb::EventCode::Ok as i32).await;
-    assert!(!r.message.contains("\"gone\""), "the dropped cursor is gone: {r:?}");
+    // `slow` keeps acking: input goes on; it stops, and the outbox stops input again.
+    let r = ingest_while_slow_keeps_up(&cluster, leader, send(400..401), |s| s.code == pb::EventCode::Ok as i32).await;
+    assert_eq!(r.code, pb::EventCode::Ok as i32);
+    let again = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let s = api.ingest(send(600..630)).await.unwrap().into_inner().statuses[0].clone();
+        if s.code == pb::EventCode::ResourceExhausted as i32 {
+            break s;
+        }
+        assert!(Instant::now() < again, "input still accepted with a full outbox: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(refused.message.contains("\"slow\""), "{refused:?}");
+}
+
+/// Nobody can fill the disk with outputs nobody claims: a shard without any cursor (a stream
+/// without sinks) keeps at most `[outbox] max_outputs` of them under sustained ingest — the
+/// leader trims older ones through Raft, so every replica holds the same bounded outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outbox_nobody_claims_stays_within_its_retention() {
+    const MAX: u64 = 40;
+    let streams = format!(
+        "[outbox]\nmax_outputs = {MAX}\nunclaimed_max_age = \"0s\"\n\n\
+         [streams.events]\nmerge = \"count\"\nwindow = {{ tumbling = \"50ms\" }}\n"
+    );
+    let cluster = Cluster::start(3, 1, &streams);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let mut api = cluster.client(0);
+    // (next_seq, outbox_low) of shard 0 on every node.
+    let outboxes = || async {
+        let mut all = Vec::new();
+        for n in &cluster.local.nodes {
+            let ch =
+                tonic::transport::Channel::from_shared(format!("http://{}", n.client_addr)).unwrap().connect_lazy();
+            let s = AdminClient::new(ch).shards(pb::ShardsRequest {}).await.unwrap().into_inner();
+            let d = s.shards.iter().find(|d| d.shard == 0).unwrap();
+            assert!(d.cursors.is_empty(), "no cursor: {:?}", d.cursors);
+            all.push((d.next_seq, d.outbox_low));
+        }
+        all
+    };
+    let mut trimmed_while_ingesting = false;
+    for round in 0..40 {
+        let events = (0..30)
+            .map(|k| pb::Event { stream: "events".into(), key: format!("r{round}-k{k}"), ..Default::default() })
+            .collect();
+        let r = api.ingest(pb::IngestRequest { producer_id: 0, events }).await.unwrap().into_inner();
+        assert!(r.statuses.iter().all(|s| s.code == pb::EventCode::Ok as i32), "input is never refused: {r:?}");
+        trimmed_while_ingesting |= outboxes().await.iter().any(|(_, low)| *low > 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(trimmed_while_ingesting, "the outbox was trimmed while input went on");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let all = outboxes().await;
+        let done = all.iter().all(|(next, low)| *next == 1 + 40 * 30 && next - low <= MAX);
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "(next_seq, outbox_low) per node: {all:?}, want at most {MAX} kept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let trimmed: f64 = cluster.metric("coalesce_outbox_unclaimed_trimmed_outputs_total").await.iter().sum();
+    assert!(trimmed >= (40 * 30 - MAX) as f64, "trims counted: {trimmed}");
 }
 
 /// Acks everything for `slow` and sends `req` until its first status satisfies `done` (within

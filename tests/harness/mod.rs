@@ -349,3 +349,82 @@ pub fn sum_event(stream: &str, key: &str, v: i64, seq: u64) -> pb::Event {
         producer_seq: seq,
     }
 }
+
+/// One Lease holder of one shard, as the nodes published it (`Admin.Leases`).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseSeen {
+    /// The earliest `acquireTime` seen.
+    pub acquired: std::time::SystemTime,
+    /// The latest `renewTime + leaseDurationSeconds` seen: when Kubernetes rules call it expired.
+    pub expires: std::time::SystemTime,
+}
+
+/// Polls every running node's `Admin.Leases` every 20 ms until [`LeaseWatch::finish`], keeping
+/// per (shard, term, holder) the earliest acquisition and the latest expiry published.
+pub struct LeaseWatch {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<BTreeMap<(u32, i32, String), LeaseSeen>>,
+}
+
+impl LeaseWatch {
+    pub fn start(cluster: Arc<Cluster>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut seen: BTreeMap<(u32, i32, String), LeaseSeen> = BTreeMap::new();
+            let parse = |t: &str| humantime::parse_rfc3339(t).unwrap();
+            while !flag.load(Ordering::Relaxed) {
+                // A paused node answers nothing: ask all at once, each with a short deadline.
+                let asks = (0..cluster.local.nodes.len()).map(|i| {
+                    let ch = Channel::from_shared(format!("http://{}", cluster.local.nodes[i].client_addr))
+                        .unwrap()
+                        .connect_timeout(Duration::from_millis(200))
+                        .timeout(Duration::from_millis(300))
+                        .connect_lazy();
+                    async move { pb::admin_client::AdminClient::new(ch).leases(pb::LeasesRequest {}).await.ok() }
+                });
+                for r in futures::future::join_all(asks).await.into_iter().flatten() {
+                    for l in r.into_inner().leases {
+                        let (Some(meta), Some(spec)) = (l.metadata, l.spec) else { continue };
+                        let shard: u32 = meta.labels["coalesce.io/shard"].parse().unwrap();
+                        let acquired = parse(&spec.acquire_time);
+                        let expires = parse(&spec.renew_time) + Duration::from_secs(spec.lease_duration_seconds as u64);
+                        let e = seen
+                            .entry((shard, spec.lease_transitions, spec.holder_identity))
+                            .or_insert(LeaseSeen { acquired, expires });
+                        e.acquired = e.acquired.min(acquired);
+                        e.expires = e.expires.max(expires);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        });
+        Self { stop, task }
+    }
+
+    /// Stops polling; returns every pair of Leases of one shard that were valid at the same
+    /// instant by Kubernetes rules (an older holder's expiry after a newer one's acquisition),
+    /// described, and how many holders were seen.
+    pub async fn finish(self) -> (Vec<String>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let seen = self.task.await.unwrap();
+        let mut overlaps = Vec::new();
+        for ((shard, term, holder), a) in &seen {
+            for ((shard2, term2, holder2), b) in &seen {
+                if shard == shard2
+                    && (term, holder) != (term2, holder2)
+                    && a.acquired <= b.acquired
+                    && a.expires > b.acquired
+                {
+                    overlaps.push(format!(
+                        "shard {shard}: {holder} (term {term}) valid until {} after {holder2} (term {term2}) acquired at {}",
+                        humantime::format_rfc3339_micros(a.expires),
+                        humantime::format_rfc3339_micros(b.acquired)
+                    ));
+                }
+            }
+        }
+        (overlaps, seen.len())
+    }
+}

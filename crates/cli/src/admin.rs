@@ -16,6 +16,17 @@ async fn nodes(addr: &str) -> anyhow::Result<Vec<pb::NodeInfo>> {
     Ok(st.into_inner().nodes)
 }
 
+/// How long until a Lease expires by Kubernetes rules (renewTime + leaseDurationSeconds):
+/// "0.4s", or "expired".
+fn expires_in(renew_time: &str, duration_secs: i32) -> String {
+    let Ok(renewed) = humantime::parse_rfc3339(renew_time) else { return "-".into() };
+    let expires = renewed + Duration::from_secs(u64::try_from(duration_secs).unwrap_or(0));
+    match expires.duration_since(SystemTime::now()) {
+        Ok(d) => format!("{:.1}s", d.as_secs_f64()),
+        Err(_) => "expired".into(),
+    }
+}
+
 /// "3.2s", "41m" — how long ago an RFC 3339 time was.
 fn ago(rfc3339: &str) -> String {
     match humantime::parse_rfc3339(rfc3339).ok().and_then(|t| SystemTime::now().duration_since(t).ok()) {
@@ -68,7 +79,7 @@ pub(crate) async fn leases(addr: &str, as_json: bool) -> anyhow::Result<()> {
             .collect();
         println!("{}", json!({ "apiVersion": "v1", "kind": "List", "items": items }));
     } else {
-        println!("{:<28} {:<16} {:>11} {:>9} {:>9}", "NAME", "HOLDER", "TRANSITIONS", "ACQUIRED", "RENEWED");
+        println!("{:<28} {:<16} {:>11} {:>9} {:>9}", "NAME", "HOLDER", "TRANSITIONS", "ACQUIRED", "EXPIRES");
         for l in &leases {
             let (m, s) = (l.metadata.clone().unwrap_or_default(), l.spec.clone().unwrap_or_default());
             println!(
@@ -77,7 +88,7 @@ pub(crate) async fn leases(addr: &str, as_json: bool) -> anyhow::Result<()> {
                 s.holder_identity,
                 s.lease_transitions,
                 ago(&s.acquire_time),
-                ago(&s.renew_time)
+                expires_in(&s.renew_time, s.lease_duration_seconds)
             );
         }
     }

@@ -6,7 +6,9 @@ use serde_json::json;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct TailArgs {
-    /// Consumer name: with `--ack`, its acknowledgements let the shards trim their outboxes.
+    /// Consumer name. With `--ack` it must be a durable consumer (a `grpc` sink of the streams
+    /// file; or, with an admin token, the first ack creates its cursor): its cursor then holds
+    /// outputs until it acks them.
     #[arg(long, default_value = "coalescectl-tail")]
     consumer: String,
     /// Shards to follow (comma-separated); default every shard the node replicates.

@@ -55,24 +55,47 @@ impl OverflowPolicy {
     }
 }
 
-/// Per-shard outbox limit: outputs kept for consumers that have not acknowledged them.
+/// Per-shard outbox bounds (`[outbox]` in the streams file): every output is kept until the
+/// consumers that claim it acknowledge it, within these limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxLimits {
     /// When a shard keeps more outputs than this (a sink or durable subscriber is behind),
     /// its leader refuses new input with RESOURCE_EXHAUSTED naming the lagging consumer,
-    /// instead of growing the outbox without bound.
+    /// instead of growing the outbox without bound. A shard without any cursor (no sink, no
+    /// durable consumer) keeps at most this many: older outputs are trimmed.
     #[serde(default = "default_max_outputs")]
     pub max_outputs: u64,
+    /// A shard without any cursor keeps an output at most this long after its window closed,
+    /// for readers that subscribe without acknowledging (`0s`: only `max_outputs` bounds it).
+    #[serde(default = "default_unclaimed_max_age", with = "humantime_serde")]
+    pub unclaimed_max_age: std::time::Duration,
+    /// A cursor that belongs to no configured sink (created by an admin's ack) and has not
+    /// moved for this long is dropped, so an abandoned subscriber stops holding outputs
+    /// (`0s`: never). Cursors of configured sinks are kept while the sink is configured.
+    #[serde(default = "default_cursor_ttl", with = "humantime_serde")]
+    pub cursor_ttl: std::time::Duration,
 }
 
 fn default_max_outputs() -> u64 {
     1_000_000
 }
 
+fn default_unclaimed_max_age() -> std::time::Duration {
+    std::time::Duration::from_secs(3600)
+}
+
+fn default_cursor_ttl() -> std::time::Duration {
+    std::time::Duration::from_secs(7 * 24 * 3600)
+}
+
 impl Default for OutboxLimits {
     fn default() -> Self {
-        Self { max_outputs: default_max_outputs() }
+        Self {
+            max_outputs: default_max_outputs(),
+            unclaimed_max_age: default_unclaimed_max_age(),
+            cursor_ttl: default_cursor_ttl(),
+        }
     }
 }
 
@@ -507,7 +530,7 @@ mod tests {
             parse_err(
                 "[streams.x]\nmerge = { op = \"ddsketch\", relative_accuracy = 2.0 }\nwindow = { tumbling = \"1s\" }"
             ),
-            "stream \"x\": merge.relative_accuracy must be in (0, 1), got 2"
+            "stream \"x\": merge.relative_accuracy must be in [0.000001, 1), got 2"
         );
         assert_eq!(
             parse_err("[streams.x]\nmerge = \"count\"\nwindow = { tumbling = \"1s\" }\nsinks = [\"nope\"]"),

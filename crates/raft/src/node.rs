@@ -339,6 +339,10 @@ pub struct RaftNode {
     /// and why: with mutual TLS every call from them is refused until one announces a
     /// compatible one.
     incompatible: std::sync::Mutex<BTreeMap<String, String>>,
+    /// The protocol each peer last announced in a Hello (either way): a leader writes an entry
+    /// that needs a newer protocol only once every member of the group announced it
+    /// ([`RaftNode::members_speak`]).
+    protocols: std::sync::Mutex<BTreeMap<String, u32>>,
     /// Set once [`RaftNode::shutdown`] has stopped every group: replication streams that
     /// peers hold open into this node end, so the peer port can stop gracefully.
     stopped: tokio::sync::watch::Sender<bool>,
@@ -479,6 +483,7 @@ impl RaftNode {
             draining: std::sync::atomic::AtomicBool::new(false),
             peer_ids: std::sync::Mutex::new(BTreeMap::new()),
             incompatible: std::sync::Mutex::new(BTreeMap::new()),
+            protocols: std::sync::Mutex::new(BTreeMap::new()),
             stopped: tokio::sync::watch::Sender::new(false),
             db,
             hot: std::sync::Mutex::new(BTreeMap::new()),
@@ -563,7 +568,7 @@ impl RaftNode {
         if reply.name != name {
             return Err(format!("the address of {name} is answered by {:?}", reply.name));
         }
-        self.note_protocol(name, check_protocol(reply.protocol, reply.protocol_min))
+        self.note_protocol(name, reply.protocol, check_protocol(reply.protocol, reply.protocol_min))
             .map_err(|e| format!("{name}: {e}"))?;
         let mut ids = self.peer_ids.lock().unwrap_or_else(|p| p.into_inner());
         match ids.get(&reply.node_id) {
@@ -584,7 +589,8 @@ impl RaftNode {
 
     /// Records whether peer `name` speaks a protocol this build can replicate with (logged when
     /// that changes), passing `verdict` on.
-    fn note_protocol(&self, name: &str, verdict: Result<(), String>) -> Result<(), String> {
+    fn note_protocol(&self, name: &str, protocol: u32, verdict: Result<(), String>) -> Result<(), String> {
+        self.protocols.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), protocol.max(1));
         let mut bad = self.incompatible.lock().unwrap_or_else(|p| p.into_inner());
         match &verdict {
             Ok(()) => {
@@ -599,6 +605,22 @@ impl RaftNode {
             }
         }
         verdict
+    }
+
+    /// Whether every other member (voter or learner) of `shard`'s group has announced, in its
+    /// last Hello, a peer protocol of at least `protocol`: only then may this node propose an
+    /// entry that needs it (during a rolling upgrade an older member could not decode it). A
+    /// member not heard from yet counts as protocol 1; the balancer greets every peer every
+    /// couple of seconds.
+    pub fn members_speak(&self, shard: ShardId, protocol: u32) -> bool {
+        let Some(group) = self.group(shard) else { return false };
+        let names: Vec<String> = {
+            let metrics = group.raft.metrics();
+            let m = metrics.borrow_watched();
+            m.membership_config.membership().nodes().map(|(_, n)| n.name.clone()).collect()
+        };
+        let known = self.protocols.lock().unwrap_or_else(|p| p.into_inner());
+        names.iter().filter(|n| **n != self.me.name).all(|n| known.get(n).copied().unwrap_or(1) >= protocol)
     }
 
     /// The node a peer-port call comes from, proven by its client certificate
@@ -838,6 +860,13 @@ impl RaftNode {
         self.leadership(shard).filter(|l| l.quorum_acked_ago < self.lease).map(|l| l.epoch)
     }
 
+    /// How long after its last quorum acknowledgement a leader may still act as one: the
+    /// minimum election timeout, before which no other replica can be elected
+    /// ([`RaftNode::delivery_epoch`] fences on it).
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
     /// How long a follower waits without hearing from a leader before it may campaign: the
     /// leader lease's duration as others see it.
     pub fn lease_duration(&self) -> Duration {
@@ -953,6 +982,7 @@ impl RaftNode {
             let mut request = tonic::Request::new(RaftMessage { group: shard, payload, target: leader_id });
             request.set_timeout((self.lease_max * 2).clamp(FORWARD_TIMEOUT_MIN, FORWARD_TIMEOUT_MAX));
             crate::tracectx::inject(&span, request.metadata_mut().as_mut());
+            request.metadata_mut().insert(PROTOCOL_HEADER, PROTOCOL.into());
             let mut client = RaftPeerClient::new(channel);
             let forward = tracing::Instrument::instrument(client.forward(request), span);
             // A request that is safe to send twice goes to the successor as soon as this node
@@ -1520,7 +1550,12 @@ impl PeerService {
 /// and openraft messages ([`codec`]) between nodes. Bump it with every change a node of the
 /// previous version could not read, and keep writing the old encoding until every member
 /// announces the new one (docs/upgrades.md).
-pub const PROTOCOL: u32 = 1;
+///
+/// - 1: the first announced protocol (December 2026).
+/// - 2: a forward's reply may carry [`crate::types::GroupOutcome::TooOld`].
+/// - 3: log entries may carry [`Command::Trim`] (proposed only once every member of the group
+///   announced 3: [`RaftNode::members_speak`]).
+pub const PROTOCOL: u32 = 3;
 /// The oldest peer protocol this build reads.
 pub const PROTOCOL_MIN: u32 = 1;
 
@@ -1536,6 +1571,10 @@ fn check_protocol(protocol: u32, protocol_min: u32) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Metadata of a `Forward` call: the protocol the forwarding node reads, so the leader writes
+/// a reply it can decode.
+pub(crate) const PROTOCOL_HEADER: &str = "x-coalesce-protocol";
 
 /// Metadata of a `StreamAppend` call: the group, and the node id meant.
 pub(crate) const STREAM_GROUP_HEADER: &str = "x-coalesce-group";
@@ -1591,7 +1630,7 @@ impl RaftPeer for PeerService {
         }
         let verdict = check_protocol(request.get_ref().protocol, request.get_ref().protocol_min);
         let verdict = match &sender {
-            Some(name) => self.node.note_protocol(name, verdict),
+            Some(name) => self.node.note_protocol(name, request.get_ref().protocol, verdict),
             None => verdict.inspect_err(|e| tracing::error!(error = %e, "a peer speaks an incompatible protocol")),
         };
         if let Err(e) = verdict {
@@ -1734,6 +1773,9 @@ impl RaftPeer for PeerService {
         self.node.peer_sender(&request)?;
         let span = tracing::debug_span!("forwarded", shard = request.get_ref().group);
         crate::tracectx::extract(&span, request.metadata().as_ref());
+        // The forwarder's protocol: what its reply may carry (a build before 2 sends none).
+        let protocol =
+            request.metadata().get(PROTOCOL_HEADER).and_then(|v| v.to_str().ok()?.parse::<u32>().ok()).unwrap_or(1);
         let m = request.into_inner();
         let g = self.group(m.group, m.target)?;
         let req: Forwarded = codec::decode_msg("forward", &m.payload).map_err(bad)?;
@@ -1744,6 +1786,12 @@ impl RaftPeer for PeerService {
         } else {
             Err(ProposeError::NotLeader { shard: m.group, leader: self.node.leader_of(m.group).map(|(_, n)| n) })
         };
+        let outcome = outcome.map(|r| match r {
+            Response::Ingest { groups, sealed } => {
+                Response::Ingest { groups: groups.into_iter().map(|g| g.for_protocol(protocol)).collect(), sealed }
+            }
+            other => other,
+        });
         reply(m.group, "forward reply", &outcome)
     }
 

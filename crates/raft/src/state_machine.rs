@@ -236,15 +236,18 @@ impl ShardStateMachine {
         let mut applied = Vec::new();
         let mut partials = Vec::new();
         for g in groups {
+            let session = match &g.range {
+                None => None,
+                Some(r) => batch.session_get(r.producer)?,
+            };
             let verdict = match &g.range {
                 None => SeqCheck::New,
-                Some(r) => session::check_range(batch.session_get(r.producer)?, r),
+                Some(r) => session::check_range(session.as_ref(), r),
             };
             match verdict {
                 SeqCheck::New => {
                     if let Some(r) = &g.range {
-                        let last_seq = batch.session_get(r.producer)?.map_or(0, |s| s.last_seq).max(r.last_seq);
-                        batch.session_put(r.producer, &Session { last_seq, last_seen: stamp })?;
+                        batch.session_put(r.producer, &Session::after(session.as_ref(), r, stamp))?;
                     }
                     applied.push((outcomes.len(), partials.len(), g.partials.len()));
                     outcomes.push(GroupOutcome::Applied { shed: 0 });
@@ -252,6 +255,7 @@ impl ShardStateMachine {
                 }
                 SeqCheck::Duplicate => outcomes.push(GroupOutcome::Duplicate),
                 SeqCheck::Overlap { accepted } => outcomes.push(GroupOutcome::Overlap { accepted }),
+                SeqCheck::TooOld { accepted } => outcomes.push(GroupOutcome::TooOld { accepted }),
             }
         }
         if let Ok(mut extra) = self.applied_extra.lock() {
@@ -317,6 +321,14 @@ impl ShardStateMachine {
     /// Deletes outputs every cursor has acknowledged.
     fn trim(&mut self, batch: &mut ApplyBatch<'_>) {
         let low = self.outbox.cursors.values().min().map_or(self.outbox.low, |m| m + 1);
+        self.trim_below(batch, low);
+    }
+
+    /// Deletes outputs below `below`, but none a cursor has not acknowledged and none not yet
+    /// emitted ([`Command::Trim`]).
+    fn trim_below(&mut self, batch: &mut ApplyBatch<'_>, below: u64) {
+        let claimed = self.outbox.cursors.values().min().map_or(u64::MAX, |m| m + 1);
+        let low = below.min(claimed).min(self.outbox.next_seq);
         if low > self.outbox.low {
             batch.outbox_trim(self.outbox.low, low);
             self.outbox.low = low;
@@ -418,6 +430,10 @@ impl ShardStateMachine {
                     batch.dlq_put(letter)?;
                 }
                 self.apply_ack(batch, cursor, upto_seq)
+            }
+            EntryPayload::Normal(Command::Trim { below }) => {
+                self.trim_below(batch, below);
+                Response::Acked { trimmed_below: self.outbox.low }
             }
             EntryPayload::Normal(Command::DropCursor { cursor }) => {
                 self.outbox.cursors.remove(&cursor);

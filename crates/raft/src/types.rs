@@ -63,6 +63,10 @@ pub enum Command {
     SetPreferredLeader { node: Option<String> },
     /// Forgets a consumer's cursor (an abandoned subscriber), so it no longer holds outputs.
     DropCursor { cursor: String },
+    /// Deletes outputs below seq `below` that no cursor still needs: the retention of outputs
+    /// no consumer claims (a shard without cursors). Never past a cursor or the next seq, so a
+    /// late or repeated Trim deletes nothing a consumer has not acknowledged. Peer protocol 3.
+    Trim { below: u64 },
 }
 
 impl Command {
@@ -76,6 +80,7 @@ impl Command {
             Command::DlqRemove { .. } => "dlq_remove",
             Command::SetPreferredLeader { .. } => "set_preferred_leader",
             Command::DropCursor { .. } => "drop_cursor",
+            Command::Trim { .. } => "trim",
         }
     }
 }
@@ -92,6 +97,7 @@ impl fmt::Display for Command {
             Command::DlqRemove { sink, seqs } => write!(f, "dlq_remove({sink}, {})", seqs.len()),
             Command::SetPreferredLeader { node } => write!(f, "set_preferred_leader({node:?})"),
             Command::DropCursor { cursor } => write!(f, "drop_cursor({cursor})"),
+            Command::Trim { below } => write!(f, "trim(<{below})"),
         }
     }
 }
@@ -190,6 +196,7 @@ impl Command {
                 }
             }
             Command::Ack { cursor, .. } | Command::DropCursor { cursor } => name("cursor", cursor)?,
+            Command::Trim { .. } => {}
             Command::DeadLetter { cursor, upto_seq: _, letters } => {
                 name("cursor", cursor)?;
                 at_most("letters", letters.len(), MAX_LETTERS_PER_ENTRY)?;
@@ -222,6 +229,20 @@ pub enum GroupOutcome {
     Duplicate,
     /// Overlaps seqs already accepted (up to `accepted`): refused.
     Overlap { accepted: u64 },
+    /// At or below the highest seq accepted (`accepted`) but none of the producer's recent
+    /// requests: refused ([`coalesce_core::session`]). Peer protocol 2; a protocol-1 node is
+    /// sent [`GroupOutcome::Overlap`] instead ([`GroupOutcome::for_protocol`]).
+    TooOld { accepted: u64 },
+}
+
+impl GroupOutcome {
+    /// This outcome as a node speaking peer `protocol` can read it.
+    pub fn for_protocol(self, protocol: u32) -> Self {
+        match self {
+            GroupOutcome::TooOld { accepted } if protocol < 2 => GroupOutcome::Overlap { accepted },
+            other => other,
+        }
+    }
 }
 
 /// What applying a command answers.

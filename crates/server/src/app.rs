@@ -283,6 +283,10 @@ pub async fn run(
     let liveness = tokio::spawn(Arc::clone(&node).run_liveness(wait(stop_peer_rx.clone())));
     let balancer = tokio::spawn(Arc::clone(&node).run_balancer(Duration::from_secs(2), wait(stop_client_rx2.clone())));
     let delivering = tokio::spawn(Arc::clone(&delivery).run(wait(stop_client_rx2.clone())));
+    let retention = tokio::spawn(
+        crate::retention::Retention::new(node.clone(), delivery.clone())
+            .run(Duration::from_secs(1), wait(stop_client_rx2.clone())),
+    );
     let lease_book = tokio::spawn(Arc::clone(&leases).run(Duration::from_millis(100), wait(stop_client_rx2.clone())));
     let publishing =
         publisher.map(|p| tokio::spawn(p.run(node.clone(), Duration::from_millis(100), wait(stop_client_rx2))));
@@ -295,6 +299,7 @@ pub async fn run(
     bootstrap.abort();
     let _ = balancer.await;
     let _ = delivering.await;
+    let _ = retention.await;
     let _ = lease_book.await;
     if let Some(p) = publishing {
         let _ = p.await;

@@ -170,6 +170,11 @@ impl Delivery {
         self.sinks.iter().find(|s| s.config.name == name)?.sink.as_ref()?.limiter()
     }
 
+    /// Whether `name` is a declared durable subscriber: a `grpc` sink of the streams file.
+    pub fn is_durable_consumer(&self, name: &str) -> bool {
+        self.sinks.iter().any(|s| s.config.name == name && s.sink.is_none())
+    }
+
     /// Whether `name` is a sink the cluster delivers to itself (not a subscriber name).
     pub fn is_push_sink(&self, name: &str) -> bool {
         self.sinks.iter().any(|s| s.config.name == name && s.sink.is_some())

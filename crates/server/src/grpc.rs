@@ -44,6 +44,27 @@ impl CoalesceService {
         Self { node, limits, delivery, fetch, key_rates }
     }
 
+    /// Whether an Ack may move (and so perhaps create) `consumer`'s cursor on `shard`: a cursor
+    /// holds every output until it acks, so only declared durable consumers (`grpc` sinks) and
+    /// callers with an admin token create one; a cursor that exists (created so, or before
+    /// December 2026) may be acked by any consumer. Refused: NOT_FOUND, counted.
+    fn may_ack(&self, shard: ShardId, consumer: &str, admin: bool) -> Result<(), Status> {
+        if admin || self.delivery.is_durable_consumer(consumer) {
+            return Ok(());
+        }
+        // A shard this node does not replicate is answered by the Ack itself (NOT_FOUND).
+        let Some(group) = self.node.group(shard) else { return Ok(()) };
+        let outbox = load_outbox(&group.store).map_err(|e| Status::internal(e.to_string()))?;
+        if outbox.cursors.contains_key(consumer) {
+            return Ok(());
+        }
+        crate::metrics::ACKS_REFUSED.inc();
+        Err(Status::not_found(format!(
+            "consumer: {consumer:?} is not a durable consumer of this cluster and has no cursor on shard {shard}: \
+             declare it as a `grpc` sink in the streams file, or ack once with an admin token to create its cursor"
+        )))
+    }
+
     /// Checks a subscriber's consumer name: the cursor it acks must not be a sink's.
     fn consumer(&self, name: &str) -> Result<(), Status> {
         if !coalesce_core::stream::valid_name(name) {
@@ -241,6 +262,16 @@ impl CoalesceService {
                                     "producer_seq overlaps seqs already accepted by shard {shard} (up to {accepted})"
                                 ),
                             ),
+                            GroupOutcome::TooOld { accepted } => status(
+                                EventCode::FailedPrecondition,
+                                "sequence_too_old",
+                                format!(
+                                    "producer_seq is at or below the highest seq shard {shard} accepted from this \
+                                     producer ({accepted}) but is none of its last {} requests: a producer id must \
+                                     not restart its seqs (use a new id per run); nothing was applied",
+                                    coalesce_core::session::RECENT_RANGES
+                                ),
+                            ),
                         };
                         for i in idx {
                             statuses[i as usize] = pb::EventStatus { shard, ..s.clone() };
@@ -340,9 +371,11 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
     }
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Result<TonicResponse<pb::AckResponse>, Status> {
+        let admin = crate::security::Caller::is_admin(&request);
         let req = request.into_inner();
         timed("Ack", async {
             self.consumer(&req.consumer)?;
+            self.may_ack(req.shard, &req.consumer, admin)?;
             match self.node.ack(req.shard, req.consumer, req.upto_seq).await {
                 Ok(Response::Acked { trimmed_below }) => Ok(TonicResponse::new(pb::AckResponse { trimmed_below })),
                 Ok(other) => Err(Status::internal(format!("unexpected response {other:?}"))),

@@ -1,8 +1,22 @@
 //! Leader leases in the shape of Kubernetes `coordination.k8s.io/v1` Leases. Raft is the
-//! authority; a Lease mirrors it: holder = the leader's node name, renewTime = when a quorum
-//! last acknowledged the leader, acquireTime = the first quorum acknowledgement this node saw
-//! as leader of the current term (observed every 100 ms), leaseTransitions = the Raft term, leaseDurationSeconds = the maximum election
-//! timeout (how long followers wait before they may elect someone else), rounded up.
+//! authority; a Lease mirrors it: holder = the leader's node name, leaseTransitions = the Raft
+//! term, renewTime + leaseDurationSeconds = the instant this leader's lease runs out (its last
+//! quorum acknowledgement plus the minimum election timeout, before which no other replica can
+//! be elected — the same bound delivery fences on), and acquireTime = its first quorum
+//! acknowledgement in this term (observed every 100 ms) plus that lease: the Lease is
+//! published from then on, not before.
+//!
+//! Kubernetes counts a Lease valid until renewTime + leaseDurationSeconds, in whole seconds,
+//! while a Raft lease lasts a few hundred milliseconds. So leaseDurationSeconds is that lease
+//! rounded up and renewTime is set back by the difference: it can read earlier than
+//! acquireTime. Publishing the acknowledgement itself as renewTime would show a paused or cut
+//! off leader's Lease as valid for up to a second after its successor's acquireTime; and a
+//! leader that hands leadership over (balancing, drain, SIGTERM) stops leading with its lease
+//! still running, its successor elected at once. A previous holder's last acknowledgement
+//! precedes its successor's first, so with these times, by Kubernetes rules, no two Leases of
+//! one shard (each node publishes the shards it leads) are ever valid at the same instant, on
+//! one clock; across hosts, clock skew adds to the bound. The price: a new leader's Lease
+//! shows up one lease (a few hundred milliseconds) after it starts leading.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -79,12 +93,18 @@ impl LeaseBook {
         self.observe();
         let now = SystemTime::now();
         let spec = self.node.spec();
-        let duration = self.node.lease_duration().as_millis().div_ceil(1000).max(1) as i32;
+        let lease = self.node.lease();
+        let duration = lease.as_millis().div_ceil(1000).max(1) as u64;
         let acquired = self.acquired.lock().unwrap_or_else(|p| p.into_inner()).clone();
         acquired
             .into_iter()
             .filter_map(|(shard, (epoch, since))| {
                 let l = self.node.leadership(shard).filter(|l| l.epoch == epoch)?;
+                // Not before the previous holder's lease has surely run out.
+                let valid_from = since + lease;
+                if now < valid_from {
+                    return None;
+                }
                 let labels = [
                     ("app.kubernetes.io/name".to_owned(), "coalesce".to_owned()),
                     ("coalesce.io/cluster".to_owned(), spec.cluster.clone()),
@@ -101,10 +121,9 @@ impl LeaseBook {
                     }),
                     spec: Some(pb::LeaseSpec {
                         holder_identity: self.node.me().name.clone(),
-                        lease_duration_seconds: duration,
-                        acquire_time: micro_time(since),
-                        // The quorum ack that confirmed leadership may predate noticing it.
-                        renew_time: micro_time((now - l.quorum_acked_ago).max(since)),
+                        lease_duration_seconds: i32::try_from(duration).unwrap_or(i32::MAX),
+                        acquire_time: micro_time(valid_from),
+                        renew_time: micro_time(now - l.quorum_acked_ago + lease - Duration::from_secs(duration)),
                         lease_transitions: i32::try_from(epoch.term).unwrap_or(i32::MAX),
                     }),
                 })

@@ -16,6 +16,8 @@
 //! - [`metrics`]: Prometheus metrics (event counters and scrape-time gauges).
 //! - [`http`]: the HTTP port (axum): `/metrics`, `/livez`, `/readyz`, `/loglevel`.
 //! - [`telemetry`]: logs (text or JSON) with a filter replaceable at run time.
+//! - [`retention`]: bounds outboxes nobody drains (outputs no cursor claims, abandoned
+//!   cursors) on each shard's leader.
 //! - [`delivery`]: runs the sinks (crate `coalesce-sinks`: file, HTTP, PostgreSQL, durable
 //!   gRPC subscribers) on each shard's leader.
 //!
@@ -37,5 +39,6 @@ pub mod k8s_fake;
 pub mod keyrate;
 pub mod leases;
 pub mod metrics;
+pub mod retention;
 pub mod security;
 pub mod telemetry;

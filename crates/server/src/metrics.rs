@@ -15,11 +15,11 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use coalesce_raft::RaftNode;
-use coalesce_raft::metrics::{AGE_BUCKETS, LATENCY_BUCKETS, counter_vec, histogram_vec};
+use coalesce_raft::metrics::{AGE_BUCKETS, LATENCY_BUCKETS, counter, counter_vec, histogram_vec};
 use coalesce_raft::state_machine::load_outbox;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{GaugeVec, HistogramVec, IntCounterVec, IntGaugeVec, Opts};
+use prometheus::{GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts};
 
 use crate::delivery::Delivery;
 
@@ -69,6 +69,26 @@ pub(crate) static RATE_LIMITED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "coalesce_stream_rate_limited_inputs_total",
         "Events over their key's `key_rate_limit` on this node, by stream and action (reject, shed).",
         &["stream", "action"],
+    )
+});
+pub(crate) static ACKS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "coalesce_api_acks_refused_total",
+        "Acks refused because they named a consumer that is not declared (a `grpc` sink) and has no cursor, \
+         from a caller without an admin token: acks never create cursors for arbitrary names.",
+    )
+});
+pub(crate) static CURSORS_EXPIRED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "coalesce_outbox_cursors_expired_total",
+        "Cursors of no configured sink dropped by this node as leader after not moving for `[outbox] cursor_ttl`.",
+    )
+});
+pub(crate) static UNCLAIMED_TRIMMED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "coalesce_outbox_unclaimed_trimmed_outputs_total",
+        "Outputs of shards without any cursor that this node as leader trimmed past `[outbox] max_outputs` or \
+         `unclaimed_max_age`.",
     )
 });
 pub(crate) static SINK_DEAD_LETTERED: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -169,6 +189,9 @@ pub fn init(streams: &[&str], sinks: &[&str], fetch_streams: &[&str]) {
     LazyLock::force(&SINK_STALENESS);
     LazyLock::force(&LEADER_CHANGES);
     LazyLock::force(&LEASE_WRITE_FAILURES);
+    LazyLock::force(&ACKS_REFUSED);
+    LazyLock::force(&CURSORS_EXPIRED);
+    LazyLock::force(&UNCLAIMED_TRIMMED);
     for event in ["acquired", "lost"] {
         LEADER_CHANGES.with_label_values(&[event]);
     }

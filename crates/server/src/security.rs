@@ -257,6 +257,18 @@ impl Auth {
         }
     }
 
+    /// The holder and roles of the token `authorization` carries, if tokens are configured
+    /// and it is one of them.
+    pub fn caller(&self, authorization: Option<&[u8]>) -> Option<Caller> {
+        if !self.enabled() {
+            return None;
+        }
+        let token = bearer(authorization)?;
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let (_, holder, roles) = self.tokens.iter().find(|(d, _, _)| *d == digest)?;
+        Some(Caller { holder: holder.clone(), roles: roles.clone() })
+    }
+
     /// Checks that `authorization` carries a token with role `need` (any token for `None`)
     /// for `what` (named in the error).
     pub fn check_role(
@@ -269,10 +281,7 @@ impl Auth {
             return Ok(());
         }
         let path = what;
-        let token = authorization
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-            .map(str::trim)
+        let token = bearer(authorization)
             .ok_or_else(|| tonic::Status::unauthenticated("authorization: a bearer token is required"))?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let (_, holder, roles) = self
@@ -287,6 +296,36 @@ impl Auth {
             ))),
             _ => Ok(()),
         }
+    }
+}
+
+/// The token of an `authorization: Bearer <token>` header value.
+fn bearer(authorization: Option<&[u8]>) -> Option<&str> {
+    authorization
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .map(str::trim)
+}
+
+/// Who made a client-port call, as its token proves: put into the call's extensions by
+/// [`AuthService`] once the token checked out. Absent when no tokens are configured — then
+/// nobody is proven to be anyone, and a handler that needs a role for something must refuse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's name (`[[auth.tokens]] name`).
+    pub holder: String,
+    pub roles: BTreeSet<Role>,
+}
+
+impl Caller {
+    /// The caller of `request`, if a token proved one.
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<&Caller> {
+        request.extensions().get::<Caller>()
+    }
+
+    /// Whether `request` carries a valid token with the admin role.
+    pub fn is_admin<T>(request: &tonic::Request<T>) -> bool {
+        Self::of(request).is_some_and(|c| c.roles.contains(&Role::Admin))
     }
 }
 
@@ -329,10 +368,15 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let auth = req.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
         match self.auth.check(req.uri().path(), auth) {
-            Ok(()) => futures::future::Either::Right(self.inner.call(req)),
+            Ok(()) => {
+                if let Some(caller) = self.auth.caller(auth) {
+                    req.extensions_mut().insert(caller);
+                }
+                futures::future::Either::Right(self.inner.call(req))
+            }
             Err(status) => futures::future::Either::Left(futures::future::ready(Ok(status.into_http()))),
         }
     }

@@ -19,6 +19,12 @@
 //! crate's log entry and metadata encodings), bump [`FORMAT_VERSION`], add the migration that
 //! rewrites the old rows, and add a data directory written by the previous build to the
 //! upgrade test fixtures.
+//!
+//! A change that both builds read needs no new version, and keeps downgrades possible: a field
+//! appended to the end of a postcard row, which an older build ignores (postcard does not
+//! check for trailing bytes) and this build reads as absent when the row ends before it.
+//! Producer session rows grew that way in December 2026 (`crate::shard::decode_session`): a
+//! row of the older shape still arrives in snapshots from older nodes, so its reader stays.
 
 use rocksdb::WriteBatch;
 

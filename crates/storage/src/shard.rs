@@ -33,6 +33,18 @@ pub(crate) fn decode<T: DeserializeOwned>(shard: ShardId, what: &'static str, by
     postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt { shard, what, detail: e.to_string() })
 }
 
+/// A producer session row. Rows written before December 2026 hold only `last_seq` and
+/// `last_seen`, the prefix of today's encoding (so older builds read today's rows too, ignoring
+/// the ranges): they read as [`Session::legacy`].
+pub(crate) fn decode_session(shard: ShardId, bytes: &[u8]) -> Result<Session, StorageError> {
+    let ((last_seq, last_seen), rest): ((u64, u64), &[u8]) = postcard::take_from_bytes(bytes)
+        .map_err(|e| StorageError::Corrupt { shard, what: "session", detail: e.to_string() })?;
+    if rest.is_empty() {
+        return Ok(Session::legacy(last_seq, last_seen));
+    }
+    decode(shard, "session", bytes)
+}
+
 /// Accounted bytes ([`Buffered::bytes`]) of buffered aggregates one shard keeps in memory.
 pub const BUFFER_CACHE_BYTES: u64 = 16 << 20;
 
@@ -685,7 +697,7 @@ impl ShardStore {
         for item in self.db.raw().iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item?;
             let producer = keys::decode_u64_suffix(&k).ok_or_else(|| self.corrupt("session key", "short key"))?;
-            all.insert(producer, decode(self.shard, "session", &v)?);
+            all.insert(producer, decode_session(self.shard, &v)?);
         }
         for (producer, s) in mem.flying().into_iter().flat_map(|f| &f.sessions).chain(&mem.pending.sessions) {
             match s {
@@ -874,7 +886,7 @@ impl ApplyBatch<'_> {
         }
         let db = &self.store.db;
         match db.raw().get_pinned_cf(db.cf(keys::CF_SESSIONS)?, keys::session_key(self.store.shard, producer))? {
-            Some(bytes) => Ok(Some(decode(self.store.shard, "session", &bytes)?)),
+            Some(bytes) => Ok(Some(decode_session(self.store.shard, &bytes)?)),
             None => Ok(None),
         }
     }

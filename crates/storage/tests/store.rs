@@ -197,7 +197,7 @@ fn apply_op(batch: &mut coalesce_storage::ApplyBatch<'_>, op: &Op, next_seq: &mu
     }
     let producer = (i % 7) as u64;
     let last_seq = batch.session_get(producer).expect("session").map_or(0, |s| s.last_seq) + 1;
-    batch.session_put(producer, &coalesce_core::session::Session { last_seq, last_seen: op.0 }).expect("session put");
+    batch.session_put(producer, &session(last_seq, op.0)).expect("session put");
     if i.is_multiple_of(97) {
         batch.session_delete((i % 7 + 1) as u64 % 7);
     }
@@ -469,7 +469,7 @@ fn state_survives_restart_and_moves_by_snapshot() {
             samples: None,
         };
         batch.outbox_put(&out).unwrap();
-        batch.session_put(77, &coalesce_core::session::Session { last_seq: 9, last_seen: 1 }).unwrap();
+        batch.session_put(77, &session(9, 1)).unwrap();
         batch.commit().unwrap();
     }
     // Reopen: everything is still there.
@@ -477,7 +477,7 @@ fn state_survives_restart_and_moves_by_snapshot() {
     let shard = ShardStore::new(db.clone(), 3);
     assert_eq!(shard.stats().unwrap(), model.stats);
     assert_eq!(shard.outbox_from(0, 10).unwrap().len(), 1);
-    assert_eq!(shard.sessions().unwrap(), vec![(77, coalesce_core::session::Session { last_seq: 9, last_seen: 1 })]);
+    assert_eq!(shard.sessions().unwrap(), vec![(77, session(9, 1))]);
 
     // Export to another shard in another database; it is the same state.
     let export = shard.export_state().unwrap();
@@ -487,7 +487,7 @@ fn state_survives_restart_and_moves_by_snapshot() {
     let other = ShardStore::new(open(other_dir.path()), 3);
     // Pre-existing rows of the target are replaced.
     let mut junk = other.apply_batch();
-    junk.session_put(1, &coalesce_core::session::Session { last_seq: 1, last_seen: 1 }).unwrap();
+    junk.session_put(1, &session(1, 1)).unwrap();
     junk.commit().unwrap();
     other.import_state(&data).unwrap();
     assert_eq!(other.export_state().unwrap().encode().unwrap(), data, "byte-identical after a snapshot install");
@@ -538,4 +538,39 @@ fn the_format_version_is_recorded_checked_and_migrated() {
     assert!(text.contains(&format!("format {}", FORMAT_VERSION + 98)), "{text}");
     assert!(text.contains(&format!("formats up to {FORMAT_VERSION}")), "{text}");
     assert_eq!(newer.code(), "newer_format");
+}
+
+/// A session as the state machine writes one: it applied `last_seq` alone at `last_seen`.
+fn session(last_seq: u64, last_seen: u64) -> coalesce_core::session::Session {
+    let range = coalesce_core::session::ProducerRange { producer: 0, first_seq: last_seq, last_seq };
+    coalesce_core::session::Session::after(None, &range, last_seen)
+}
+
+/// Session rows written before December 2026 (`last_seq`, `last_seen` only) read as legacy
+/// sessions, in the database and in a snapshot from such a node; today's rows start with the
+/// same two fields, so an older build reads them too.
+#[test]
+fn session_rows_of_older_builds_read_as_legacy_sessions() {
+    use coalesce_core::session::Session;
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let old_row = postcard::to_allocvec(&(41u64, 5u64)).unwrap();
+    let sessions = db.cf(coalesce_storage::keys::CF_SESSIONS).unwrap();
+    db.raw().put_cf(sessions, coalesce_storage::keys::session_key(3, 8), &old_row).unwrap();
+    let shard = ShardStore::new(db.clone(), 3);
+    assert_eq!(shard.sessions().unwrap(), vec![(8, Session::legacy(41, 5))]);
+    assert_eq!(shard.apply_batch().session_get(8).unwrap(), Some(Session::legacy(41, 5)));
+    // Through a snapshot to another node: the same.
+    let data = shard.export_state().unwrap().encode().unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = ShardStore::new(open(other_dir.path()), 3);
+    other.import_state(&data).unwrap();
+    assert_eq!(other.sessions().unwrap(), vec![(8, Session::legacy(41, 5))]);
+    // Today's row: an older build decodes its first two fields and ignores the rest.
+    let mut batch = shard.apply_batch();
+    batch.session_put(9, &session(12, 7)).unwrap();
+    batch.commit().unwrap();
+    shard.checkpoint().unwrap();
+    let row = db.raw().get_cf(sessions, coalesce_storage::keys::session_key(3, 9)).unwrap().unwrap();
+    assert_eq!(postcard::from_bytes::<(u64, u64)>(&row).unwrap(), (12, 7));
 }
