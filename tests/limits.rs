@@ -294,3 +294,32 @@ async fn every_limit_and_error_has_its_code_and_field() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert!(e.message().starts_with("shard"), "{e:?}");
 }
+
+/// Per-connection limits on the client port: with `api.max_streams_per_connection = 2`, a
+/// third call on a connection that holds two open subscriptions waits (HTTP/2 flow control,
+/// not an error) until one of them ends; another connection is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_holds_at_most_its_stream_limit() {
+    let cluster = Cluster::start_with(3, 2, STREAMS, "[api]\nmax_streams_per_connection = 2\n");
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let one_connection =
+        tonic::transport::Channel::from_shared(format!("http://{}", cluster.local.nodes[0].client_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut api = pb::coalesce_client::CoalesceClient::new(one_connection);
+    let subscribe = || pb::SubscribeRequest { consumer: "reader".into(), shards: vec![], from_seq: Default::default() };
+    let first = api.subscribe(subscribe()).await.unwrap().into_inner();
+    let _second = api.subscribe(subscribe()).await.unwrap().into_inner();
+    let mut third = std::pin::pin!(api.status(pb::StatusRequest {}));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut third).await.is_err(),
+        "a third call on the connection waits while two streams are open"
+    );
+    // Another connection is served meanwhile.
+    assert!(cluster.status(0).await.is_some());
+    drop(first);
+    let status = tokio::time::timeout(Duration::from_secs(10), third).await.expect("served once a stream ended");
+    assert!(status.is_ok(), "{status:?}");
+}

@@ -92,6 +92,11 @@ async fn join_server<E: std::fmt::Display>(name: &str, server: tokio::task::Join
 
 /// Streams a peer may reset before the peer port accepts them (see where it is set).
 const PEER_PENDING_RESETS: usize = 4096;
+/// Calls one peer connection may have open at once: every forward, Raft message and Fetch
+/// from one node to another shares a connection, so this is far above what a node sends
+/// (forwards are bounded by their callers' concurrency and time out in seconds), yet bounds
+/// what one connection can make this node hold. Past it, the peer's client waits.
+const PEER_MAX_STREAMS: u32 = 4096;
 
 /// The connections a gRPC port accepts (`TCP_NODELAY`, TLS when `certs` is set:
 /// [`coalesce_raft::tls::incoming`]).
@@ -206,10 +211,16 @@ pub async fn run(
     // its peers' forward timeouts resumes to exactly such a backlog of cancelled forwards and
     // would cut every peer off; the peer port only serves authenticated nodes, so it allows
     // many more.
-    let mut peer_builder =
-        tonic::transport::Server::builder().http2_max_pending_accept_reset_streams(Some(PEER_PENDING_RESETS));
-    // One `rpc` span per call, continuing the caller's trace (crate::telemetry).
-    let client_builder = tonic::transport::Server::builder().trace_fn(crate::telemetry::rpc_span);
+    let mut peer_builder = tonic::transport::Server::builder()
+        .http2_max_pending_accept_reset_streams(Some(PEER_PENDING_RESETS))
+        .max_concurrent_streams(Some(PEER_MAX_STREAMS));
+    // One `rpc` span per call, continuing the caller's trace (crate::telemetry). Per
+    // connection: bounded streams, bounded calls in progress, and a deadline on each answer.
+    let client_builder = tonic::transport::Server::builder()
+        .trace_fn(crate::telemetry::rpc_span)
+        .max_concurrent_streams(Some(cfg.api.max_streams_per_connection))
+        .concurrency_limit_per_connection(cfg.api.max_concurrent_calls_per_connection)
+        .timeout(cfg.api.request_timeout);
     // Rotated certificates are picked up without a restart.
     let reloads: Vec<_> = [&loaded.tls.peer, &loaded.tls.client]
         .into_iter()

@@ -145,6 +145,18 @@ pub struct ApiLimits {
     pub max_events_per_request: usize,
     #[serde(default = "default_max_request_bytes")]
     pub max_request_bytes: usize,
+    /// Calls one client connection may have open at once (HTTP/2 concurrent streams): past
+    /// it the connection's client waits, per HTTP/2 flow control. Subscriptions count.
+    #[serde(default = "default_max_streams")]
+    pub max_streams_per_connection: u32,
+    /// Calls of one connection the node works on at once; more wait their turn, so one
+    /// connection cannot take every worker.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent_calls_per_connection: usize,
+    /// Longest a call may take to answer (DEADLINE_EXCEEDED past it; a shorter `grpc-timeout`
+    /// from the caller wins). A subscription's stream of outputs is not cut: it has answered.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: std::time::Duration,
 }
 
 fn default_max_events() -> usize {
@@ -153,10 +165,25 @@ fn default_max_events() -> usize {
 fn default_max_request_bytes() -> usize {
     8 << 20
 }
+fn default_max_streams() -> u32 {
+    256
+}
+fn default_max_concurrent() -> usize {
+    64
+}
+fn default_request_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
+}
 
 impl Default for ApiLimits {
     fn default() -> Self {
-        Self { max_events_per_request: default_max_events(), max_request_bytes: default_max_request_bytes() }
+        Self {
+            max_events_per_request: default_max_events(),
+            max_request_bytes: default_max_request_bytes(),
+            max_streams_per_connection: default_max_streams(),
+            max_concurrent_calls_per_connection: default_max_concurrent(),
+            request_timeout: default_request_timeout(),
+        }
     }
 }
 
@@ -303,6 +330,15 @@ impl Config {
         self.kubernetes.validate().map_err(|message| ConfigError::Invalid { field: "kubernetes", message })?;
         if self.api.max_events_per_request == 0 {
             return invalid("api.max_events_per_request", "must be at least 1".into());
+        }
+        if self.api.max_streams_per_connection == 0 {
+            return invalid("api.max_streams_per_connection", "must be at least 1".into());
+        }
+        if self.api.max_concurrent_calls_per_connection == 0 {
+            return invalid("api.max_concurrent_calls_per_connection", "must be at least 1".into());
+        }
+        if self.api.request_timeout < std::time::Duration::from_secs(1) {
+            return invalid("api.request_timeout", format!("{:?} is shorter than 1s", self.api.request_timeout));
         }
         Ok(())
     }
