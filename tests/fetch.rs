@@ -3,7 +3,8 @@
 //! upstream call per key; callers during the settle delay join it; a caller that goes away
 //! cancels nothing for the others (and the last one leaving during the delay cancels the
 //! call); the shared rate limit holds under a burst; a leader SIGKILL while callers wait still
-//! answers every one of them.
+//! answers every one of them; a leader SIGSTOPped and replaced while its flight settles calls
+//! nothing and answers nothing once it resumes.
 
 #![allow(clippy::unwrap_used)]
 
@@ -242,6 +243,97 @@ async fn a_leader_kill_during_the_call_still_answers_every_caller() {
         assert_ne!(r.epoch.unwrap().node, 0);
     }
     assert!(up.calls(&key) >= 1);
+}
+
+/// Issue 23 item 9 (fencing): the key's leader is SIGSTOPped while its flight settles, with a
+/// caller on its own node and one forwarded from another node; a successor is elected and
+/// answers a Fetch; then the old leader resumes (and more callers ask it at once). It must not
+/// call the upstream after it resumes, and no caller may get an answer with its old epoch: one
+/// upstream call for the whole episode (the TTL keeps the successor's answer for the retries;
+/// the successor is made the shard's preferred leader so that it keeps the shard), and every
+/// answer is the successor's, with its epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_leader_calls_nothing_and_answers_nothing_after_it_resumes() {
+    let seed = harness::seed();
+    let (up, url) = upstream(Duration::from_millis(50)).await;
+    let cluster = Arc::new(Cluster::start(3, 3, &streams(&url, "settle = \"1500ms\"\nttl = \"60s\"")));
+    let leaders = cluster.wait_ready(Duration::from_secs(60)).await;
+    let key = format!("acct-{seed}");
+    let shard = coalesce_core::hash::shard_for("accounts", &key, 3);
+    let zombie = cluster.index_of(&leaders[&shard]).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != zombie).collect();
+
+    // One caller on the leader's own node, one whose node passes the call to the leader.
+    let mut waiting = Vec::new();
+    for node in [zombie, others[seed as usize % 2]] {
+        let mut client = patient_client(&cluster, node).await;
+        let req = pb::FetchRequest { stream: "accounts".into(), key: key.clone() };
+        waiting.push((node, tokio::spawn(async move { client.fetch(req).await.map(tonic::Response::into_inner) })));
+    }
+    // Inside the 1.5 s settle delay: the flight waits, nothing is called yet.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.signal(zombie, "STOP");
+    assert_eq!(up.calls(&key), 0, "seed {seed}: the pause began before the upstream call");
+
+    // A successor (a node that reports itself as the shard's leader), then a Fetch on it.
+    let t = Instant::now();
+    let successor = loop {
+        let mut found = None;
+        for &i in &others {
+            if let Some(st) = cluster.status(i).await
+                && st.local_shards.iter().any(|s| s.shard == shard && s.leader == cluster.local.nodes[i].name)
+            {
+                found = Some(i);
+            }
+        }
+        if let Some(i) = found {
+            break i;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "seed {seed}: no successor while the leader is paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Keep the shard there: balancing would hand it back to the old leader once it resumes, in
+    // a new epoch that may rightly call the upstream again.
+    let name = cluster.local.nodes[successor].name.clone();
+    let mut admin =
+        pb::admin_client::AdminClient::connect(format!("http://{}", cluster.local.nodes[successor].client_addr))
+            .await
+            .unwrap();
+    let pinned = admin.transfer_leader(pb::TransferLeaderRequest { shard, to: name.clone(), reset: false }).await;
+    assert_eq!(pinned.unwrap().into_inner().leader, name, "seed {seed}");
+    let req = pb::FetchRequest { stream: "accounts".into(), key: key.clone() };
+    let first = patient_client(&cluster, successor).await.fetch(req).await.unwrap().into_inner();
+    let epoch = first.epoch.unwrap();
+    assert_eq!((first.status, body(&first)["call"].as_u64()), (200, Some(1)), "seed {seed}: {first:?}");
+    assert_eq!(up.calls(&key), 1, "seed {seed}: the successor called once");
+
+    // The old leader resumes; callers ask it right away, besides the two that waited on it.
+    let resumed = Instant::now();
+    cluster.signal(zombie, "CONT");
+    for _ in 0..5 {
+        let mut client = patient_client(&cluster, zombie).await;
+        let req = pb::FetchRequest { stream: "accounts".into(), key: key.clone() };
+        waiting.push((zombie, tokio::spawn(async move { client.fetch(req).await.map(tonic::Response::into_inner) })));
+    }
+    let mut answers = Vec::new();
+    for (node, w) in waiting {
+        let r = tokio::time::timeout(Duration::from_secs(60), w)
+            .await
+            .unwrap_or_else(|_| panic!("seed {seed}: a caller on node {node} got no answer"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("seed {seed}: caller on node {node}: {e:?}"));
+        answers.push((node, r));
+    }
+    let calls = up.calls.lock().unwrap().get(&key).cloned().unwrap_or_default();
+    let late: Vec<Duration> = calls.iter().filter(|c| **c >= resumed).map(|c| c.duration_since(resumed)).collect();
+    assert!(late.is_empty(), "seed {seed}: upstream calls {late:?} after the old leader resumed");
+    assert_eq!(calls.len(), 1, "seed {seed}: one upstream call for the key in the whole episode");
+    for (node, r) in answers {
+        assert_eq!(r.epoch, Some(epoch), "seed {seed}: caller on node {node} got another epoch than the successor's");
+        assert_eq!((r.status, body(&r)), (200, body(&first)), "seed {seed}: caller on node {node}");
+    }
+    let deposed = cluster.metric("coalesce_fetch_requests_total{stream=\"accounts\",origin=\"deposed\"}").await;
+    eprintln!("callers the resumed leader refused and sent to its successor: {deposed:?} (seed {seed})");
 }
 
 /// The event → fetch bridge (`on_window_close`): an account-change stream whose closed windows

@@ -4,9 +4,38 @@
 //! delay) answers every caller in the cluster, and a successful answer is cached for the
 //! stream's TTL. The upstream is the stream's `fetch` table ([`coalesce_sinks::upstream`]).
 //!
-//! If the leader fails mid-call, the node that passed the call on retries on the new leader
-//! until the call's deadline: the upstream may then be called twice for that key (at most once
-//! is not promised). Answers carry the shard and the leader's epoch.
+//! ```text
+//!  caller ─► any node ─(FetchPeer)─► shard leader: valid lease? (epoch E) ── no ─► UNAVAILABLE
+//!                 ▲                        │ yes: join the key's flight of epoch E        │
+//!                 │                        ▼                                              │
+//!                 │        settle ─► rate-limit permit ─► lease still E? ── no: no call ──┤
+//!                 │                                            │ yes                      │
+//!                 │                                            ▼                          │
+//!                 │                                   upstream call ─► lease still E? ─no─┤
+//!                 │                                                         │ yes         │
+//!                 └──────────── answer tagged E ◄───────────────────────────┘             │
+//!                  retry on the shard's (new) leader until the deadline ◄─────────────────┘
+//! ```
+//!
+//! **Fencing.** A node acts on a flight only while it leads the shard with a valid lease
+//! ([`RaftNode::delivery_epoch`], as delivery does): a quorum acknowledged it within the
+//! minimum election timeout, before which no other replica can be elected. The lease is
+//! checked when a caller arrives, right before the upstream call (after the settle delay and
+//! any rate-limit wait) and again before each caller is answered; flights and cached answers
+//! belong to the epoch they were made under, so a node that leads again later never serves
+//! an earlier epoch's answer. When the check fails the caller gets UNAVAILABLE and its node
+//! retries on the shard's leader. So a leader paused (SIGSTOP, a long GC-like stall) and
+//! deposed meanwhile:
+//! - starts no upstream call once it resumes; only a call already sent when the pause began
+//!   may complete (the upstream may see it late), and its answer is handed to nobody;
+//! - answers no caller with its old epoch, from a flight or its cache: every answer carries
+//!   the epoch of a leader that held a valid lease when the call was made and when it
+//!   answered (only an answer already on its way when the pause began may arrive late), and
+//!   callers that waited on the deposed leader are answered by its successor.
+//!
+//! If the leader fails or is deposed mid-call, the node that passed the call on retries on the
+//! new leader until the call's deadline: the upstream may then be called twice for that key
+//! (at most once is not promised). Answers carry the shard and the leader's epoch.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use coalesce_core::hash::shard_for;
 use coalesce_core::merge::Aggregate;
-use coalesce_core::output::Output;
+use coalesce_core::output::{Epoch, Output};
 use coalesce_proto::v1 as pb;
 use coalesce_proto::v1::fetch_peer_client::FetchPeerClient;
 use coalesce_raft::RaftNode;
@@ -24,14 +53,47 @@ use tonic::{Request, Response, Status};
 
 use crate::delivery::Delivery;
 use crate::metrics;
-use coalesce_sinks::flight::{FlightError, Flights, Origin};
+use coalesce_sinks::flight::{Fetched, FlightError, Flights, Origin};
 
-type Outcome = Result<Answer, String>;
+/// A flight's result.
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// The upstream's answer (any HTTP status).
+    Answered(Answer),
+    /// The upstream gave no answer (connection refused, timeout, a body over the limit).
+    NoAnswer(String),
+    /// No call was made: when it was due, this node no longer held the shard's lease in the
+    /// flight's epoch.
+    Deposed,
+}
 
-/// One stream's upstream and its flights on this node.
+/// One stream's upstream and its flights on this node, each flight and cached answer tagged
+/// with the epoch of the shard leadership it was made under.
 struct Fetcher {
     upstream: Arc<Upstream>,
-    flights: Flights<String, Outcome>,
+    flights: Flights<String, Outcome, Epoch>,
+}
+
+/// Why this node did not answer a Fetch itself.
+#[derive(Debug, thiserror::Error)]
+enum LocalError {
+    /// It does not lead the shard with a valid lease, or no longer in the epoch the flight was
+    /// made under: the caller's node retries on the shard's leader.
+    #[error("this node does not lead shard {shard} with a valid lease; retry on its leader")]
+    Deposed { shard: u32 },
+    /// A final answer for the caller (an upstream without an answer, a full table, bad input).
+    #[error(transparent)]
+    Final(#[from] Status),
+}
+
+impl From<LocalError> for Status {
+    fn from(e: LocalError) -> Self {
+        match e {
+            // Not `upstream: …`: the node that passed the call on retries it.
+            LocalError::Deposed { .. } => Status::unavailable(e.to_string()),
+            LocalError::Final(s) => s,
+        }
+    }
 }
 
 /// The Fetch service of a node (client RPC and peer RPC).
@@ -106,7 +168,11 @@ impl FetchService {
             }
             let leader = self.node.leader_of(shard);
             match leader {
-                Some((id, _)) if id == self.node.id() => return self.local(shard, stream, key).await,
+                Some((id, _)) if id == self.node.id() => match self.local(shard, stream, key).await {
+                    // Deposed (or not yet holding the lease): its successor answers.
+                    Err(e @ LocalError::Deposed { .. }) => last = e.to_string(),
+                    r => return r.map_err(Status::from),
+                },
                 Some((id, peer)) => {
                     let channel = self.node.peer_channel(&peer).map_err(Status::internal)?;
                     let mut req = Request::new(pb::PeerFetchRequest {
@@ -133,10 +199,11 @@ impl FetchService {
         }
     }
 
-    /// Joins the key's flight on this node, the shard's leader.
-    async fn local(&self, shard: u32, stream: &str, key: &str) -> Result<pb::FetchResponse, Status> {
-        let epoch = self.node.shard_view(shard).and_then(|v| v.epoch);
-        let fetched = self.join(stream, key).await?;
+    /// Joins the key's flight on this node, which must lead the shard with a valid lease.
+    async fn local(&self, shard: u32, stream: &str, key: &str) -> Result<pb::FetchResponse, LocalError> {
+        self.fetcher(stream, key)?;
+        let epoch = self.lease(shard).await.ok_or(LocalError::Deposed { shard })?;
+        let fetched = self.join(stream, key, shard, epoch).await?;
         let answer = fetched.value.map_err(|reason| Status::unavailable(format!("upstream: {reason}")))?;
         Ok(pb::FetchResponse {
             status: u32::from(answer.status),
@@ -145,8 +212,23 @@ impl FetchService {
             shared: fetched.shared,
             cached: fetched.origin == Origin::Cached,
             shard,
-            epoch: epoch.map(|e| pb::Epoch { term: e.term, node: e.node }),
+            epoch: Some(pb::Epoch { term: epoch.term, node: epoch.node }),
         })
+    }
+
+    /// The epoch under which this node may act for `shard` now: `Some` only while it leads
+    /// the shard with a valid lease. A leader without one is woken first
+    /// ([`RaftNode::wake_shard`]): a quiesced group waits, at most a maximum election timeout,
+    /// for a quorum to answer its heartbeat.
+    async fn lease(&self, shard: u32) -> Option<Epoch> {
+        if let Some(epoch) = self.node.delivery_epoch(shard) {
+            return Some(epoch);
+        }
+        if !self.node.shard_view(shard).is_some_and(|v| v.is_leader) {
+            return None;
+        }
+        self.node.wake_shard(shard).await;
+        self.node.delivery_epoch(shard)
     }
 
     /// Whether `stream` replaces its outputs' values with the fetched answer (the event →
@@ -165,8 +247,19 @@ impl FetchService {
         let mut out = outputs.to_vec();
         for o in out.iter_mut().filter(|o| self.bridges(&o.stream)) {
             let what = |m: String| format!("fetch {}/{}: {m}", o.stream, o.key);
-            let fetched =
-                self.join(&o.stream, &o.key).await.map_err(|s| DeliveryError::transient(what(s.message().into())))?;
+            // The delivery worker checked its lease; the flight checks it again before calling
+            // and before answering.
+            let epoch = self
+                .node
+                .delivery_epoch(o.shard)
+                .ok_or_else(|| DeliveryError::transient(what(LocalError::Deposed { shard: o.shard }.to_string())))?;
+            let fetched = self.join(&o.stream, &o.key, o.shard, epoch).await.map_err(|e| {
+                let message = match e {
+                    LocalError::Final(s) => s.message().to_owned(),
+                    deposed => deposed.to_string(),
+                };
+                DeliveryError::transient(what(message))
+            })?;
             let answer = fetched.value.map_err(|reason| DeliveryError::transient(what(reason)))?;
             match answer.status {
                 200..=299 => {}
@@ -184,10 +277,19 @@ impl FetchService {
         Ok(Some(out))
     }
 
-    /// The key's flight result (this node must lead its shard).
-    async fn join(&self, stream: &str, key: &str) -> Result<coalesce_sinks::flight::Fetched<Outcome>, Status> {
+    /// The key's flight result under `epoch`, this node's lease of `shard`: joined, cached, or
+    /// from a new flight that calls the upstream only if the lease still holds then. `Deposed`
+    /// when the lease is gone (or its epoch changed) by the time the caller is answered.
+    async fn join(
+        &self,
+        stream: &str,
+        key: &str,
+        shard: u32,
+        epoch: Epoch,
+    ) -> Result<Fetched<Result<Answer, String>>, LocalError> {
         let fetcher = self.fetcher(stream, key)?;
         let upstream = fetcher.upstream.clone();
+        let node = self.node.clone();
         let (stream_owned, key_owned) = (stream.to_owned(), key.to_owned());
         let settle = upstream.params().settle;
         let call = move || async move {
@@ -195,8 +297,20 @@ impl FetchService {
                 metrics::FETCH_SETTLE_WAITS.with_label_values(&[&stream_owned]).inc();
             }
             let started = Instant::now();
-            let (outcome, waited) = upstream.call(&key_owned).await;
+            // Fencing: right before sending (after the settle delay and any rate-limit wait).
+            let holds = || node.delivery_epoch(shard) == Some(epoch);
+            let (sent, waited) = upstream.call_if(&key_owned, holds).await;
             metrics::FETCH_RATE_LIMIT_WAIT.with_label_values(&[&stream_owned]).inc_by(waited.as_secs_f64());
+            let Some(outcome) = sent else {
+                tracing::info!(
+                    stream = %stream_owned,
+                    shard,
+                    epoch = %epoch,
+                    "fetch: this node lost the shard's lease before the upstream call; not calling (callers retry on \
+                     the new leader)"
+                );
+                return (Outcome::Deposed, Duration::ZERO);
+            };
             let result = match &outcome {
                 Ok(a) => format!("{}xx", a.status / 100),
                 Err(_) => "error".to_owned(),
@@ -205,14 +319,17 @@ impl FetchService {
                 .with_label_values(&[&stream_owned, &result])
                 .observe((started.elapsed() - waited).as_secs_f64());
             // Only successful answers are cached: an error is retried by the next caller.
-            let ttl = match &outcome {
-                Ok(a) if (200..300).contains(&a.status) => upstream.params().ttl,
-                _ => Duration::ZERO,
-            };
-            (outcome, ttl)
+            match outcome {
+                Ok(a) if (200..300).contains(&a.status) => (Outcome::Answered(a), upstream.params().ttl),
+                Ok(a) => (Outcome::Answered(a), Duration::ZERO),
+                Err(reason) => (Outcome::NoAnswer(reason), Duration::ZERO),
+            }
         };
-        let fetched = fetcher.flights.get(key.to_owned(), settle, call).await;
+        let fetched = fetcher.flights.get_tagged(key.to_owned(), epoch, settle, call).await;
+        // Fencing: answer only under the lease the flight was made under.
+        let holds = self.node.delivery_epoch(shard) == Some(epoch);
         let origin = match &fetched {
+            Ok(f) if matches!(f.value, Outcome::Deposed) || !holds => "deposed",
             Ok(f) => match f.origin {
                 Origin::Called => "called",
                 Origin::Joined => "joined",
@@ -221,10 +338,16 @@ impl FetchService {
             Err(_) => "refused",
         };
         metrics::FETCH_REQUESTS.with_label_values(&[stream, origin]).inc();
-        fetched.map_err(|e| match e {
+        let fetched = fetched.map_err(|e| match e {
             FlightError::Full(_) => Status::resource_exhausted(e.to_string()),
             FlightError::Abandoned => Status::internal(e.to_string()),
-        })
+        })?;
+        let value = match fetched.value {
+            Outcome::Answered(a) if holds => Ok(a),
+            Outcome::NoAnswer(reason) if holds => Err(reason),
+            _ => return Err(LocalError::Deposed { shard }),
+        };
+        Ok(Fetched { value, shared: fetched.shared, origin: fetched.origin })
     }
 }
 
@@ -236,9 +359,12 @@ impl pb::fetch_peer_server::FetchPeer for FetchService {
         if r.target != self.node.id() {
             return Err(Status::unavailable(format!("this is not node {} (it restarted with new data)", r.target)));
         }
-        if self.node.leader_of(r.shard).map(|(id, _)| id) != Some(self.node.id()) {
-            return Err(Status::unavailable(format!("not the leader of shard {}", r.shard)));
+        let owner = shard_for(&r.stream, &r.key, self.node.spec().shards);
+        if owner != r.shard {
+            return Err(Status::invalid_argument(format!("shard: the key belongs to shard {owner}, not {}", r.shard)));
         }
-        self.local(r.shard, &r.stream, &r.key).await.map(Response::new)
+        // `local` answers only under a valid lease of the shard (UNAVAILABLE otherwise: the
+        // caller's node retries on the leader it learns next).
+        self.local(r.shard, &r.stream, &r.key).await.map(Response::new).map_err(Status::from)
     }
 }

@@ -143,7 +143,8 @@ pub(crate) static FETCH_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "coalesce_fetch_requests_total",
         "Fetch calls answered on the key's shard leader, by stream and origin: called (started the upstream \
-         call), joined (shared another caller's call), cached (within the TTL), refused (too many keys).",
+         call), joined (shared another caller's call), cached (within the TTL), refused (too many keys), \
+         deposed (the node lost the shard's lease before answering; the caller was retried on the leader).",
         &["stream", "origin"],
     )
 });

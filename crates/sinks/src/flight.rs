@@ -10,6 +10,10 @@
 //! - A waiter that goes away (its RPC was cancelled) never cancels the call for the others.
 //!   Only when no waiter is left *and* the settle delay is still running is the flight
 //!   dropped; once the call has started it completes (and fills the cache).
+//! - Tagged: a caller may name the tag its result must carry ([`Flights::get_tagged`]; the
+//!   `Fetch` RPC passes the shard leader's epoch). A flight or cached result of another tag is
+//!   neither joined nor served: a new flight replaces it. A replaced flight that is already
+//!   calling completes for its own waiters but fills no cache.
 //! - Bounded: at most `max_keys` keys in flight or cached; past that, expired entries are
 //!   swept and a new key is refused with [`FlightError::Full`].
 
@@ -50,30 +54,32 @@ pub enum FlightError {
     Abandoned,
 }
 
-/// Flights and cached results by key.
-pub struct Flights<K, T> {
-    slots: Arc<Mutex<HashMap<K, Slot<T>>>>,
+/// Flights and cached results by key, each with a tag `G` (none by default).
+pub struct Flights<K, T, G = ()> {
+    slots: Arc<Mutex<HashMap<K, Slot<T, G>>>>,
     max_keys: usize,
 }
 
-impl<K, T> std::fmt::Debug for Flights<K, T> {
+impl<K, T, G> std::fmt::Debug for Flights<K, T, G> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Flights").field("keys", &lock(&self.slots).len()).field("max_keys", &self.max_keys).finish()
     }
 }
 
-impl<K, T> Clone for Flights<K, T> {
+impl<K, T, G> Clone for Flights<K, T, G> {
     fn clone(&self) -> Self {
         Self { slots: self.slots.clone(), max_keys: self.max_keys }
     }
 }
 
-enum Slot<T> {
-    Flying(Arc<Flight<T>>),
-    Cached { value: T, until: Instant },
+enum Slot<T, G> {
+    Flying(Arc<Flight<T, G>>),
+    Cached { value: T, until: Instant, tag: G },
 }
 
-struct Flight<T> {
+struct Flight<T, G> {
+    /// The tag its result carries: only callers naming the same tag join it.
+    tag: G,
     result: watch::Receiver<Option<(T, bool)>>,
     state: Mutex<FlightState>,
 }
@@ -99,6 +105,24 @@ where
     K: Hash + Eq + Clone + Send + 'static,
     T: Clone + Send + Sync + 'static,
 {
+    /// The result for `key`: cached, joined, or from a new flight that waits `settle` and then
+    /// runs `call` once (on the Tokio runtime, so it outlives this caller). `call` yields the
+    /// result and how long to cache it.
+    pub async fn get<F, Fut>(&self, key: K, settle: Duration, call: F) -> Result<Fetched<T>, FlightError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = (T, Duration)> + Send + 'static,
+    {
+        self.get_tagged(key, (), settle, call).await
+    }
+}
+
+impl<K, T, G> Flights<K, T, G>
+where
+    K: Hash + Eq + Clone + Send + 'static,
+    T: Clone + Send + Sync + 'static,
+    G: PartialEq + Clone + Send + Sync + 'static,
+{
     pub fn new(max_keys: usize) -> Self {
         Self { slots: Arc::new(Mutex::new(HashMap::new())), max_keys: max_keys.max(1) }
     }
@@ -112,10 +136,9 @@ where
         self.len() == 0
     }
 
-    /// The result for `key`: cached, joined, or from a new flight that waits `settle` and then
-    /// runs `call` once (on the Tokio runtime, so it outlives this caller). `call` yields the
-    /// result and how long to cache it.
-    pub async fn get<F, Fut>(&self, key: K, settle: Duration, call: F) -> Result<Fetched<T>, FlightError>
+    /// [`Flights::get`] for results tagged `tag`: a cached result or a flight of `key` with
+    /// another tag is replaced by a new flight (`call` must produce a result for `tag`).
+    pub async fn get_tagged<F, Fut>(&self, key: K, tag: G, settle: Duration, call: F) -> Result<Fetched<T>, FlightError>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = (T, Duration)> + Send + 'static,
@@ -124,10 +147,10 @@ where
             let mut slots = lock(&self.slots);
             let now = Instant::now();
             match slots.get(&key) {
-                Some(Slot::Cached { value, until }) if *until > now => {
+                Some(Slot::Cached { value, until, tag: t }) if *until > now && *t == tag => {
                     return Ok(Fetched { value: value.clone(), shared: true, origin: Origin::Cached });
                 }
-                Some(Slot::Flying(f)) => {
+                Some(Slot::Flying(f)) if f.tag == tag => {
                     let f = f.clone();
                     let mut st = lock(&f.state);
                     st.waiters += 1;
@@ -142,7 +165,7 @@ where
                             return Err(FlightError::Full(self.max_keys));
                         }
                     }
-                    let f = self.start(&mut slots, key.clone(), settle, call);
+                    let f = self.start(&mut slots, key.clone(), tag, settle, call);
                     (f, Origin::Called)
                 }
             }
@@ -157,13 +180,22 @@ where
         }
     }
 
-    fn start<F, Fut>(&self, slots: &mut HashMap<K, Slot<T>>, key: K, settle: Duration, call: F) -> Arc<Flight<T>>
+    /// A new flight for `key`, in place of whatever the slot held.
+    fn start<F, Fut>(
+        &self,
+        slots: &mut HashMap<K, Slot<T, G>>,
+        key: K,
+        tag: G,
+        settle: Duration,
+        call: F,
+    ) -> Arc<Flight<T, G>>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = (T, Duration)> + Send + 'static,
     {
         let (tx, rx) = watch::channel(None);
         let flight = Arc::new(Flight {
+            tag,
             result: rx,
             state: Mutex::new(FlightState { waiters: 1, joined: 1, ..FlightState::default() }),
         });
@@ -195,7 +227,8 @@ where
                 if ttl.is_zero() {
                     slots.remove(&key);
                 } else {
-                    slots.insert(key, Slot::Cached { value: value.clone(), until: Instant::now() + ttl });
+                    let tag = mine.tag.clone();
+                    slots.insert(key, Slot::Cached { value: value.clone(), until: Instant::now() + ttl, tag });
                 }
             }
             let _ = tx.send(Some((value, shared)));
@@ -207,17 +240,17 @@ where
 
 /// A caller's place in a flight; dropping it before the result arrived (a cancelled RPC)
 /// gives the place up, and the last one to leave during the settle delay cancels the flight.
-struct Waiter<'a, K, T>
+struct Waiter<'a, K, T, G>
 where
     K: Hash + Eq,
 {
-    flights: &'a Flights<K, T>,
+    flights: &'a Flights<K, T, G>,
     key: K,
-    flight: Arc<Flight<T>>,
+    flight: Arc<Flight<T, G>>,
     done: bool,
 }
 
-impl<K: Hash + Eq, T> Drop for Waiter<'_, K, T> {
+impl<K: Hash + Eq, T, G> Drop for Waiter<'_, K, T, G> {
     fn drop(&mut self) {
         let mut slots = lock(&self.flights.slots);
         let mut st = lock(&self.flight.state);
@@ -385,6 +418,29 @@ mod tests {
         assert!(flights.is_empty());
         let calls = Arc::new(AtomicUsize::new(0));
         assert_eq!(flights.get("a", NO, upstream(&calls, "a", NO)).await.unwrap().value, "a#1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flight_or_result_of_another_tag_is_neither_joined_nor_served() {
+        let flights = Flights::<&str, String, u64>::new(10);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (delay, ttl) = (Duration::from_secs(1), Duration::from_secs(60));
+        // A tag-1 flight is calling when a tag-2 caller comes: it starts its own call.
+        let first = tokio::spawn({
+            let (f, up) = (flights.clone(), cached(&calls, "a", delay, ttl));
+            async move { f.get_tagged("a", 1, NO, up).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let second = flights.get_tagged("a", 2, NO, cached(&calls, "a", delay, ttl)).await.unwrap();
+        assert_eq!((second.value.as_str(), second.origin, second.shared), ("a#2", Origin::Called, false));
+        let first = first.await.unwrap().unwrap();
+        assert_eq!((first.value.as_str(), first.origin), ("a#1", Origin::Called), "its own waiter still gets it");
+        assert_eq!(flights.len(), 1);
+        // Only the replacing flight filled the cache; a caller of the old tag calls again.
+        let again = flights.get_tagged("a", 2, NO, cached(&calls, "a", NO, ttl)).await.unwrap();
+        assert_eq!((again.value.as_str(), again.origin), ("a#2", Origin::Cached));
+        let old = flights.get_tagged("a", 1, NO, cached(&calls, "a", NO, ttl)).await.unwrap();
+        assert_eq!((old.value.as_str(), old.origin), ("a#3", Origin::Called));
     }
 
     #[tokio::test(start_paused = true)]

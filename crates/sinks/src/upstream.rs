@@ -195,13 +195,30 @@ impl Upstream {
     /// One call for `key`, after a rate-limit permit if the stream shares a ceiling (the time
     /// spent waiting for it is returned too).
     pub async fn call(&self, key: &str) -> (Result<Answer, String>, Duration) {
+        let (sent, waited) = self.call_if(key, || true).await;
+        (sent.unwrap_or_else(|| Err("not sent".into())), waited)
+    }
+
+    /// [`Upstream::call`] that asks `may_send` right before sending (after any rate-limit
+    /// wait): `None` when it said no, and nothing was sent. The `Fetch` leader checks its
+    /// lease there, so a leader deposed while it waited (or was paused) does not call.
+    pub async fn call_if(
+        &self,
+        key: &str,
+        may_send: impl FnOnce() -> bool,
+    ) -> (Option<Result<Answer, String>>, Duration) {
         let started = std::time::Instant::now();
+        // Held until the answer arrived; one taken for nothing still counts against the
+        // ceiling (the limiter cannot tell), which errs on the safe side.
         let _permit = match &self.limiter {
             Some(l) => Some(l.acquire().await),
             None => None,
         };
         let waited = started.elapsed();
-        (self.send(key).await, waited)
+        if !may_send() {
+            return (None, waited);
+        }
+        (Some(self.send(key).await), waited)
     }
 
     async fn send(&self, key: &str) -> Result<Answer, String> {
@@ -245,6 +262,16 @@ mod tests {
         );
         let up = Upstream::new("accounts", &p, None).unwrap();
         assert_eq!(up.url_for("a/b c"), "http://api/v1/accounts/a%2Fb%20c?full=1");
+    }
+
+    #[tokio::test]
+    async fn call_if_sends_nothing_when_told_not_to() {
+        // Port 9 (discard) on loopback: a call that were sent would fail, not return `None`.
+        let up = Upstream::new("accounts", &parse("url = \"http://127.0.0.1:9/{key}\"").unwrap(), None).unwrap();
+        let (sent, _) = up.call_if("k", || false).await;
+        assert!(sent.is_none());
+        let (sent, _) = up.call_if("k", || true).await;
+        assert!(sent.is_some_and(|r| r.is_err()), "sent, and refused");
     }
 
     #[test]
