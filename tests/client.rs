@@ -102,7 +102,7 @@ async fn producer_totals_come_out_of_subscribe_and_hints_fix_routes() {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut replies = ServerReflectionClient::new(channel)
+    let mut replies = ServerReflectionClient::new(channel.clone())
         .server_reflection_info(futures::stream::iter([req]))
         .await
         .unwrap()
@@ -115,6 +115,26 @@ async fn producer_totals_come_out_of_subscribe_and_hints_fix_routes() {
     assert!(names.contains(&"coalesce.v1.Coalesce".to_owned()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
     assert!(!names.iter().any(|n| n.contains("RaftPeer")), "peer traffic is not on the client port: {names:?}");
+    // The same in reflection `v1alpha`, the only version older tools (grpcurl before 1.9) speak.
+    {
+        use tonic_reflection::pb::v1alpha::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = ServerReflectionClient::new(channel)
+            .server_reflection_info(futures::stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = replies.message().await.unwrap().unwrap().message_response;
+        let Some(MessageResponse::ListServicesResponse(list)) = reply else { panic!("v1alpha did not list services") };
+        let alpha: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert_eq!(alpha, names, "v1alpha lists what v1 lists");
+    }
 
     let emitted = cluster.collect_outputs().await;
     let expected: BTreeMap<String, i64> = expected.into_iter().filter(|(_, v)| *v != 0).collect();

@@ -274,10 +274,28 @@ async fn rolling_restart_with_sigterm_loses_nothing() {
     let mut exits = Vec::new();
     for i in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
+        // A subscriber is reading from the node: SIGTERM ends its stream (UNAVAILABLE, so it
+        // resubscribes elsewhere) rather than holding the client port open until the deadline.
+        let watcher = pb::SubscribeRequest { consumer: "watcher".into(), shards: vec![], from_seq: Default::default() };
+        let mut subscription = cluster.client(i).subscribe(watcher).await.unwrap().into_inner();
         // SIGTERM: the node closes its client port, hands its shards to peers, then exits.
         exits.push(cluster.terminate(i, Duration::from_secs(20)));
+        let ended = loop {
+            match tokio::time::timeout(Duration::from_secs(5), subscription.message()).await.unwrap() {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("node {i}: the subscription ended without a status"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(ended.code(), tonic::Code::Unavailable, "node {i}: {ended:?}");
+        assert!(ended.message().contains("shutting down"), "node {i}: {ended:?}");
         cluster.spawn(i);
         cluster.wait_ready(Duration::from_secs(30)).await;
+    }
+    for n in &cluster.local.nodes {
+        let log = std::fs::read_to_string(&n.log).unwrap();
+        assert!(!log.contains("did not stop in time"), "{}: a server outlived the shutdown (seed {seed})", n.name);
+        assert!(!log.contains('\u{1b}'), "{}: a log written to a file carries no colour codes", n.name);
     }
     stop.store(true, Ordering::Relaxed);
     let (acked, requests, retries) = producer.await.unwrap();

@@ -239,24 +239,32 @@ pub async fn run(
     // Standard gRPC health (`grpc.health.v1`) and server reflection on the client port.
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoalesceServer<CoalesceService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(coalesce_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        // Only what this port serves (the descriptors also hold the peer service).
-        .with_service_name("coalesce.v1.Coalesce")
-        .with_service_name("coalesce.v1.Admin")
-        .with_service_name("grpc.health.v1.Health")
-        .build_v1()
-        .context("building the reflection service")?;
+    // Reflection in both versions: `v1`, and `v1alpha`, the only one many tools still speak
+    // (grpcurl before 1.9 among them).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(coalesce_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Only what this port serves (the descriptors also hold the peer service).
+            .with_service_name("coalesce.v1.Coalesce")
+            .with_service_name("coalesce.v1.Admin")
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service (v1alpha)")?;
+    let reflection = reflection().build_v1().context("building the reflection service")?;
     let client_server = tokio::spawn(
         client_builder
             .layer(AuthLayer::new(loaded.auth.clone()))
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(AdminServer::new(AdminService::new(node.clone(), delivery.clone(), leases.clone())))
             .add_service(
-                CoalesceServer::new(CoalesceService::new(node.clone(), cfg.api, delivery.clone(), fetch))
-                    .max_decoding_message_size(decode_limit(cfg.api.max_request_bytes)),
+                CoalesceServer::new(
+                    CoalesceService::new(node.clone(), cfg.api, delivery.clone(), fetch)
+                        .with_stopping(stop_client_rx.clone()),
+                )
+                .max_decoding_message_size(decode_limit(cfg.api.max_request_bytes)),
             )
             .serve_with_incoming_shutdown(
                 incoming(client_listener, loaded.tls.client.clone(), "client"),

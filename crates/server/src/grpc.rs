@@ -31,6 +31,10 @@ pub struct CoalesceService {
     delivery: Arc<Delivery>,
     fetch: crate::fetch::FetchService,
     key_rates: Arc<crate::keyrate::KeyRates>,
+    /// Turns true when the node starts shutting down: open subscriptions end then (UNAVAILABLE,
+    /// so their clients resubscribe elsewhere) instead of holding the client port open until
+    /// the shutdown's deadline.
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl CoalesceService {
@@ -41,7 +45,13 @@ impl CoalesceService {
         fetch: crate::fetch::FetchService,
     ) -> Self {
         let key_rates = Arc::new(crate::keyrate::KeyRates::new(node.streams()));
-        Self { node, limits, delivery, fetch, key_rates }
+        Self { node, limits, delivery, fetch, key_rates, stopping: None }
+    }
+
+    /// Ends open subscriptions once `stopping` turns true.
+    pub fn with_stopping(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     /// Whether an Ack may move (and so perhaps create) `consumer`'s cursor on `shard`: a cursor
@@ -366,7 +376,7 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
             next.insert(*shard, from);
         }
         let node = self.node.clone();
-        let stream = async_stream(node, next);
+        let stream = async_stream(node, next, self.stopping.clone());
         Ok(TonicResponse::new(Box::pin(stream)))
     }
 
@@ -451,51 +461,88 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
 }
 
 /// Streams new outputs of the local outboxes, in seq order per shard. A shard's outbox is read
-/// only when its state machine changed since the last read (an atomic load otherwise).
+/// only when its state machine changed since the last read (an atomic load otherwise). Once
+/// `stopping` turns true (or its sender is gone) the stream ends with UNAVAILABLE.
 fn async_stream(
     node: Arc<RaftNode>,
     next: BTreeMap<u32, u64>,
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> impl Stream<Item = Result<pb::SubscribeResponse, Status>> + Send {
-    let seen: BTreeMap<u32, u64> = BTreeMap::new();
-    futures::stream::unfold((node, next, seen), |(node, mut cursor, mut seen)| async move {
+    let state = Subscription { node, cursor: next, seen: BTreeMap::new(), stopping };
+    // `None` once the stream has ended (after telling the client the node is shutting down).
+    futures::stream::unfold(Some(state), |state| async move {
+        let mut sub = state?;
         loop {
-            let mut outputs = Vec::new();
-            let mut bytes = 0;
-            for (shard, from) in cursor.iter_mut() {
+            if sub.stopping() {
+                let ended = Status::unavailable("the node is shutting down: subscribe again (to another node)");
+                return Some((Err(ended), None));
+            }
+            match sub.read() {
+                Ok(outputs) if outputs.is_empty() => {}
+                Ok(outputs) => return Some((Ok(pb::SubscribeResponse { outputs }), Some(sub))),
+                Err(e) => return Some((Err(e), Some(sub))),
+            }
+            match sub.stopping.as_mut() {
+                Some(s) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                        _ = s.changed() => {}
+                    }
+                }
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+}
+
+/// The state of one open subscription.
+struct Subscription {
+    node: Arc<RaftNode>,
+    /// The next seq to send, per shard.
+    cursor: BTreeMap<u32, u64>,
+    /// The state-machine version each shard had when its outbox was last read to the end.
+    seen: BTreeMap<u32, u64>,
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Subscription {
+    /// Whether the node is shutting down (a sender that is gone counts: the node is stopping).
+    fn stopping(&mut self) -> bool {
+        self.stopping.as_mut().is_some_and(|s| *s.borrow_and_update() || s.has_changed().is_err())
+    }
+
+    /// The outputs after the cursor of every shard whose state changed, at most about
+    /// [`MAX_SUBSCRIBE_MESSAGE_BYTES`].
+    fn read(&mut self) -> Result<Vec<pb::Output>, Status> {
+        let mut outputs = Vec::new();
+        let mut bytes = 0;
+        for (shard, from) in self.cursor.iter_mut() {
+            if bytes >= MAX_SUBSCRIBE_MESSAGE_BYTES {
+                break;
+            }
+            let Some(group) = self.node.group(*shard) else { continue };
+            let version = group.version.load(std::sync::atomic::Ordering::Acquire);
+            if self.seen.get(shard) == Some(&version) {
+                continue;
+            }
+            let batch = group.store.outbox_from(*from, SUBSCRIBE_PAGE).map_err(|e| Status::internal(e.to_string()))?;
+            let page = batch.len();
+            let mut taken = 0;
+            for o in &batch {
+                let out = convert::output(o);
+                bytes += out.encoded_len();
+                outputs.push(out);
+                *from = o.seq + 1;
+                taken += 1;
                 if bytes >= MAX_SUBSCRIBE_MESSAGE_BYTES {
                     break;
                 }
-                let Some(group) = node.group(*shard) else { continue };
-                let version = group.version.load(std::sync::atomic::Ordering::Acquire);
-                if seen.get(shard) == Some(&version) {
-                    continue;
-                }
-                match group.store.outbox_from(*from, SUBSCRIBE_PAGE) {
-                    Ok(batch) => {
-                        let page = batch.len();
-                        let mut taken = 0;
-                        for o in &batch {
-                            let out = convert::output(o);
-                            bytes += out.encoded_len();
-                            outputs.push(out);
-                            *from = o.seq + 1;
-                            taken += 1;
-                            if bytes >= MAX_SUBSCRIBE_MESSAGE_BYTES {
-                                break;
-                            }
-                        }
-                        // A full page, or one cut short, may have more behind it: read again.
-                        if page < SUBSCRIBE_PAGE && taken == page {
-                            seen.insert(*shard, version);
-                        }
-                    }
-                    Err(e) => return Some((Err(Status::internal(e.to_string())), (node, cursor, seen))),
-                }
             }
-            if !outputs.is_empty() {
-                return Some((Ok(pb::SubscribeResponse { outputs }), (node, cursor, seen)));
+            // A full page, or one cut short, may have more behind it: read again.
+            if page < SUBSCRIBE_PAGE && taken == page {
+                self.seen.insert(*shard, version);
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    })
+        Ok(outputs)
+    }
 }

@@ -17,7 +17,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A Coalesce node: a replica of its shards' Raft groups, serving the client API.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about = "A Coalesce node: buffers keyed events per window, merges them and emits one output per key \
+             per window, replicated by Raft (docs: README.md, docs/operations.md)"
+)]
 struct Args {
     /// Node config file (TOML).
     #[arg(long, env = "COALESCE_CONFIG")]
