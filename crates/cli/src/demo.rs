@@ -102,6 +102,18 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         return Err(anyhow::anyhow!("{e}; see the node logs"));
     }
 
+    println!("\nclient ports: {}", addrs.join(", "));
+    println!("try, in another terminal:");
+    if let Ok(me) = std::env::current_exe() {
+        println!("  alias coalescectl={}", me.display());
+    }
+    println!("  export COALESCE_ADDR={}", addrs[0]);
+    println!("  coalescectl status                  # each shard's leader, epoch, replicas, buffer");
+    println!("  coalescectl tail --stream page-views --limit 5");
+    println!("  echo '{{\"stream\":\"page-views\",\"key\":\"home\",\"value\":1}}' | coalescectl send");
+    println!("  coalescectl leases                  # who leads each shard, as Kubernetes Leases");
+    println!("  coalescectl hot-keys                # the heaviest keys by input rate");
+
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters::default());
     let sample: Arc<Mutex<Option<pb::Output>>> = Arc::default();
