@@ -5,7 +5,7 @@
 # Options after the script name go to `coalescectl demo` (see --help), e.g. --rate 50000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --build
 source scripts/env.sh
 cargo build -q -p coalesce-server -p coalesce-cli --bins
 exec "$CARGO_TARGET_DIR/debug/coalescectl" demo "$@"

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks to build and test Coalesce. Idempotent and quiet when
 # everything is present. Needs root (or sudo) for apt.
+#
+#   scripts/setup.sh           everything the tests and benchmarks need
+#   scripts/setup.sh --build   only what building needs (scripts/demo.sh)
 set -euo pipefail
+BUILD_ONLY=false
+[ "${1:-}" = "--build" ] && BUILD_ONLY=true
 
-# System packages: libclang for RocksDB's bindgen; a PostgreSQL server for the Postgres sink's
-# tests (they run their own throw-away instance, tests/harness/postgres.rs); Prometheus and
-# promtool for the observability test (tests/observability.rs); protoc for the etcd client's
-# bindings and etcd itself, for `coalescectl bench ingest-vs-etcd`.
-APT_PACKAGES=(libclang-dev postgresql prometheus protobuf-compiler etcd-server)
+# System packages: libclang for RocksDB's bindgen and protoc for the etcd client's bindings
+# (both to build); a PostgreSQL server for the Postgres sink's tests (they run their own
+# throw-away instance, tests/harness/postgres.rs); Prometheus and promtool for the
+# observability test (tests/observability.rs); etcd itself, for `coalescectl bench
+# ingest-vs-etcd`.
+APT_PACKAGES=(libclang-dev protobuf-compiler)
+$BUILD_ONLY || APT_PACKAGES+=(postgresql prometheus etcd-server)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -20,6 +27,8 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+$BUILD_ONLY && exit 0
 
 # Rust components used by CI.
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
