@@ -51,13 +51,25 @@ pub struct Partial {
     pub samples: Option<Samples>,
 }
 
+/// The most inputs one partial may cover. A partial holds one request's events for a key, and a
+/// request is at most a few MiB, so real partials stay far below; the bound keeps the `u64`
+/// input counts summed from partials (window, shard and sink totals) from overflowing on a
+/// forged entry (one at `u64::MAX` overflowed the shard's total; found by fuzz/ `apply`).
+pub const MAX_PARTIAL_INPUTS: u64 = 1 << 32;
+
 impl Partial {
     /// Checks a partial as a Raft entry or a forwarding peer carries it, before it is merged
-    /// under `op`: at least one input, ordered event times, an aggregate of `op`'s type (and
-    /// parameters) with finite numbers, and bounded samples.
+    /// under `op`: at least one input and at most [`MAX_PARTIAL_INPUTS`], ordered event times,
+    /// an aggregate of `op`'s type (and parameters) with finite numbers, and bounded samples.
     pub fn check(&self, op: &crate::merge::MergeOp) -> Result<(), String> {
         if self.inputs == 0 {
             return Err("inputs must be at least 1".into());
+        }
+        if self.inputs > MAX_PARTIAL_INPUTS {
+            return Err(format!(
+                "inputs {} is more than one partial covers (at most {MAX_PARTIAL_INPUTS})",
+                self.inputs
+            ));
         }
         if self.first_event_at > self.last_event_at {
             return Err("first_event_at is after last_event_at".into());

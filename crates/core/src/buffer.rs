@@ -203,7 +203,7 @@ impl ShardBuffer {
         for (key, partial) in &batch.partials {
             let Some(rules) = batch.rules.get(&key.stream) else {
                 // The leader always includes the rules; an entry without them is shed, counted.
-                stats.shed_inputs_total += partial.inputs;
+                stats.shed_inputs_total = stats.shed_inputs_total.saturating_add(partial.inputs);
                 result.outcomes.push(PartialOutcome::Shed);
                 continue;
             };
@@ -271,7 +271,9 @@ impl ShardBuffer {
                 None => return Ok(PartialOutcome::Shed),
             },
         };
-        stats.inputs_total += partial.inputs;
+        // Saturating, as a window's input count is: an entry's `inputs` is u64 and unbounded, and a
+        // forged one at u64::MAX overflowed here (a panic with overflow checks; found by fuzz/ `apply`).
+        stats.inputs_total = stats.inputs_total.saturating_add(partial.inputs);
         if let Some(reason) = rules.window.data_trigger(current.window.inputs, current.agg.size()) {
             outputs.push(Self::seal(store, stats, key, current, stamp, reason)?);
         } else {
@@ -300,7 +302,7 @@ impl ShardBuffer {
             match rules.overflow {
                 OverflowPolicy::Reject => {} // admission already checked; limits are soft here
                 OverflowPolicy::Shed => {
-                    stats.shed_inputs_total += partial.inputs;
+                    stats.shed_inputs_total = stats.shed_inputs_total.saturating_add(partial.inputs);
                     return Ok(None);
                 }
                 OverflowPolicy::FlushEarly => {

@@ -197,8 +197,13 @@ impl MergeOp {
             MergeOp::Append { max_len } if max_len == 0 || max_len > 1_000_000 => {
                 Err(("merge.max_len", format!("must be in 1..=1000000, got {max_len}")))
             }
-            MergeOp::Ddsketch { relative_accuracy, .. } if !(relative_accuracy > 0.0 && relative_accuracy < 1.0) => {
-                Err(("merge.relative_accuracy", format!("must be in (0, 1), got {relative_accuracy}")))
+            MergeOp::Ddsketch { relative_accuracy, .. }
+                if !(MIN_RELATIVE_ACCURACY..1.0).contains(&relative_accuracy) =>
+            {
+                Err((
+                    "merge.relative_accuracy",
+                    format!("must be in [{MIN_RELATIVE_ACCURACY}, 1), got {relative_accuracy}"),
+                ))
             }
             MergeOp::Ddsketch { max_bins, .. } if !(16..=65_536).contains(&max_bins) => {
                 Err(("merge.max_bins", format!("must be in 16..=65536, got {max_bins}")))
@@ -244,7 +249,14 @@ impl MergeOp {
             MergeOp::Max { value_type: NumType::F64 } => {
                 Aggregate::MaxF64(finite(as_f64(value).ok_or_else(|| mismatch("int or float"))?)?)
             }
-            MergeOp::Count => Aggregate::Count(1),
+            MergeOp::Count => {
+                // Values are not counted, but NaN and infinities are refused by every operator
+                // (they reached a count stream's samples; found by fuzz/ `merge`).
+                if let Value::Float(f) = value {
+                    finite(*f)?;
+                }
+                Aggregate::Count(1)
+            }
             MergeOp::SetUnion { .. } => {
                 let member = match value {
                     Value::Int(i) => Member::Int(*i),
@@ -338,6 +350,18 @@ impl Member {
     }
 }
 
+/// The finest `relative_accuracy` a `ddsketch` stream may ask for. A sketch's keys are
+/// `ln(v) / ln(γ)` with `γ = (1 + a) / (1 - a)`, and `sketches-ddsketch` does its key arithmetic
+/// in `i32` without overflow checks: below about 2e-7 the keys of finite values (|ln v| ≤ 745)
+/// no longer fit, and below about 5e-9 even building the sketch's configuration overflows (found
+/// by a fuzz/ `streams_config` seed and by `apply`). At 1e-6 every key is within ±4e8.
+pub const MIN_RELATIVE_ACCURACY: f64 = 1e-6;
+
+/// The most values one DDSketch counts (2^53: exact as the `f64` its quantiles compute with).
+/// Decoding refuses more, and a merge that would pass it is refused like an `i64` overflow, so
+/// the sketch's `u64` count arithmetic, which has no overflow checks, can never wrap.
+pub const MAX_SKETCH_COUNT: u64 = 1 << 53;
+
 /// A DDSketch, wrapped to give it `Debug` and `PartialEq` (by encoded bytes). Decoding checks
 /// the sketch's shape first (see [`SketchWire`]): `sketches-ddsketch` indexes its bins by the
 /// stored keys and offsets without bounds checks, so a forged sketch would panic in a merge.
@@ -382,7 +406,8 @@ struct StoreWire {
 impl StoreWire {
     /// A store is either untouched (as `Store::new` makes it) or holds its keys inside its
     /// bins, with `count` their sum and at most `bin_limit` bins.
-    fn check(&self, bin_limit: u32) -> Result<(), String> {
+    /// `keys` is the range of keys the sketch's configuration can give a value.
+    fn check(&self, bin_limit: u32, keys: (i64, i64)) -> Result<(), String> {
         if self.bin_limit != bin_limit as usize {
             return Err(format!("DDSketch store bin limit {} differs from the sketch's {bin_limit}", self.bin_limit));
         }
@@ -401,9 +426,21 @@ impl StoreWire {
                 "DDSketch store keys {min}..={max} (offset {offset}) do not fit its {len} bins (limit {bin_limit})"
             ));
         }
+        if min < keys.0 || max > keys.1 {
+            return Err(format!(
+                "DDSketch store keys {min}..={max} are outside {}..={}, where its values can be",
+                keys.0, keys.1
+            ));
+        }
         let sum = self.bins.iter().try_fold(0u64, |a, b| a.checked_add(*b));
         if sum != Some(self.count) {
             return Err("DDSketch store count differs from the sum of its bins".into());
+        }
+        // A merge reads only the bins of keys min..=max: a count outside them would be dropped,
+        // leaving a merged sketch whose count differs from its bins (found by fuzz/ `apply`).
+        let (lo, hi) = ((min - offset) as usize, (max - offset) as usize);
+        if self.bins[..lo].iter().chain(&self.bins[hi + 1..]).any(|&b| b != 0) {
+            return Err(format!("DDSketch store holds counts outside its keys {min}..={max}"));
         }
         Ok(())
     }
@@ -414,8 +451,11 @@ impl TryFrom<SketchWire> for Sketch {
 
     fn try_from(w: SketchWire) -> Result<Self, String> {
         let c = &w.config;
+        // γ no finer than MIN_RELATIVE_ACCURACY gives (checked first: it bounds every key, so the
+        // `i32` arithmetic below cannot overflow, as it did on a forged γ close to 1).
+        let finest = (1.0 + MIN_RELATIVE_ACCURACY) / (1.0 - MIN_RELATIVE_ACCURACY);
         let consistent = c.gamma.is_finite()
-            && c.gamma > 1.0
+            && c.gamma >= finest
             && c.gamma_ln.to_bits() == c.gamma.ln().to_bits()
             && c.min_value.is_finite()
             && c.min_value > 0.0
@@ -424,8 +464,16 @@ impl TryFrom<SketchWire> for Sketch {
         if !consistent {
             return Err("DDSketch configuration is inconsistent".into());
         }
-        w.store.check(c.max_num_bins)?;
-        w.negative_store.check(c.max_num_bins)?;
+        // The keys values in (min_value, f64::MAX] map to, with a key of slack for rounding.
+        let key = |v: f64| (v.ln() / c.gamma_ln).floor() as i64;
+        let keys = (key(c.min_value) - 1, key(f64::MAX) + 1);
+        w.store.check(c.max_num_bins, keys)?;
+        w.negative_store.check(c.max_num_bins, keys)?;
+        let total =
+            [w.store.count, w.negative_store.count, w.zero_count].iter().try_fold(0u64, |a, b| a.checked_add(*b));
+        if total.is_none_or(|t| t > MAX_SKETCH_COUNT) {
+            return Err(format!("DDSketch counts more than {MAX_SKETCH_COUNT} values"));
+        }
         if w.min.is_nan() || w.max.is_nan() || w.sum.is_nan() {
             return Err("DDSketch summary is NaN".into());
         }
@@ -568,6 +616,14 @@ impl Aggregate {
             }
             (A::JsonMergePatch(a), A::JsonMergePatch(b)) => compose_merge_patch(a, b),
             (A::Ddsketch(a), A::Ddsketch(b)) => {
+                // Refused before merging, as `sum_f64` refuses: a count past MAX_SKETCH_COUNT, and a
+                // sum that is not finite (+inf and -inf sums would merge into NaN, which decoding
+                // refuses: the merged window could not be read back; see tests/fuzzed.rs).
+                let count = (a.0.count() as u64).checked_add(b.0.count() as u64);
+                let sum = a.0.sum().unwrap_or(0.0) + b.0.sum().unwrap_or(0.0);
+                if count.is_none_or(|c| c > MAX_SKETCH_COUNT) || !sum.is_finite() {
+                    return Err(MergeError::Overflow);
+                }
                 a.0.merge(&b.0)
                     .map_err(|_| MergeError::Mismatch { have: "ddsketch", got: "ddsketch (other accuracy)" })?
             }
@@ -695,5 +751,14 @@ mod sketch_decoding {
         assert!(forged(&bytes, |w| w.config.max_num_bins = 0).is_err());
         assert!(forged(&bytes, |w| w.sum = f64::NAN).is_err());
         assert!(forged(&empty, |w| w.store.bins = vec![0; 3]).is_err(), "an empty store with bins");
+        // A count moved past max_key: the sum still matches, but a merge would drop it.
+        let moved = forged(&bytes, |w| {
+            let top = (w.store.max_key - w.store.offset) as usize;
+            let last = w.store.bins.len() - 1;
+            assert!(top < last, "the test sketch has spare bins above its keys");
+            w.store.bins[last] += w.store.bins[top];
+            w.store.bins[top] = 0;
+        });
+        assert!(moved.is_err(), "a count outside the store's keys");
     }
 }
