@@ -33,6 +33,8 @@ $BUILD_ONLY && exit 0
 # Rust components used by CI.
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+# cargo-fuzz for fuzz/run.sh (the targets build on stable Rust with `-s none`); ~50 s to install.
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
 
 # Python with grpcio-tools, for the test that drives the cluster from a client generated from
 # proto/ (tests/python/). A venv outside the clone, reused across runs.

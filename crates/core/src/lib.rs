@@ -35,6 +35,8 @@
 //! - [`output`]: what a closed window emits.
 //! - [`samples`]: up to `n` representative inputs (first, last or a mergeable reservoir) that a
 //!   window keeps so a dedupe output shows what it suppressed.
+//! - [`entry`]: the commands a shard's Raft log carries and their validation (re-exported by
+//!   `coalesce-raft`; decoded and applied by the fuzz targets in `fuzz/`).
 //! - [`error`]: error types with stable codes.
 //!
 //! Libraries used instead of hand-written code: `xxhash-rust` (XXH3, the shard hash),
@@ -46,6 +48,7 @@
 pub mod adaptive;
 pub mod batch;
 pub mod buffer;
+pub mod entry;
 pub mod error;
 pub mod hash;
 pub mod hll;
