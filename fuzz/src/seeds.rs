@@ -327,29 +327,8 @@ pub fn apply() -> Seeds {
     out
 }
 
-/// The serde shape of `sketches_ddsketch::DDSketch` (as `coalesce_core::merge`'s private
-/// `SketchWire` mirrors it), to forge sketches field by field.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct DdWire {
-    config: (u32, f64, f64, f64, i32),
-    store: StoreWire,
-    negative_store: StoreWire,
-    min: f64,
-    max: f64,
-    sum: f64,
-    zero_count: u64,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoreWire {
-    bins: Vec<u64>,
-    count: u64,
-    min_key: i32,
-    max_key: i32,
-    offset: i32,
-    bin_limit: usize,
-    is_collapsed: bool,
-}
+/// The serde shape of `sketches_ddsketch::DDSketch`, to forge sketches field by field.
+use coalesce_core::merge::SketchWire as DdWire;
 
 /// Seeds of the `decode` target: the selector byte (its index in [`crate::decode::KINDS`]) and
 /// a valid encoding of the type.

@@ -371,36 +371,40 @@ pub struct Sketch(pub Box<DDSketch>);
 
 /// The serde shape of `sketches_ddsketch` 0.4's `DDSketch` (its fields are private): decoded
 /// into this mirror, checked, then re-encoded into the real type. A test pins the two shapes
-/// to the same bytes, so a new version of the crate that changes them fails loudly.
-#[derive(Serialize, Deserialize)]
-struct SketchWire {
-    config: DdConfigWire,
-    store: StoreWire,
-    negative_store: StoreWire,
-    min: f64,
-    max: f64,
-    sum: f64,
-    zero_count: u64,
+/// to the same bytes, so a new version of the crate that changes them fails loudly. Public
+/// (hidden) only for tests and fuzz seeds that forge sketches field by field.
+#[doc(hidden)]
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SketchWire {
+    pub config: DdConfigWire,
+    pub store: StoreWire,
+    pub negative_store: StoreWire,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+    pub zero_count: u64,
 }
 
-#[derive(Serialize, Deserialize)]
-struct DdConfigWire {
-    max_num_bins: u32,
-    gamma: f64,
-    gamma_ln: f64,
-    min_value: f64,
-    offset: i32,
+#[doc(hidden)]
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DdConfigWire {
+    pub max_num_bins: u32,
+    pub gamma: f64,
+    pub gamma_ln: f64,
+    pub min_value: f64,
+    pub offset: i32,
 }
 
-#[derive(Serialize, Deserialize)]
-struct StoreWire {
-    bins: Vec<u64>,
-    count: u64,
-    min_key: i32,
-    max_key: i32,
-    offset: i32,
-    bin_limit: usize,
-    is_collapsed: bool,
+#[doc(hidden)]
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StoreWire {
+    pub bins: Vec<u64>,
+    pub count: u64,
+    pub min_key: i32,
+    pub max_key: i32,
+    pub offset: i32,
+    pub bin_limit: usize,
+    pub is_collapsed: bool,
 }
 
 impl StoreWire {

@@ -1,37 +1,12 @@
 //! Regression tests for what the fuzz targets (`fuzz/`, see its README) found in the core.
 //! Each test names the target that found it and fails on the code before the fix.
 
-use coalesce_core::merge::{Aggregate, MIN_RELATIVE_ACCURACY, MergeError, MergeOp, Sketch};
+use coalesce_core::merge::{Aggregate, MIN_RELATIVE_ACCURACY, MergeError, MergeOp, Sketch, SketchWire};
 use coalesce_core::stream::StreamsFile;
 use coalesce_core::value::Value;
-use serde::{Deserialize, Serialize};
 
 /// The serde shape of `sketches_ddsketch::DDSketch`, to forge sketches field by field.
-#[derive(Serialize, Deserialize)]
-struct Wire {
-    max_num_bins: u32,
-    gamma: f64,
-    gamma_ln: f64,
-    min_value: f64,
-    offset: i32,
-    store: Store,
-    negative_store: Store,
-    min: f64,
-    max: f64,
-    sum: f64,
-    zero_count: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Store {
-    bins: Vec<u64>,
-    count: u64,
-    min_key: i32,
-    max_key: i32,
-    offset: i32,
-    bin_limit: usize,
-    is_collapsed: bool,
-}
+type Wire = SketchWire;
 
 fn sketch(op: &MergeOp, v: f64) -> Aggregate {
     op.lift(&Value::Float(v), 0).expect("a finite value lifts")
@@ -82,9 +57,9 @@ fn ddsketch_accuracy_finer_than_the_minimum_is_refused() {
 fn sketches_finer_than_the_minimum_accuracy_are_refused_on_decode() {
     let op = MergeOp::from_name("ddsketch").unwrap();
     let mut w = wire(&sketch(&op, 3.0));
-    w.gamma = 1.0 + 1e-12;
-    w.gamma_ln = w.gamma.ln();
-    w.offset = 1i32.wrapping_sub((w.min_value.ln() / w.gamma_ln) as i32);
+    w.config.gamma = 1.0 + 1e-12;
+    w.config.gamma_ln = w.config.gamma.ln();
+    w.config.offset = 1i32.wrapping_sub((w.config.min_value.ln() / w.config.gamma_ln) as i32);
     assert!(decode(&w).is_err());
 }
 

@@ -860,6 +860,21 @@ impl RaftNode {
         self.leadership(shard).filter(|l| l.quorum_acked_ago < self.lease).map(|l| l.epoch)
     }
 
+    /// [`RaftNode::delivery_epoch`], first waking the group when this node leads it without a
+    /// valid lease ([`RaftNode::wake_shard`]: a quiesced group waits, at most a maximum election
+    /// timeout, for a quorum to answer its heartbeat). For a leader-only action that may find
+    /// the group asleep (a replay, a Fetch).
+    pub async fn delivery_epoch_waking(&self, shard: ShardId) -> Option<coalesce_core::output::Epoch> {
+        if let Some(epoch) = self.delivery_epoch(shard) {
+            return Some(epoch);
+        }
+        if !self.group(shard)?.raft.is_leader() {
+            return None;
+        }
+        self.wake_shard(shard).await;
+        self.delivery_epoch(shard)
+    }
+
     /// How long after its last quorum acknowledgement a leader may still act as one: the
     /// minimum election timeout, before which no other replica can be elected
     /// ([`RaftNode::delivery_epoch`] fences on it).

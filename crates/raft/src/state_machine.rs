@@ -236,13 +236,13 @@ impl ShardStateMachine {
         let mut applied = Vec::new();
         let mut partials = Vec::new();
         for g in groups {
-            let session = match &g.range {
-                None => None,
-                Some(r) => batch.session_get(r.producer)?,
-            };
-            let verdict = match &g.range {
-                None => SeqCheck::New,
-                Some(r) => session::check_range(session.as_ref(), r),
+            let (session, verdict) = match &g.range {
+                None => (None, SeqCheck::New),
+                Some(r) => {
+                    let session = batch.session_get(r.producer)?;
+                    let verdict = session::check_range(session.as_ref(), r);
+                    (session, verdict)
+                }
             };
             match verdict {
                 SeqCheck::New => {

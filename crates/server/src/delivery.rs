@@ -268,8 +268,7 @@ impl Delivery {
         let Some(target) = &rt.sink else {
             return Err(ReplayError::Invalid(format!("sink {sink:?} is a subscriber: nothing to replay into")));
         };
-        self.node.wake_shard(shard).await;
-        let epoch = self.node.delivery_epoch(shard).ok_or(ReplayError::NotLeader(shard))?;
+        let epoch = self.node.delivery_epoch_waking(shard).await.ok_or(ReplayError::NotLeader(shard))?;
         let group = self.node.group(shard).ok_or(ReplayError::NotLeader(shard))?;
         let mut letters = Vec::new();
         for seq in seqs {

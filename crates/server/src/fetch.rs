@@ -202,7 +202,7 @@ impl FetchService {
     /// Joins the key's flight on this node, which must lead the shard with a valid lease.
     async fn local(&self, shard: u32, stream: &str, key: &str) -> Result<pb::FetchResponse, LocalError> {
         self.fetcher(stream, key)?;
-        let epoch = self.lease(shard).await.ok_or(LocalError::Deposed { shard })?;
+        let epoch = self.node.delivery_epoch_waking(shard).await.ok_or(LocalError::Deposed { shard })?;
         let fetched = self.join(stream, key, shard, epoch).await?;
         let answer = fetched.value.map_err(|reason| Status::unavailable(format!("upstream: {reason}")))?;
         Ok(pb::FetchResponse {
@@ -214,21 +214,6 @@ impl FetchService {
             shard,
             epoch: Some(pb::Epoch { term: epoch.term, node: epoch.node }),
         })
-    }
-
-    /// The epoch under which this node may act for `shard` now: `Some` only while it leads
-    /// the shard with a valid lease. A leader without one is woken first
-    /// ([`RaftNode::wake_shard`]): a quiesced group waits, at most a maximum election timeout,
-    /// for a quorum to answer its heartbeat.
-    async fn lease(&self, shard: u32) -> Option<Epoch> {
-        if let Some(epoch) = self.node.delivery_epoch(shard) {
-            return Some(epoch);
-        }
-        if !self.node.shard_view(shard).is_some_and(|v| v.is_leader) {
-            return None;
-        }
-        self.node.wake_shard(shard).await;
-        self.node.delivery_epoch(shard)
     }
 
     /// Whether `stream` replaces its outputs' values with the fetched answer (the event →

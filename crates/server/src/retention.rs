@@ -112,7 +112,10 @@ impl Retention {
         let mut below = next_seq.saturating_sub(self.limits.max_outputs).max(low);
         if !self.limits.unclaimed_max_age.is_zero() {
             let cutoff = SystemClock.now().saturating_sub(self.limits.unclaimed_max_age.as_millis() as u64);
-            if let Ok(oldest) = store.outbox_from(below, AGE_SCAN) {
+            // Usually the oldest kept output is young enough: one row read, nothing to trim.
+            let oldest_is_old =
+                store.outbox_from(below, 1).is_ok_and(|o| o.first().is_some_and(|o| o.window_end < cutoff));
+            if oldest_is_old && let Ok(oldest) = store.outbox_from(below, AGE_SCAN) {
                 below = match oldest.iter().find(|o| o.window_end >= cutoff) {
                     Some(young) => young.seq,
                     // All of the scanned ones are old: trim them, the next round goes on.
