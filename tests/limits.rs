@@ -323,3 +323,66 @@ async fn a_connection_holds_at_most_its_stream_limit() {
     let status = tokio::time::timeout(Duration::from_secs(10), third).await.expect("served once a stream ended");
     assert!(status.is_ok(), "{status:?}");
 }
+
+/// Issue 23: a `json_merge_patch` key grew to 5.6 MB (no bound counted growth of an existing
+/// key), an output no subscriber could read (gRPC messages hold 4 MiB). Now a key's window is
+/// sealed (reason `max_bytes`) as soon as its value reaches `window.max_bytes` (default and most
+/// 1 MiB), so every output stays below twice that, and a subscriber reads them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merge_patch_key_cannot_outgrow_what_a_subscriber_can_read() {
+    let streams = "[sinks.reader]\nkind = \"grpc\"\n\n\
+                   [streams.doc]\nmerge = \"json_merge_patch\"\nwindow = { tumbling = \"2s\" }\n\
+                   max_value_bytes = 70000\nsinks = [\"reader\"]\n";
+    let cluster = Cluster::start(3, 2, streams);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let mut client = cluster.client(0);
+    // 48 patches of ~60 kB, each adding its own field to one key: ~2.9 MB merged, in requests
+    // of 4 (so the leader also cuts one request's events into several partials).
+    const FIELDS: usize = 48;
+    let filler = "x".repeat(60_000);
+    for chunk in (0..FIELDS).collect::<Vec<_>>().chunks(4) {
+        let events = chunk
+            .iter()
+            .map(|i| {
+                let patch = serde_json::json!({ format!("f{i:02}"): filler }).to_string();
+                ev("doc", "big", Some(pb::value::Kind::Json(patch)))
+            })
+            .collect();
+        let resp = client.ingest(pb::IngestRequest { producer_id: 0, events }).await.unwrap().into_inner();
+        assert!(resp.statuses.iter().all(|s| s.code == EventCode::Ok as i32), "{:?}", resp.statuses);
+    }
+    let shard = coalesce_core::hash::shard_for("doc", "big", 2);
+    let leaders = cluster.wait_ready(Duration::from_secs(30)).await;
+    let leader = cluster.index_of(&leaders[&shard]).unwrap();
+    let mut sub = cluster
+        .client(leader)
+        .subscribe(pb::SubscribeRequest {
+            consumer: "reader".into(),
+            shards: vec![shard],
+            from_seq: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fields = std::collections::BTreeSet::new();
+    let (mut outputs, mut by_size, mut largest) = (0, 0, 0);
+    while fields.len() < FIELDS {
+        let batch = tokio::time::timeout(Duration::from_secs(20), sub.message())
+            .await
+            .expect("outputs within 20 s")
+            .expect("the subscription stays readable")
+            .expect("a batch");
+        for o in batch.outputs {
+            outputs += 1;
+            largest = largest.max(o.value_json.len());
+            assert!(o.value_json.len() < 2 << 20, "an output below 2 MiB: {} bytes", o.value_json.len());
+            if o.reason == "max_bytes" {
+                by_size += 1;
+            }
+            let v: serde_json::Value = serde_json::from_str(&o.value_json).unwrap();
+            fields.extend(v.as_object().unwrap().keys().cloned());
+        }
+    }
+    assert!(by_size >= 2, "windows sealed for size: {by_size} of {outputs}");
+    eprintln!("{outputs} outputs, {by_size} sealed at max_bytes, the largest {largest} bytes");
+}

@@ -268,7 +268,7 @@ async fn peers_need_certificates_and_clients_need_tokens_with_roles() {
 
     // A peer announcing a protocol this build cannot read is refused, and so is everything it
     // sends until it announces a compatible one (as after its upgrade or rollback).
-    let future = pb::HelloRequest { cluster: "test".into(), protocol: 90, protocol_min: 90 };
+    let future = pb::HelloRequest { cluster: "test".into(), protocol: 90, protocol_min: 90, ..Default::default() };
     let e = peer.hello(future).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "a peer that writes what this build cannot read: {e:?}");
     let e = peer.ping(pb::PingRequest { name: "coalesce-1".into(), boot: 7 }).await.unwrap_err();

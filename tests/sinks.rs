@@ -46,7 +46,9 @@ async fn hook(
     let o = &outputs[0];
     let key = o["key"].as_str().unwrap().to_owned();
     let (shard, seq) = (o["shard"].as_u64().unwrap() as u32, o["seq"].as_u64().unwrap());
-    assert_eq!(headers["idempotency-key"].to_str().unwrap(), format!("{shard}-{seq}-{seq}"));
+    let cluster = headers["coalesce-cluster"].to_str().unwrap();
+    assert_eq!(cluster.len(), 32, "the cluster id: {cluster:?}");
+    assert_eq!(headers["idempotency-key"].to_str().unwrap(), format!("{cluster}-hook-{shard}-{seq}-{seq}"));
     let attempt = {
         let mut a = h.attempts.lock().unwrap();
         let n = a.entry(key.clone()).or_insert(0);

@@ -100,6 +100,10 @@ pub(crate) struct LocalArgs {
     /// 1 s; `0s`: after every apply).
     #[arg(long, value_parser = humantime::parse_duration)]
     checkpoint_interval: Option<Duration>,
+    /// The nodes' `[storage] wal_recovery`: `strict` (the node default) or `point_in_time`
+    /// (recycled WAL files; docs/operations.md).
+    #[arg(long, value_parser = ["strict", "point_in_time"])]
+    wal_recovery: Option<String>,
 }
 
 fn parse_range(s: &str) -> Result<(Duration, Duration), String> {
@@ -317,7 +321,7 @@ pub(crate) async fn start_local(args: &LocalArgs, streams: &str) -> anyhow::Resu
         streams: streams.into(),
         raft: args.raft_toml(),
         log_filter: "warn".into(),
-        extra: String::new(),
+        extra: args.wal_recovery.as_ref().map_or_else(String::new, |m| format!("[storage]\nwal_recovery = \"{m}\"\n")),
         env: Vec::new(),
         proxied: false,
     };

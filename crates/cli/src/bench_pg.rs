@@ -219,7 +219,10 @@ async fn coalesced(args: &PostgresArgs, url: &str, workload: &[String]) -> anyho
         }
         let secs = started.elapsed().as_secs_f64();
         let rows: i64 = db
-            .query_one("SELECT coalesce(sum(seq), 0)::bigint FROM coalesce_fence WHERE target = 'bench_coalesced'", &[])
+            .query_one(
+                "SELECT coalesce(sum(seq), 0)::bigint FROM coalesce_sink_fence WHERE target = 'bench_coalesced'",
+                &[],
+            )
             .await?
             .get(0);
         anyhow::Ok((secs, rows as u64))
@@ -233,7 +236,7 @@ async fn coalesced(args: &PostgresArgs, url: &str, workload: &[String]) -> anyho
 async fn reset(db: &tokio_postgres::Client, table: &str) -> anyhow::Result<()> {
     db.batch_execute(&format!("DROP TABLE IF EXISTS {table}")).await?;
     // The fence table exists once a PostgreSQL sink has run against this database.
-    let _ = db.execute("DELETE FROM coalesce_fence WHERE target = $1", &[&table]).await;
+    let _ = db.execute("DELETE FROM coalesce_sink_fence WHERE target = $1", &[&table]).await;
     Ok(())
 }
 
@@ -252,6 +255,10 @@ async fn raw_copy(url: &str, rows: usize, batch: usize, connections: usize) -> a
     let sink = Arc::new(PostgresSink::new("bench", params));
     // One lane per connection, each its own shard (a shard always uses the same connection).
     let per_lane = rows.div_ceil(connections);
+    let cluster = coalesce_core::cluster::ClusterIdentity {
+        id: coalesce_core::cluster::ClusterId(rand::random()),
+        predates_id: false,
+    };
     let started = Instant::now();
     let mut lanes = Vec::new();
     for lane in 0..connections {
@@ -266,7 +273,7 @@ async fn raw_copy(url: &str, rows: usize, batch: usize, connections: usize) -> a
                         synthetic(lane as u32, seq)
                     })
                     .collect();
-                let b = Batch { shard: lane as u32, epoch: Epoch { term: 1, node: 1 }, outputs: &outputs };
+                let b = Batch { cluster, shard: lane as u32, epoch: Epoch { term: 1, node: 1 }, outputs: &outputs };
                 sink.deliver(b).await.map_err(|e| anyhow::anyhow!("raw COPY: {e}"))?;
             }
             anyhow::Ok(())

@@ -232,7 +232,8 @@ async fn fetch(addr: &str, stream: String, key: String) -> anyhow::Result<()> {
 async fn status(addr: &str) -> anyhow::Result<()> {
     let st =
         connect(addr).await?.status(pb::StatusRequest {}).await.with_context(|| format!("asking {addr}"))?.into_inner();
-    println!("cluster {} — node {} (id {}) — {} shards", st.cluster, st.node, st.node_id, st.shards);
+    let id = if st.cluster_id.is_empty() { "not known yet" } else { st.cluster_id.as_str() };
+    println!("cluster {} (id {id}) — node {} (id {}) — {} shards", st.cluster, st.node, st.node_id, st.shards);
     println!(
         "{:>5}  {:<14} {:>12}  {:<40} {:>9} {:>10} {:>9} {:>9}",
         "SHARD", "LEADER", "EPOCH", "REPLICAS", "KEYS", "BYTES", "NEXT-SEQ", "SHED"

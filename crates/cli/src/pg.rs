@@ -1,6 +1,7 @@
 //! A throw-away PostgreSQL server for tests and benchmarks: `initdb` into a temporary directory,
 //! listening only on a Unix socket inside it (no TCP port to collide on), stopped and deleted
-//! on drop. Needs the server binaries (Debian's `postgresql` package, which `scripts/setup.sh`
+//! on drop; [`TempPostgres::start_tls`] also listens on loopback TCP with TLS, its certificate
+//! signed by a throw-away CA ([`TempPostgres::ca_file`]). Needs the server binaries (Debian's `postgresql` package, which `scripts/setup.sh`
 //! installs); as root it runs as the `postgres` user, since the server refuses to run as root.
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,8 @@ pub struct TempPostgres {
     bin: PathBuf,
     as_postgres: bool,
     port: u16,
+    /// With TLS: the loopback TCP port.
+    tcp_port: Option<u16>,
 }
 
 fn find_bin() -> anyhow::Result<PathBuf> {
@@ -34,22 +37,47 @@ fn id(args: &[&str]) -> anyhow::Result<u32> {
 impl TempPostgres {
     /// Creates and starts a server; returns once it accepts connections.
     pub fn start() -> anyhow::Result<TempPostgres> {
+        Self::start_with(false)
+    }
+
+    /// [`TempPostgres::start`], also listening on 127.0.0.1 (a free port: [`TempPostgres::tcp_url`])
+    /// with `ssl = on`. Its certificate names `localhost` only (not the address), so a client
+    /// connecting to `127.0.0.1` can tell `sslmode=verify-ca` from `verify-full`.
+    pub fn start_tls() -> anyhow::Result<TempPostgres> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> anyhow::Result<TempPostgres> {
         let bin = find_bin()?;
         let dir = tempfile::Builder::new().prefix("coalesce-pg").tempdir()?;
         let as_postgres = id(&["-u"])? == 0;
-        if as_postgres {
-            let (uid, gid) = (id(&["-u", "postgres"])?, id(&["-g", "postgres"])?);
+        let owner = if as_postgres { Some((id(&["-u", "postgres"])?, id(&["-g", "postgres"])?)) } else { None };
+        if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
         }
-        // The port only names the socket file; nothing listens on TCP.
-        let pg = TempPostgres { dir, bin, as_postgres, port: 5432 };
+        // A free port, for TCP (between this probe and the server's bind another process could
+        // take it; the server then fails to start and says so).
+        let tcp_port = if tls { Some(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) } else { None };
+        // The port only names the socket file unless TLS is on.
+        let pg = TempPostgres { dir, bin, as_postgres, port: tcp_port.unwrap_or(5432), tcp_port };
         let data = pg.dir.path().join("data");
         pg.run(
             "initdb",
             &["-D", &data.to_string_lossy(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
         )?;
-        let opts =
+        let mut opts =
             format!("-c listen_addresses='' -k {} -p {} -c max_connections=100", pg.dir.path().display(), pg.port);
+        if tls {
+            let (cert, key) = pg.write_certificates(owner)?;
+            opts = format!(
+                "-c listen_addresses=127.0.0.1 -k {} -p {} -c max_connections=100 -c ssl=on -c ssl_cert_file={} \
+                 -c ssl_key_file={}",
+                pg.dir.path().display(),
+                pg.port,
+                cert.display(),
+                key.display()
+            );
+        }
         let log = pg.dir.path().join("log");
         pg.run(
             "pg_ctl",
@@ -57,6 +85,42 @@ impl TempPostgres {
         )?;
         pg.wait_ready(Duration::from_secs(30))?;
         Ok(pg)
+    }
+
+    /// A CA (`ca.pem`) and the server's certificate and key, signed by it for `localhost`.
+    fn write_certificates(&self, owner: Option<(u32, u32)>) -> anyhow::Result<(PathBuf, PathBuf)> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.distinguished_name.push(DnType::CommonName, "Coalesce test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate()?;
+        let cert = CertificateParams::new(vec!["localhost".to_owned()])?.signed_by(&key, &issuer)?;
+        let (cert_path, key_path) = (self.dir.path().join("server.crt"), self.dir.path().join("server.key"));
+        std::fs::write(self.ca_file(), ca_cert.pem())?;
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = owner {
+            for p in [&cert_path, &key_path] {
+                std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
+            }
+        }
+        Ok((cert_path, key_path))
+    }
+
+    /// With TLS: the CA certificate (PEM) that signed the server's.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// With TLS: a libpq connection string over loopback TCP to `host` (`127.0.0.1` or
+    /// `localhost`), without `sslmode` (add it).
+    pub fn tcp_url(&self, host: &str) -> Option<String> {
+        self.tcp_port.map(|p| format!("host={host} port={p} user=postgres dbname=postgres"))
     }
 
     fn command(&self, tool: &str) -> Command {

@@ -217,13 +217,20 @@ impl<'a> BatchBuilder<'a> {
         group.events.push(index);
         let hash = self.hasher.hash_one(SlotRef { shard, group: gi, stream: &event.stream, key: &event.key });
         let partials = &group.partials;
-        let found = self.partials.find(hash, |&(s, g, p)| {
+        let found = self.partials.find_mut(hash, |&(s, g, p)| {
             s == shard && g == gi && partials[p].0.stream == event.stream && partials[p].0.key == event.key
         });
-        let merged = match found {
-            Some(&(_, _, pi)) => {
+        // A key's newest partial takes the event unless merging fails (a capacity or overflow)
+        // or would pass the window's `max_bytes`: then the event starts a new partial of the
+        // key, after the old one, and the key's slot points at it (so later events never merge
+        // into an older partial, which would reorder `append` and `json_merge_patch`). Apply
+        // seals a window once it reaches `max_bytes`, so a merged value stays below twice it.
+        let max_bytes = def.rules.window.max_bytes.unwrap_or(u64::MAX);
+        let merged = match found.as_ref().map(|slot| slot.2) {
+            Some(pi) => {
                 let p = &mut group.partials[pi].1;
-                if p.agg.merge(&agg, &def.rules.op).is_ok() {
+                let fits = (p.agg.size() as u64).saturating_add(agg.size() as u64) <= max_bytes;
+                if fits && p.agg.merge(&agg, &def.rules.op).is_ok() {
                     samples_mod::merge_opt(&mut p.samples, samples.as_ref(), def.rules.samples.as_ref());
                     p.inputs += 1;
                     p.first_event_at = p.first_event_at.min(event_time);
@@ -242,12 +249,17 @@ impl<'a> BatchBuilder<'a> {
                 Partial { agg, inputs: 1, first_event_at: event_time, last_event_at: event_time, samples },
             ));
             let slot = (shard, gi, group.partials.len() - 1);
-            // Growing the table rehashes entries from the keys held in their partials.
-            let (batches, hasher) = (&self.batches, &self.hasher);
-            self.partials.insert_unique(hash, slot, |&(s, g, p)| {
-                let k = &batches[&s].groups[g].partials[p].0;
-                hasher.hash_one(SlotRef { shard: s, group: g, stream: &k.stream, key: &k.key })
-            });
+            match found {
+                Some(existing) => *existing = slot,
+                None => {
+                    // Growing the table rehashes entries from the keys held in their partials.
+                    let (batches, hasher) = (&self.batches, &self.hasher);
+                    self.partials.insert_unique(hash, slot, |&(s, g, p)| {
+                        let k = &batches[&s].groups[g].partials[p].0;
+                        hasher.hash_one(SlotRef { shard: s, group: g, stream: &k.stream, key: &k.key })
+                    });
+                }
+            }
         }
         Ok(shard)
     }

@@ -37,6 +37,7 @@
 //!   window keeps so a dedupe output shows what it suppressed.
 //! - [`entry`]: the commands a shard's Raft log carries and their validation (re-exported by
 //!   `coalesce-raft`; decoded and applied by the fuzz targets in `fuzz/`).
+//! - [`cluster`]: the cluster id sinks key their fences and idempotency keys by.
 //! - [`error`]: error types with stable codes.
 //!
 //! Libraries used instead of hand-written code: `xxhash-rust` (XXH3, the shard hash),
@@ -48,6 +49,7 @@
 pub mod adaptive;
 pub mod batch;
 pub mod buffer;
+pub mod cluster;
 pub mod entry;
 pub mod error;
 pub mod hash;

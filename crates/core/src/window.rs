@@ -9,7 +9,13 @@
 //! | `debounce`   | `debounce` after the key's last input (quiet period)     | time  |
 //! | `idle`       | `idle` after the key's last input                        | time  |
 //! | `max_count`  | the window holds at least `max_count` inputs             | data  |
-//! | `max_bytes`  | the merged value is at least `max_bytes` bytes           | data  |
+//! | `max_bytes`  | the merged value is at least `max_bytes` bytes (default and most: [`MAX_MERGED_BYTES`]) | data  |
+//!
+//! Every key's merged value is bounded, whatever the operator: `max_bytes` defaults to (and may
+//! not exceed) [`MAX_MERGED_BYTES`], the leader cuts a request's events of one key into partials
+//! no larger than it, and apply seals a window as soon as its value reaches it — so a window's
+//! value stays below twice `max_bytes` and every output fits a gRPC message (4 MiB). Such seals
+//! have reason `max_bytes`.
 //!
 //! Time triggers are evaluated against the shard leader's wall clock (the stamps it puts on
 //! Raft entries), never against event time, so a key that stops receiving input still closes
@@ -51,6 +57,10 @@ pub struct WindowConfig {
     #[serde(default)]
     pub adaptive: Option<AdaptiveConfig>,
 }
+
+/// The default and largest `max_bytes` (1 MiB): a window's value stays below twice it, and an
+/// output (value, samples, envelope) below the 4 MiB a gRPC message may hold.
+pub const MAX_MERGED_BYTES: u64 = 1 << 20;
 
 /// Longest accepted window duration (7 days).
 pub const MAX_WINDOW_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -98,7 +108,8 @@ impl std::fmt::Display for WindowPolicy {
         if let Some(n) = self.max_count {
             parts.push(format!("max_count {n}"));
         }
-        if let Some(n) = self.max_bytes {
+        // The default bound (every policy has it since December 2026) goes unsaid.
+        if let Some(n) = self.max_bytes.filter(|n| *n != MAX_MERGED_BYTES) {
             parts.push(format!("max_bytes {n}"));
         }
         if let Some(a) = self.adaptive {
@@ -119,10 +130,17 @@ impl WindowConfig {
             debounce_ms: ms(self.debounce),
             idle_ms: ms(self.idle),
             max_count: self.max_count,
-            max_bytes: self.max_bytes,
+            max_bytes: Some(self.max_bytes.unwrap_or(MAX_MERGED_BYTES)),
             adaptive: None,
         };
         p.check().map_err(|(field, message)| ConfigError::stream(stream, field, message))?;
+        if self.max_bytes.is_some_and(|b| b > MAX_MERGED_BYTES) {
+            return Err(ConfigError::stream(
+                stream,
+                "window.max_bytes",
+                format!("must be at most {MAX_MERGED_BYTES} (1 MiB): an output must fit a gRPC message"),
+            ));
+        }
         let adaptive = self.adaptive.as_ref().map(|a| a.validate(stream, p.staleness_bound_ms())).transpose()?;
         Ok(WindowPolicy { adaptive, ..p })
     }
@@ -337,6 +355,17 @@ mod tests {
         assert_eq!(p.to_string(), "tumbling 1m, idle 20s, max_count 50");
         let p = cfg("debounce = \"250ms\"\nmax_wait = \"2h\"").validate("s").unwrap();
         assert_eq!(p.to_string(), "max_wait 2h, debounce 250ms");
+    }
+
+    #[test]
+    fn every_policy_bounds_the_merged_value() {
+        assert_eq!(cfg("tumbling = \"1s\"").validate("s").unwrap().max_bytes, Some(MAX_MERGED_BYTES));
+        assert_eq!(cfg("tumbling = \"1s\"\nmax_bytes = 4096").validate("s").unwrap().max_bytes, Some(4096));
+        let e = cfg("tumbling = \"1s\"\nmax_bytes = 1048577").validate("s").unwrap_err();
+        assert!(e.to_string().contains("window.max_bytes must be at most 1048576"), "{e}");
+        // Entries of older leaders carry no bound; they still apply.
+        let old = WindowPolicy { tumbling_ms: Some(1000), ..WindowPolicy::default() };
+        assert_eq!(old.check(), Ok(()));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`state_machine`]: applying Ingest/Seal/Ack deterministically; snapshots.
 //! - [`network`]: the peer transport (tonic, one channel per peer, real pre-vote and
 //!   leadership transfer).
+//! - [`identity`]: the cluster id — made once, learned through Hello, checked on every Hello.
 //! - [`tls`]: TLS on both ports, reloadable certificates, peer identities bound to node names.
 //! - [`metrics`]: Prometheus metrics of the shards (stream inputs/outputs, commit latency).
 //! - [`node`]: a node's groups — placement, bootstrap, proposals, the window scheduler,
@@ -19,6 +20,7 @@
 
 pub mod codec;
 pub mod failpoints;
+pub mod identity;
 pub mod log_store;
 pub mod metrics;
 pub mod network;

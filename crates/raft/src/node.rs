@@ -363,6 +363,8 @@ pub struct RaftNode {
     /// ([`RaftNode::set_sink_streams`]): a stream's pressure looks only at the cursors (and
     /// sink health) of sinks that carry it, and at every cursor not named here (subscribers).
     sink_streams: std::sync::RwLock<BTreeMap<String, BTreeSet<String>>>,
+    /// The cluster id ([`crate::identity`]).
+    identity: crate::identity::Identity,
 }
 
 /// What a delivery worker last saw of its sink (see [`RaftNode::report_sink_health`]).
@@ -466,6 +468,11 @@ impl RaftNode {
             let quiet = Arc::default();
             groups.insert(shard, Group { shard, raft, store, version, applied_extra, quiet, failure });
         }
+        let mut had_state = !not_started.is_empty();
+        for g in groups.values() {
+            had_state |= g.raft.is_initialized().await.unwrap_or(false);
+        }
+        let identity = crate::identity::Identity::load(&db, had_state)?;
         Ok(Arc::new(Self {
             id,
             me,
@@ -490,6 +497,7 @@ impl RaftNode {
             adaptive: std::sync::Mutex::new(BTreeMap::new()),
             sink_health: std::sync::Mutex::new(BTreeMap::new()),
             sink_streams: std::sync::RwLock::new(BTreeMap::new()),
+            identity,
         }))
     }
 
@@ -554,10 +562,13 @@ impl RaftNode {
     /// Asks the node called `name` who it is, and remembers its Raft id.
     pub async fn hello(&self, name: &str) -> Result<HelloResponse, String> {
         let channel = self.channels.for_name(name)?;
+        let (cluster_id, cluster_predates_id) = self.identity.wire();
         let mut req = tonic::Request::new(HelloRequest {
             cluster: self.spec.cluster.clone(),
             protocol: PROTOCOL,
             protocol_min: PROTOCOL_MIN,
+            cluster_id,
+            cluster_predates_id,
         });
         req.set_timeout(Duration::from_secs(1));
         let reply =
@@ -568,8 +579,9 @@ impl RaftNode {
         if reply.name != name {
             return Err(format!("the address of {name} is answered by {:?}", reply.name));
         }
-        self.note_protocol(name, reply.protocol, check_protocol(reply.protocol, reply.protocol_min))
-            .map_err(|e| format!("{name}: {e}"))?;
+        let verdict = check_protocol(reply.protocol, reply.protocol_min)
+            .and_then(|()| self.identity.learn(&self.db, name, &reply.cluster_id, reply.cluster_predates_id));
+        self.note_protocol(name, reply.protocol, verdict).map_err(|e| format!("{name}: {e}"))?;
         let mut ids = self.peer_ids.lock().unwrap_or_else(|p| p.into_inner());
         match ids.get(&reply.node_id) {
             // Ids are random per data directory: one that another node already answered with is
@@ -587,20 +599,67 @@ impl RaftNode {
         Ok(reply)
     }
 
-    /// Records whether peer `name` speaks a protocol this build can replicate with (logged when
-    /// that changes), passing `verdict` on.
+    /// The cluster id, once known ([`crate::identity`]).
+    pub fn cluster_identity(&self) -> Option<coalesce_core::cluster::ClusterIdentity> {
+        self.identity.get()
+    }
+
+    /// Waits until the cluster id is known.
+    pub async fn cluster_identity_wait(&self) -> coalesce_core::cluster::ClusterIdentity {
+        self.identity.wait().await
+    }
+
+    /// Greets every peer until this node knows the cluster id, making it when this node is the
+    /// one to (the rule is in [`crate::identity`]). Returns at once when the id is known.
+    pub async fn settle_identity(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut names: Vec<&str> = self.spec.nodes.iter().map(|n| n.name.as_str()).collect();
+        names.sort_by_key(|n| crate::identity::natural_key(n));
+        let last = names.last().copied() == Some(self.me.name.as_str());
+        let peers: Vec<String> = names.iter().filter(|n| **n != self.me.name).map(|n| (*n).to_owned()).collect();
+        let mut waiting_logged = false;
+        while self.identity.get().is_none() {
+            let mut answered = 0;
+            for peer in &peers {
+                if self.hello(peer).await.is_ok() {
+                    answered += 1;
+                }
+            }
+            if self.identity.get().is_some() {
+                break;
+            }
+            if last && answered == peers.len() {
+                if let Err(e) = self.identity.make(&self.db) {
+                    tracing::error!(error = %e, "could not store the cluster id; retrying");
+                }
+                continue;
+            }
+            if !waiting_logged {
+                waiting_logged = true;
+                tracing::info!(answered, peers = peers.len(), "waiting to learn the cluster id from a peer");
+            }
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// Records whether peer `name` is one this build can replicate with — it speaks a protocol
+    /// this build reads and shows the same cluster id — (logged when that changes), passing
+    /// `verdict` on.
     fn note_protocol(&self, name: &str, protocol: u32, verdict: Result<(), String>) -> Result<(), String> {
         self.protocols.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), protocol.max(1));
         let mut bad = self.incompatible.lock().unwrap_or_else(|p| p.into_inner());
         match &verdict {
             Ok(()) => {
                 if bad.remove(name).is_some() {
-                    tracing::info!(peer = name, "the peer speaks a compatible protocol again");
+                    tracing::info!(peer = name, "the peer is compatible again");
                 }
             }
             Err(e) => {
                 if bad.insert(name.to_owned(), e.clone()).is_none() {
-                    tracing::error!(peer = name, error = %e, "a peer speaks an incompatible protocol: not replicating with it");
+                    tracing::error!(peer = name, error = %e, "a peer is incompatible (protocol or cluster id): not replicating with it");
                 }
             }
         }
@@ -1643,15 +1702,23 @@ impl RaftPeer for PeerService {
                 request.get_ref().cluster
             )));
         }
-        let verdict = check_protocol(request.get_ref().protocol, request.get_ref().protocol_min);
+        let hello = request.get_ref();
+        let verdict = check_protocol(hello.protocol, hello.protocol_min).and_then(|()| {
+            let from = sender.as_deref().unwrap_or("a peer");
+            self.node
+                .identity
+                .learn(&self.node.db, from, &hello.cluster_id, hello.cluster_predates_id)
+                .inspect_err(|_| crate::metrics::PEER_REFUSED.with_label_values(&["cluster"]).inc())
+        });
         let verdict = match &sender {
-            Some(name) => self.node.note_protocol(name, request.get_ref().protocol, verdict),
-            None => verdict.inspect_err(|e| tracing::error!(error = %e, "a peer speaks an incompatible protocol")),
+            Some(name) => self.node.note_protocol(name, hello.protocol, verdict),
+            None => verdict.inspect_err(|e| tracing::error!(error = %e, "an incompatible peer said Hello")),
         };
         if let Err(e) = verdict {
             return Err(Status::failed_precondition(e));
         }
         let me = self.node.me();
+        let (cluster_id, cluster_predates_id) = self.node.identity.wire();
         let mut initialized = Vec::new();
         for g in self.node.groups() {
             if g.raft.is_initialized().await.unwrap_or(false) {
@@ -1668,6 +1735,8 @@ impl RaftPeer for PeerService {
             draining: self.node.is_draining(),
             protocol: PROTOCOL,
             protocol_min: PROTOCOL_MIN,
+            cluster_id,
+            cluster_predates_id,
         }))
     }
 

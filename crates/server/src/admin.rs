@@ -131,6 +131,7 @@ impl pb::admin_server::Admin for AdminService {
             Err(ReplayError::NotFound(m)) => Err(Status::not_found(m)),
             Err(ReplayError::Invalid(m)) => Err(Status::failed_precondition(m)),
             Err(ReplayError::Internal(m)) => Err(Status::unavailable(m)),
+            Err(e @ ReplayError::NoClusterId) => Err(Status::unavailable(e.to_string())),
         }
     }
 

@@ -159,7 +159,8 @@ pub async fn run(
     warn_insecure(cfg, &loaded);
     std::fs::create_dir_all(&cfg.node.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.node.data_dir.display()))?;
-    let db = NodeDb::open(&cfg.node.data_dir, &StorageOptions::default()).context("opening RocksDB")?;
+    let storage = StorageOptions { wal_recovery: cfg.storage.wal_recovery, ..StorageOptions::default() };
+    let db = NodeDb::open(&cfg.node.data_dir, &storage).context("opening RocksDB")?;
     let node = RaftNode::start_with_tls(
         db,
         cfg.cluster_spec(),
@@ -298,6 +299,7 @@ pub async fn run(
             }
         }
     });
+    let identity = tokio::spawn(Arc::clone(&node).settle_identity(wait(stop_peer_rx.clone())));
     let sealer = tokio::spawn(Arc::clone(&node).run_sealer(Duration::from_millis(20), wait(stop_peer_rx.clone())));
     let liveness = tokio::spawn(Arc::clone(&node).run_liveness(wait(stop_peer_rx.clone())));
     let balancer = tokio::spawn(Arc::clone(&node).run_balancer(Duration::from_secs(2), wait(stop_client_rx2.clone())));
@@ -316,6 +318,7 @@ pub async fn run(
     health.set_not_serving::<CoalesceServer<CoalesceService>>().await;
     let _ = stop_client.send(true);
     bootstrap.abort();
+    identity.abort();
     let _ = balancer.await;
     let _ = delivering.await;
     let _ = retention.await;

@@ -36,8 +36,23 @@ pub struct Config {
     /// Span export over OTLP (see `crate::telemetry`).
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// The node's RocksDB.
+    #[serde(default)]
+    pub storage: StorageConfig,
     /// Path of the streams file, relative to the config file.
     pub streams_file: PathBuf,
+}
+
+/// `[storage]`: how the node's RocksDB is kept.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `"strict"` (default): damage in the middle of the write-ahead log refuses the start
+    /// instead of dropping the rest of the log; `"point_in_time"`: RocksDB's default, faster
+    /// fsyncs (recycled WAL files) but a corrupt record silently drops everything after it
+    /// (`coalesce_storage::WalRecovery`, docs/operations.md).
+    #[serde(default)]
+    pub wal_recovery: coalesce_storage::WalRecovery,
 }
 
 #[derive(Debug, Clone, Deserialize)]

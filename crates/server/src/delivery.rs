@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use coalesce_core::cluster::ClusterIdentity;
 use coalesce_core::output::{DeadLetter, Epoch, Output};
 use coalesce_core::time::{Clock, SystemClock};
 use coalesce_raft::state_machine::load_outbox;
@@ -232,6 +233,7 @@ impl Delivery {
                         rt: Arc::clone(rt),
                         shard: *shard,
                         epoch: *epoch,
+                        cluster: self.node.cluster_identity(),
                         stop: stop_rx.clone(),
                     };
                     workers.insert((i, *shard), (*epoch, tokio::spawn(worker.run())));
@@ -269,6 +271,7 @@ impl Delivery {
             return Err(ReplayError::Invalid(format!("sink {sink:?} is a subscriber: nothing to replay into")));
         };
         let epoch = self.node.delivery_epoch_waking(shard).await.ok_or(ReplayError::NotLeader(shard))?;
+        let cluster = self.node.cluster_identity().ok_or(ReplayError::NoClusterId)?;
         let group = self.node.group(shard).ok_or(ReplayError::NotLeader(shard))?;
         let mut letters = Vec::new();
         for seq in seqs {
@@ -286,7 +289,7 @@ impl Delivery {
         let mut refused = Vec::new();
         for l in letters {
             let outputs = [l.output.clone()];
-            match target.deliver(Batch { shard, epoch, outputs: &outputs }).await {
+            match target.deliver(Batch { cluster, shard, epoch, outputs: &outputs }).await {
                 Ok(()) => done.push(l.output.seq),
                 Err(e) => refused.push((l.output.seq, e.to_string())),
             }
@@ -310,6 +313,8 @@ pub enum ReplayError {
     Invalid(String),
     #[error("this node does not lead shard {0} (or its lease lapsed)")]
     NotLeader(u32),
+    #[error("this node has not learned the cluster id from its peers yet")]
+    NoClusterId,
     #[error("{0}")]
     Internal(String),
 }
@@ -319,6 +324,8 @@ struct Worker {
     rt: Arc<SinkRuntime>,
     shard: u32,
     epoch: Epoch,
+    /// Known before the first delivery (the worker waits for it).
+    cluster: Option<ClusterIdentity>,
     stop: watch::Receiver<bool>,
 }
 
@@ -366,6 +373,17 @@ impl Worker {
             }
             return Ok(());
         };
+        // What sinks record downstream is keyed by the cluster id: wait until this node knows it
+        // (a node learns it from its peers when it starts; see coalesce_raft::identity).
+        while self.cluster.is_none() {
+            tokio::select! {
+                id = self.delivery.node.cluster_identity_wait() => self.cluster = Some(id),
+                _ = self.stop.changed() => {}
+            }
+            if !self.valid() {
+                return Ok(());
+            }
+        }
         // `next`: the first seq not yet handled (delivered or skipped); `pending`: read ahead
         // from the outbox. Progress is acknowledged through Raft at most every `ack_interval`
         // (and when stopping): what a dying leader delivered but had not acknowledged yet is
@@ -491,6 +509,7 @@ impl Worker {
                 attempt = attempts,
             );
             let (shard, epoch, fetch) = (self.shard, self.epoch, self.delivery.fetch.get());
+            let Some(cluster) = self.cluster else { return Outcome::Stop };
             let waited_before = sink.rate_limit_waited();
             let attempt = async move {
                 // The event → fetch bridge swaps in fetched answers first (crate::fetch).
@@ -498,7 +517,7 @@ impl Worker {
                     Some(f) => f.bridge(outputs).await?,
                     None => None,
                 };
-                sink.deliver(Batch { shard, epoch, outputs: bridged.as_deref().unwrap_or(outputs) }).await
+                sink.deliver(Batch { cluster, shard, epoch, outputs: bridged.as_deref().unwrap_or(outputs) }).await
             };
             let result = tracing::Instrument::instrument(attempt, span).await;
             let kind = match &result {

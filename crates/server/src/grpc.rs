@@ -426,6 +426,7 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
         }
         Ok(TonicResponse::new(pb::StatusResponse {
             cluster: spec.cluster.clone(),
+            cluster_id: self.node.cluster_identity().map(|c| c.id.to_string()).unwrap_or_default(),
             node: self.node.me().name.clone(),
             node_id: self.node.id(),
             shards: spec.shards,

@@ -1,7 +1,8 @@
 //! The HTTP webhook sink: each delivery is one `POST` of a JSON body
-//! `{"shard": S, "epoch": {"term": T, "node": N}, "outputs": [...]}` (outputs as
-//! `Output::to_json`), with `Idempotency-Key: <shard>-<first seq>-<last seq>` — stable across
-//! re-deliveries when `batch_max = 1`.
+//! `{"cluster": C, "shard": S, "epoch": {"term": T, "node": N}, "outputs": [...]}` (outputs as
+//! `Output::to_json`), with `Idempotency-Key: <cluster id>-<sink>-<shard>-<first seq>-<last seq>`
+//! — stable across re-deliveries when `batch_max = 1`, and different for another cluster (a
+//! re-created one starts its seqs again) or another sink posting to the same receiver.
 //!
 //! Answers: 2xx delivered; 408, 429 and 5xx (and network errors, timeouts) are retried,
 //! honouring `Retry-After` (seconds); any other status is a permanent refusal and the outputs
@@ -73,6 +74,7 @@ impl HttpParams {
 /// Posts outputs to a webhook.
 #[derive(Debug)]
 pub struct HttpSink {
+    name: String,
     url: reqwest::Url,
     /// `url` without credentials, for messages.
     shown: String,
@@ -101,6 +103,7 @@ impl HttpSink {
         let _ = shown.set_password(None);
         let _ = shown.set_username("");
         Ok(Self {
+            name: name.to_owned(),
             url,
             shown: shown.to_string(),
             client,
@@ -117,11 +120,19 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
 }
 
+/// `<cluster id>-<sink>-<shard>-<first seq>-<last seq>`: unambiguous although sink names may
+/// hold `-` (the id is 32 hex digits, and the last three parts are numbers).
+fn idempotency_key(cluster: &str, sink: &str, shard: u32, first: u64, last: u64) -> String {
+    format!("{cluster}-{sink}-{shard}-{first}-{last}")
+}
+
 #[async_trait::async_trait]
 impl Sink for HttpSink {
     async fn deliver(&self, batch: Batch<'_>) -> Result<(), DeliveryError> {
         let (Some(first), Some(last)) = (batch.outputs.first(), batch.outputs.last()) else { return Ok(()) };
+        let cluster = batch.cluster.id.to_string();
         let body = serde_json::json!({
+            "cluster": cluster,
             "shard": batch.shard,
             "epoch": { "term": batch.epoch.term, "node": batch.epoch.node },
             "outputs": batch.outputs.iter().map(|o| o.to_json()).collect::<Vec<_>>(),
@@ -139,7 +150,8 @@ impl Sink for HttpSink {
         let response = self
             .client
             .post(self.url.clone())
-            .header("Idempotency-Key", format!("{}-{}-{}", batch.shard, first.seq, last.seq))
+            .header("Idempotency-Key", idempotency_key(&cluster, &self.name, batch.shard, first.seq, last.seq))
+            .header("Coalesce-Cluster", &cluster)
             .header("Coalesce-Shard", batch.shard.to_string())
             .header("Coalesce-Epoch", batch.epoch.to_string())
             .json(&body)

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `file` | a JSON-lines file per node | at least once; readers dedupe on (shard, seq) |
 //! | `http` | a webhook, JSON batches, optional cluster-wide request-rate ceiling | at least once; `Idempotency-Key` header |
-//! | `postgres` | a table, via `COPY` into a staging table and one upsert | exactly once: fenced on (shard, seq, epoch) |
+//! | `postgres` | a table, via `COPY` into a staging table and one upsert | exactly once: fenced on (cluster id, sink, shard, seq, epoch) |
 //! | `grpc` | nothing itself: a durable subscriber name whose cursor holds outputs until it acks | at least once |
 //!
 //! This crate holds the sink kinds, their configuration and the [`Sink`] trait, and the other
@@ -17,7 +17,8 @@
 //! shard in seq order, with retries, a circuit breaker per sink and a replicated dead-letter
 //! queue — lives in the server crate (`coalesce_server::delivery`).
 //!
-//! Libraries: `reqwest` (HTTP client), `tokio-postgres` (PostgreSQL, binary `COPY`). The
+//! Libraries: `reqwest` (HTTP client), `tokio-postgres` (PostgreSQL, binary `COPY`) with
+//! `tokio-postgres-rustls` (TLS, libpq's `sslmode` read by [`pgtls`]). The
 //! request-rate ceiling is our own sliding-window limiter ([`limiter`]): it bounds requests in
 //! *every* 1-second window exactly and its limit can change (as leadership moves) without
 //! losing its history, which the token-bucket crates cannot.
@@ -26,6 +27,7 @@ pub mod file;
 pub mod flight;
 pub mod http;
 pub mod limiter;
+pub mod pgtls;
 pub mod postgres;
 pub mod upstream;
 
@@ -33,6 +35,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
+use coalesce_core::cluster::ClusterIdentity;
 use coalesce_core::output::{Epoch, Output};
 use coalesce_core::stream::{SinkDecl, StreamTable};
 use serde::Deserialize;
@@ -70,9 +73,13 @@ impl DeliveryError {
 }
 
 /// One batch handed to a sink: outputs of one shard, in seq order, delivered by the leader of
-/// `epoch`.
+/// `epoch` of cluster `cluster`.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
+    /// The delivering cluster: what a sink records downstream to fence or deduplicate is keyed
+    /// by its id too, so a re-created cluster (seqs and terms from the bottom again) is not
+    /// taken for the old one.
+    pub cluster: ClusterIdentity,
     pub shard: u32,
     /// The delivering leader's epoch (not the outputs' own, which is the sealing leader's).
     pub epoch: Epoch,
@@ -313,12 +320,14 @@ mod tests {
         let e = parse("[sinks.g]\nkind = \"grpc\"\nurl = \"x\"").unwrap_err();
         assert!(e.contains("no parameters"), "{e}");
         let e = parse(
-            "[sinks.p]\nkind = \"postgres\"\nurl = \"x\"\ntable = \"t\"\nmode = \"accumulate\"\n\
+            "[sinks.p]\nkind = \"postgres\"\nurl = \"host=db\"\ntable = \"t\"\nmode = \"accumulate\"\n\
              [streams.l]\nmerge = \"latest\"\nwindow = { tumbling = \"1s\" }\nsinks = [\"p\"]",
         )
         .unwrap_err();
         assert!(e.contains("accumulate") && e.contains("\"l\""), "{e}");
-        let e = parse("[sinks.p]\nkind = \"postgres\"\nurl = \"x\"\ntable = \"drop table\"").unwrap_err();
+        let e = parse("[sinks.p]\nkind = \"postgres\"\nurl = \"host=db\"\ntable = \"drop table\"").unwrap_err();
         assert!(e.contains("table"), "{e}");
+        let e = parse("[sinks.p]\nkind = \"postgres\"\nurl = \"host=db sslmode=verify\"\ntable = \"t\"").unwrap_err();
+        assert!(e.contains("sinks.p") && e.contains("verify-full"), "{e}");
     }
 }

@@ -1,22 +1,33 @@
 //! The PostgreSQL sink: each delivery is one transaction that
 //!
-//! 1. locks the shard's fence row (`coalesce_fence`, one per target table and shard) and gives
-//!    up — *fenced* — when a leader of a newer Raft term has delivered there;
+//! 1. locks the shard's fence row (`coalesce_sink_fence`, one per cluster id, sink, target
+//!    table and shard) and gives up — *fenced* — when a leader of a newer Raft term has
+//!    delivered there;
 //! 2. keeps only outputs with a seq above the fence (re-deliveries change nothing);
 //! 3. `COPY`s them (binary) into a session-local staging table;
 //! 4. merges the stage into the target in one statement, by `mode`:
 //!    - `upsert`: one row per (stream, key) holding the newest output;
 //!    - `accumulate`: one row per (stream, key) whose `value` and `inputs` add up every output
 //!      (for `sum_i64`, `sum_f64` and `count` streams): totals equal the acknowledged inputs;
-//!    - `append`: one row per output, keyed by (shard, seq);
+//!    - `append`: one row per output, keyed by (cluster, shard, seq);
 //! 5. moves the fence to (this leader's term, highest seq) and commits.
 //!
 //! So each output changes the target exactly once, across retries, failovers and stale
-//! leaders. The schema is in `docs/sinks.md`; with `create_table = true` (default) the sink
-//! creates the tables it needs.
+//! leaders; a re-created cluster (its seqs and terms start again) and a second sink on the
+//! same table each have fence rows of their own. The schema is in `docs/sinks.md`; with
+//! `create_table = true` (default) the sink creates the tables it needs and adds the `cluster`
+//! column to a target table made by an older build.
 //!
-//! Connections (`tokio-postgres`, no TLS yet) are opened lazily and reopened after errors; a
-//! shard always uses the same one of the `connections`.
+//! **Fences written before cluster ids** (`coalesce_fence`, keyed by table and shard). A cluster
+//! that predates ids ([`coalesce_core::cluster::ClusterIdentity::predates_id`]) keeps honouring
+//! and moving its row there too, while that table exists: nodes of the older build delivering
+//! during a rolling upgrade fence (and are fenced by) the upgraded ones, and nothing is
+//! delivered twice across the upgrade. Dropping `coalesce_fence` once every node is upgraded
+//! ends that (docs/upgrades.md). A cluster created with an id never reads it.
+//!
+//! Connections (`tokio-postgres`, TLS by `sslmode` as libpq reads it: [`crate::pgtls`]) are
+//! opened lazily and reopened after errors; a shard always uses the same one of the
+//! `connections`.
 
 use std::time::{Duration, SystemTime};
 
@@ -24,9 +35,9 @@ use coalesce_core::merge::MergeOp;
 use coalesce_core::output::Output;
 use coalesce_core::stream::StreamDef;
 use serde::Deserialize;
+use tokio_postgres::Client;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, NoTls};
 
 use crate::{Batch, DeliveryError, Sink};
 
@@ -43,7 +54,8 @@ pub enum PgMode {
 #[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresParams {
-    /// Connection string (`host=... user=... dbname=...` or `postgres://...`).
+    /// Connection string (`host=... user=... dbname=...` or `postgres://...`), with libpq's
+    /// `sslmode` and `sslrootcert` ([`crate::pgtls`]).
     #[serde(default)]
     pub url: Option<String>,
     /// Or: the environment variable holding it, to keep passwords out of config files.
@@ -94,7 +106,10 @@ impl PostgresParams {
         streams: impl Iterator<Item = &'a std::sync::Arc<StreamDef>>,
     ) -> Result<Self, String> {
         match (&self.url, &self.url_env) {
-            (Some(_), None) | (None, Some(_)) => {}
+            (Some(url), None) => {
+                crate::pgtls::PgConnect::parse(url)?;
+            }
+            (None, Some(_)) => {}
             _ => return Err("set exactly one of url and url_env".into()),
         }
         let parts: Vec<&str> = self.table.split('.').collect();
@@ -135,6 +150,17 @@ impl PostgresParams {
 struct Conn {
     client: Client,
     staged: bool,
+    layout: Layout,
+}
+
+/// What the database holds, read when a connection opens.
+struct Layout {
+    /// `coalesce_fence`, the fence table of builds before cluster ids, exists.
+    legacy_fence: bool,
+    /// The statement merging the stage into the target: without the target's `cluster` column
+    /// (a table made by an older build, `create_table = false`), outputs of a re-created
+    /// cluster cannot replace rows of the old one in `upsert` and `accumulate` modes.
+    merge_sql: String,
 }
 
 /// Writes outputs into a PostgreSQL table.
@@ -143,7 +169,6 @@ pub struct PostgresSink {
     params: PostgresParams,
     conns: Vec<tokio::sync::Mutex<Option<Conn>>>,
     created: tokio::sync::OnceCell<()>,
-    merge_sql: String,
 }
 
 impl std::fmt::Debug for PostgresSink {
@@ -154,8 +179,12 @@ impl std::fmt::Debug for PostgresSink {
 
 /// The columns of the staging table and the target, in COPY order.
 const COLUMNS: &str =
+    "cluster, stream, key, value, inputs, window_start, window_end, reason, shard, seq, epoch_term, epoch_node";
+/// [`COLUMNS`] but `cluster`, for a target without that column.
+const COLUMNS_NO_CLUSTER: &str =
     "stream, key, value, inputs, window_start, window_end, reason, shard, seq, epoch_term, epoch_node";
 const TYPES: &[Type] = &[
+    Type::TEXT,
     Type::TEXT,
     Type::TEXT,
     Type::JSONB,
@@ -169,23 +198,28 @@ const TYPES: &[Type] = &[
     Type::INT8,
 ];
 
-const FENCE_DDL: &str = "CREATE TABLE IF NOT EXISTS coalesce_fence (
+/// The fence table.
+const FENCE_DDL: &str = "CREATE TABLE IF NOT EXISTS coalesce_sink_fence (
+    cluster text NOT NULL,
+    sink text NOT NULL,
     target text NOT NULL,
     shard integer NOT NULL,
     epoch_term bigint NOT NULL,
     epoch_node bigint NOT NULL,
     seq bigint NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (target, shard))";
+    PRIMARY KEY (cluster, sink, target, shard))";
 
 const STAGE_DDL: &str = "CREATE TEMP TABLE IF NOT EXISTS coalesce_stage (
-    stream text, key text, value jsonb, inputs bigint, window_start timestamptz, window_end timestamptz,
-    reason text, shard integer, seq bigint, epoch_term bigint, epoch_node bigint) ON COMMIT DELETE ROWS";
+    cluster text, stream text, key text, value jsonb, inputs bigint, window_start timestamptz,
+    window_end timestamptz, reason text, shard integer, seq bigint, epoch_term bigint, epoch_node bigint)
+    ON COMMIT DELETE ROWS";
 
 fn target_ddl(table: &str, mode: PgMode) -> String {
-    let key = if mode == PgMode::Append { "shard, seq" } else { "stream, key" };
+    let key = if mode == PgMode::Append { "cluster, shard, seq" } else { "stream, key" };
     format!(
         "CREATE TABLE IF NOT EXISTS {table} (
+    cluster text NOT NULL DEFAULT '',
     stream text NOT NULL,
     key text NOT NULL,
     value jsonb NOT NULL,
@@ -202,39 +236,84 @@ fn target_ddl(table: &str, mode: PgMode) -> String {
     )
 }
 
-fn merge_sql(table: &str, mode: PgMode) -> String {
-    const SET_META: &str = "window_end = EXCLUDED.window_end, reason = EXCLUDED.reason, shard = EXCLUDED.shard, \
-                            seq = EXCLUDED.seq, epoch_term = EXCLUDED.epoch_term, epoch_node = EXCLUDED.epoch_node, \
-                            updated_at = now()";
+/// Brings a target table made by an older build (no `cluster` column; in `append` mode keyed
+/// by (shard, seq), where a re-created cluster's outputs would collide with the old ones) to
+/// [`target_ddl`]'s shape. Rows already there keep `cluster = ''`.
+fn migrate_ddl(table: &str, mode: PgMode) -> String {
+    let add = format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS cluster text NOT NULL DEFAULT ''");
+    if mode != PgMode::Append {
+        return add;
+    }
+    format!(
+        "{add};
+DO $$ DECLARE pk name; cols text[]; BEGIN
+  SELECT c.conname, array_agg(a.attname::text ORDER BY k.ord) INTO pk, cols
+    FROM pg_constraint c CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+    WHERE c.conrelid = '{table}'::regclass AND c.contype = 'p' GROUP BY c.conname;
+  IF cols = ARRAY['shard', 'seq'] THEN
+    EXECUTE format('ALTER TABLE {table} DROP CONSTRAINT %I, ADD PRIMARY KEY (cluster, shard, seq)', pk);
+  END IF;
+END $$"
+    )
+}
+
+fn merge_sql(table: &str, mode: PgMode, cluster_column: bool) -> String {
+    let (cols, set_cluster, other_cluster) = if cluster_column {
+        (COLUMNS, "cluster = EXCLUDED.cluster, ", " OR t.cluster <> EXCLUDED.cluster")
+    } else {
+        (COLUMNS_NO_CLUSTER, "", "")
+    };
+    let set_meta = format!(
+        "{set_cluster}window_end = EXCLUDED.window_end, reason = EXCLUDED.reason, shard = EXCLUDED.shard, \
+         seq = EXCLUDED.seq, epoch_term = EXCLUDED.epoch_term, epoch_node = EXCLUDED.epoch_node, updated_at = now()"
+    );
+    // The row is replaced by a newer output of its shard, by an output of another shard (the
+    // key moved), or by one of another cluster (seqs start again in a re-created cluster).
+    let newer = format!("t.seq < EXCLUDED.seq OR t.shard <> EXCLUDED.shard{other_cluster}");
+    let first_cluster = if cluster_column { "(array_agg(cluster))[1], " } else { "" };
     match mode {
         PgMode::Upsert => format!(
-            "INSERT INTO {table} AS t ({COLUMNS})
-             SELECT DISTINCT ON (stream, key) {COLUMNS} FROM coalesce_stage ORDER BY stream, key, seq DESC
+            "INSERT INTO {table} AS t ({cols})
+             SELECT DISTINCT ON (stream, key) {cols} FROM coalesce_stage ORDER BY stream, key, seq DESC
              ON CONFLICT (stream, key) DO UPDATE SET value = EXCLUDED.value, inputs = EXCLUDED.inputs,
-                 window_start = EXCLUDED.window_start, {SET_META}
-             WHERE t.seq < EXCLUDED.seq OR t.shard <> EXCLUDED.shard"
+                 window_start = EXCLUDED.window_start, {set_meta}
+             WHERE {newer}"
         ),
         PgMode::Accumulate => format!(
-            "INSERT INTO {table} AS t ({COLUMNS})
-             SELECT stream, key, to_jsonb(sum((value)::numeric)), sum(inputs)::bigint, min(window_start),
+            "INSERT INTO {table} AS t ({cols})
+             SELECT {first_cluster}stream, key, to_jsonb(sum((value)::numeric)), sum(inputs)::bigint, min(window_start),
                     max(window_end), (array_agg(reason ORDER BY seq DESC))[1], max(shard), max(seq),
                     max(epoch_term), (array_agg(epoch_node ORDER BY seq DESC))[1]
              FROM coalesce_stage GROUP BY stream, key
              ON CONFLICT (stream, key) DO UPDATE SET value = to_jsonb((t.value)::numeric + (EXCLUDED.value)::numeric),
                  inputs = t.inputs + EXCLUDED.inputs, window_start = LEAST(t.window_start, EXCLUDED.window_start),
-                 {SET_META}
-             WHERE t.seq < EXCLUDED.seq OR t.shard <> EXCLUDED.shard"
+                 {set_meta}
+             WHERE {newer}"
         ),
+        // No conflict target: whichever unique key the table has ((cluster, shard, seq), or
+        // (shard, seq) on a table of an older build this sink may not alter).
         PgMode::Append => {
-            format!(
-                "INSERT INTO {table} ({COLUMNS}) SELECT {COLUMNS} FROM coalesce_stage ON CONFLICT (shard, seq) DO NOTHING"
-            )
+            format!("INSERT INTO {table} ({cols}) SELECT {cols} FROM coalesce_stage ON CONFLICT DO NOTHING")
         }
     }
 }
 
 fn millis(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// An error and its sources (tokio-postgres says "error performing TLS handshake" and keeps
+/// the reason — an unknown issuer, a name mismatch — in its source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
 }
 
 /// Unsigned 64-bit ids as PostgreSQL `bigint` (two's complement).
@@ -257,21 +336,24 @@ fn classify(e: tokio_postgres::Error) -> DeliveryError {
 
 impl PostgresSink {
     pub fn new(name: &str, params: PostgresParams) -> Self {
-        let merge_sql = merge_sql(&params.table, params.mode);
         let conns = (0..params.connections).map(|_| tokio::sync::Mutex::new(None)).collect();
-        Self { name: name.to_owned(), params, conns, created: tokio::sync::OnceCell::new(), merge_sql }
+        Self { name: name.to_owned(), params, conns, created: tokio::sync::OnceCell::new() }
     }
 
     async fn connect(&self) -> Result<Conn, DeliveryError> {
-        let (client, connection) = tokio_postgres::connect(&self.params.connection_string()?, NoTls)
-            .await
-            .map_err(|e| DeliveryError::transient(format!("connecting: {e}")))?;
+        let connect =
+            crate::pgtls::PgConnect::parse(&self.params.connection_string()?).map_err(DeliveryError::transient)?;
+        let (client, connection) =
+            connect.config.connect(connect.tls).await.map_err(|e| {
+                DeliveryError::transient(format!("connecting (sslmode {:?}): {}", connect.mode, chain(&e)))
+            })?;
         let sink = self.name.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%sink, error = %e, "postgres connection closed");
             }
         });
+        let table = self.params.table.as_str();
         if self.params.create_table {
             // Nodes create the tables concurrently; PostgreSQL's CREATE TABLE IF NOT EXISTS can
             // then fail with a duplicate catalog entry. A transaction-scoped advisory lock
@@ -279,8 +361,9 @@ impl PostgresSink {
             self.created
                 .get_or_try_init(|| async {
                     let ddl = format!(
-                        "BEGIN; SELECT pg_advisory_xact_lock(7336455); {FENCE_DDL}; {}; COMMIT",
-                        target_ddl(&self.params.table, self.params.mode)
+                        "BEGIN; SELECT pg_advisory_xact_lock(7336455); {FENCE_DDL}; {}; {}; COMMIT",
+                        target_ddl(table, self.params.mode),
+                        migrate_ddl(table, self.params.mode)
                     );
                     client
                         .batch_execute(&ddl)
@@ -289,7 +372,25 @@ impl PostgresSink {
                 })
                 .await?;
         }
-        Ok(Conn { client, staged: false })
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = 'cluster' \
+                   AND attnum > 0 AND NOT attisdropped), to_regclass('coalesce_fence') IS NOT NULL",
+                &[&table],
+            )
+            .await
+            .map_err(|e| DeliveryError::transient(format!("reading the tables' shape: {e}")))?;
+        let (cluster_column, legacy_fence): (bool, bool) = (row.get(0), row.get(1));
+        if !cluster_column {
+            tracing::warn!(
+                sink = %self.name,
+                table,
+                "the target table has no `cluster` column (made by an older build, create_table = false): \
+                 outputs of a re-created cluster cannot replace its rows; see docs/upgrades.md"
+            );
+        }
+        let merge_sql = merge_sql(table, self.params.mode, cluster_column);
+        Ok(Conn { client, staged: false, layout: Layout { legacy_fence, merge_sql } })
     }
 
     async fn write(&self, conn: &mut Conn, batch: &Batch<'_>) -> Result<(), DeliveryError> {
@@ -298,23 +399,46 @@ impl PostgresSink {
             conn.staged = true;
         }
         let table = self.params.table.as_str();
-        let shard = batch.shard as i32;
+        let (sink, shard, cluster) = (self.name.as_str(), batch.shard as i32, batch.cluster.id.to_string());
         let tx = conn.client.transaction().await.map_err(classify)?;
+        let key: [&(dyn ToSql + Sync); 4] = [&cluster, &sink, &table, &shard];
         tx.execute(
-            "INSERT INTO coalesce_fence (target, shard, epoch_term, epoch_node, seq) VALUES ($1, $2, 0, 0, 0) \
-             ON CONFLICT DO NOTHING",
-            &[&table, &shard],
+            "INSERT INTO coalesce_sink_fence (cluster, sink, target, shard, epoch_term, epoch_node, seq) \
+             VALUES ($1, $2, $3, $4, 0, 0, 0) ON CONFLICT DO NOTHING",
+            &key,
         )
         .await
         .map_err(classify)?;
         let row = tx
             .query_one(
-                "SELECT epoch_term, seq FROM coalesce_fence WHERE target = $1 AND shard = $2 FOR UPDATE",
+                "SELECT epoch_term, seq FROM coalesce_sink_fence \
+                 WHERE cluster = $1 AND sink = $2 AND target = $3 AND shard = $4 FOR UPDATE",
+                &key,
+            )
+            .await
+            .map_err(classify)?;
+        let own: (i64, i64) = (row.get(0), row.get(1));
+        // A cluster from before ids also honours (and moves) its fence row of that time.
+        let legacy = if batch.cluster.predates_id && conn.layout.legacy_fence {
+            tx.execute(
+                "INSERT INTO coalesce_fence (target, shard, epoch_term, epoch_node, seq) VALUES ($1, $2, 0, 0, 0) \
+                 ON CONFLICT DO NOTHING",
                 &[&table, &shard],
             )
             .await
             .map_err(classify)?;
-        let (fence_term, fence_seq): (i64, i64) = (row.get(0), row.get(1));
+            let row = tx
+                .query_one(
+                    "SELECT epoch_term, seq FROM coalesce_fence WHERE target = $1 AND shard = $2 FOR UPDATE",
+                    &[&table, &shard],
+                )
+                .await
+                .map_err(classify)?;
+            Some((row.get::<_, i64>(0), row.get::<_, i64>(1)))
+        } else {
+            None
+        };
+        let (fence_term, fence_seq) = legacy.map_or(own, |l| (own.0.max(l.0), own.1.max(l.1)));
         let term = as_i64(batch.epoch.term);
         if fence_term > term {
             return Err(DeliveryError::Fenced {
@@ -322,7 +446,7 @@ impl PostgresSink {
             });
         }
         let fresh: Vec<&Output> = batch.outputs.iter().filter(|o| as_i64(o.seq) > fence_seq).collect();
-        if let Some(last) = fresh.last() {
+        if !fresh.is_empty() {
             let sink =
                 tx.copy_in(&format!("COPY coalesce_stage ({COLUMNS}) FROM STDIN BINARY")).await.map_err(classify)?;
             let writer = BinaryCopyInWriter::new(sink, TYPES);
@@ -331,7 +455,8 @@ impl PostgresSink {
                 let (value, inputs, start, end) =
                     (o.value.to_json(), o.inputs as i64, millis(o.window_start), millis(o.window_end));
                 let (seq, eterm, enode) = (as_i64(o.seq), as_i64(o.epoch.term), as_i64(o.epoch.node));
-                let row: [&(dyn ToSql + Sync); 11] = [
+                let row: [&(dyn ToSql + Sync); 12] = [
+                    &cluster,
                     &o.stream,
                     &o.key,
                     &value,
@@ -347,18 +472,24 @@ impl PostgresSink {
                 writer.as_mut().write(&row).await.map_err(classify)?;
             }
             writer.finish().await.map_err(classify)?;
-            tx.execute(&self.merge_sql, &[]).await.map_err(classify)?;
+            tx.execute(&conn.layout.merge_sql, &[]).await.map_err(classify)?;
+        }
+        let moved = (term, fresh.last().map_or(fence_seq, |o| as_i64(o.seq)));
+        let node = as_i64(batch.epoch.node);
+        if moved != own {
             tx.execute(
-                "UPDATE coalesce_fence SET epoch_term = $3, epoch_node = $4, seq = $5, updated_at = now() \
-                 WHERE target = $1 AND shard = $2",
-                &[&table, &shard, &term, &as_i64(batch.epoch.node), &as_i64(last.seq)],
+                "UPDATE coalesce_sink_fence SET epoch_term = $5, epoch_node = $6, seq = $7, updated_at = now() \
+                 WHERE cluster = $1 AND sink = $2 AND target = $3 AND shard = $4",
+                &[&cluster, &sink, &table, &shard, &moved.0, &node, &moved.1],
             )
             .await
             .map_err(classify)?;
-        } else if fence_term < term {
+        }
+        if legacy.is_some_and(|l| l != moved) {
             tx.execute(
-                "UPDATE coalesce_fence SET epoch_term = $3, epoch_node = $4 WHERE target = $1 AND shard = $2",
-                &[&table, &shard, &term, &as_i64(batch.epoch.node)],
+                "UPDATE coalesce_fence SET epoch_term = $3, epoch_node = $4, seq = $5, updated_at = now() \
+                 WHERE target = $1 AND shard = $2",
+                &[&table, &shard, &moved.0, &node, &moved.1],
             )
             .await
             .map_err(classify)?;

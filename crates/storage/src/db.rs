@@ -16,15 +16,42 @@ pub struct StorageOptions {
     pub block_cache_bytes: usize,
     /// Memtable size per column family.
     pub write_buffer_bytes: usize,
-    /// WAL files kept for reuse: syncing an overwritten, preallocated file is far cheaper than
-    /// syncing a growing one (see docs/benchmarks.md).
+    /// WAL files kept for reuse under [`WalRecovery::PointInTime`]: syncing an overwritten,
+    /// preallocated file is far cheaper than syncing a growing one (see docs/benchmarks.md).
     pub recycle_wal_files: usize,
+    /// How the write-ahead log is replayed at open.
+    pub wal_recovery: WalRecovery,
 }
 
 impl Default for StorageOptions {
     fn default() -> Self {
-        Self { block_cache_bytes: 64 << 20, write_buffer_bytes: 32 << 20, recycle_wal_files: 4 }
+        Self {
+            block_cache_bytes: 64 << 20,
+            write_buffer_bytes: 32 << 20,
+            recycle_wal_files: 4,
+            wal_recovery: WalRecovery::default(),
+        }
     }
+}
+
+/// How RocksDB replays its write-ahead log when the database opens. Raft's safety rests on
+/// what a node synced staying synced: a vote or a log entry it acknowledged and then forgot
+/// can elect two leaders in one term or lose a committed entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WalRecovery {
+    /// A torn last record (the write a crash interrupted, never acknowledged) is dropped; any
+    /// other damage — a corrupt record with valid ones after it, a synced WAL missing or
+    /// shorter than recorded — refuses the open, naming it, instead of dropping the rest of the
+    /// log (RocksDB `kTolerateCorruptedTailRecords`, with synced WALs tracked in the MANIFEST).
+    /// WAL files are then never recycled (RocksDB turns recycling off in this mode: it could not
+    /// tell a recycled file's old bytes from corruption), so every sync also grows a file.
+    #[default]
+    Strict,
+    /// RocksDB's default (`kPointInTimeRecovery`): replay stops at the first damaged record and
+    /// whatever follows it is dropped **silently**, so mid-log corruption can make a node forget
+    /// a vote or an entry it synced. WAL files are recycled (cheaper fsyncs).
+    PointInTime,
 }
 
 /// A node's database and its group-commit flusher.
@@ -42,7 +69,19 @@ impl NodeDb {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        opts.set_recycle_log_file_num(options.recycle_wal_files);
+        match options.wal_recovery {
+            WalRecovery::Strict => {
+                opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
+                // Said explicitly: RocksDB would turn it off silently in this mode.
+                opts.set_recycle_log_file_num(0);
+            }
+            WalRecovery::PointInTime => {
+                opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+                opts.set_recycle_log_file_num(options.recycle_wal_files);
+            }
+        }
+        // A synced WAL that goes missing or shrinks is an error at open, in either mode.
+        opts.set_track_and_verify_wals_in_manifest(true);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
         let cache = rocksdb::Cache::new_lru_cache(options.block_cache_bytes);

@@ -21,6 +21,6 @@ pub mod format;
 pub mod keys;
 pub mod shard;
 
-pub use db::{NodeDb, StorageOptions};
+pub use db::{NodeDb, StorageOptions, WalRecovery};
 pub use error::StorageError;
 pub use shard::{ApplyBatch, ShardStore, StateExport};
