@@ -2,17 +2,22 @@
 //! processes: each asserts the exact code, reason and field (with the event's index), and that a
 //! refused event changes nothing. (It found a real bug: an event whose value failed to decode
 //! shifted the statuses of the events after it, so a refused event was reported acknowledged.)
+//! And the bounds of the client port's connections: how many, how many per address, how long
+//! silent or idle.
 
 #![allow(clippy::unwrap_used)]
 
 #[path = "harness/mod.rs"]
 mod harness;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use coalesce_proto::v1 as pb;
 use coalesce_proto::v1::EventCode;
 use harness::Cluster;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpSocket, TcpStream};
 
 const STREAMS: &str = r#"
 [limits]
@@ -385,4 +390,160 @@ async fn a_merge_patch_key_cannot_outgrow_what_a_subscriber_can_read() {
     }
     assert!(by_size >= 2, "windows sealed for size: {by_size} of {outputs}");
     eprintln!("{outputs} outputs, {by_size} sealed at max_bytes, the largest {largest} bytes");
+}
+
+/// A stream whose windows close a second after their first event, for the connection tests.
+const QUICK: &str = r#"
+[streams.sums]
+merge = "sum_i64"
+window = { tumbling = "1s" }
+"#;
+
+/// Polls node 0's metric `series` until `ok` holds of it (20 s at most); returns its value.
+async fn metric_reaching(cluster: &Cluster, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = cluster.metric(series).await.first().copied();
+        if let Some(v) = v
+            && ok(v)
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{series} is {v:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether the node closed `s` (an end of stream or a reset) within `within`. What it sent
+/// before (an HTTP/2 server's SETTINGS) is read and dropped.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut b = [0u8; 256];
+    let until_closed = async {
+        while let Ok(n) = s.read(&mut b).await
+            && n > 0
+        {}
+    };
+    tokio::time::timeout(within, until_closed).await.is_ok()
+}
+
+/// The incident of December 2026, small: connections that connect and say nothing. With room
+/// for 8 (4 per address), the 5th from one address and the 9th on the port are reset at once,
+/// and so is a real call while the port is full, each counted; the 8 admitted ones are closed
+/// by the first-byte timeout, not before, after which real calls are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_connections_beyond_the_bounds_are_reset_and_the_rest_time_out() {
+    const FIRST_BYTE: Duration = Duration::from_secs(5);
+    let cluster = Cluster::start_with(
+        1,
+        1,
+        QUICK,
+        "[api]\nmax_connections = 8\nmax_connections_per_ip = 4\nconnection_first_byte_timeout = \"5s\"\n",
+    );
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let node: SocketAddr = cluster.local.nodes[0].client_addr.parse().unwrap();
+    let series = |name: &str, reason: &str| format!(r#"{name}{{port="client",reason="{reason}"}}"#);
+    // The readiness checks' connections are gone: every slot is free.
+    metric_reaching(&cluster, r#"coalesce_net_connections{port="client"}"#, |v| v == 0.0).await;
+    assert_eq!(
+        cluster.metric(r#"coalesce_net_connection_limit{port="client"}"#).await,
+        vec![8.0],
+        "the bound is exported"
+    );
+
+    // A refused connection may be reset before `connect` even returns.
+    let connect_from = |host: u8| async move {
+        let s = TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from(([127, 0, 0, host], 0))).unwrap();
+        s.connect(node).await
+    };
+    let started = Instant::now();
+    let mut admitted = Vec::new();
+    for _ in 0..4 {
+        admitted.push(connect_from(2).await.unwrap());
+    }
+    let over_address = connect_from(2).await;
+    for _ in 0..4 {
+        admitted.push(connect_from(3).await.unwrap());
+    }
+    let over_port = connect_from(4).await;
+    for (what, s) in [("the 5th from 127.0.0.2", over_address), ("the 9th on the port", over_port)] {
+        if let Ok(mut s) = s {
+            assert!(closed_within(&mut s, Duration::from_secs(10)).await, "{what} is reset");
+        }
+    }
+    assert!(started.elapsed() < FIRST_BYTE, "at once, not by a timeout: {:?}", started.elapsed());
+    assert!(cluster.status(0).await.is_none(), "a real call finds the port full too");
+    assert!(started.elapsed() < FIRST_BYTE, "the port was still full: {:?}", started.elapsed());
+    assert_eq!(
+        cluster.metric(&series("coalesce_net_connections_refused_total", "max_connections_per_ip")).await,
+        vec![1.0]
+    );
+    let full = cluster.metric(&series("coalesce_net_connections_refused_total", "max_connections")).await;
+    assert!(full[0] >= 2.0, "the 9th connection and the real call: {full:?}");
+
+    for (i, s) in admitted.iter_mut().enumerate() {
+        assert!(closed_within(s, Duration::from_secs(20)).await, "admitted connection {i} is closed");
+    }
+    assert!(started.elapsed() >= FIRST_BYTE, "by the first-byte timeout: {:?}", started.elapsed());
+    let timed_out =
+        metric_reaching(&cluster, &series("coalesce_net_connections_timed_out_total", "first_byte"), |v| v >= 8.0)
+            .await;
+    assert_eq!(timed_out, 8.0, "exactly the silent ones");
+    metric_reaching(&cluster, r#"coalesce_net_connections{port="client"}"#, |v| v == 0.0).await;
+    assert!(cluster.status(0).await.is_some(), "served again once they are gone");
+    let mut log = String::new();
+    for _ in 0..100 {
+        log = std::fs::read_to_string(&cluster.local.nodes[0].log).unwrap();
+        if log.contains("connection refused: the port is at its connection limit") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        log.matches("connection refused: the port is at its connection limit").count(),
+        1,
+        "three refusals within 10 s, logged once"
+    );
+}
+
+/// `api.connection_idle_timeout`: a connection with no call open is closed (its client's next
+/// call reconnects), while a subscription that receives nothing for longer keeps its
+/// connection and still delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_connection_is_closed_and_a_quiet_subscription_is_not() {
+    const IDLE: Duration = Duration::from_secs(1);
+    let cluster = Cluster::start_with(1, 1, QUICK, "[api]\nconnection_idle_timeout = \"1s\"\n");
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let addr = format!("http://{}", cluster.local.nodes[0].client_addr);
+    let idle_closed = r#"coalesce_net_connections_timed_out_total{port="client",reason="idle"}"#;
+    // The readiness checks' connections are gone (closed by their clients).
+    metric_reaching(&cluster, r#"coalesce_net_connections{port="client"}"#, |v| v == 0.0).await;
+    let before = cluster.metric(idle_closed).await[0];
+
+    let channel = tonic::transport::Channel::from_shared(addr.clone()).unwrap().connect().await.unwrap();
+    let subscribe = pb::SubscribeRequest { consumer: "quiet".into(), shards: vec![], from_seq: Default::default() };
+    let mut outputs =
+        pb::coalesce_client::CoalesceClient::new(channel).subscribe(subscribe).await.unwrap().into_inner();
+    let subscribed = Instant::now();
+    // Another connection: one call, then nothing.
+    let channel = tonic::transport::Channel::from_shared(addr).unwrap().connect().await.unwrap();
+    let mut idle = pb::coalesce_client::CoalesceClient::new(channel);
+    idle.status(pb::StatusRequest {}).await.unwrap();
+
+    metric_reaching(&cluster, idle_closed, |v| v >= before + 1.0).await;
+    // The condition is time itself: the subscription has been quiet for three idle timeouts.
+    tokio::time::sleep_until((subscribed + 3 * IDLE).into()).await;
+    assert_eq!(cluster.metric(idle_closed).await[0], before + 1.0, "only the idle connection was closed");
+    assert!(idle.status(pb::StatusRequest {}).await.is_ok(), "its client reconnects");
+
+    let event = harness::sum_event("sums", "quiet-key", 7, 0);
+    let r = cluster.client(0).ingest(pb::IngestRequest { producer_id: 0, events: vec![event] }).await.unwrap();
+    assert_eq!(r.into_inner().statuses[0].code, EventCode::Ok as i32);
+    let batch = tokio::time::timeout(Duration::from_secs(20), outputs.message())
+        .await
+        .expect("an output within 20 s")
+        .expect("the subscription is alive")
+        .expect("and not ended");
+    assert_eq!(batch.outputs[0].key, "quiet-key");
+    assert_eq!(batch.outputs[0].value_json, "7");
 }

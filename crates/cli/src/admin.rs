@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
+use coalesce_cli::outln;
 use coalesce_proto::v1 as pb;
 use serde_json::json;
 
@@ -77,12 +78,12 @@ pub(crate) async fn leases(addr: &str, as_json: bool) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", json!({ "apiVersion": "v1", "kind": "List", "items": items }));
+        outln!("{}", json!({ "apiVersion": "v1", "kind": "List", "items": items }));
     } else {
-        println!("{:<28} {:<16} {:>11} {:>9} {:>9}", "NAME", "HOLDER", "TRANSITIONS", "ACQUIRED", "EXPIRES");
+        outln!("{:<28} {:<16} {:>11} {:>9} {:>9}", "NAME", "HOLDER", "TRANSITIONS", "ACQUIRED", "EXPIRES");
         for l in &leases {
             let (m, s) = (l.metadata.clone().unwrap_or_default(), l.spec.clone().unwrap_or_default());
-            println!(
+            outln!(
                 "{:<28} {:<16} {:>11} {:>9} {:>9}",
                 m.name,
                 s.holder_identity,
@@ -113,7 +114,7 @@ pub(crate) async fn shards(addr: &str, as_json: bool) -> anyhow::Result<()> {
                 .iter()
                 .map(|a| json!({ "stream": a.stream, "extra_ms": a.extra_ms, "reason": a.reason, "cause": a.cause }))
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 json!({
                     "node": r.node, "shard": s.shard, "role": s.role, "leader": s.leader, "term": s.term,
@@ -127,10 +128,19 @@ pub(crate) async fn shards(addr: &str, as_json: bool) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    println!("node {}{}", r.node, if r.draining { " (draining)" } else { "" });
-    println!(
+    outln!("node {}{}", r.node, if r.draining { " (draining)" } else { "" });
+    outln!(
         "{:>5} {:<9} {:<14} {:>5} {:>9} {:>9} {:>6} {:>9} {:>9} {:>8}  REPLICATION LAG",
-        "SHARD", "ROLE", "LEADER", "TERM", "COMMITTED", "APPLIED", "A-LAG", "KEYS", "NEXT-SEQ", "OUTBOX"
+        "SHARD",
+        "ROLE",
+        "LEADER",
+        "TERM",
+        "COMMITTED",
+        "APPLIED",
+        "A-LAG",
+        "KEYS",
+        "NEXT-SEQ",
+        "OUTBOX"
     );
     for s in &r.shards {
         let lag: Vec<String> = s
@@ -140,7 +150,7 @@ pub(crate) async fn shards(addr: &str, as_json: bool) -> anyhow::Result<()> {
             .map(|p| format!("{}:{}", p.name, p.lag))
             .collect();
         let leader = if s.preferred_leader.is_empty() { s.leader.clone() } else { format!("{}*", s.leader) };
-        println!(
+        outln!(
             "{:>5} {:<9} {:<14} {:>5} {:>9} {:>9} {:>6} {:>9} {:>9} {:>8}  {}",
             s.shard,
             if s.quiesced { format!("{}~", s.role) } else { s.role.clone() },
@@ -155,15 +165,15 @@ pub(crate) async fn shards(addr: &str, as_json: bool) -> anyhow::Result<()> {
             lag.join(" ")
         );
     }
-    println!(
+    outln!(
         "(* leader chosen with transfer-leader; ~ quiesced: idle, no heartbeats; OUTBOX = outputs kept for unacked consumers)"
     );
     let adaptive: Vec<_> = r.shards.iter().flat_map(|s| s.adaptive.iter().map(move |a| (s.shard, a))).collect();
     if !adaptive.is_empty() {
-        println!("\n{:>5} {:<20} {:>10}  DECISION", "SHARD", "ADAPTIVE STREAM", "STRETCH");
+        outln!("\n{:>5} {:<20} {:>10}  DECISION", "SHARD", "ADAPTIVE STREAM", "STRETCH");
         for (shard, a) in adaptive {
             let why = if a.cause.is_empty() { a.reason.clone() } else { format!("{} ({})", a.reason, a.cause) };
-            println!("{shard:>5} {:<20} {:>10}  {why}", a.stream, format!("+{} ms", a.extra_ms));
+            outln!("{shard:>5} {:<20} {:>10}  {why}", a.stream, format!("+{} ms", a.extra_ms));
         }
     }
     Ok(())
@@ -172,9 +182,9 @@ pub(crate) async fn shards(addr: &str, as_json: bool) -> anyhow::Result<()> {
 /// `coalescectl streams`.
 pub(crate) async fn streams(addr: &str) -> anyhow::Result<()> {
     let r = admin(addr)?.streams(pb::StreamsRequest {}).await.with_context(|| format!("asking {addr}"))?.into_inner();
-    println!("{:<20} {:<18} {:<36} {:<12} SINKS", "STREAM", "MERGE", "WINDOW", "OVERFLOW");
+    outln!("{:<20} {:<18} {:<36} {:<12} SINKS", "STREAM", "MERGE", "WINDOW", "OVERFLOW");
     for s in r.streams {
-        println!("{:<20} {:<18} {:<36} {:<12} {}", s.name, s.merge, s.window, s.overflow, s.sinks.join(","));
+        outln!("{:<20} {:<18} {:<36} {:<12} {}", s.name, s.merge, s.window, s.overflow, s.sinks.join(","));
     }
     Ok(())
 }
@@ -185,9 +195,9 @@ pub(crate) async fn transfer_leader(addr: &str, shard: u32, to: Option<String>) 
     let req = pb::TransferLeaderRequest { shard, to: to.clone().unwrap_or_default(), reset };
     let r = admin(addr)?.transfer_leader(req).await.with_context(|| format!("asking {addr}"))?.into_inner();
     match to {
-        Some(to) if r.leader == to => println!("shard {shard}: {to} leads"),
+        Some(to) if r.leader == to => outln!("shard {shard}: {to} leads"),
         Some(to) => anyhow::bail!("shard {shard}: {to} is the preferred leader, but {:?} still leads", r.leader),
-        None => println!("shard {shard}: back to the default placement; {} leads", r.leader),
+        None => outln!("shard {shard}: back to the default placement; {} leads", r.leader),
     }
     Ok(())
 }
@@ -197,9 +207,9 @@ pub(crate) async fn drain(addr: &str, undrain: bool) -> anyhow::Result<()> {
     let r = admin(addr)?.drain(pb::DrainRequest { undrain }).await.with_context(|| format!("asking {addr}"))?;
     let r = r.into_inner();
     if undrain {
-        println!("{}: no longer draining; balancing gives its shards back", r.node);
+        outln!("{}: no longer draining; balancing gives its shards back", r.node);
     } else if r.still_leading.is_empty() {
-        println!("{}: drained, it leads no shard", r.node);
+        outln!("{}: drained, it leads no shard", r.node);
     } else {
         anyhow::bail!(
             "{} still leads shards {:?} (replicas catching up; balancing keeps trying)",
@@ -217,7 +227,7 @@ pub(crate) async fn drop_consumer(addr: &str, consumer: String) -> anyhow::Resul
         .await
         .with_context(|| format!("asking {addr}"))?
         .into_inner();
-    println!("{consumer}: cursor dropped on {} shards {:?}", r.shards.len(), r.shards);
+    outln!("{consumer}: cursor dropped on {} shards {:?}", r.shards.len(), r.shards);
     Ok(())
 }
 
@@ -255,7 +265,7 @@ pub(crate) async fn hot_keys(addr: &str, stream: Option<String>, k: u32, as_json
     all.truncate(if k == 0 { 10 } else { k as usize });
     if as_json {
         for (node, h) in &all {
-            println!(
+            outln!(
                 "{}",
                 json!({
                     "node": node, "shard": h.shard, "stream": h.stream, "key": h.key,
@@ -265,13 +275,20 @@ pub(crate) async fn hot_keys(addr: &str, stream: Option<String>, k: u32, as_json
             );
         }
     } else {
-        println!(
+        outln!(
             "{:>4} {:<20} {:<32} {:>10} {:>10} {:>9} {:>6} {:>5}  LEADER",
-            "RANK", "STREAM", "KEY", "INPUTS/S", "COUNT", "±ERROR", "SHARE", "SHARD"
+            "RANK",
+            "STREAM",
+            "KEY",
+            "INPUTS/S",
+            "COUNT",
+            "±ERROR",
+            "SHARE",
+            "SHARD"
         );
         for (i, (node, h)) in all.iter().enumerate() {
             let key = if h.key_truncated { format!("{}…", h.key) } else { h.key.clone() };
-            println!(
+            outln!(
                 "{:>4} {:<20} {:<32} {:>10.1} {:>10.0} {:>9.0} {:>5.1}% {:>5}  {}",
                 i + 1,
                 h.stream,
@@ -284,7 +301,7 @@ pub(crate) async fn hot_keys(addr: &str, stream: Option<String>, k: u32, as_json
                 node
             );
         }
-        println!("(COUNT: inputs, decayed with a 60 s half-life; SHARE: of the shard's inputs)");
+        outln!("(COUNT: inputs, decayed with a 60 s half-life; SHARE: of the shard's inputs)");
     }
     if !unreachable.is_empty() {
         eprintln!("not reachable: {}", unreachable.join(", "));

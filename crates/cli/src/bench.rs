@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use coalesce_cli::outln;
 use coalesce_client::{Client, Event, Producer, RetryPolicy};
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
@@ -126,7 +127,7 @@ impl LocalArgs {
     /// Prints a line of the human report (unless the JSON goes to stdout).
     pub(crate) fn say(&self, line: impl std::fmt::Display) {
         if !self.quiet() {
-            println!("{line}");
+            outln!("{line}");
         }
     }
 
@@ -135,13 +136,13 @@ impl LocalArgs {
         match &self.json {
             None => Ok(()),
             Some(_) if self.quiet() => {
-                println!("{report}");
+                outln!("{report}");
                 Ok(())
             }
             Some(path) => {
                 std::fs::write(path, serde_json::to_string_pretty(report)? + "\n")
                     .with_context(|| format!("writing {}", path.display()))?;
-                println!("wrote {}", path.display());
+                outln!("wrote {}", path.display());
                 Ok(())
             }
         }

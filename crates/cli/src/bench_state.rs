@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use coalesce_cli::outln;
 use coalesce_client::Client;
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -176,7 +177,7 @@ async fn fill(args: &StateArgs, cluster: &LocalCluster) -> anyhow::Result<serde_
                 let now = acked.load(Ordering::Relaxed);
                 let rss = rss_all(&pids);
                 if !quiet {
-                    println!(
+                    outln!(
                         "{:>6.0} s  {:>11} keys  {:>8} events/s  RSS {}",
                         started.elapsed().as_secs_f64(),
                         now,

@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use coalesce_cli::outln;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
@@ -75,7 +76,7 @@ pub(crate) fn run(args: &CertsArgs) -> anyhow::Result<()> {
     let issuer = if ca_pem_path.exists() && ca_key_path.exists() {
         let key = KeyPair::from_pem(&std::fs::read_to_string(&ca_key_path)?).context("reading ca.key")?;
         let pem = std::fs::read_to_string(&ca_pem_path)?;
-        println!("reusing the CA in {}", ca_pem_path.display());
+        outln!("reusing the CA in {}", ca_pem_path.display());
         Issuer::from_ca_cert_pem(&pem, key).context("reading ca.pem")?
     } else {
         let key = KeyPair::generate()?;
@@ -87,7 +88,7 @@ pub(crate) fn run(args: &CertsArgs) -> anyhow::Result<()> {
         let cert = params.self_signed(&key)?;
         write(&ca_pem_path, &cert.pem(), false)?;
         write(&ca_key_path, &key.serialize_pem(), true)?;
-        println!(
+        outln!(
             "wrote {} and {} (keep the key offline: it issues node certificates)",
             ca_pem_path.display(),
             ca_key_path.display()
@@ -109,7 +110,7 @@ pub(crate) fn run(args: &CertsArgs) -> anyhow::Result<()> {
             (out.join("nodes").join(format!("{node}.pem")), out.join("nodes").join(format!("{node}.key")));
         write(&pem, &cert.pem(), false)?;
         write(&key_path, &key.serialize_pem(), true)?;
-        println!("wrote {} ({})", pem.display(), names.join(", "));
+        outln!("wrote {} ({})", pem.display(), names.join(", "));
     }
     if !args.token.is_empty() {
         let dir = out.join("tokens");
@@ -137,7 +138,7 @@ pub(crate) fn run(args: &CertsArgs) -> anyhow::Result<()> {
             ));
         }
         write(&dir.join("auth.toml"), &snippet, false)?;
-        println!("wrote {} token(s) and {}", args.token.len(), dir.join("auth.toml").display());
+        outln!("wrote {} token(s) and {}", args.token.len(), dir.join("auth.toml").display());
     }
     Ok(())
 }

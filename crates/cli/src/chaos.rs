@@ -31,6 +31,7 @@ use tonic::transport::Channel;
 
 use crate::compose::ComposeOptions;
 use crate::local::{LocalCluster, LocalOptions, Runtime, Signal};
+use crate::outln;
 use crate::outputs::{channel, now_ms};
 
 #[derive(Debug, clap::Subcommand)]
@@ -755,7 +756,7 @@ async fn run_in(
         command: command.to_owned(),
     };
     chaos::write_report(&args.report_dir, &meta, &verdict, &samples, &faults)?;
-    println!("{}", chaos::summary_line(&meta, &verdict));
-    println!("report: {}", args.report_dir.join("report.md").display());
+    outln!("{}", chaos::summary_line(&meta, &verdict));
+    outln!("report: {}", args.report_dir.join("report.md").display());
     Ok(verdict.pass)
 }

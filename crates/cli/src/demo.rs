@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use coalesce_cli::outln;
 use coalesce_client::{Client, event};
 use coalesce_proto::v1 as pb;
 use rand::rngs::StdRng;
@@ -90,7 +91,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         proxied: false,
     };
     let mut cluster = LocalCluster::launch(&args.dir, &opts)?;
-    println!(
+    outln!(
         "started {} coalesced nodes (logs: {}/node-*.log); waiting for shard leaders…",
         args.nodes,
         args.dir.display()
@@ -102,17 +103,17 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         return Err(anyhow::anyhow!("{e}; see the node logs"));
     }
 
-    println!("\nclient ports: {}", addrs.join(", "));
-    println!("try, in another terminal:");
+    outln!("\nclient ports: {}", addrs.join(", "));
+    outln!("try, in another terminal:");
     if let Ok(me) = std::env::current_exe() {
-        println!("  alias coalescectl={}", me.display());
+        outln!("  alias coalescectl={}", me.display());
     }
-    println!("  export COALESCE_ADDR={}", addrs[0]);
-    println!("  coalescectl status                  # each shard's leader, epoch, replicas, buffer");
-    println!("  coalescectl tail --stream page-views --limit 5");
-    println!("  echo '{{\"stream\":\"page-views\",\"key\":\"home\",\"value\":1}}' | coalescectl send");
-    println!("  coalescectl leases                  # who leads each shard, as Kubernetes Leases");
-    println!("  coalescectl hot-keys                # the heaviest keys by input rate");
+    outln!("  export COALESCE_ADDR={}", addrs[0]);
+    outln!("  coalescectl status                  # each shard's leader, epoch, replicas, buffer");
+    outln!("  coalescectl tail --stream page-views --limit 5");
+    outln!("  echo '{{\"stream\":\"page-views\",\"key\":\"home\",\"value\":1}}' | coalescectl send");
+    outln!("  coalescectl leases                  # who leads each shard, as Kubernetes Leases");
+    outln!("  coalescectl hot-keys                # the heaviest keys by input rate");
 
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters::default());
@@ -132,7 +133,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let subscriber = (args.rate > 0)
         .then(|| tokio::spawn(subscribe(addrs[0].clone(), counters.clone(), sample.clone(), stop.clone())));
 
-    println!("\n{:>5} {:>10} {:>10} {:>8}  leaders", "sec", "inputs/s", "outputs/s", "ratio");
+    outln!("\n{:>5} {:>10} {:>10} {:>8}  leaders", "sec", "inputs/s", "outputs/s", "ratio");
     let started = Instant::now();
     let (mut last_in, mut last_out) = (0, 0);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -147,13 +148,18 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         (last_in, last_out) = (inputs, outputs);
         let leaders = leader_counts(&client).await;
         let secs = started.elapsed().as_secs();
-        println!("{secs:>5} {din:>10} {dout:>10} {:>7.1}x  {leaders}", din as f64 / dout.max(1) as f64);
+        outln!("{secs:>5} {din:>10} {dout:>10} {:>7.1}x  {leaders}", din as f64 / dout.max(1) as f64);
         if secs.is_multiple_of(5)
             && let Some(o) = sample.lock().await.take()
         {
-            println!(
+            outln!(
                 "      e.g. {} {:?} shard {} seq {}: {} inputs → {}",
-                o.stream, o.key, o.shard, o.seq, o.inputs, o.value_json
+                o.stream,
+                o.key,
+                o.shard,
+                o.seq,
+                o.inputs,
+                o.value_json
             );
         }
         if args.seconds.is_some_and(|s| secs >= s) {
@@ -167,16 +173,16 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if let Some(s) = subscriber {
         s.abort();
     }
-    println!("\nstopping: SIGTERM → each node hands off its shards and exits…");
+    outln!("\nstopping: SIGTERM → each node hands off its shards and exits…");
     cluster.stop_all(Duration::from_secs(20));
     let (inputs, outputs) = (counters.inputs.load(Ordering::Relaxed), counters.outputs.load(Ordering::Relaxed));
-    println!(
+    outln!(
         "{inputs} events acknowledged, {outputs} outputs received ({:.1}x fewer writes downstream); {} retried requests",
         inputs as f64 / outputs.max(1) as f64,
         counters.retries.load(Ordering::Relaxed)
     );
-    println!("data and logs kept in {}", args.dir.display());
-    println!("profile outputs delivered by the file sink: {}/profile-outputs-*.jsonl", args.dir.display());
+    outln!("data and logs kept in {}", args.dir.display());
+    outln!("profile outputs delivered by the file sink: {}/profile-outputs-*.jsonl", args.dir.display());
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! `coalescectl dlq` (dead-letter queues) and `coalescectl sinks` (delivery counters).
 
 use anyhow::Context;
+use coalesce_cli::outln;
 use coalesce_client::BearerToken;
 use coalesce_proto::v1 as pb;
 use coalesce_proto::v1::admin_client::AdminClient;
@@ -71,7 +72,7 @@ pub(crate) async fn run(addr: &str, cmd: DlqCmd) -> anyhow::Result<()> {
                     "value": serde_json::from_str::<serde_json::Value>(&o.value_json).unwrap_or_default(),
                     "reason": l.reason, "failed_at": l.failed_at, "attempts": l.attempts,
                 });
-                println!("{line}");
+                outln!("{line}");
             }
             let total: u64 = resp.counts.values().sum();
             eprintln!(
@@ -94,9 +95,9 @@ pub(crate) async fn run(addr: &str, cmd: DlqCmd) -> anyhow::Result<()> {
                     None => return Err(anyhow::Error::new(s).context(format!("replaying at {addr}"))),
                 },
             };
-            println!("{} delivered, {} refused again", resp.delivered, resp.refused.len());
+            outln!("{} delivered, {} refused again", resp.delivered, resp.refused.len());
             for r in &resp.refused {
-                println!("  seq {}: {}", r.seq, r.reason);
+                outln!("  seq {}: {}", r.seq, r.reason);
             }
             if resp.refused.is_empty() {
                 Ok(())
@@ -108,7 +109,7 @@ pub(crate) async fn run(addr: &str, cmd: DlqCmd) -> anyhow::Result<()> {
             let req = pb::PurgeDeadLettersRequest { sink: sel.sink, shard: sel.shard, seqs: sel.seqs, all: sel.all };
             let resp =
                 admin(addr)?.purge_dead_letters(req).await.with_context(|| format!("purging at {addr}"))?.into_inner();
-            println!("{} purged", resp.purged);
+            outln!("{} purged", resp.purged);
             Ok(())
         }
     }
@@ -118,10 +119,10 @@ pub(crate) async fn run(addr: &str, cmd: DlqCmd) -> anyhow::Result<()> {
 pub(crate) async fn sinks(addr: &str) -> anyhow::Result<()> {
     let st = admin(addr)?.sink_status(pb::SinkStatusRequest {}).await.with_context(|| format!("asking {addr}"))?;
     let st = st.into_inner();
-    println!("node {}", st.node);
-    println!("{:<20} {:<9} {:>10} {:>8} {:>6} {:<8} STREAMS", "SINK", "KIND", "DELIVERED", "RETRIES", "DLQ", "BREAKER");
+    outln!("node {}", st.node);
+    outln!("{:<20} {:<9} {:>10} {:>8} {:>6} {:<8} STREAMS", "SINK", "KIND", "DELIVERED", "RETRIES", "DLQ", "BREAKER");
     for s in st.sinks {
-        println!(
+        outln!(
             "{:<20} {:<9} {:>10} {:>8} {:>6} {:<8} {}",
             s.name,
             s.kind,

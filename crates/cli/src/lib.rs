@@ -10,6 +10,7 @@
 //! - [`netproxy`]: cuttable TCP links between local nodes, for real partitions on loopback.
 //! - [`pg`]: a throw-away PostgreSQL server (for the Postgres sink's tests and benchmark).
 //! - [`webhook`]: a webhook that throttles with 429s (adaptive-window benchmark and tests).
+//! - [`stdout`]: `coalescectl`'s output ([`outln!`]), ending quietly when its reader stops early.
 //!
 //! The binary talks to nodes over the client API only (generated from `proto/`).
 //! Libraries: clap (flags), tonic (gRPC), nix (signals), rand/rand_distr (demo load),
@@ -21,4 +22,5 @@ pub mod local;
 pub mod netproxy;
 pub mod outputs;
 pub mod pg;
+pub mod stdout;
 pub mod webhook;

@@ -1,6 +1,7 @@
 //! `coalescectl`: talk to a Coalesce cluster, or run the local demo cluster.
 //!
-//! Exit codes: 0 success, 1 error (message on stderr), 2 usage error (from clap).
+//! Exit codes: 0 success (also when the reader of stdout stopped early, as `| head` does:
+//! `coalesce_cli::stdout`), 1 error (message on stderr), 2 usage error (from clap).
 
 mod admin;
 mod bench;
@@ -18,6 +19,7 @@ mod tail;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use coalesce_cli::outln;
 use coalesce_client::{ClientOptions, NodeClient};
 use coalesce_proto::v1 as pb;
 use coalesce_proto::v1::coalesce_client::CoalesceClient;
@@ -174,7 +176,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let result = runtime.block_on(async {
+    let command = async {
         match cli.command {
             Cmd::Status => status(&cli.addr).await,
             Cmd::Send(args) => send::run(&cli.addr, args).await,
@@ -194,7 +196,9 @@ fn main() {
             Cmd::Bench(cmd) => bench::run(cmd).await,
             Cmd::Chaos(cmd) => coalesce_cli::chaos::run(cmd).await,
         }
-    });
+    };
+    // Written to a closed pipe (`coalescectl tail | head -1`): ends quietly (status 0).
+    let result = coalesce_cli::stdout::run(|| runtime.block_on(command));
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -225,7 +229,7 @@ async fn fetch(addr: &str, stream: String, key: String) -> anyhow::Result<()> {
         r.cached,
         r.shard
     );
-    std::io::Write::write_all(&mut std::io::stdout(), &r.body)?;
+    coalesce_cli::stdout::bytes(&r.body);
     Ok(())
 }
 
@@ -233,14 +237,21 @@ async fn status(addr: &str) -> anyhow::Result<()> {
     let st =
         connect(addr).await?.status(pb::StatusRequest {}).await.with_context(|| format!("asking {addr}"))?.into_inner();
     let id = if st.cluster_id.is_empty() { "not known yet" } else { st.cluster_id.as_str() };
-    println!("cluster {} (id {id}) — node {} (id {}) — {} shards", st.cluster, st.node, st.node_id, st.shards);
-    println!(
+    outln!("cluster {} (id {id}) — node {} (id {}) — {} shards", st.cluster, st.node, st.node_id, st.shards);
+    outln!(
         "{:>5}  {:<14} {:>12}  {:<40} {:>9} {:>10} {:>9} {:>9}",
-        "SHARD", "LEADER", "EPOCH", "REPLICAS", "KEYS", "BYTES", "NEXT-SEQ", "SHED"
+        "SHARD",
+        "LEADER",
+        "EPOCH",
+        "REPLICAS",
+        "KEYS",
+        "BYTES",
+        "NEXT-SEQ",
+        "SHED"
     );
     for s in &st.local_shards {
         let epoch = s.epoch.as_ref().map(|e| format!("{}-{}", e.term, e.node % 100_000)).unwrap_or_else(|| "-".into());
-        println!(
+        outln!(
             "{:>5}  {:<14} {:>12}  {:<40} {:>9} {:>10} {:>9} {:>9}",
             s.shard,
             if s.leader.is_empty() { "-" } else { &s.leader },
@@ -286,14 +297,20 @@ async fn status(addr: &str) -> anyhow::Result<()> {
             Err(e) => unreachable.push(format!("{} ({e})", n.name)),
         }
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<24} {:>12} {:>10} {:>12} {:>12} {:>8} {:>10}",
-        "STREAM", "INPUTS", "PRE-MERGE", "SHED", "OUTPUTS", "RATIO", "KEY-RATE"
+        "STREAM",
+        "INPUTS",
+        "PRE-MERGE",
+        "SHED",
+        "OUTPUTS",
+        "RATIO",
+        "KEY-RATE"
     );
     let ratio = |a: u64, b: u64| if b == 0 { "-".to_owned() } else { format!("{:.1}", a as f64 / b as f64) };
     for t in totals.values() {
-        println!(
+        outln!(
             "{:<24} {:>12} {:>10} {:>12} {:>12} {:>8} {:>10}",
             t.stream,
             t.inputs,
@@ -304,7 +321,7 @@ async fn status(addr: &str) -> anyhow::Result<()> {
             t.rate_limited
         );
     }
-    println!(
+    outln!(
         "(stream counters: every node since it started, summed; PRE-MERGE: events per partial sent to leaders; \
          SHED: dropped by overflow = \"shed\"; RATIO: inputs per output; KEY-RATE: over key_rate_limit)"
     );

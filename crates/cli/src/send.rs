@@ -8,6 +8,7 @@
 use std::io::BufRead;
 
 use anyhow::{Context, bail};
+use coalesce_cli::outln;
 use coalesce_client::{Client, Event, Value};
 use coalesce_proto::v1 as pb;
 use serde_json::Value as Json;
@@ -100,7 +101,7 @@ pub(crate) async fn run(addr: &str, args: SendArgs) -> anyhow::Result<()> {
             break;
         }
     }
-    println!("{sent} events acknowledged, {failed} refused");
+    outln!("{sent} events acknowledged, {failed} refused");
     if failed > 0 {
         bail!("{failed} events were not acknowledged");
     }

@@ -1,6 +1,7 @@
 //! `coalescectl tail`: follow emitted outputs of a node's shards and print them as JSON lines.
 
 use anyhow::Context;
+use coalesce_cli::outln;
 use coalesce_proto::v1 as pb;
 use serde_json::json;
 
@@ -50,7 +51,7 @@ pub(crate) async fn run(addr: &str, args: TailArgs) -> anyhow::Result<()> {
                 continue;
             }
             let value: serde_json::Value = serde_json::from_str(&o.value_json).unwrap_or(json!(o.value_json));
-            println!(
+            outln!(
                 "{}",
                 json!({
                     "stream": o.stream, "key": o.key, "value": value, "shard": o.shard, "seq": o.seq,

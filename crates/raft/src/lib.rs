@@ -11,7 +11,10 @@
 //! - [`network`]: the peer transport (tonic, one channel per peer, real pre-vote and
 //!   leadership transfer).
 //! - [`identity`]: the cluster id — made once, learned through Hello, checked on every Hello.
-//! - [`tls`]: TLS on both ports, reloadable certificates, peer identities bound to node names.
+//! - [`tls`]: TLS on both ports, reloadable certificates, peer identities bound to node names;
+//!   the accept loop every port (client, peer, HTTP) takes its connections from.
+//! - [`connections`]: the bounds of a port's connections — how many, how many per address, how
+//!   long silent or idle — counted where they are accepted.
 //! - [`metrics`]: Prometheus metrics of the shards (stream inputs/outputs, commit latency).
 //! - [`node`]: a node's groups — placement, bootstrap, proposals, the window scheduler,
 //!   graceful hand-off — and the peer gRPC service.
@@ -19,6 +22,7 @@
 //! Depends on `coalesce-core`, `coalesce-storage` and `coalesce-proto`; not on the server.
 
 pub mod codec;
+pub mod connections;
 pub mod failpoints;
 pub mod identity;
 pub mod log_store;

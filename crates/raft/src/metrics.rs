@@ -208,6 +208,48 @@ pub(crate) static TLS_CERT_EXPIRY: LazyLock<prometheus::IntGaugeVec> = LazyLock:
         .expect("static metric definition"),
     )
 });
+pub(crate) static CONNECTIONS: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
+    register(
+        prometheus::IntGaugeVec::new(
+            Opts::new(
+                "coalesce_net_connections",
+                "Connections open on a port, by port (`client`, `peer`, `http`); on a TLS port, from the end of \
+                 their handshake.",
+            ),
+            &["port"],
+        )
+        .expect("static metric definition"),
+    )
+});
+pub(crate) static CONNECTION_LIMIT: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
+    register(
+        prometheus::IntGaugeVec::new(
+            Opts::new(
+                "coalesce_net_connection_limit",
+                "The most connections a port holds open at once (`api.max_connections`, \
+                 `node.peer_max_connections`, `node.http_max_connections`), by port.",
+            ),
+            &["port"],
+        )
+        .expect("static metric definition"),
+    )
+});
+pub(crate) static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_net_connections_refused_total",
+        "Connections reset as soon as accepted, by port and reason: `max_connections` (the port was full) or \
+         `max_connections_per_ip` (the caller's address held its share).",
+        &["port", "reason"],
+    )
+});
+pub(crate) static CONNECTIONS_TIMED_OUT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_net_connections_timed_out_total",
+        "Connections closed by a timeout, by port and reason: `first_byte` (sent nothing after connecting) or \
+         `idle` (no call open for the idle timeout).",
+        &["port", "reason"],
+    )
+});
 pub(crate) static INVALID_COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "coalesce_raft_invalid_commands_total",

@@ -8,7 +8,8 @@
 //!   certificates; open connections keep theirs.
 //! - [`incoming`] accepts TCP connections and completes TLS handshakes off the accept loop
 //!   (bounded in number and time), handing tonic streams whose [`ConnInfo`] carries the
-//!   client's certificate identity ([`PeerIdentity`]).
+//!   client's certificate identity ([`PeerIdentity`]). Every port takes its connections from
+//!   it, TLS or not, so it is also where their bounds are kept ([`crate::connections`]).
 //! - [`Connector`] dials a peer and checks that its certificate names the node dialed: the TLS
 //!   server name is the node's *name* (e.g. `coalesce-1`), not the host in its address, so a
 //!   certificate issued for another node does not pass.
@@ -37,6 +38,8 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::connections::{Calls, ConnLimits, Lifetime, Slot, TrackCalls};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -405,6 +408,9 @@ pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
     /// The client certificate's names, when it presented one (mandatory on the peer port).
     pub peer: Option<Arc<Names>>,
+    /// The calls open on the connection, for its idle timeout
+    /// ([`crate::connections::TrackCallsLayer`]).
+    pub(crate) calls: Arc<Calls>,
 }
 
 impl ConnInfo {
@@ -415,10 +421,33 @@ impl ConnInfo {
 }
 
 /// A connection accepted by [`incoming`]: plain TCP, or TLS once its handshake completed.
+/// It holds its place among the port's connections until dropped, and its reads fail once it
+/// has been silent or idle too long ([`crate::connections`]).
 #[derive(Debug)]
 pub struct Conn {
+    /// Dropped first: the slot is free by the time the other end sees the connection close.
+    life: Lifetime,
     io: Io,
     info: ConnInfo,
+}
+
+impl Conn {
+    fn new(io: Io, remote: SocketAddr, peer: Option<Arc<Names>>, slot: Slot) -> Self {
+        let life = Lifetime::new(slot);
+        let info = ConnInfo { remote: Some(remote), peer, calls: life.calls() };
+        Self { life, io, info }
+    }
+
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
+    }
+
+    /// `inner`, counting its calls as this connection's: for a server handed its connections
+    /// one by one (tonic finds them through [`ConnInfo`] instead; see
+    /// [`crate::connections::TrackCallsLayer`]).
+    pub fn track_calls<S>(&self, inner: S) -> TrackCalls<S> {
+        TrackCalls::for_connection(inner, self.info.calls.clone())
+    }
 }
 
 #[derive(Debug)]
@@ -451,7 +480,15 @@ macro_rules! delegate {
 
 impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        delegate!(self, s => s.poll_read(cx, buf))
+        if let Poll::Ready(timed_out) = self.life.poll_expired(cx) {
+            return Poll::Ready(Err(timed_out));
+        }
+        let before = buf.filled().len();
+        let read = delegate!(self, s => s.poll_read(cx, buf));
+        if buf.filled().len() > before {
+            self.life.saw_bytes();
+        }
+        read
     }
 }
 
@@ -482,16 +519,27 @@ impl AsyncWrite for Conn {
 
 /// The connections accepted on `listener` (with `TCP_NODELAY`; tonic's builder option does
 /// not apply to a listener bound outside it, and Nagle would hold a response's last small frame
-/// for the peer's delayed ACK). With `tls`, handshakes run concurrently off the accept loop,
-/// each within [`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES_PER_IP`] from one address (more
-/// are closed) and [`MAX_HANDSHAKES`] in all (more evict the oldest); failed ones are counted
-/// and logged at debug level. The accept loop ends when the stream is dropped.
+/// for the peer's delayed ACK), within `limits` ([`crate::connections`]; a connection over them
+/// is reset at once). With `tls`, handshakes run concurrently off the accept loop, each within
+/// [`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES_PER_IP`] from one address (more are closed)
+/// and [`MAX_HANDSHAKES`] in all (more evict the oldest); failed ones are counted and logged at
+/// debug level. A TLS connection takes its place among the port's connections once its
+/// handshake completes (so a flood of handshakes cannot lock out real callers: it evicts
+/// itself), and is not handshaken at all while the port or its address is full. A port's
+/// file descriptors are therefore at most `limits.max_connections` (plus, with TLS,
+/// [`MAX_HANDSHAKES`]). The accept loop ends when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     port: &'static str,
+    limits: ConnLimits,
 ) -> impl futures::Stream<Item = Result<Conn, std::io::Error>> {
-    incoming_with(listener, tls, port, MAX_HANDSHAKES)
+    incoming_with(listener, tls, port, limits, MAX_HANDSHAKES)
+}
+
+/// Closes a refused connection with a reset: nothing is sent, and no TIME_WAIT is left behind.
+fn refuse(tcp: &TcpStream) {
+    let _ = tcp.set_zero_linger();
 }
 
 /// [`incoming`] with at most `max_handshakes` in progress.
@@ -499,11 +547,13 @@ fn incoming_with(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     port: &'static str,
+    limits: ConnLimits,
     max_handshakes: usize,
 ) -> impl futures::Stream<Item = Result<Conn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Conn, std::io::Error>>(64);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let pending = Arc::new(Pending { max: max_handshakes, ..Pending::default() });
+    let conns = crate::connections::Port::new(port, limits);
     let per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
     tokio::spawn(async move {
         loop {
@@ -521,12 +571,19 @@ fn incoming_with(
             };
             let _ = tcp.set_nodelay(true);
             let Some(acceptor) = acceptor.clone() else {
-                let info = ConnInfo { remote: Some(remote), peer: None };
-                if tx.send(Ok(Conn { io: Io::Plain(tcp), info })).await.is_err() {
+                let Some(slot) = conns.admit(remote) else {
+                    refuse(&tcp);
+                    continue;
+                };
+                if tx.send(Ok(Conn::new(Io::Plain(tcp), remote, None, slot))).await.is_err() {
                     return;
                 }
                 continue;
             };
+            if !conns.has_room(remote) {
+                refuse(&tcp);
+                continue;
+            }
             let Some(ip_slot) = IpSlot::take(&per_ip, remote.ip()) else {
                 crate::metrics::TLS_HANDSHAKE_FAILURES.with_label_values(&[port]).inc();
                 tracing::debug!(port, %remote, "too many TLS handshakes from this address: connection closed");
@@ -534,6 +591,7 @@ fn incoming_with(
             };
             let (slot, evicted) = pending.admit(port);
             let tx = tx.clone();
+            let conns = conns.clone();
             tokio::spawn(async move {
                 let _slots = (slot, ip_slot);
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
@@ -546,6 +604,11 @@ fn incoming_with(
                 };
                 match outcome {
                     Ok(Ok(stream)) => {
+                        // Full again while it shook hands: no place for it.
+                        let Some(place) = conns.admit(remote) else {
+                            refuse(stream.get_ref().0);
+                            return;
+                        };
                         let peer = stream
                             .get_ref()
                             .1
@@ -553,8 +616,7 @@ fn incoming_with(
                             .and_then(|c| c.first())
                             .and_then(|leaf| Names::of(leaf).ok())
                             .map(Arc::new);
-                        let info = ConnInfo { remote: Some(remote), peer };
-                        let _ = tx.send(Ok(Conn { io: Io::Tls(Box::new(stream)), info })).await;
+                        let _ = tx.send(Ok(Conn::new(Io::Tls(Box::new(stream)), remote, peer, place))).await;
                     }
                     Ok(Err(e)) => {
                         crate::metrics::TLS_HANDSHAKE_FAILURES.with_label_values(&[port]).inc();
@@ -711,6 +773,14 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Bounds no test here reaches.
+    const OPEN: ConnLimits = ConnLimits {
+        max_connections: 1 << 20,
+        max_connections_per_ip: 1 << 20,
+        first_byte_timeout: Duration::from_secs(60),
+        idle_timeout: None,
+    };
+
     fn names(names: &[&str], server_auth: bool) -> Names {
         Names { names: names.iter().map(|s| (*s).to_owned()).collect(), server_auth, not_after: 0 }
     }
@@ -797,7 +867,7 @@ mod tests {
         let client = Certs::load("peer", files(dir, client)).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut conns = Box::pin(incoming(listener, Some(server.server_config()), "peer"));
+        let mut conns = Box::pin(incoming(listener, Some(server.server_config()), "peer", OPEN));
         let cluster = Arc::new(["coalesce-0", "coalesce-1", "coalesce-2"].map(String::from).to_vec());
         let mut connector = Connector::new(client.client_config(), dialed, cluster).unwrap();
         let dial = connector.call(format!("http://{addr}").parse().unwrap());
@@ -835,7 +905,7 @@ mod tests {
         let client = Certs::load("peer", files(dir.path(), "b")).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut conns = Box::pin(incoming_with(listener, Some(server.server_config()), "peer", 16));
+        let mut conns = Box::pin(incoming_with(listener, Some(server.server_config()), "peer", OPEN, 16));
         // 48 connections that never say a word, 2 from each of 24 loopback addresses: three
         // times the handshake limit, each address within its own limit.
         let mut idle = Vec::new();
@@ -853,6 +923,50 @@ mod tests {
         assert!(dialed.is_ok(), "the real handshake completes: {:?}", dialed.err());
         assert!(accepted.unwrap().unwrap().is_ok());
         drop(idle);
+    }
+
+    /// A full port resets a new connection at once; a connection that never speaks is closed
+    /// after the first-byte timeout, one that spoke stays.
+    #[tokio::test]
+    async fn a_full_port_resets_new_connections_and_silent_ones_are_closed() {
+        use futures::StreamExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let first_byte_timeout = Duration::from_secs(2);
+        let limits =
+            ConnLimits { max_connections: 2, max_connections_per_ip: 3, first_byte_timeout, idle_timeout: None };
+        let mut conns = Box::pin(incoming(listener, None, "unit-full", limits));
+        // Served as a server would: read until the connection fails or ends.
+        tokio::spawn(async move {
+            while let Some(Ok(mut c)) = conns.next().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 16];
+                    while matches!(c.read(&mut b).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        let mut spoke = TcpStream::connect(addr).await.unwrap();
+        spoke.write_all(b"x").await.unwrap();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut over = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let closed = |r: std::io::Result<usize>| matches!(r, Ok(0) | Err(_));
+        let r = tokio::time::timeout(Duration::from_secs(10), over.read(&mut buf)).await.unwrap();
+        assert!(closed(r), "the third connection is closed");
+        assert!(started.elapsed() < first_byte_timeout, "at once: {:?}", started.elapsed());
+        let refused = crate::metrics::CONNECTIONS_REFUSED.with_label_values(&["unit-full", "max_connections"]);
+        assert_eq!(refused.get(), 1);
+        let r = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await.unwrap();
+        assert!(closed(r), "the silent connection is closed");
+        assert!(started.elapsed() >= first_byte_timeout, "by its timeout: {:?}", started.elapsed());
+        let timed_out = crate::metrics::CONNECTIONS_TIMED_OUT.with_label_values(&["unit-full", "first_byte"]);
+        assert_eq!(timed_out.get(), 1);
+        assert!(
+            matches!(spoke.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the connection that spoke is still open"
+        );
     }
 
     #[test]

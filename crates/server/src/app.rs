@@ -98,14 +98,23 @@ const PEER_PENDING_RESETS: usize = 4096;
 /// what one connection can make this node hold. Past it, the peer's client waits.
 const PEER_MAX_STREAMS: u32 = 4096;
 
-/// The connections a gRPC port accepts (`TCP_NODELAY`, TLS when `certs` is set:
-/// [`coalesce_raft::tls::incoming`]).
+/// HTTP/2 keepalive on both gRPC ports: after this long without a frame from the other end,
+/// the node pings it, and closes the connection if no answer comes within
+/// [`KEEPALIVE_TIMEOUT`]. It finds clients that vanished without closing (a crashed host, a cut
+/// network) even while a call — a subscription — holds their connection open, which the idle
+/// timeout rightly does not close. Every HTTP/2 stack answers pings by itself.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The connections a gRPC port accepts (`TCP_NODELAY`, TLS when `certs` is set, within
+/// `limits`: [`coalesce_raft::tls::incoming`]).
 fn incoming(
     listener: tokio::net::TcpListener,
     certs: Option<Arc<coalesce_raft::tls::Certs>>,
     port: &'static str,
+    limits: coalesce_raft::connections::ConnLimits,
 ) -> impl futures::Stream<Item = Result<coalesce_raft::tls::Conn, std::io::Error>> + use<> {
-    coalesce_raft::tls::incoming(listener, certs.map(|c| c.server_config()), port)
+    coalesce_raft::tls::incoming(listener, certs.map(|c| c.server_config()), port, limits)
 }
 
 /// Says loudly, once the log is up, which ports the config lets listen unauthenticated.
@@ -211,17 +220,23 @@ pub async fn run(
     // them with GOAWAY (its guard against rapid-reset floods, default 20). A node paused past
     // its peers' forward timeouts resumes to exactly such a backlog of cancelled forwards and
     // would cut every peer off; the peer port only serves authenticated nodes, so it allows
-    // many more.
+    // many more. It has no idle timeout (`Config::peer_connections`), so its calls are not
+    // counted (`TrackCallsLayer`).
     let mut peer_builder = tonic::transport::Server::builder()
         .http2_max_pending_accept_reset_streams(Some(PEER_PENDING_RESETS))
-        .max_concurrent_streams(Some(PEER_MAX_STREAMS));
+        .max_concurrent_streams(Some(PEER_MAX_STREAMS))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     // One `rpc` span per call, continuing the caller's trace (crate::telemetry). Per
-    // connection: bounded streams, bounded calls in progress, and a deadline on each answer.
+    // connection: bounded streams, bounded calls in progress, and a deadline on each answer;
+    // its calls are counted for its idle timeout (`api.connection_idle_timeout`).
     let client_builder = tonic::transport::Server::builder()
         .trace_fn(crate::telemetry::rpc_span)
         .max_concurrent_streams(Some(cfg.api.max_streams_per_connection))
         .concurrency_limit_per_connection(cfg.api.max_concurrent_calls_per_connection)
-        .timeout(cfg.api.request_timeout);
+        .timeout(cfg.api.request_timeout)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     // Rotated certificates are picked up without a restart.
     let reloads: Vec<_> = [&loaded.tls.peer, &loaded.tls.client]
         .into_iter()
@@ -233,7 +248,7 @@ pub async fn run(
             .add_service(RaftPeerServer::new(PeerService::new(node.clone())).max_decoding_message_size(64 << 20))
             .add_service(coalesce_proto::v1::fetch_peer_server::FetchPeerServer::new(fetch.clone()))
             .serve_with_incoming_shutdown(
-                incoming(peer_listener, loaded.tls.peer.clone(), "peer"),
+                incoming(peer_listener, loaded.tls.peer.clone(), "peer", cfg.peer_connections()),
                 wait(stop_peer_rx.clone()),
             ),
     );
@@ -255,6 +270,7 @@ pub async fn run(
     let reflection = reflection().build_v1().context("building the reflection service")?;
     let client_server = tokio::spawn(
         client_builder
+            .layer(coalesce_raft::connections::TrackCallsLayer)
             .layer(AuthLayer::new(loaded.auth.clone()))
             .add_service(health_service)
             .add_service(reflection)
@@ -268,7 +284,7 @@ pub async fn run(
                 .max_decoding_message_size(decode_limit(cfg.api.max_request_bytes)),
             )
             .serve_with_incoming_shutdown(
-                incoming(client_listener, loaded.tls.client.clone(), "client"),
+                incoming(client_listener, loaded.tls.client.clone(), "client", cfg.client_connections()),
                 wait(stop_client_rx),
             ),
     );
@@ -277,7 +293,8 @@ pub async fn run(
     let http_server = http_listener.map(|listener| {
         let log = log.map(Arc::new);
         let auth = loaded.auth.clone();
-        tokio::spawn(crate::http::serve(listener, node_health.clone(), registry, log, auth, wait(stop_http_rx.clone())))
+        let conns = coalesce_raft::tls::incoming(listener, None, "http", cfg.http_connections());
+        tokio::spawn(crate::http::serve(conns, node_health.clone(), registry, log, auth, wait(stop_http_rx.clone())))
     });
     let watchdog = tokio::spawn(node_health.clone().run_watchdog(wait(stop_http_rx)));
     on_bound(bound);

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use coalesce_core::stream::{StreamTable, StreamsFile};
+use coalesce_raft::connections::ConnLimits;
 use coalesce_raft::{ClusterSpec, NodeSpec, RaftTiming};
 use serde::Deserialize;
 
@@ -77,7 +78,36 @@ pub struct NodeConfig {
     /// who reaches them can ingest, read and administer. Only for a trusted network.
     #[serde(default)]
     pub insecure: bool,
+    /// Connections the peer port holds open at once; more are reset as soon as accepted
+    /// (`coalesce_net_connections_refused_total`). Each peer node needs a few.
+    #[serde(default = "default_peer_max_connections")]
+    pub peer_max_connections: usize,
+    /// Connections the HTTP port holds open at once (probes, scrapes, operators); more are reset.
+    #[serde(default = "default_http_max_connections")]
+    pub http_max_connections: usize,
 }
+
+/// Peers hold a few connections each (Raft, forwards, fetches): room for clusters far larger
+/// than a shard group ever spans, yet a bound on what a misbehaving peer can hold.
+fn default_peer_max_connections() -> usize {
+    1024
+}
+/// Prometheus, the kubelet's probes and an operator's curl need a handful; the port serves
+/// short requests, so a small bound costs nothing and keeps its file descriptors few.
+fn default_http_max_connections() -> usize {
+    256
+}
+
+/// Peer and HTTP ports: a connection that sends nothing this long after connecting (after its
+/// TLS handshake) is closed. Real callers speak at once.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP port: a connection with no request in progress this long is closed — a kept-alive
+/// connection between scrapes (a scraper reconnects), or a request header trickled byte by
+/// byte. Its requests answer in milliseconds.
+const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// HTTP port: connections from one address (a kubelet's probes and a Prometheus need a few):
+/// one host cannot take the port from the kubelet.
+const HTTP_MAX_CONNECTIONS_PER_IP: usize = 64;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,6 +202,21 @@ pub struct ApiLimits {
     /// from the caller wins). A subscription's stream of outputs is not cut: it has answered.
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: std::time::Duration,
+    /// Connections the client port holds open at once; more are reset as soon as accepted
+    /// (`coalesce_net_connections_refused_total{reason="max_connections"}`).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Of them, from one IP address (`reason="max_connections_per_ip"`).
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// A connection that sends nothing this long after connecting (after its TLS handshake)
+    /// is closed.
+    #[serde(default = "default_first_byte_timeout", with = "humantime_serde")]
+    pub connection_first_byte_timeout: std::time::Duration,
+    /// A connection with no call open this long is closed (`0s`: never). A subscription is a
+    /// call however long it waits for outputs.
+    #[serde(default = "default_connection_idle_timeout", with = "humantime_serde")]
+    pub connection_idle_timeout: std::time::Duration,
 }
 
 fn default_max_events() -> usize {
@@ -189,6 +234,26 @@ fn default_max_concurrent() -> usize {
 fn default_request_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(60)
 }
+/// A node's file descriptors (20k in production) must also hold its peers, RocksDB's files
+/// and sink connections: 4,096 clients (plus 1,024 TLS handshakes at most) leave most of
+/// them, and are far more than the producers and subscribers of a node need (clients
+/// multiplex calls over one connection per node).
+fn default_max_connections() -> usize {
+    4096
+}
+/// An eighth of the port: a host (or a NAT gateway in front of many) has ample room, and
+/// one address alone cannot fill the port.
+fn default_max_connections_per_ip() -> usize {
+    512
+}
+fn default_first_byte_timeout() -> std::time::Duration {
+    FIRST_BYTE_TIMEOUT
+}
+/// Long enough that a client between bursts keeps its connection (no new handshake); short
+/// enough that connections nobody uses are given back within minutes.
+fn default_connection_idle_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(300)
+}
 
 impl Default for ApiLimits {
     fn default() -> Self {
@@ -198,6 +263,10 @@ impl Default for ApiLimits {
             max_streams_per_connection: default_max_streams(),
             max_concurrent_calls_per_connection: default_max_concurrent(),
             request_timeout: default_request_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
+            connection_first_byte_timeout: default_first_byte_timeout(),
+            connection_idle_timeout: default_connection_idle_timeout(),
         }
     }
 }
@@ -355,7 +424,61 @@ impl Config {
         if self.api.request_timeout < std::time::Duration::from_secs(1) {
             return invalid("api.request_timeout", format!("{:?} is shorter than 1s", self.api.request_timeout));
         }
+        for (field, n) in [
+            ("api.max_connections", self.api.max_connections),
+            ("api.max_connections_per_ip", self.api.max_connections_per_ip),
+            ("node.peer_max_connections", self.node.peer_max_connections),
+            ("node.http_max_connections", self.node.http_max_connections),
+        ] {
+            if n == 0 {
+                return invalid(field, "must be at least 1".into());
+            }
+        }
+        if self.api.connection_first_byte_timeout < Duration::from_millis(100) {
+            return invalid(
+                "api.connection_first_byte_timeout",
+                format!("{:?} is shorter than 100ms", self.api.connection_first_byte_timeout),
+            );
+        }
+        let idle = self.api.connection_idle_timeout;
+        if !idle.is_zero() && idle < Duration::from_secs(1) {
+            return invalid("api.connection_idle_timeout", format!("{idle:?} is shorter than 1s (0s: never)"));
+        }
         Ok(())
+    }
+
+    /// The client port's connection bounds (`[api]`).
+    pub fn client_connections(&self) -> ConnLimits {
+        let a = &self.api;
+        ConnLimits {
+            max_connections: a.max_connections,
+            max_connections_per_ip: a.max_connections_per_ip,
+            first_byte_timeout: a.connection_first_byte_timeout,
+            idle_timeout: Some(a.connection_idle_timeout).filter(|d| !d.is_zero()),
+        }
+    }
+
+    /// The peer port's connection bounds. No bound per address: peers share one on loopback
+    /// and behind NAT, and an unauthenticated address holds only handshakes (bounded per
+    /// address in `coalesce_raft::tls`). No idle timeout: a node keeps one channel per peer for
+    /// good (closing it would only cost a handshake); a dead peer is found by HTTP/2 keepalive.
+    pub fn peer_connections(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.node.peer_max_connections,
+            max_connections_per_ip: usize::MAX,
+            first_byte_timeout: FIRST_BYTE_TIMEOUT,
+            idle_timeout: None,
+        }
+    }
+
+    /// The HTTP port's connection bounds.
+    pub fn http_connections(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.node.http_max_connections,
+            max_connections_per_ip: HTTP_MAX_CONNECTIONS_PER_IP,
+            first_byte_timeout: FIRST_BYTE_TIMEOUT,
+            idle_timeout: Some(HTTP_IDLE_TIMEOUT),
+        }
     }
 
     /// The cluster as the Raft layer sees it.

@@ -11,6 +11,11 @@
 //! `/metrics` and the probes are open (Prometheus and the kubelet); with `[[auth.tokens]]`,
 //! everything else needs an admin token (401 without a known token, 403 without the role),
 //! as the client port's `Admin` service does. Keep the port on the cluster network.
+//!
+//! The port serves HTTP/1.1 on the connections of the same accept loop as the gRPC ports
+//! (`coalesce_raft::tls::incoming`), so the same bounds hold: at most `node.http_max_connections`
+//! open, a first byte within 10 s, and no connection kept without a request in progress for
+//! more than 60 s (a kept-alive one between scrapes, or a request header trickled forever).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,7 +28,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use coalesce_raft::RaftNode;
-use tokio::net::TcpListener;
+use coalesce_raft::tls::Conn;
+use futures::{Stream, StreamExt};
 
 use crate::metrics::{WATCHDOG_LIMIT, WATCHDOG_TICK};
 use crate::security::{Auth, Role};
@@ -207,9 +213,9 @@ async fn put_slow_disk(State(s): State<AppState>, headers: HeaderMap, body: Stri
     }
 }
 
-/// Serves the HTTP port on `listener` until `shutdown` resolves.
+/// Serves the HTTP port on the connections `conns` yields until `shutdown` resolves.
 pub async fn serve(
-    listener: TcpListener,
+    conns: impl Stream<Item = std::io::Result<Conn>> + Send + 'static,
     health: Arc<Health>,
     registry: prometheus::Registry,
     log: Option<Arc<LogControl>>,
@@ -227,5 +233,59 @@ pub async fn serve(
         app
     };
     let app = app.with_state(AppState { health, registry, log, auth });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    serve_connections(conns, app, shutdown).await;
+    Ok(())
+}
+
+/// Serves `app` over HTTP/1.1 on every connection of `conns` until `shutdown` resolves, then
+/// stops accepting and lets each connection finish the request it is serving.
+async fn serve_connections(
+    conns: impl Stream<Item = std::io::Result<Conn>>,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+) {
+    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new()).http1_only();
+    // Every connection's task holds a receiver: `closed` resolves once all have ended.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    // Boxed, not pinned in place: dropping it must stop the accept loop before the drain.
+    let mut conns = Box::pin(conns);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let conn = tokio::select! {
+            _ = &mut shutdown => break,
+            next = conns.next() => match next {
+                Some(Ok(conn)) => conn,
+                Some(Err(_)) => continue,
+                None => break,
+            },
+        };
+        // Requests count as the connection's calls: none in progress is what its idle timeout
+        // measures.
+        let service = hyper_util::service::TowerToHyperService::new(conn.track_calls(app.clone()));
+        let builder = builder.clone();
+        let mut stopping = stopping.clone();
+        tokio::spawn(async move {
+            let served = builder.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+            let mut served = std::pin::pin!(served);
+            let ended = tokio::select! {
+                r = served.as_mut() => Some(r),
+                _ = stopping.wait_for(|s| *s) => None,
+            };
+            let outcome = match ended {
+                Some(r) => r,
+                None => {
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            };
+            if let Err(error) = outcome {
+                tracing::debug!(%error, "HTTP connection ended with an error");
+            }
+        });
+    }
+    // Stop accepting (the accept loop ends with its stream), then drain.
+    drop(conns);
+    drop(stopping);
+    let _ = stop.send(true);
+    stop.closed().await;
 }

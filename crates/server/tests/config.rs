@@ -194,3 +194,50 @@ fn peer_certificates_must_name_their_node() {
     let err = finish(&path, |c| c.node.name = "coalesce-1".into()).unwrap_err().to_string();
     assert!(err.contains("coalesce-1.pem"), "{{node}} names this node's files: {err}");
 }
+
+/// The connection bounds of each port: the client port's from `[api]`, the others' from
+/// `[node]` (as the example sets them, which are the defaults); refused values name the field.
+#[test]
+fn connection_bounds_come_from_api_and_node() {
+    use coalesce_raft::connections::ConnLimits;
+    let loaded = Config::load(&example_dir().join("node.toml")).expect("example node config is valid");
+    let c = &loaded.config;
+    assert_eq!(
+        c.client_connections(),
+        ConnLimits {
+            max_connections: 4096,
+            max_connections_per_ip: 512,
+            first_byte_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(300)),
+        }
+    );
+    let defaults: Config = toml::from_str(
+        &std::fs::read_to_string(example_dir().join("node.toml"))
+            .expect("example")
+            .lines()
+            .filter(|l| !l.contains("connection") && !l.contains("max_connections"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .expect("the example without its connection keys");
+    assert_eq!(defaults.client_connections(), c.client_connections(), "the example sets the defaults");
+    assert_eq!((c.peer_connections().max_connections, c.peer_connections().idle_timeout), (1024, None));
+    assert_eq!((c.http_connections().max_connections, c.http_connections().max_connections_per_ip), (256, 64));
+    assert_eq!(defaults.peer_connections(), c.peer_connections());
+    assert_eq!(defaults.http_connections(), c.http_connections());
+
+    assert!(err(|t| *t = t.replace("max_connections = 4096", "max_connections = 0")).contains("api.max_connections"));
+    assert!(
+        err(|t| *t = t.replace("http_max_connections = 256", "http_max_connections = 0"))
+            .contains("node.http_max_connections")
+    );
+    assert!(
+        err(|t| *t = t.replace("connection_idle_timeout = \"5m\"", "connection_idle_timeout = \"500ms\""))
+            .contains("api.connection_idle_timeout")
+    );
+    let text = std::fs::read_to_string(example_dir().join("node.toml"))
+        .expect("example")
+        .replace("connection_idle_timeout = \"5m\"", "connection_idle_timeout = \"0s\"");
+    let never: Config = toml::from_str(&text).expect("node config");
+    assert_eq!(never.client_connections().idle_timeout, None, "0s: never");
+}
