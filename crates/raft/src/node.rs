@@ -871,6 +871,16 @@ impl RaftNode {
         self.shard_view(shard)?.leader
     }
 
+    /// Resolves once this node's replica of `shard` knows a leader other than Raft id `old`
+    /// (a successor elected while `old` was asked something); never when this node holds no
+    /// replica of the shard, or while the shard has no leader.
+    pub async fn leader_moved_from(&self, shard: ShardId, old: u64) {
+        match self.group(shard) {
+            Some(group) => leader_moves(&group, old).await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Applies producer groups to `shard`: proposed here when this node leads it, else
     /// forwarded once to the leader, which stamps and proposes them.
     pub async fn ingest(&self, shard: ShardId, groups: Vec<IngestGroup>) -> Result<Response, ProposeError> {

@@ -182,7 +182,18 @@ impl FetchService {
                         target: id,
                     });
                     req.set_timeout(attempt);
-                    match FetchPeerClient::new(channel).fetch(req).await {
+                    // A leader that stops answering (paused, cut off) is replaced within an
+                    // election timeout: ask its successor then, rather than wait out `attempt`
+                    // (the deposed one acts on nothing when it resumes).
+                    let mut client = FetchPeerClient::new(channel);
+                    let answer = tokio::select! {
+                        r = client.fetch(req) => r,
+                        () = self.node.leader_moved_from(shard, id) => {
+                            last = format!("{}: leadership moved while it was asked", peer.name);
+                            continue;
+                        }
+                    };
+                    match answer {
                         Ok(r) => return Ok(r.into_inner()),
                         // The leader's own answer (an upstream error, a full table) is final;
                         // anything about reaching it is retried.
