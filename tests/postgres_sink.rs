@@ -423,23 +423,43 @@ mod direct {
     }
 
     #[tokio::test]
-    async fn an_append_table_of_an_older_build_is_rekeyed_by_cluster() {
+    async fn an_append_table_of_an_older_build_is_rekeyed_by_cluster_once_the_upgrade_is_done() {
         let pg = TempPostgres::start().unwrap();
         let db = pg.client().await.unwrap();
         db.batch_execute(
             "CREATE TABLE app_t (stream text NOT NULL, key text NOT NULL, value jsonb NOT NULL, inputs bigint NOT NULL,
                  window_start timestamptz NOT NULL, window_end timestamptz NOT NULL, reason text NOT NULL,
                  shard integer NOT NULL, seq bigint NOT NULL, epoch_term bigint NOT NULL, epoch_node bigint NOT NULL,
-                 updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (shard, seq));",
+                 updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (shard, seq));
+             CREATE TABLE coalesce_fence (target text NOT NULL, shard integer NOT NULL, epoch_term bigint NOT NULL,
+                 epoch_node bigint NOT NULL, seq bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (target, shard));",
         )
         .await
         .unwrap();
+        let key = async || -> Vec<String> {
+            db.query_one(
+                "SELECT array_agg(a.attname::text ORDER BY k.ord) FROM pg_constraint c
+                   CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+                   JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+                  WHERE c.conrelid = 'app_t'::regclass AND c.contype = 'p'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+        };
+        let upgraded = ClusterIdentity { id: ClusterId(rand::random()), predates_id: true };
+        deliver(&sink(pg.url(), "app_t", PgMode::Append), upgraded, 1, 1..=4).await.unwrap();
+        // Nodes of the older build may still insert by (shard, seq) while `coalesce_fence` exists.
+        assert_eq!(key().await, ["shard", "seq"]);
+        db.batch_execute("DROP TABLE coalesce_fence").await.unwrap();
         for _ in 0..2 {
-            let s = sink(pg.url(), "app_t", PgMode::Append);
             let cluster = ClusterIdentity { id: ClusterId(rand::random()), predates_id: false };
-            deliver(&s, cluster, 1, 1..=4).await.unwrap();
+            deliver(&sink(pg.url(), "app_t", PgMode::Append), cluster, 1, 1..=4).await.unwrap();
         }
+        assert_eq!(key().await, ["cluster", "shard", "seq"]);
         let rows: i64 = db.query_one("SELECT count(*) FROM app_t", &[]).await.unwrap().get(0);
-        assert_eq!(rows, 8, "two clusters' seqs 1..=4 do not collide");
+        assert_eq!(rows, 12, "three clusters' seqs 1..=4 do not collide");
     }
 }

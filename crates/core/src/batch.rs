@@ -124,9 +124,12 @@ pub struct BatchBuilder<'a> {
     batches: BTreeMap<ShardId, EventBatch>,
     /// (shard, producer) → group position in its batch.
     groups: HashMap<(ShardId, Option<u64>), usize>,
-    /// (shard, group, partial) of each key's newest partial, hashed by (shard, group, stream,
-    /// key); the key itself is stored once, in the partial.
-    partials: HashTable<(ShardId, usize, usize)>,
+    /// (shard, group, partial, size bound) of each key's newest partial, hashed by (shard,
+    /// group, stream, key); the key itself is stored once, in the partial. The bound is at
+    /// least the partial's size (the sum of what merged into it), so the partial's exact size —
+    /// a walk of the whole value for `append`, `set_union`, `json_merge_patch` — is computed
+    /// only when the bound passes the window's `max_bytes`.
+    partials: HashTable<(ShardId, usize, usize, u64)>,
     hasher: DefaultHashBuilder,
     /// Highest seq seen per producer in this request (seqs must increase).
     last_seq: HashMap<u64, u64>,
@@ -217,7 +220,7 @@ impl<'a> BatchBuilder<'a> {
         group.events.push(index);
         let hash = self.hasher.hash_one(SlotRef { shard, group: gi, stream: &event.stream, key: &event.key });
         let partials = &group.partials;
-        let found = self.partials.find_mut(hash, |&(s, g, p)| {
+        let mut found = self.partials.find_mut(hash, |&(s, g, p, _)| {
             s == shard && g == gi && partials[p].0.stream == event.stream && partials[p].0.key == event.key
         });
         // A key's newest partial takes the event unless merging fails (a capacity or overflow)
@@ -226,11 +229,15 @@ impl<'a> BatchBuilder<'a> {
         // into an older partial, which would reorder `append` and `json_merge_patch`). Apply
         // seals a window once it reaches `max_bytes`, so a merged value stays below twice it.
         let max_bytes = def.rules.window.max_bytes.unwrap_or(u64::MAX);
-        let merged = match found.as_ref().map(|slot| slot.2) {
-            Some(pi) => {
-                let p = &mut group.partials[pi].1;
-                let fits = (p.agg.size() as u64).saturating_add(agg.size() as u64) <= max_bytes;
-                if fits && p.agg.merge(&agg, &def.rules.op).is_ok() {
+        let size = agg.size() as u64;
+        let merged = match found.as_deref_mut() {
+            Some((_, _, pi, bound)) => {
+                let p = &mut group.partials[*pi].1;
+                if bound.saturating_add(size) > max_bytes {
+                    *bound = p.agg.size() as u64;
+                }
+                if bound.saturating_add(size) <= max_bytes && p.agg.merge(&agg, &def.rules.op).is_ok() {
+                    *bound += size;
                     samples_mod::merge_opt(&mut p.samples, samples.as_ref(), def.rules.samples.as_ref());
                     p.inputs += 1;
                     p.first_event_at = p.first_event_at.min(event_time);
@@ -248,13 +255,13 @@ impl<'a> BatchBuilder<'a> {
                 key,
                 Partial { agg, inputs: 1, first_event_at: event_time, last_event_at: event_time, samples },
             ));
-            let slot = (shard, gi, group.partials.len() - 1);
+            let slot = (shard, gi, group.partials.len() - 1, size);
             match found {
                 Some(existing) => *existing = slot,
                 None => {
                     // Growing the table rehashes entries from the keys held in their partials.
                     let (batches, hasher) = (&self.batches, &self.hasher);
-                    self.partials.insert_unique(hash, slot, |&(s, g, p)| {
+                    self.partials.insert_unique(hash, slot, |&(s, g, p, _)| {
                         let k = &batches[&s].groups[g].partials[p].0;
                         hasher.hash_one(SlotRef { shard: s, group: g, stream: &k.stream, key: &k.key })
                     });

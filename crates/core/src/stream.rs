@@ -239,8 +239,9 @@ pub struct StreamConfig {
     pub sinks: Vec<String>,
     #[serde(default = "default_max_key_bytes")]
     pub max_key_bytes: usize,
-    #[serde(default = "default_max_value_bytes")]
-    pub max_value_bytes: usize,
+    /// Largest event value; default 64 KiB, or the window's `max_bytes` if that is smaller.
+    #[serde(default)]
+    pub max_value_bytes: Option<usize>,
     #[serde(default)]
     pub description: String,
     /// The upstream that `Fetch` calls for this stream's keys (request coalescing). Only its
@@ -340,20 +341,30 @@ impl StreamConfig {
         if self.max_key_bytes == 0 || self.max_key_bytes > MAX_KEY_BYTES_LIMIT {
             return Err(ConfigError::stream(name, "max_key_bytes", format!("must be in 1..={MAX_KEY_BYTES_LIMIT}")));
         }
-        if self.max_value_bytes == 0 || self.max_value_bytes > MAX_VALUE_BYTES_LIMIT {
+        // One value must fit a window's bound, so a window's value stays below twice the bound.
+        let bound = window.max_bytes.map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX));
+        let max_value_bytes = self.max_value_bytes.unwrap_or_else(|| default_max_value_bytes().min(bound));
+        if max_value_bytes == 0 || max_value_bytes > MAX_VALUE_BYTES_LIMIT {
             return Err(ConfigError::stream(
                 name,
                 "max_value_bytes",
                 format!("must be in 1..={MAX_VALUE_BYTES_LIMIT}"),
             ));
         }
-        let samples = self.samples.as_ref().map(|s| s.validate(name, self.max_value_bytes)).transpose()?;
+        if max_value_bytes > bound {
+            return Err(ConfigError::stream(
+                name,
+                "max_value_bytes",
+                format!("must be <= window.max_bytes ({bound}): one value must fit a window"),
+            ));
+        }
+        let samples = self.samples.as_ref().map(|s| s.validate(name, max_value_bytes)).transpose()?;
         Ok(StreamDef {
             name: name.to_owned(),
             rules: StreamRules { op, window, overflow: self.overflow, samples },
             sinks: self.sinks.clone(),
             max_key_bytes: self.max_key_bytes,
-            max_value_bytes: self.max_value_bytes,
+            max_value_bytes,
             description: self.description.clone(),
             key_rate_limit: self.key_rate_limit.map(|k| k.validate(name)).transpose()?,
         })

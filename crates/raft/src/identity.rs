@@ -17,7 +17,13 @@
 //! `coalesce_raft_peer_refused_total{reason="cluster"}`): a data directory of another cluster
 //! attached to this one's peer list does not join it.
 //!
-//! Delivery to sinks waits until the id is known ([`Identity::wait`]).
+//! Whether the cluster *predates ids* (it was upgraded from a build without them, and its sinks
+//! must carry on from what they recorded downstream before) is decided when the id is made:
+//! every data directory a build with ids creates is marked (`born_with_ids`), and Hello carries
+//! the mark; the id predates ids unless every node's directory is marked.
+//!
+//! Delivery to sinks waits until the id is known ([`Identity::wait`]); while a node waits it
+//! says so every 30 s, and `coalesce_raft_cluster_id_known` is 0.
 
 use coalesce_core::cluster::{ClusterId, ClusterIdentity};
 use coalesce_storage::{NodeDb, StorageError};
@@ -26,19 +32,24 @@ use tokio::sync::watch;
 /// The node column family key of the id.
 pub const CLUSTER_ID_KEY: &str = "cluster_id";
 
+/// The node column family key marking a data directory this build created (empty when it was
+/// first opened by a build that knows cluster ids).
+pub const BORN_WITH_IDS_KEY: &str = "born_with_ids";
+
 /// This node's view of the cluster id.
 #[derive(Debug)]
 pub struct Identity {
     known: watch::Sender<Option<ClusterIdentity>>,
-    /// This node held shard state when it started without an id: an id it makes marks the
-    /// cluster as one that predates ids.
-    had_state: bool,
+    /// This node's data directory was created by a build that knows cluster ids. An id made
+    /// while any node's was not marks the cluster as one that predates ids (an upgrade).
+    born_with_ids: bool,
+    /// Serializes storing: two Hellos may race to teach the id.
+    storing: std::sync::Mutex<()>,
 }
 
 impl Identity {
-    /// Loads the stored id, if any. `had_state`: whether any shard group was initialized here
-    /// when the node started.
-    pub fn load(db: &NodeDb, had_state: bool) -> Result<Self, StorageError> {
+    /// Loads the stored id, if any, and marks a new data directory as born with ids.
+    pub fn load(db: &NodeDb) -> Result<Self, StorageError> {
         let stored = match db.node_get(CLUSTER_ID_KEY)? {
             None => None,
             Some(b) => Some(ClusterIdentity::decode(&b).ok_or_else(|| StorageError::Corrupt {
@@ -47,12 +58,21 @@ impl Identity {
                 detail: format!("{} bytes, expected 17", b.len()),
             })?),
         };
-        Ok(Self { known: watch::Sender::new(stored), had_state })
+        if db.created() {
+            db.node_put(BORN_WITH_IDS_KEY, &[1])?;
+        }
+        let born_with_ids = db.node_get(BORN_WITH_IDS_KEY)?.is_some();
+        Ok(Self { known: watch::Sender::new(stored), born_with_ids, storing: std::sync::Mutex::new(()) })
     }
 
     /// The id, once known.
     pub fn get(&self) -> Option<ClusterIdentity> {
         *self.known.borrow()
+    }
+
+    /// Whether this node's data directory was created by a build that knows cluster ids.
+    pub fn born_with_ids(&self) -> bool {
+        self.born_with_ids
     }
 
     /// Waits until the id is known.
@@ -82,35 +102,37 @@ impl Identity {
         }
         let theirs = ClusterId::from_bytes(bytes)
             .ok_or_else(|| format!("{from} sent a cluster id of {} bytes, expected 16", bytes.len()))?;
-        match self.get() {
-            Some(ours) if ours.id == theirs => Ok(()),
-            Some(ours) => Err(format!(
+        let ours = self
+            .store(db, ClusterIdentity { id: theirs, predates_id }, &format!("learned from {from}"))
+            .map_err(|e| format!("storing the cluster id: {e}"))?;
+        if ours.id == theirs {
+            Ok(())
+        } else {
+            Err(format!(
                 "{from} belongs to cluster id {theirs}, this node to {}: a data directory of another cluster",
                 ours.id
-            )),
-            None => self
-                .store(db, ClusterIdentity { id: theirs, predates_id }, &format!("learned from {from}"))
-                .map_err(|e| format!("storing the cluster id: {e}")),
+            ))
         }
     }
 
-    /// Makes the cluster's id (see the module docs for when).
-    pub fn make(&self, db: &NodeDb) -> Result<ClusterIdentity, StorageError> {
-        let made = ClusterIdentity { id: ClusterId(rand::random()), predates_id: self.had_state };
-        self.store(db, made, "made")?;
-        Ok(made)
+    /// Makes the cluster's id (see the module docs for when): one that predates ids unless this
+    /// node and every peer (`peers_born_with_ids`) were created by builds that know ids.
+    pub fn make(&self, db: &NodeDb, peers_born_with_ids: bool) -> Result<ClusterIdentity, StorageError> {
+        let predates_id = !(self.born_with_ids && peers_born_with_ids);
+        self.store(db, ClusterIdentity { id: ClusterId(rand::random()), predates_id }, "made")
     }
 
-    fn store(&self, db: &NodeDb, identity: ClusterIdentity, how: &str) -> Result<(), StorageError> {
-        // Two Hellos may race here: the first stored wins, and a different second is refused
-        // by the next Hello's check.
-        if self.get().is_some() {
-            return Ok(());
+    /// Stores `identity` unless an id is known already; returns the id now known.
+    fn store(&self, db: &NodeDb, identity: ClusterIdentity, how: &str) -> Result<ClusterIdentity, StorageError> {
+        let _one_at_a_time = self.storing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = self.get() {
+            return Ok(known);
         }
         db.node_put(CLUSTER_ID_KEY, &identity.encode())?;
         tracing::info!(cluster_id = %identity.id, predates_id = identity.predates_id, how, "cluster id");
+        crate::metrics::CLUSTER_ID_KNOWN.set(1);
         self.known.send_replace(Some(identity));
-        Ok(())
+        Ok(identity)
     }
 }
 

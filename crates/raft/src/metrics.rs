@@ -250,6 +250,15 @@ pub(crate) static CONNECTIONS_TIMED_OUT: LazyLock<IntCounterVec> = LazyLock::new
         &["port", "reason"],
     )
 });
+pub(crate) static CLUSTER_ID_KNOWN: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    register(
+        prometheus::IntGauge::with_opts(Opts::new(
+            "coalesce_raft_cluster_id_known",
+            "1 once this node knows the cluster id (crate identity), else 0: deliveries to push sinks wait for it.",
+        ))
+        .expect("static metric definition"),
+    )
+});
 pub(crate) static INVALID_COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "coalesce_raft_invalid_commands_total",
@@ -262,6 +271,7 @@ pub(crate) static INVALID_COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 /// Creates every family, so each is listed from the first scrape on,
 /// with a zero child for every stream in `streams`.
 pub fn init(streams: &[&str]) {
+    LazyLock::force(&CLUSTER_ID_KNOWN);
     LazyLock::force(&DUPLICATES);
     LazyLock::force(&FORWARD_REROUTES);
     LazyLock::force(&APPLY_FAILURES);

@@ -468,11 +468,8 @@ impl RaftNode {
             let quiet = Arc::default();
             groups.insert(shard, Group { shard, raft, store, version, applied_extra, quiet, failure });
         }
-        let mut had_state = !not_started.is_empty();
-        for g in groups.values() {
-            had_state |= g.raft.is_initialized().await.unwrap_or(false);
-        }
-        let identity = crate::identity::Identity::load(&db, had_state)?;
+        let identity = crate::identity::Identity::load(&db)?;
+        crate::metrics::CLUSTER_ID_KNOWN.set(i64::from(identity.get().is_some()));
         Ok(Arc::new(Self {
             id,
             me,
@@ -569,6 +566,7 @@ impl RaftNode {
             protocol_min: PROTOCOL_MIN,
             cluster_id,
             cluster_predates_id,
+            born_with_ids: self.identity.born_with_ids(),
         });
         req.set_timeout(Duration::from_secs(1));
         let reply =
@@ -617,26 +615,33 @@ impl RaftNode {
         names.sort_by_key(|n| crate::identity::natural_key(n));
         let last = names.last().copied() == Some(self.me.name.as_str());
         let peers: Vec<String> = names.iter().filter(|n| **n != self.me.name).map(|n| (*n).to_owned()).collect();
-        let mut waiting_logged = false;
+        let mut said = tokio::time::Instant::now() - Duration::from_secs(3600);
         while self.identity.get().is_none() {
-            let mut answered = 0;
+            let (mut answered, mut born) = (0, true);
             for peer in &peers {
-                if self.hello(peer).await.is_ok() {
+                if let Ok(reply) = self.hello(peer).await {
                     answered += 1;
+                    born &= reply.born_with_ids;
                 }
             }
             if self.identity.get().is_some() {
                 break;
             }
             if last && answered == peers.len() {
-                if let Err(e) = self.identity.make(&self.db) {
+                if let Err(e) = self.identity.make(&self.db, born) {
                     tracing::error!(error = %e, "could not store the cluster id; retrying");
                 }
                 continue;
             }
-            if !waiting_logged {
-                waiting_logged = true;
-                tracing::info!(answered, peers = peers.len(), "waiting to learn the cluster id from a peer");
+            if said.elapsed() >= Duration::from_secs(30) {
+                said = tokio::time::Instant::now();
+                tracing::warn!(
+                    answered,
+                    peers = peers.len(),
+                    maker = names.last().copied().unwrap_or_default(),
+                    "the cluster id is not known yet: deliveries to push sinks wait; it is made by the maker once \
+                     every peer answers (docs/upgrades.md)"
+                );
             }
             tokio::select! {
                 _ = &mut shutdown => return,
@@ -1747,6 +1752,7 @@ impl RaftPeer for PeerService {
             protocol_min: PROTOCOL_MIN,
             cluster_id,
             cluster_predates_id,
+            born_with_ids: self.node.identity.born_with_ids(),
         }))
     }
 

@@ -192,7 +192,27 @@ impl SinkConfig {
         decls: &BTreeMap<String, SinkDecl>,
         streams: &StreamTable,
     ) -> Result<Vec<SinkConfig>, SinkConfigError> {
-        decls.iter().map(|(name, decl)| Self::parse(name, decl, streams)).collect()
+        let sinks: Vec<SinkConfig> =
+            decls.iter().map(|(name, decl)| Self::parse(name, decl, streams)).collect::<Result<_, _>>()?;
+        // Each PostgreSQL sink fences its own deliveries: two writing one stream into one table
+        // would each apply every output of that stream once — twice in all.
+        let mut writers: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+        for sink in &sinks {
+            let SinkKind::Postgres(p) = &sink.kind else { continue };
+            for stream in &sink.streams {
+                if let Some(other) = writers.insert((p.table.as_str(), stream.as_str()), sink.name.as_str()) {
+                    return Err(SinkConfigError {
+                        name: sink.name.clone(),
+                        message: format!(
+                            "sinks {other:?} and {:?} both write stream {stream:?} into table {:?}: each would \
+                             apply its outputs once, twice in all; use one sink",
+                            sink.name, p.table
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(sinks)
     }
 
     fn parse(name: &str, decl: &SinkDecl, streams: &StreamTable) -> Result<SinkConfig, SinkConfigError> {
@@ -327,6 +347,13 @@ mod tests {
         assert!(e.contains("accumulate") && e.contains("\"l\""), "{e}");
         let e = parse("[sinks.p]\nkind = \"postgres\"\nurl = \"host=db\"\ntable = \"drop table\"").unwrap_err();
         assert!(e.contains("table"), "{e}");
+        let e = parse(
+            "[sinks.p]\nkind = \"postgres\"\nurl = \"host=db\"\ntable = \"t\"\n\
+             [sinks.q]\nkind = \"postgres\"\nurl = \"host=db\"\ntable = \"t\"\n\
+             [streams.s]\nmerge = \"sum_i64\"\nwindow = { tumbling = \"1s\" }\nsinks = [\"p\", \"q\"]",
+        )
+        .unwrap_err();
+        assert!(e.contains("twice in all"), "{e}");
         let e = parse("[sinks.p]\nkind = \"postgres\"\nurl = \"host=db sslmode=verify\"\ntable = \"t\"").unwrap_err();
         assert!(e.contains("sinks.p") && e.contains("verify-full"), "{e}");
     }

@@ -168,39 +168,42 @@ fn take_ssl_options(conn: &str) -> Result<(String, SslMode, Option<PathBuf>), St
     Ok((kept.trim_end().to_owned(), mode, rootcert))
 }
 
-/// libpq's `key = value` pairs: (key, the value as written, the value unquoted). Values may be
-/// single-quoted, with `\'` and `\\` escapes.
+/// libpq's `key = value` pairs: (key, the value as written, the value unescaped). Values may
+/// be single-quoted; `\'` and `\\` (and, unquoted, `\ `) escape. Errors name a byte offset,
+/// never the text: it may hold a password.
 fn key_values(s: &str) -> Result<Vec<(&str, &str, String)>, String> {
     let mut out = Vec::new();
-    let mut rest = s.trim_start();
-    while !rest.is_empty() {
-        let eq = rest.find('=').ok_or_else(|| format!("connection string: missing \"=\" after {rest:?}"))?;
+    let mut at = s.len() - s.trim_start().len();
+    while at < s.len() {
+        let rest = &s[at..];
+        let eq = rest.find('=').ok_or_else(|| format!("connection string: no \"=\" after byte {at}"))?;
         let key = rest[..eq].trim_end();
-        if key.is_empty() || key.contains(char::is_whitespace) {
-            return Err(format!("connection string: bad key {key:?}"));
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("connection string: a bad key at byte {at}"));
         }
-        rest = rest[eq + 1..].trim_start();
-        let (raw, value, tail) = if let Some(quoted) = rest.strip_prefix('\'') {
-            let mut value = String::new();
-            let mut chars = quoted.char_indices();
-            let end = loop {
-                match chars.next() {
-                    None => return Err("connection string: unterminated quoted value".into()),
-                    Some((i, '\'')) => break i,
-                    Some((_, '\\')) => match chars.next() {
-                        Some((_, c)) => value.push(c),
-                        None => return Err("connection string: unterminated quoted value".into()),
-                    },
+        let start = at + eq + 1 + (rest[eq + 1..].len() - rest[eq + 1..].trim_start().len());
+        let mut value = String::new();
+        let mut chars = s[start..].char_indices();
+        let quoted = s[start..].starts_with('\'');
+        if quoted {
+            chars.next();
+        }
+        let end = loop {
+            match chars.next() {
+                None if quoted => return Err(format!("connection string: unterminated quoted value at byte {start}")),
+                None => break s.len() - start,
+                Some((i, '\'')) if quoted => break i + 1,
+                Some((i, c)) if !quoted && c.is_whitespace() => break i,
+                Some((_, '\\')) => match chars.next() {
                     Some((_, c)) => value.push(c),
-                }
-            };
-            (&rest[..end + 2], value, &rest[end + 2..])
-        } else {
-            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-            (&rest[..end], rest[..end].to_owned(), &rest[end..])
+                    None => return Err(format!("connection string: a dangling \\ at byte {start}")),
+                },
+                Some((_, c)) => value.push(c),
+            }
         };
-        out.push((key, raw, value));
-        rest = tail.trim_start();
+        out.push((key, &s[start..start + end], value));
+        at = start + end;
+        at += s[at..].len() - s[at..].trim_start().len();
     }
     Ok(out)
 }
@@ -313,7 +316,12 @@ mod tests {
     fn bad_options_are_named() {
         assert!(take_ssl_options("host=db sslmode=verify").unwrap_err().contains("verify-full"));
         assert!(take_ssl_options("host=db sslrootcert=system").unwrap_err().contains("system"));
-        assert!(take_ssl_options("host=db password='open").unwrap_err().contains("unterminated"));
+        let e = take_ssl_options("host=db password='open").unwrap_err();
+        assert!(e.contains("unterminated") && !e.contains("open"), "{e}");
+        assert!(!take_ssl_options("host=db secret-word").unwrap_err().contains("secret"));
+        // Unquoted values may escape a space, as libpq allows.
+        let (rest, _, _) = take_ssl_options("host=db password=a\\ b sslmode=require").unwrap();
+        assert_eq!(rest, "host=db password=a\\ b");
         assert!(
             PgConnect::parse("host=db sslmode=verify-full sslrootcert=/nonexistent/ca.pem")
                 .err()

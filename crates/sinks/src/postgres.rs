@@ -14,7 +14,8 @@
 //!
 //! So each output changes the target exactly once, across retries, failovers and stale
 //! leaders; a re-created cluster (its seqs and terms start again) and a second sink on the
-//! same table each have fence rows of their own. The schema is in `docs/sinks.md`; with
+//! same table (for other streams: one stream into one table twice is refused at start) each
+//! have fence rows of their own. A renamed sink starts a fresh fence (docs/sinks.md). The schema is in `docs/sinks.md`; with
 //! `create_table = true` (default) the sink creates the tables it needs and adds the `cluster`
 //! column to a target table made by an older build.
 //!
@@ -22,8 +23,9 @@
 //! that predates ids ([`coalesce_core::cluster::ClusterIdentity::predates_id`]) keeps honouring
 //! and moving its row there too, while that table exists: nodes of the older build delivering
 //! during a rolling upgrade fence (and are fenced by) the upgraded ones, and nothing is
-//! delivered twice across the upgrade. Dropping `coalesce_fence` once every node is upgraded
-//! ends that (docs/upgrades.md). A cluster created with an id never reads it.
+//! delivered twice across the upgrade. Until that table is dropped (once every node is
+//! upgraded, docs/upgrades.md), such a cluster's sinks sharing a table still skip each other's
+//! outputs through the old row, as before. A cluster created with an id never reads it.
 //!
 //! Connections (`tokio-postgres`, TLS by `sslmode` as libpq reads it: [`crate::pgtls`]) are
 //! opened lazily and reopened after errors; a shard always uses the same one of the
@@ -109,7 +111,13 @@ impl PostgresParams {
             (Some(url), None) => {
                 crate::pgtls::PgConnect::parse(url)?;
             }
-            (None, Some(_)) => {}
+            // Checked now when the variable is set (a node started without it reports that
+            // when it connects, and retries).
+            (None, Some(var)) => {
+                if let Ok(url) = std::env::var(var) {
+                    crate::pgtls::PgConnect::parse(&url).map_err(|e| format!("{var}: {e}"))?;
+                }
+            }
             _ => return Err("set exactly one of url and url_env".into()),
         }
         let parts: Vec<&str> = self.table.split('.').collect();
@@ -168,7 +176,6 @@ pub struct PostgresSink {
     name: String,
     params: PostgresParams,
     conns: Vec<tokio::sync::Mutex<Option<Conn>>>,
-    created: tokio::sync::OnceCell<()>,
 }
 
 impl std::fmt::Debug for PostgresSink {
@@ -236,27 +243,31 @@ fn target_ddl(table: &str, mode: PgMode) -> String {
     )
 }
 
-/// Brings a target table made by an older build (no `cluster` column; in `append` mode keyed
-/// by (shard, seq), where a re-created cluster's outputs would collide with the old ones) to
-/// [`target_ddl`]'s shape. Rows already there keep `cluster = ''`.
-fn migrate_ddl(table: &str, mode: PgMode) -> String {
-    let add = format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS cluster text NOT NULL DEFAULT ''");
-    if mode != PgMode::Append {
-        return add;
-    }
-    format!(
-        "{add};
-DO $$ DECLARE pk name; cols text[]; BEGIN
-  SELECT c.conname, array_agg(a.attname::text ORDER BY k.ord) INTO pk, cols
-    FROM pg_constraint c CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
-    JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
-    WHERE c.conrelid = '{table}'::regclass AND c.contype = 'p' GROUP BY c.conname;
-  IF cols = ARRAY['shard', 'seq'] THEN
-    EXECUTE format('ALTER TABLE {table} DROP CONSTRAINT %I, ADD PRIMARY KEY (cluster, shard, seq)', pk);
-  END IF;
-END $$"
-    )
+/// What a connection finds in the database (see [`PostgresSink::shape`]).
+#[derive(Debug)]
+struct Shape {
+    target: bool,
+    cluster_column: bool,
+    legacy_fence: bool,
+    fence: bool,
+    /// The target's primary key: constraint name and columns.
+    primary_key: Option<(String, Vec<String>)>,
 }
+
+const SHAPE_SQL: &str = "SELECT to_regclass($1) IS NOT NULL,
+    EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = 'cluster'
+            AND attnum > 0 AND NOT attisdropped),
+    to_regclass('coalesce_fence') IS NOT NULL,
+    to_regclass('coalesce_sink_fence') IS NOT NULL,
+    (SELECT c.conname::text FROM pg_constraint c WHERE c.conrelid = to_regclass($1) AND c.contype = 'p'),
+    (SELECT array_agg(a.attname::text ORDER BY k.ord)
+       FROM pg_constraint c CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+       JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+      WHERE c.conrelid = to_regclass($1) AND c.contype = 'p')";
+
+/// DDL waits this long for a table lock, then fails (retried later) rather than queue every
+/// reader and writer of the table behind it while a long query holds the table.
+const DDL_LOCK_TIMEOUT: &str = "5s";
 
 fn merge_sql(table: &str, mode: PgMode, cluster_column: bool) -> String {
     let (cols, set_cluster, other_cluster) = if cluster_column {
@@ -337,7 +348,60 @@ fn classify(e: tokio_postgres::Error) -> DeliveryError {
 impl PostgresSink {
     pub fn new(name: &str, params: PostgresParams) -> Self {
         let conns = (0..params.connections).map(|_| tokio::sync::Mutex::new(None)).collect();
-        Self { name: name.to_owned(), params, conns, created: tokio::sync::OnceCell::new() }
+        Self { name: name.to_owned(), params, conns }
+    }
+
+    /// Reads what the database holds of this sink's tables.
+    async fn shape(&self, client: &Client) -> Result<Shape, DeliveryError> {
+        let row = client
+            .query_one(SHAPE_SQL, &[&self.params.table])
+            .await
+            .map_err(|e| DeliveryError::transient(format!("reading the tables' shape: {e}")))?;
+        let pk: (Option<String>, Option<Vec<String>>) = (row.get(4), row.get(5));
+        Ok(Shape {
+            target: row.get(0),
+            cluster_column: row.get(1),
+            legacy_fence: row.get(2),
+            fence: row.get(3),
+            primary_key: pk.0.zip(pk.1),
+        })
+    }
+
+    /// Creates what is missing (`create_table = true`): the fence table, the target, the
+    /// target's `cluster` column; and re-keys an `append` table of an older build by (cluster,
+    /// shard, seq) — only once no node can still write it the old way (`coalesce_fence` is
+    /// gone: nodes of builds before cluster ids insert by (shard, seq)). Nothing runs when
+    /// nothing is missing, so a restart takes no table lock. Nodes do this concurrently; a
+    /// transaction-scoped advisory lock serializes them, DDL waits at most
+    /// [`DDL_LOCK_TIMEOUT`] for its table lock, and any error is retried (never a refusal of
+    /// the outputs).
+    async fn create_missing(&self, client: &Client, shape: &Shape) -> Result<(), DeliveryError> {
+        let (table, mode) = (self.params.table.as_str(), self.params.mode);
+        let mut ddl = Vec::new();
+        if !shape.fence {
+            ddl.push(FENCE_DDL.to_owned());
+        }
+        if !shape.target {
+            ddl.push(target_ddl(table, mode));
+        } else if !shape.cluster_column {
+            ddl.push(format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS cluster text NOT NULL DEFAULT ''"));
+        }
+        if let Some((name, cols)) = &shape.primary_key
+            && mode == PgMode::Append
+            && cols.as_slice() == ["shard", "seq"]
+            && !shape.legacy_fence
+        {
+            let name = name.replace('"', "\"\"");
+            ddl.push(format!("ALTER TABLE {table} DROP CONSTRAINT \"{name}\", ADD PRIMARY KEY (cluster, shard, seq)"));
+        }
+        if ddl.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "BEGIN; SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'; SELECT pg_advisory_xact_lock(7336455); {}; COMMIT",
+            ddl.join("; ")
+        );
+        client.batch_execute(&sql).await.map_err(|e| DeliveryError::transient(format!("creating tables: {e}")))
     }
 
     async fn connect(&self) -> Result<Conn, DeliveryError> {
@@ -354,41 +418,32 @@ impl PostgresSink {
             }
         });
         let table = self.params.table.as_str();
+        let mut shape = self.shape(&client).await?;
         if self.params.create_table {
-            // Nodes create the tables concurrently; PostgreSQL's CREATE TABLE IF NOT EXISTS can
-            // then fail with a duplicate catalog entry. A transaction-scoped advisory lock
-            // serializes them, and any error here is retried (never a refusal of the outputs).
-            self.created
-                .get_or_try_init(|| async {
-                    let ddl = format!(
-                        "BEGIN; SELECT pg_advisory_xact_lock(7336455); {FENCE_DDL}; {}; {}; COMMIT",
-                        target_ddl(table, self.params.mode),
-                        migrate_ddl(table, self.params.mode)
-                    );
-                    client
-                        .batch_execute(&ddl)
-                        .await
-                        .map_err(|e| DeliveryError::transient(format!("creating tables: {e}")))
-                })
-                .await?;
+            self.create_missing(&client, &shape).await?;
+            shape = self.shape(&client).await?;
         }
-        let row = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = 'cluster' \
-                   AND attnum > 0 AND NOT attisdropped), to_regclass('coalesce_fence') IS NOT NULL",
-                &[&table],
-            )
-            .await
-            .map_err(|e| DeliveryError::transient(format!("reading the tables' shape: {e}")))?;
-        let (cluster_column, legacy_fence): (bool, bool) = (row.get(0), row.get(1));
+        let cluster_column = shape.cluster_column;
         if !cluster_column {
             tracing::warn!(
                 sink = %self.name,
                 table,
                 "the target table has no `cluster` column (made by an older build, create_table = false): \
-                 outputs of a re-created cluster cannot replace its rows; see docs/upgrades.md"
+                 outputs of a cluster created anew cannot replace its rows; see docs/upgrades.md"
             );
         }
+        if self.params.mode == PgMode::Append
+            && shape.primary_key.as_ref().is_some_and(|(_, cols)| cols.as_slice() != ["cluster", "shard", "seq"])
+        {
+            tracing::warn!(
+                sink = %self.name,
+                table,
+                key = ?shape.primary_key,
+                "the append table is not keyed by (cluster, shard, seq): outputs of a cluster created anew that \
+                 repeat an old (shard, seq) are dropped; see docs/upgrades.md"
+            );
+        }
+        let legacy_fence = shape.legacy_fence;
         let merge_sql = merge_sql(table, self.params.mode, cluster_column);
         Ok(Conn { client, staged: false, layout: Layout { legacy_fence, merge_sql } })
     }

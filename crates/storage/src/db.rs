@@ -60,6 +60,8 @@ pub struct NodeDb {
     db: Arc<DB>,
     path: PathBuf,
     flusher: Flusher,
+    /// The database was empty when this process opened it.
+    created: bool,
 }
 
 impl NodeDb {
@@ -98,14 +100,19 @@ impl NodeDb {
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let db = Arc::new(db);
         let flusher = Flusher::start(Arc::clone(&db));
-        let node = Arc::new(Self { db, path: path.to_owned(), flusher });
-        crate::format::check_and_migrate(&node)?;
-        Ok(node)
+        let mut node = Self { db, path: path.to_owned(), flusher, created: false };
+        node.created = crate::format::check_and_migrate(&node)?;
+        Ok(Arc::new(node))
     }
 
     /// The column family `name` (every name in [`ALL_CFS`] exists once opened).
     pub fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StorageError> {
         self.db.cf_handle(name).ok_or(StorageError::MissingColumnFamily(name))
+    }
+
+    /// Whether the database was empty when this process opened it (a new data directory).
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     /// The raw database, for reads and iteration.

@@ -73,13 +73,14 @@ fn is_empty(db: &NodeDb) -> Result<bool, StorageError> {
     Ok(true)
 }
 
-/// Checks `db`'s format and migrates it to [`FORMAT_VERSION`] (see the module docs).
-pub(crate) fn check_and_migrate(db: &NodeDb) -> Result<(), StorageError> {
+/// Checks `db`'s format and migrates it to [`FORMAT_VERSION`] (see the module docs). Returns
+/// whether the database was empty (created by this open).
+pub(crate) fn check_and_migrate(db: &NodeDb) -> Result<bool, StorageError> {
     let found = match recorded(db)? {
         Some(v) => v,
         None if is_empty(db)? => {
             record(db, WriteBatch::default(), FORMAT_VERSION)?;
-            return Ok(());
+            return Ok(true);
         }
         None => 0,
     };
@@ -97,7 +98,7 @@ pub(crate) fn check_and_migrate(db: &NodeDb) -> Result<(), StorageError> {
         record(db, batch, to)?;
         tracing::info!(from, to, path = %db.path().display(), "migrated the data directory's format");
     }
-    Ok(())
+    Ok(false)
 }
 
 fn record(db: &NodeDb, mut batch: WriteBatch, version: u32) -> Result<(), StorageError> {
