@@ -102,7 +102,7 @@ fn client_config(check: Check, rootcert: Option<PathBuf>) -> Result<rustls::Clie
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?;
     let verifier: Arc<dyn ServerCertVerifier> = if check == Check::None {
-        Arc::new(Unchecked(provider))
+        Arc::new(Unchecked)
     } else {
         let path = match rootcert {
             Some(p) => p,
@@ -208,10 +208,40 @@ fn key_values(s: &str) -> Result<Vec<(&str, &str, String)>, String> {
     Ok(out)
 }
 
+/// The handshake-signature methods both verifiers need: rustls' own checks with the ring
+/// provider's algorithms (signatures are checked even when the certificate is not).
+macro_rules! handshake_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &ring().signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &ring().signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            ring().signature_verification_algorithms.supported_schemes()
+        }
+    };
+}
+
+fn ring() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
 /// `require`/`prefer` without a root certificate: encrypted, the server not authenticated
-/// (libpq's behaviour; signatures are still checked, so the handshake is real).
+/// (libpq's behaviour; the handshake's signatures are still checked).
 #[derive(Debug)]
-struct Unchecked(Arc<rustls::crypto::CryptoProvider>);
+struct Unchecked;
 
 impl ServerCertVerifier for Unchecked {
     fn verify_server_cert(
@@ -224,29 +254,12 @@ impl ServerCertVerifier for Unchecked {
     ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    handshake_signatures!();
 }
 
 /// `verify-ca`: the chain must lead to a root of ours; the name in the certificate is not
-/// compared with the host.
+/// compared with the host (rustls checks the name last, after the chain, so only a chain that
+/// verified can fail on its name).
 #[derive(Debug)]
 struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
 
@@ -266,25 +279,7 @@ impl ServerCertVerifier for AnyName {
             other => other,
         }
     }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
+    handshake_signatures!();
 }
 
 #[cfg(test)]
