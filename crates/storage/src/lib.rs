@@ -9,6 +9,8 @@
 //! - [`format`]: the database's format version, checked at open, and migrations.
 //! - [`shard`]: one shard's rows: log operations, the [`coalesce_core::buffer::BufferStore`]
 //!   implementation the state machine applies through, outbox, sessions, snapshots.
+//! - [`snapshot`]: a shard snapshot's bytes written and read a row at a time, with limits on
+//!   what a peer may send (the format of [`shard::StateExport::encode`]).
 //! - [`error`]: storage errors.
 //!
 //! This crate knows the core's types but not openraft: log entries and Raft metadata are opaque
@@ -20,6 +22,7 @@ pub mod flusher;
 pub mod format;
 pub mod keys;
 pub mod shard;
+pub mod snapshot;
 
 pub use db::{NodeDb, StorageOptions, WalRecovery};
 pub use error::StorageError;

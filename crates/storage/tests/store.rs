@@ -483,6 +483,19 @@ fn state_survives_restart_and_moves_by_snapshot() {
     let export = shard.export_state().unwrap();
     assert!(export.sm_meta(coalesce_storage::keys::SmMetaTag::Stats).is_some());
     let data = export.encode().unwrap();
+    // Read a row at a time (as a receiving node will), the rows are the export's, in order.
+    let mut reader = coalesce_storage::snapshot::RowReader::new(Default::default());
+    let mut rows = Vec::new();
+    for chunk in data.chunks(5) {
+        rows.extend(reader.push(chunk).unwrap());
+    }
+    reader.finish().unwrap();
+    assert_eq!(rows.len(), export.len());
+    let mut again = coalesce_storage::snapshot::header(rows.len() as u64);
+    for (cf, k, v) in &rows {
+        coalesce_storage::snapshot::put_row(&mut again, *cf, k, v);
+    }
+    assert_eq!(again, data, "written a row at a time, the same bytes");
     let other_dir = tempfile::tempdir().unwrap();
     let other = ShardStore::new(open(other_dir.path()), 3);
     // Pre-existing rows of the target are replaced.
