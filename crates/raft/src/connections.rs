@@ -156,19 +156,19 @@ impl Book {
 
 /// Lets one message through per period and counts the ones held back.
 #[derive(Debug)]
-struct LogEvery {
+pub(crate) struct LogEvery {
     period: Duration,
     /// When the last message went out, and how many were held back since.
     state: Mutex<(Option<Instant>, u64)>,
 }
 
 impl LogEvery {
-    fn new(period: Duration) -> Self {
+    pub(crate) fn new(period: Duration) -> Self {
         Self { period, state: Mutex::new((None, 0)) }
     }
 
     /// `Some(held back since the last one)` when this occurrence is to be logged.
-    fn hit(&self, now: Instant) -> Option<u64> {
+    pub(crate) fn hit(&self, now: Instant) -> Option<u64> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match s.0 {
             Some(last) if now.saturating_duration_since(last) < self.period => {

@@ -615,7 +615,7 @@ impl RaftNode {
         names.sort_by_key(|n| crate::identity::natural_key(n));
         let last = names.last().copied() == Some(self.me.name.as_str());
         let peers: Vec<String> = names.iter().filter(|n| **n != self.me.name).map(|n| (*n).to_owned()).collect();
-        let mut said = tokio::time::Instant::now() - Duration::from_secs(3600);
+        let waiting = crate::connections::LogEvery::new(Duration::from_secs(30));
         while self.identity.get().is_none() {
             let (mut answered, mut born) = (0, true);
             for peer in &peers {
@@ -633,8 +633,7 @@ impl RaftNode {
                 }
                 continue;
             }
-            if said.elapsed() >= Duration::from_secs(30) {
-                said = tokio::time::Instant::now();
+            if waiting.hit(tokio::time::Instant::now()).is_some() {
                 tracing::warn!(
                     answered,
                     peers = peers.len(),

@@ -375,7 +375,8 @@ impl PostgresSink {
     /// transaction-scoped advisory lock serializes them, DDL waits at most
     /// [`DDL_LOCK_TIMEOUT`] for its table lock, and any error is retried (never a refusal of
     /// the outputs).
-    async fn create_missing(&self, client: &Client, shape: &Shape) -> Result<(), DeliveryError> {
+    /// Returns whether it ran any DDL.
+    async fn create_missing(&self, client: &Client, shape: &Shape) -> Result<bool, DeliveryError> {
         let (table, mode) = (self.params.table.as_str(), self.params.mode);
         let mut ddl = Vec::new();
         if !shape.fence {
@@ -395,13 +396,14 @@ impl PostgresSink {
             ddl.push(format!("ALTER TABLE {table} DROP CONSTRAINT \"{name}\", ADD PRIMARY KEY (cluster, shard, seq)"));
         }
         if ddl.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let sql = format!(
             "BEGIN; SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'; SELECT pg_advisory_xact_lock(7336455); {}; COMMIT",
             ddl.join("; ")
         );
-        client.batch_execute(&sql).await.map_err(|e| DeliveryError::transient(format!("creating tables: {e}")))
+        client.batch_execute(&sql).await.map_err(|e| DeliveryError::transient(format!("creating tables: {e}")))?;
+        Ok(true)
     }
 
     async fn connect(&self) -> Result<Conn, DeliveryError> {
@@ -419,8 +421,7 @@ impl PostgresSink {
         });
         let table = self.params.table.as_str();
         let mut shape = self.shape(&client).await?;
-        if self.params.create_table {
-            self.create_missing(&client, &shape).await?;
+        if self.params.create_table && self.create_missing(&client, &shape).await? {
             shape = self.shape(&client).await?;
         }
         let cluster_column = shape.cluster_column;
