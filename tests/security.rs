@@ -570,3 +570,133 @@ async fn an_entry_that_fails_to_apply_stops_its_group_not_the_nodes() {
         assert!(cluster.is_running(i), "node {i} runs after the restart");
     }
 }
+
+/// One forged InstallSnapshot stream to `addr` (the peer port): `chunks` are sent one after
+/// the other, then the stream stays open for `hold` before it ends.
+async fn send_snapshot(addr: &str, chunks: Vec<pb::SnapshotChunk>, hold: Duration) -> Result<(), tonic::Status> {
+    use futures::StreamExt;
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    let mut peer = RaftPeerClient::new(channel).max_encoding_message_size(64 << 20);
+    let stream = futures::stream::iter(chunks.into_iter().map(Some))
+        .chain(futures::stream::once(async move {
+            tokio::time::sleep(hold).await;
+            None
+        }))
+        .filter_map(|c| async move { c });
+    peer.install_snapshot(stream).await.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_snapshots_are_refused_and_leave_nothing_behind() {
+    use coalesce_storage::snapshot::{header, put_row};
+    let raft = "snapshot_max_bytes = 1048576\nsnapshot_stall_timeout = \"1s\"\nsnapshot_concurrent_receives = 1";
+    let cluster = Cluster::start_raft(3, 1, SUMS, raft);
+    let leaders = cluster.wait_ready(Duration::from_secs(30)).await;
+    let leader = cluster.index_of(&leaders[&0]).unwrap();
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let ids = {
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let channel = Channel::from_shared(format!("http://{}", peer_addr(&cluster, i))).unwrap().connect_lazy();
+            let hello = pb::HelloRequest { cluster: "test".into(), ..Default::default() };
+            ids.push(RaftPeerClient::new(channel).hello(hello).await.unwrap().into_inner().node_id);
+        }
+        ids
+    };
+    let target = ids[follower];
+    let addr = peer_addr(&cluster, follower);
+    // The current leader's vote, at a term no lower than the follower's.
+    let vote = coalesce_raft::types::Vote {
+        leader_id: openraft::impls::leader_id_adv::LeaderId { term: 1_000, node_id: ids[leader] },
+        committed: true,
+    };
+    let meta = |term: u64, index: u64| coalesce_raft::codec::SnapshotMetaT {
+        last_log_id: Some(coalesce_raft::codec::log_id(term, ids[leader], index)),
+        last_membership: Default::default(),
+    };
+    let first = |meta: &coalesce_raft::codec::SnapshotMetaT, data: Vec<u8>| pb::SnapshotChunk {
+        group: 0,
+        target,
+        vote: coalesce_raft::codec::encode_vote(&vote).unwrap(),
+        meta: coalesce_raft::codec::encode_snapshot_meta(meta).unwrap(),
+        data,
+    };
+    let more = |data: Vec<u8>| pb::SnapshotChunk { group: 0, target, vote: Vec::new(), meta: Vec::new(), data };
+    let refused = |r: Result<(), tonic::Status>, what: &str, code: tonic::Code, needle: &str| match r {
+        Err(s) if s.code() == code && s.message().contains(needle) => {}
+        other => panic!("{what}: expected {code:?} with {needle:?}, got {other:?}"),
+    };
+    let good = meta(900, 1 << 40);
+
+    // Bigger than the 1 MiB the follower accepts, in chunks it would take one by one.
+    let mut big = header(3);
+    for i in 0..3u8 {
+        put_row(&mut big, 2, &[i], &vec![i; 600 << 10]);
+    }
+    let chunks = std::iter::once(first(&good, big[..1000].to_vec()))
+        .chain(big[1000..].chunks(256 << 10).map(|c| more(c.to_vec())))
+        .collect();
+    refused(send_snapshot(&addr, chunks, Duration::ZERO).await, "too large", tonic::Code::InvalidArgument, "too_large");
+    // One chunk past the 4 MiB any sender uses.
+    let huge = vec![first(&good, Vec::new()), more(vec![0; 5 << 20])];
+    refused(send_snapshot(&addr, huge, Duration::ZERO).await, "huge chunk", tonic::Code::InvalidArgument, "a chunk of");
+    // Bytes that are not a snapshot.
+    let garbage = vec![first(&good, vec![0xff; 64])];
+    refused(send_snapshot(&addr, garbage, Duration::ZERO).await, "garbage", tonic::Code::InvalidArgument, "malformed");
+    // Metadata openraft would panic on: a log id beyond the leadership of the vote.
+    let beyond = vec![first(&meta(2_000, 1 << 40), header(0))];
+    refused(send_snapshot(&addr, beyond, Duration::ZERO).await, "beyond vote", tonic::Code::InvalidArgument, "beyond");
+    // Rows that contradict the metadata (no applied log id among them).
+    let mut rows = header(1);
+    put_row(&mut rows, 2, b"k", b"v");
+    let contradicting = vec![first(&good, rows)];
+    refused(
+        send_snapshot(&addr, contradicting, Duration::ZERO).await,
+        "rows",
+        tonic::Code::InvalidArgument,
+        "contradict",
+    );
+    // A stream that stops moving is dropped; while it is open, a second one finds the node busy.
+    // (A probe that reaches the node first takes its one receive: then the stalled stream is
+    // the one refused as busy, and is sent again.)
+    let stall = || {
+        let (addr, chunks) = (addr.clone(), vec![first(&good, header(5))]);
+        tokio::spawn(async move { send_snapshot(&addr, chunks, Duration::from_secs(20)).await })
+    };
+    let mut stalled = stall();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if stalled.is_finished() {
+            match stalled.await.unwrap() {
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => stalled = stall(),
+                other => panic!("the stalled stream ended before a probe found the node busy: {other:?}"),
+            }
+        }
+        let busy = send_snapshot(&addr, vec![first(&good, header(0))], Duration::ZERO).await;
+        if matches!(&busy, Err(s) if s.code() == tonic::Code::ResourceExhausted) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a second snapshot was not refused as busy: {busy:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    refused(stalled.await.unwrap(), "stalled", tonic::Code::DeadlineExceeded, "stalled");
+    assert!(started.elapsed() < Duration::from_secs(10), "the stall was noticed after {:?}", started.elapsed());
+
+    // Nothing was kept, nothing was installed, and every node is still serving.
+    let snapshots = cluster.path().join(format!("data-{follower}")).join("snapshots");
+    let left: Vec<_> = std::fs::read_dir(&snapshots).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "files left in {}: {left:?}", snapshots.display());
+    for i in 0..3 {
+        assert!(cluster.is_running(i), "node {i} survived the forged snapshots");
+    }
+    let key = key_on("sums", 0, 1, 0);
+    ingest_all(&cluster, 9, &[(key.clone(), 3)], 1).await;
+    assert_eq!(cluster.collect_outputs().await, [(key, 3)].into());
+    let mut counted = 0.0;
+    for reason in ["too_large", "invalid", "stalled", "busy"] {
+        let series = format!("coalesce_raft_snapshot_refused_total{{reason=\"{reason}\"}}");
+        counted += cluster.metric(&series).await.iter().sum::<f64>();
+    }
+    assert!(counted >= 7.0, "refusals counted: {counted}");
+}

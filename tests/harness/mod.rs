@@ -56,12 +56,17 @@ impl Cluster {
         extra: &str,
         env: &[(String, String)],
     ) -> Cluster {
-        Self::start_opts(dir, n, shards, streams, extra, env, false)
+        Self::start_opts(dir, n, shards, streams, extra, env, false, "")
+    }
+
+    /// [`Cluster::start`] with more `[raft]` settings (`raft`, e.g. `snapshot_max_bytes = 1`).
+    pub fn start_raft(n: usize, shards: u32, streams: &str, raft: &str) -> Cluster {
+        Self::start_opts(tempfile::tempdir().unwrap(), n, shards, streams, "", &[], false, raft)
     }
 
     /// [`Cluster::start`] with peer traffic through cuttable links, for [`Cluster::isolate`].
     pub fn start_partitionable(n: usize, shards: u32, streams: &str) -> Cluster {
-        Self::start_opts(tempfile::tempdir().unwrap(), n, shards, streams, "", &[], true)
+        Self::start_opts(tempfile::tempdir().unwrap(), n, shards, streams, "", &[], true, "")
     }
 
     /// Cuts node `i` off from its peers (its clients still reach it), or heals it.
@@ -69,6 +74,7 @@ impl Cluster {
         self.local.isolate(i, cut).unwrap();
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start_opts(
         dir: tempfile::TempDir,
         n: usize,
@@ -77,13 +83,16 @@ impl Cluster {
         extra: &str,
         env: &[(String, String)],
         proxied: bool,
+        raft: &str,
     ) -> Cluster {
         let opts = LocalOptions {
             cluster: "test".into(),
             nodes: n,
             shards,
             streams: streams.into(),
-            raft: "heartbeat = \"50ms\"\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"".into(),
+            raft: format!(
+                "heartbeat = \"50ms\"\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"\n{raft}"
+            ),
             log_filter: std::env::var("COALESCE_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
             extra: extra.into(),
             env: env.to_vec(),

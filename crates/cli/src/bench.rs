@@ -66,6 +66,8 @@ pub(crate) enum BenchCmd {
     Savings(crate::bench_savings::SavingsArgs),
     /// Millions of distinct buffered keys: RSS over time and the ingest rate against 100k keys.
     StateScale(crate::bench_state::StateArgs),
+    /// A stopped node catching up through snapshots of a large state: time and memory.
+    Snapshot(crate::bench_snapshot::SnapshotArgs),
     /// CPU and memory of an idle cluster (64 shards by default).
     Idle(crate::bench_state::IdleArgs),
     /// A throttled sink: backlog and staleness with fixed windows vs load-adaptive windows.
@@ -286,6 +288,7 @@ pub(crate) async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Savings(args) => crate::bench_savings::run(args).await,
         BenchCmd::StateScale(args) => crate::bench_state::state_scale(args).await,
         BenchCmd::Idle(args) => crate::bench_state::idle(args).await,
+        BenchCmd::Snapshot(args) => crate::bench_snapshot::run(args).await,
         BenchCmd::Adaptive(args) => crate::bench_adaptive::run(args).await,
     }
 }

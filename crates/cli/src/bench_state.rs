@@ -55,7 +55,7 @@ pub(crate) struct IdleArgs {
 }
 
 /// CPU seconds (user + system) and resident bytes of a process.
-fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
+pub(crate) fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     let stat = procfs::process::Process::new(pid as i32)
         .and_then(|p| p.stat())
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
@@ -64,7 +64,13 @@ fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
 }
 
 fn pids(cluster: &LocalCluster) -> anyhow::Result<Vec<u32>> {
-    cluster.nodes.iter().map(|n| n.child.as_ref().map(|c| c.id()).context("a node is not running")).collect()
+    (0..cluster.nodes.len()).map(|i| pid_of(cluster, i)).collect()
+}
+
+/// The process id of node `i`, while it runs.
+pub(crate) fn pid_of(cluster: &LocalCluster, i: usize) -> anyhow::Result<u32> {
+    let node = &cluster.nodes[i];
+    node.child.as_ref().map(|c| c.id()).with_context(|| format!("{} is not running", node.name))
 }
 
 fn rss_all(pids: &[u32]) -> Vec<u64> {

@@ -10,6 +10,7 @@ mod bench_etcd;
 mod bench_fetch;
 mod bench_pg;
 mod bench_savings;
+mod bench_snapshot;
 mod bench_state;
 mod certs;
 mod demo;

@@ -7,7 +7,8 @@
 //! - [`types`]: the type configuration, the log's [`types::Command`]s and their responses.
 //! - [`codec`]: our on-disk encoding of openraft values (its serde is not a stable format).
 //! - [`log_store`]: the log store over `coalesce-storage`, durable through group commit.
-//! - [`state_machine`]: applying Ingest/Seal/Ack deterministically; snapshots.
+//! - [`state_machine`]: applying Ingest/Seal/Ack deterministically.
+//! - [`snapshot`]: shard snapshots between replicas, streamed and bounded on both sides.
 //! - [`network`]: the peer transport (tonic, one channel per peer, real pre-vote and
 //!   leadership transfer).
 //! - [`identity`]: the cluster id — made once, learned through Hello, checked on every Hello.
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod quiesce;
+pub mod snapshot;
 pub mod state_machine;
 pub mod tls;
 pub mod tracectx;

@@ -143,7 +143,8 @@ pub(crate) static PROPOSE: LazyLock<HistogramVec> = LazyLock::new(|| {
 pub(crate) static SNAPSHOTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "coalesce_raft_snapshots_total",
-        "Shard snapshots built (for log purge and lagging replicas) or installed from a leader.",
+        "Shard snapshots by event: built (for log purge), sent (to a lagging replica), received (complete and \
+         checked, from a leader), installed.",
         &["event"],
     )
 });
@@ -284,9 +285,10 @@ pub fn init(streams: &[&str]) {
     for event in ["opened", "stalled", "failed"] {
         APPEND_STREAMS.with_label_values(&[event]);
     }
-    for event in ["built", "installed"] {
+    for event in ["built", "sent", "received", "installed"] {
         SNAPSHOTS.with_label_values(&[event]);
     }
+    crate::snapshot::init_metrics();
     for stream in streams {
         for m in [&INPUTS, &SHED, &ABSORBED, &MERGE_ERRORS] {
             m.with_label_values(&[stream]);

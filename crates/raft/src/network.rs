@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use coalesce_core::hash::ShardId;
+use coalesce_proto::v1::RaftMessage;
 use coalesce_proto::v1::raft_peer_client::RaftPeerClient;
-use coalesce_proto::v1::{RaftMessage, SnapshotChunk};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
@@ -29,17 +29,15 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use openraft::storage::Snapshot;
+use openraft::type_config::alias::SnapshotOf;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::codec;
+use crate::snapshot::{ShardSnapshot, SnapshotOptions};
 use crate::types::{PeerNode, TypeConfig, Vote};
-
-/// Size of a snapshot chunk on the wire.
-const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
 /// The least time a replication stream may go without an answer while requests are
 /// outstanding before it counts as broken (a paused follower, a black-holed connection).
@@ -55,6 +53,8 @@ pub struct Channels {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// This node's own view of where each peer (by name) listens: its config's peer list.
     addrs: HashMap<String, String>,
+    /// How snapshots are sent (and received) by this node.
+    snapshot: SnapshotOptions,
 }
 
 impl Channels {
@@ -62,7 +62,18 @@ impl Channels {
     /// certificate names the node dialed: [`crate::tls::Connector`]) when `tls` is set, to the
     /// peers at `addrs` (name → `host:port`).
     pub fn new(tls: Option<Arc<rustls::ClientConfig>>, addrs: HashMap<String, String>) -> Self {
-        Self { by_addr: Mutex::default(), tls, addrs }
+        Self { by_addr: Mutex::default(), tls, addrs, snapshot: SnapshotOptions::default() }
+    }
+
+    /// The same channels, sending and receiving snapshots with `options`.
+    pub fn with_snapshot_options(mut self, options: SnapshotOptions) -> Self {
+        self.snapshot = options;
+        self
+    }
+
+    /// How this node sends and receives snapshots.
+    pub fn snapshot_options(&self) -> SnapshotOptions {
+        self.snapshot
     }
 
     /// Whether peers speak mutual TLS (and must prove which node they are).
@@ -138,6 +149,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
             target,
             addr: self.channels.addr_of(node).to_owned(),
             client: self.channels.for_peer(node).map(RaftPeerClient::new),
+            snapshot: self.channels.snapshot_options(),
         }
     }
 }
@@ -149,6 +161,7 @@ pub struct GroupClient {
     target: u64,
     addr: String,
     client: Result<RaftPeerClient<Channel>, String>,
+    snapshot: SnapshotOptions,
 }
 
 fn network_err(msg: impl std::fmt::Display) -> RPCError<TypeConfig> {
@@ -193,7 +206,7 @@ impl GroupClient {
 }
 
 impl RaftNetworkV2<TypeConfig> for GroupClient {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = ShardSnapshot;
 
     async fn append_entries(
         &mut self,
@@ -293,39 +306,30 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
     async fn full_snapshot(
         &mut self,
         vote: Vote,
-        snapshot: Snapshot<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, PeerNode, Vec<u8>>,
+        snapshot: SnapshotOf<TypeConfig, ShardSnapshot>,
         cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let group = self.group;
-        let vote_bytes =
-            codec::encode_vote(&vote).map_err(|e| StreamingError::Network(NetworkError::from_string(e.to_string())))?;
-        let meta_bytes = codec::encode_snapshot_meta(&snapshot.meta)
-            .map_err(|e| StreamingError::Network(NetworkError::from_string(e.to_string())))?;
-        let data = snapshot.snapshot;
-        let mut chunks: Vec<SnapshotChunk> = data
-            .chunks(SNAPSHOT_CHUNK_BYTES)
-            .map(|c| SnapshotChunk { group, target: self.target, vote: Vec::new(), meta: Vec::new(), data: c.to_vec() })
-            .collect();
-        if chunks.is_empty() {
-            chunks.push(SnapshotChunk {
-                group,
-                target: self.target,
-                vote: Vec::new(),
-                meta: Vec::new(),
-                data: Vec::new(),
-            });
-        }
-        chunks[0].vote = vote_bytes;
-        chunks[0].meta = meta_bytes;
+        let fail = |e: &dyn std::fmt::Display| StreamingError::Network(NetworkError::from_string(e.to_string()));
+        let vote_bytes = codec::encode_vote(&vote).map_err(|e| fail(&e))?;
+        let meta_bytes = codec::encode_snapshot_meta(&snapshot.meta).map_err(|e| fail(&e))?;
+        let (chunks, read_error) =
+            crate::snapshot::chunks(self.group, self.target, vote_bytes, meta_bytes, snapshot.snapshot, self.snapshot)
+                .map_err(|e| fail(&e))?;
         let mut client = self.client().map_err(StreamingError::from)?;
-        let send = client.install_snapshot(tokio_stream_iter(chunks));
+        let send = client.install_snapshot(chunks);
         let reply = tokio::select! {
-            r = send => r.map_err(|s| StreamingError::from(status_err(self.target, &self.addr, s)))?,
+            r = send => r,
             closed = cancel => return Err(StreamingError::Closed(closed)),
         };
-        codec::decode_msg("snapshot response", &reply.into_inner().payload)
-            .map_err(|e| StreamingError::Network(NetworkError::from_string(e.to_string())))
+        // A local read error ended the stream early: that, not the receiver's complaint about a
+        // short snapshot, is the cause.
+        if let Some(e) = read_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(fail(&format!("reading the snapshot to send: {e}")));
+        }
+        let reply = reply.map_err(|s| StreamingError::from(status_err(self.target, &self.addr, s)))?;
+        crate::metrics::SNAPSHOTS.with_label_values(&["sent"]).inc();
+        codec::decode_msg("snapshot response", &reply.into_inner().payload).map_err(|e| fail(&e))
     }
 }
 
@@ -391,11 +395,6 @@ fn watch_stalls<T: Send + 'static>(
             }
         }
     })
-}
-
-/// A stream over owned chunks, for client-streaming calls.
-fn tokio_stream_iter(chunks: Vec<SnapshotChunk>) -> impl futures::Stream<Item = SnapshotChunk> + Send + 'static {
-    futures::stream::iter(chunks)
 }
 
 #[cfg(test)]

@@ -22,7 +22,6 @@ use coalesce_proto::v1::raft_peer_server::RaftPeer;
 use coalesce_proto::v1::{HelloRequest, HelloResponse, PingRequest, PingResponse, RaftMessage, SnapshotChunk};
 use coalesce_storage::{NodeDb, ShardStore, StorageError};
 use openraft::errors::{ClientWriteError, ForwardReason, RaftError};
-use openraft::storage::Snapshot;
 use openraft::{Config, Raft, SnapshotPolicy};
 use tonic::{Request, Response as TonicResponse, Status, Streaming};
 
@@ -77,6 +76,8 @@ pub struct RaftTiming {
     /// Applied state is checkpointed to RocksDB at least this often
     /// ([`ShardStateMachine::checkpoint_every`]); 0: after every apply.
     pub checkpoint_ms: u64,
+    /// Limits and pacing of snapshot transfers ([`crate::snapshot`]).
+    pub snapshot: crate::snapshot::SnapshotOptions,
 }
 
 impl Default for RaftTiming {
@@ -87,6 +88,7 @@ impl Default for RaftTiming {
             election_max_ms: 350,
             quiesce_after_ms: 2_000,
             checkpoint_ms: 1_000,
+            snapshot: crate::snapshot::SnapshotOptions::DEFAULT,
         }
     }
 }
@@ -365,6 +367,8 @@ pub struct RaftNode {
     sink_streams: std::sync::RwLock<BTreeMap<String, BTreeSet<String>>>,
     /// The cluster id ([`crate::identity`]).
     identity: crate::identity::Identity,
+    /// Snapshots this node may be receiving at once ([`crate::snapshot`]).
+    snapshot_receives: Arc<tokio::sync::Semaphore>,
 }
 
 /// What a delivery worker last saw of its sink (see [`RaftNode::report_sink_health`]).
@@ -439,7 +443,7 @@ impl RaftNode {
         };
         let config = Arc::new(timing.config(&spec.cluster).map_err(NodeError::Config)?);
         let addrs = spec.nodes.iter().map(|n| (n.name.clone(), n.peer_addr.clone())).collect();
-        let channels = Arc::new(Channels::new(peer_tls, addrs));
+        let channels = Arc::new(Channels::new(peer_tls, addrs).with_snapshot_options(timing.snapshot));
         let mut groups = BTreeMap::new();
         let mut not_started = BTreeMap::new();
         for shard in 0..spec.shards {
@@ -447,6 +451,14 @@ impl RaftNode {
                 continue;
             }
             let store = ShardStore::new(Arc::clone(&db), shard);
+            // A snapshot install a restart interrupted is finished first; if it cannot be, the
+            // shard's rows are incomplete and the group must not start on them.
+            if let Err(e) = store.recover_install() {
+                let why = ApplyFailure { index: 0, term: 0, detail: e.to_string() };
+                tracing::error!(shard, error = %why.detail, "shard group not started on this node; its other groups run");
+                not_started.insert(shard, why);
+                continue;
+            }
             let sm = ShardStateMachine::open(store.clone())?
                 .counting_as(id)
                 .checkpoint_every(Duration::from_millis(timing.checkpoint_ms));
@@ -495,6 +507,7 @@ impl RaftNode {
             sink_health: std::sync::Mutex::new(BTreeMap::new()),
             sink_streams: std::sync::RwLock::new(BTreeMap::new()),
             identity,
+            snapshot_receives: Arc::new(tokio::sync::Semaphore::new(timing.snapshot.concurrent_receives.max(1))),
         }))
     }
 
@@ -1899,25 +1912,48 @@ impl RaftPeer for PeerService {
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<TonicResponse<RaftMessage>, Status> {
         let sender = self.node.peer_sender(&request)?;
+        let options = self.node.channels.snapshot_options();
+        // Held until the snapshot is installed (or refused): the node's disk and I/O for
+        // snapshots stay bounded. A busy node is asked again after openraft's backoff.
+        let _permit = Arc::clone(&self.node.snapshot_receives).try_acquire_owned().map_err(|_| {
+            crate::snapshot::refuse("busy", format!("{} snapshots are being received", options.concurrent_receives))
+        })?;
         let mut stream = request.into_inner();
-        let first = stream.message().await?.ok_or_else(|| bad("empty snapshot stream"))?;
+        let stall = Duration::from_millis(options.stall_ms.max(1));
+        let first = tokio::time::timeout(stall, stream.message())
+            .await
+            .map_err(|_| crate::snapshot::refuse("stalled", "no first chunk"))??
+            .ok_or_else(|| bad("empty snapshot stream"))?;
         let g = self.group(first.group, first.target)?;
         let vote = codec::decode_vote(first.group, &first.vote).map_err(bad)?;
         self.node.check_speaks_for(sender.as_deref(), &g, vote.leader_id.node_id).await?;
         let meta = codec::decode_snapshot_meta(first.group, &first.meta).map_err(bad)?;
-        let mut data = first.data;
-        while let Some(chunk) = stream.message().await? {
-            if chunk.group != first.group {
-                return Err(bad("snapshot chunks of different groups"));
+        // openraft panics on a snapshot that contradicts the vote or the committed log: refuse
+        // one before it gets there, and before a byte of it is stored.
+        check_snapshot_meta(&meta, &vote, g.raft.metrics().borrow_watched().local_committed.as_ref())
+            .map_err(|e| crate::snapshot::refuse("invalid", format!("shard {}: {e}", first.group)))?;
+        let file = crate::snapshot::receive(&g.store, first, std::pin::pin!(stream), options).await?;
+        // The rows must say what the metadata says: openraft takes the metadata as the applied
+        // state, this replica's reads take the rows.
+        let rows_applied = file.meta().applied.as_deref().map(|b| codec::decode_log_id(g.shard, b)).transpose();
+        let rows_membership =
+            file.meta().membership.as_deref().map(|b| codec::decode_membership(g.shard, b)).transpose();
+        match (rows_applied, rows_membership) {
+            (Ok(applied), Ok(membership))
+                if applied == meta.last_log_id
+                    && membership.as_ref().unwrap_or(&Default::default()) == &meta.last_membership => {}
+            _ => {
+                return Err(crate::snapshot::refuse(
+                    "invalid",
+                    format!("shard {}: the snapshot's rows contradict its metadata", g.shard),
+                ));
             }
-            data.extend_from_slice(&chunk.data);
         }
-        // Refuse data that does not parse before openraft sees it (it panics on inconsistent
-        // snapshots, so corrupt input must never reach it).
-        coalesce_storage::StateExport::decode(first.group, &data).map_err(bad)?;
-        let resp = g.raft.install_full_snapshot(vote, Snapshot { meta, snapshot: data }).await.map_err(unavailable)?;
+        crate::metrics::SNAPSHOTS.with_label_values(&["received"]).inc();
+        let snapshot = openraft::storage::Snapshot { meta, snapshot: crate::snapshot::ShardSnapshot::Received(file) };
+        let resp = g.raft.install_full_snapshot(vote, snapshot).await.map_err(unavailable)?;
         self.node.wake_on_message(&g);
-        reply(first.group, "snapshot response", &resp)
+        reply(g.shard, "snapshot response", &resp)
     }
 
     async fn quiesce(&self, request: Request<RaftMessage>) -> Result<TonicResponse<RaftMessage>, Status> {
@@ -1942,6 +1978,27 @@ impl RaftPeer for PeerService {
         }
         Ok(TonicResponse::new(self.node.on_ping(request.get_ref())))
     }
+}
+
+/// Refuses snapshot metadata that openraft would panic on (see
+/// [`Raft::install_full_snapshot`]): a snapshot with no log id, one beyond the leadership of
+/// the vote that sends it, or one past the locally committed log id at an index not past it.
+fn check_snapshot_meta(
+    meta: &crate::codec::SnapshotMetaT,
+    vote: &crate::types::Vote,
+    committed: Option<&crate::types::LogId>,
+) -> Result<(), String> {
+    let Some(last) = meta.last_log_id.as_ref() else { return Err("a snapshot without a log id".into()) };
+    if last.leader_id > vote.leader_id {
+        return Err(format!("log id {last} is beyond the leadership of the vote {vote} that sends it"));
+    }
+    if let Some(c) = committed
+        && Some(last) > Some(c)
+        && last.index <= c.index
+    {
+        return Err(format!("log id {last} contradicts the committed log id {c}"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

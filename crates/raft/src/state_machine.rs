@@ -19,9 +19,12 @@ use coalesce_core::buffer::{IngestBatch, PartialOutcome, ShardBuffer};
 use coalesce_core::output::Output;
 use coalesce_core::session::{self, SeqCheck, Session};
 use coalesce_storage::keys::SmMetaTag;
-use coalesce_storage::{ApplyBatch, ShardStore, StateExport, StorageError};
+use coalesce_storage::{ApplyBatch, ShardStore, StorageError};
+
+use crate::snapshot::ShardSnapshot;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::type_config::alias::SnapshotOf;
 use openraft::{EntryPayload, OptionalSend, StoredMembership};
 use serde::{Deserialize, Serialize};
 
@@ -49,16 +52,6 @@ impl Default for OutboxMeta {
 
 /// How often (in leader time) expired producer sessions are swept.
 const SESSION_SWEEP_INTERVAL_MS: u64 = 60_000;
-
-/// The latest snapshot built or installed: its metadata and data.
-type CurrentSnapshot = Arc<
-    Mutex<
-        Option<(
-            SnapshotMeta<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, crate::types::PeerNode>,
-            Vec<u8>,
-        )>,
-    >,
->;
 
 /// Why this replica stopped applying a shard's log (see [`ShardStateMachine::failure`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,8 +82,6 @@ pub struct ShardStateMachine {
     store: ShardStore,
     /// Cached copy of the stored outbox meta; apply is sequential so it never goes stale.
     outbox: OutboxMeta,
-    /// Shared with snapshot builders, which run in their own task.
-    current: CurrentSnapshot,
     /// Bumped after every applied entry or installed snapshot, so readers of derived state
     /// (the scheduler's cached next deadline) know when to look again.
     version: Arc<std::sync::atomic::AtomicU64>,
@@ -142,7 +133,6 @@ impl ShardStateMachine {
         Ok(Self {
             store,
             outbox,
-            current: Arc::new(Mutex::new(None)),
             version: Arc::default(),
             counting_as: None,
             applied_extra: Arc::default(),
@@ -534,36 +524,37 @@ fn record_checkpoint(written: coalesce_storage::shard::Checkpoint, started: std:
 /// result is the same as applying them one by one, because reads see the batch's own writes.
 const MAX_ENTRIES_PER_WRITE: usize = 64;
 
-impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
-    type SnapshotData = Vec<u8>;
-
-    async fn build_snapshot(
-        &mut self,
-    ) -> Result<
-        Snapshot<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, crate::types::PeerNode, Vec<u8>>,
-        io::Error,
-    > {
+impl ShardStateMachine {
+    /// A consistent view of the applied state (checkpointed first) and its snapshot metadata,
+    /// read from that view (no log id before anything was applied).
+    fn view(&self) -> Result<SnapshotOf<TypeConfig, ShardSnapshot>, io::Error> {
         let shard = self.store.shard();
-        let export: StateExport = self.store.export_state()?;
-        let last_log_id = export.sm_meta(SmMetaTag::Applied).map(|b| codec::decode_log_id(shard, b)).transpose()?;
-        let last_membership = match export.sm_meta(SmMetaTag::Membership) {
+        let view = self.store.open_view()?;
+        let last_log_id = view.meta().applied.as_deref().map(|b| codec::decode_log_id(shard, b)).transpose()?;
+        let last_membership = match view.meta().membership.as_deref() {
             Some(b) => codec::decode_membership(shard, b)?,
             None => StoredMembershipT::default(),
         };
-        let meta = SnapshotMeta { last_log_id, last_membership };
-        let data = export.encode()?;
-        if let Ok(mut cur) = self.current.lock() {
-            *cur = Some((meta.clone(), data.clone()));
-        }
+        Ok(Snapshot { meta: SnapshotMeta { last_log_id, last_membership }, snapshot: ShardSnapshot::View(view) })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
+    type SnapshotData = ShardSnapshot;
+
+    /// The snapshot openraft purges the log up to: the applied state, checkpointed. No bytes
+    /// are produced here (see [`crate::snapshot`]): the state in RocksDB is the snapshot.
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, ShardSnapshot>, io::Error> {
+        let built = self.view()?;
         crate::metrics::SNAPSHOTS.with_label_values(&["built"]).inc();
-        Ok(Snapshot { meta, snapshot: data })
+        Ok(built)
     }
 }
 
 type Meta = SnapshotMeta<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, crate::types::PeerNode>;
 
 impl RaftStateMachine<TypeConfig> for ShardStateMachine {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = ShardSnapshot;
     type SnapshotBuilder = ShardStateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembershipT), io::Error> {
@@ -610,24 +601,44 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Vec<u8>) -> Result<(), io::Error> {
-        self.store.import_state(&snapshot)?;
+    /// The rows carry the applied log id and membership openraft passes as `_meta` (a received
+    /// snapshot was checked to agree with it before it got here).
+    async fn install_snapshot(&mut self, _meta: &Meta, snapshot: ShardSnapshot) -> Result<(), io::Error> {
+        let store = self.store.clone();
+        let install = move || -> Result<(), StorageError> {
+            let file = match snapshot {
+                ShardSnapshot::Received(file) => file,
+                // A view of another state machine (openraft's storage suite does this): spooled
+                // to a file here first, so it installs the same way.
+                ShardSnapshot::View(mut view) => {
+                    let limits = coalesce_storage::snapshot::Limits { max_bytes: u64::MAX, ..Default::default() };
+                    let mut spool = coalesce_storage::transfer::Spool::create(store.db(), store.shard(), limits)?;
+                    let spooled = |e: coalesce_storage::transfer::SpoolError| StorageError::Corrupt {
+                        shard: store.shard(),
+                        what: "snapshot view",
+                        detail: e.to_string(),
+                    };
+                    while let Some(chunk) = view.next_chunk()? {
+                        spool.push(&chunk).map_err(spooled)?;
+                    }
+                    spool.finish().map_err(spooled)?
+                }
+            };
+            store.install_file(file)
+        };
+        tokio::task::spawn_blocking(install)
+            .await
+            .map_err(|e| io::Error::other(format!("snapshot install: {e}")))??;
         crate::metrics::SNAPSHOTS.with_label_values(&["installed"]).inc();
         self.outbox = load_outbox(&self.store)?;
         self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
-        if let Ok(mut cur) = self.current.lock() {
-            *cur = Some((meta.clone(), snapshot));
-        }
         Ok(())
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<
-        Option<Snapshot<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, crate::types::PeerNode, Vec<u8>>>,
-        io::Error,
-    > {
-        let cur = self.current.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
-        Ok(cur.clone().map(|(meta, snapshot)| Snapshot { meta, snapshot }))
+    /// The applied state, read as it is sent (see [`crate::snapshot`]); none before anything
+    /// was applied.
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, ShardSnapshot>>, io::Error> {
+        let view = self.view()?;
+        Ok(view.meta.last_log_id.is_some().then_some(view))
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use coalesce_core::stream::{StreamTable, StreamsFile};
 use coalesce_raft::connections::ConnLimits;
+use coalesce_raft::snapshot::SnapshotOptions;
 use coalesce_raft::{ClusterSpec, NodeSpec, RaftTiming};
 use serde::Deserialize;
 
@@ -152,6 +153,20 @@ pub struct RaftConfig {
     /// (`0s`: after every apply); a restarted node re-applies the rest from its Raft log.
     #[serde(with = "humantime_serde", default = "default_checkpoint_interval")]
     pub checkpoint_interval: Duration,
+    /// The largest shard snapshot this node accepts from a peer, in bytes (a larger one is
+    /// refused and counted: `coalesce_raft_snapshot_refused_total{reason="too_large"}`).
+    #[serde(default = "default_snapshot_max_bytes")]
+    pub snapshot_max_bytes: u64,
+    /// A snapshot transfer that brings no chunk for this long is abandoned (its file removed).
+    #[serde(with = "humantime_serde", default = "default_snapshot_stall_timeout")]
+    pub snapshot_stall_timeout: Duration,
+    /// Snapshots this node receives at once; more are refused as busy and retried by the leader.
+    #[serde(default = "default_snapshot_concurrent_receives")]
+    pub snapshot_concurrent_receives: usize,
+    /// Bytes per second one snapshot is sent at, at most (0: no limit), so a replica catching
+    /// up does not take the leader's disk and network from its live traffic.
+    #[serde(default)]
+    pub snapshot_send_bytes_per_second: u64,
 }
 
 fn default_heartbeat() -> Duration {
@@ -169,6 +184,15 @@ fn default_quiesce_after() -> Duration {
 fn default_checkpoint_interval() -> Duration {
     Duration::from_millis(RaftTiming::default().checkpoint_ms)
 }
+fn default_snapshot_max_bytes() -> u64 {
+    SnapshotOptions::DEFAULT.max_bytes
+}
+fn default_snapshot_stall_timeout() -> Duration {
+    Duration::from_millis(SnapshotOptions::DEFAULT.stall_ms)
+}
+fn default_snapshot_concurrent_receives() -> usize {
+    SnapshotOptions::DEFAULT.concurrent_receives
+}
 
 impl Default for RaftConfig {
     fn default() -> Self {
@@ -178,6 +202,10 @@ impl Default for RaftConfig {
             election_timeout_max: default_election_max(),
             quiesce_after: default_quiesce_after(),
             checkpoint_interval: default_checkpoint_interval(),
+            snapshot_max_bytes: default_snapshot_max_bytes(),
+            snapshot_stall_timeout: default_snapshot_stall_timeout(),
+            snapshot_concurrent_receives: default_snapshot_concurrent_receives(),
+            snapshot_send_bytes_per_second: 0,
         }
     }
 }
@@ -411,6 +439,15 @@ impl Config {
         if !(r.heartbeat < r.election_timeout_min && r.election_timeout_min < r.election_timeout_max) {
             return invalid("raft", "need heartbeat < election_timeout_min < election_timeout_max".into());
         }
+        if r.snapshot_concurrent_receives == 0 {
+            return invalid("raft.snapshot_concurrent_receives", "must be at least 1".into());
+        }
+        if r.snapshot_max_bytes < 1 << 20 {
+            return invalid("raft.snapshot_max_bytes", format!("must be at least 1 MiB, got {}", r.snapshot_max_bytes));
+        }
+        if r.snapshot_stall_timeout < Duration::from_secs(1) {
+            return invalid("raft.snapshot_stall_timeout", "must be at least 1s".into());
+        }
         self.kubernetes.validate().map_err(|message| ConfigError::Invalid { field: "kubernetes", message })?;
         if self.api.max_events_per_request == 0 {
             return invalid("api.max_events_per_request", "must be at least 1".into());
@@ -504,6 +541,12 @@ impl Config {
             election_max_ms: self.raft.election_timeout_max.as_millis() as u64,
             quiesce_after_ms: self.raft.quiesce_after.as_millis() as u64,
             checkpoint_ms: self.raft.checkpoint_interval.as_millis() as u64,
+            snapshot: SnapshotOptions {
+                max_bytes: self.raft.snapshot_max_bytes,
+                stall_ms: self.raft.snapshot_stall_timeout.as_millis() as u64,
+                concurrent_receives: self.raft.snapshot_concurrent_receives,
+                send_bytes_per_second: self.raft.snapshot_send_bytes_per_second,
+            },
         }
     }
 }

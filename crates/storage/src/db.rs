@@ -59,6 +59,8 @@ pub enum WalRecovery {
 pub struct NodeDb {
     db: Arc<DB>,
     path: PathBuf,
+    /// Where snapshot files are received ([`crate::transfer`]).
+    snapshots: PathBuf,
     flusher: Flusher,
     /// The database was empty when this process opened it.
     created: bool,
@@ -100,7 +102,9 @@ impl NodeDb {
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let db = Arc::new(db);
         let flusher = Flusher::start(Arc::clone(&db));
-        let mut node = Self { db, path: path.to_owned(), flusher, created: false };
+        let snapshots = path.join(crate::transfer::SNAPSHOT_DIR);
+        crate::transfer::prepare_dir(&snapshots)?;
+        let mut node = Self { db, path: path.to_owned(), snapshots, flusher, created: false };
         node.created = crate::format::check_and_migrate(&node)?;
         Ok(Arc::new(node))
     }
@@ -123,6 +127,11 @@ impl NodeDb {
     /// Where the database lives.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The directory that holds received snapshot files (inside the data directory).
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.snapshots
     }
 
     /// Writes a batch to the WAL and memtables without waiting for an fsync. Durability comes

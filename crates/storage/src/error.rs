@@ -26,6 +26,12 @@ pub enum StorageError {
          formats up to {supported}: run the newer build (or restore a backup taken before the upgrade)"
     )]
     NewerFormat { found: u32, supported: u32, path: String },
+    /// The shard's state machine is being replaced by a snapshot: reads would see part of it.
+    #[error("shard {shard} is installing a snapshot; try again")]
+    Installing { shard: u32 },
+    /// Reading or writing a snapshot file.
+    #[error("snapshot file {path}: {detail}")]
+    SnapshotFile { path: String, detail: String },
 }
 
 impl StorageError {
@@ -39,6 +45,8 @@ impl StorageError {
             StorageError::Decode { .. } => "decode",
             StorageError::ApplyFailed { .. } => "apply_failed",
             StorageError::NewerFormat { .. } => "newer_format",
+            StorageError::Installing { .. } => "installing",
+            StorageError::SnapshotFile { .. } => "snapshot_file",
         }
     }
 }

@@ -49,6 +49,10 @@ pub enum RaftMetaTag {
     Vote = 1,
     Committed = 2,
     Purged = 3,
+    /// Present while a received snapshot is being written over the shard's state machine: the
+    /// name of its file in the node's snapshot directory ([`crate::transfer`]). A restart that
+    /// finds it finishes the install from that file before the group starts.
+    Installing = 4,
 }
 
 /// Tags of per-shard state-machine metadata rows.

@@ -11,6 +11,8 @@
 //!   implementation the state machine applies through, outbox, sessions, snapshots.
 //! - [`snapshot`]: a shard snapshot's bytes written and read a row at a time, with limits on
 //!   what a peer may send (the format of [`shard::StateExport::encode`]).
+//! - [`transfer`]: a snapshot on its way between nodes — the sender's consistent view read
+//!   chunk by chunk, the receiver's checked spool file, installs that survive a restart.
 //! - [`error`]: storage errors.
 //!
 //! This crate knows the core's types but not openraft: log entries and Raft metadata are opaque
@@ -23,6 +25,7 @@ pub mod format;
 pub mod keys;
 pub mod shard;
 pub mod snapshot;
+pub mod transfer;
 
 pub use db::{NodeDb, StorageOptions, WalRecovery};
 pub use error::StorageError;

@@ -48,6 +48,9 @@ pub(crate) fn decode_session(shard: ShardId, bytes: &[u8]) -> Result<Session, St
 /// Accounted bytes ([`Buffered::bytes`]) of buffered aggregates one shard keeps in memory.
 pub const BUFFER_CACHE_BYTES: u64 = 16 << 20;
 
+/// Bytes of rows per RocksDB write when a snapshot replaces a shard's state.
+pub const INSTALL_WRITE_BYTES: usize = 4 << 20;
+
 /// Approximate bytes of applied-but-not-checkpointed state a shard holds before
 /// [`ShardStore::checkpoint_due`] asks for a checkpoint, whatever the interval.
 pub const PENDING_MAX_BYTES: u64 = 16 << 20;
@@ -198,6 +201,9 @@ struct Mem {
     /// 1 + the highest outbox seq a checkpoint wrote (`u64::MAX` when unknown, after a
     /// restart or install): trims of seqs at or above it have nothing stored to delete.
     outbox_stored_end: u64,
+    /// A snapshot is being written over the shard's rows ([`ShardStore::install_file`]):
+    /// readers get [`StorageError::Installing`] rather than part of it.
+    installing: bool,
 }
 
 impl Mem {
@@ -347,6 +353,14 @@ impl ShardStore {
 
     fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
         self.mem.mem.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `mem`, unless a snapshot install is under way.
+    fn readable<'a>(
+        &self,
+        mem: std::sync::MutexGuard<'a, Mem>,
+    ) -> Result<std::sync::MutexGuard<'a, Mem>, StorageError> {
+        if mem.installing { Err(StorageError::Installing { shard: self.shard }) } else { Ok(mem) }
     }
 
     /// Waits, releasing the lock meanwhile, until no checkpoint is being written (one that
@@ -633,7 +647,7 @@ impl ShardStore {
 
     /// Outbox entries with `seq >= from`, at most `limit`.
     pub fn outbox_from(&self, from: u64, limit: usize) -> Result<Vec<Output>, StorageError> {
-        let mem = self.mem();
+        let mem = self.readable(self.mem())?;
         let cf = self.db.cf(keys::CF_OUTBOX)?;
         let (ro, start) = self.range_opts(&keys::outbox_key(self.shard, from), keys::shard_end(self.shard));
         let mut out = Vec::new();
@@ -665,6 +679,7 @@ impl ShardStore {
     /// Dead letters of `sink` with `seq >= from`, at most `limit`, in seq order. (Entries that
     /// change dead letters are checkpointed at once, so RocksDB holds them all.)
     pub fn dlq_from(&self, sink: &str, from: u64, limit: usize) -> Result<Vec<DeadLetter>, StorageError> {
+        drop(self.readable(self.mem())?);
         let cf = self.db.cf(keys::CF_DLQ)?;
         let (ro, start) = self.range_opts(&keys::dlq_key(self.shard, sink, from), keys::dlq_end(self.shard, sink));
         let mut out = Vec::new();
@@ -690,7 +705,7 @@ impl ShardStore {
 
     /// Every producer session of the shard, as applied.
     pub fn sessions(&self) -> Result<Vec<(u64, Session)>, StorageError> {
-        let mem = self.mem();
+        let mem = self.readable(self.mem())?;
         let cf = self.db.cf(keys::CF_SESSIONS)?;
         let (ro, start) = self.range_opts(&keys::shard_prefix(self.shard), keys::shard_end(self.shard));
         let mut all = BTreeMap::new();
@@ -741,32 +756,131 @@ impl ShardStore {
     }
 
     /// Replaces every state-machine row of the shard with `data` (an encoded [`StateExport`],
-    /// possibly from another node), atomically and durably; pending effects are dropped.
+    /// possibly from another node), durably; pending effects are dropped. Not atomic against a
+    /// crash: nodes install what peers send with [`ShardStore::install_file`].
     pub fn import_state(&self, data: &[u8]) -> Result<(), StorageError> {
         let rows = StateExport::decode(self.shard, data)?.rows;
-        let mut batch = WriteBatch::default();
-        for name in keys::SM_CFS {
-            batch.delete_range_cf(
-                self.db.cf(name)?,
-                keys::shard_prefix(self.shard).to_vec(),
-                keys::shard_end(self.shard),
-            );
+        self.replace_rows(
+            |put| {
+                for (cf, key, value) in rows {
+                    put(cf, key, value)?;
+                }
+                Ok(())
+            },
+            |_| Ok(()),
+        )
+    }
+
+    /// A consistent view of the shard's state-machine rows as applied (checkpoints first), to
+    /// send as a snapshot chunk by chunk ([`crate::transfer::StateView`]).
+    pub fn open_view(&self) -> Result<crate::transfer::StateView, StorageError> {
+        self.checkpoint()?;
+        crate::transfer::StateView::open(Arc::clone(&self.db), self.shard)
+    }
+
+    /// Replaces every state-machine row of the shard with those of `file` (a snapshot received
+    /// from a peer), durably; pending effects are dropped. A durable marker naming the file is
+    /// written first and removed by the last write, so a crash in between is finished by
+    /// [`ShardStore::recover_install`] at the next start. Memory stays bounded whatever the
+    /// file's size: rows go to RocksDB in writes of about [`INSTALL_WRITE_BYTES`]. Readers of
+    /// the shard get [`StorageError::Installing`] meanwhile. The file is removed once installed.
+    pub fn install_file(&self, file: crate::transfer::SnapshotFile) -> Result<(), StorageError> {
+        self.raft_meta_put(RaftMetaTag::Installing, file.name().as_bytes(), true)?;
+        self.install_from(file.path())?;
+        drop(file);
+        Ok(())
+    }
+
+    /// Finishes a snapshot install a restart interrupted (see [`ShardStore::install_file`]),
+    /// and removes this shard's snapshot files no install needs. Run before the shard's state
+    /// machine is opened. Fails, leaving the marker in place, if the file is gone or damaged:
+    /// the shard's rows are then incomplete and the replica must be rebuilt from a healthy one
+    /// (docs/operations.md).
+    pub fn recover_install(&self) -> Result<bool, StorageError> {
+        let marker = self.raft_meta_get(RaftMetaTag::Installing)?;
+        let needed = marker.as_deref().map(String::from_utf8_lossy).map(|n| n.into_owned());
+        let dir = self.db.snapshot_dir();
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| StorageError::SnapshotFile { path: dir.display().to_string(), detail: e.to_string() })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if crate::transfer::file_shard(&name) == Some(self.shard) && Some(&name) != needed.as_ref() {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
-        for (cf_index, suffix, value) in rows {
-            let name = keys::SM_CFS
-                .get(cf_index as usize)
-                .ok_or_else(|| self.corrupt("state snapshot", "unknown column family"))?;
+        let Some(name) = needed else { return Ok(false) };
+        let path = dir.join(&name);
+        if name.contains(['/', '\\']) || !path.is_file() {
+            return Err(self.corrupt(
+                "snapshot install",
+                &format!(
+                    "a restart interrupted the install of snapshot file {} and the file is gone: this replica's \
+                     state is incomplete; rebuild it from a healthy replica (docs/operations.md)",
+                    path.display()
+                ),
+            ));
+        }
+        tracing::warn!(shard = self.shard, file = %path.display(), "finishing a snapshot install a restart interrupted");
+        self.install_from(&path)?;
+        let _ = std::fs::remove_file(&path);
+        Ok(true)
+    }
+
+    /// Writes the rows of the snapshot file at `path` over the shard's; the last write removes
+    /// the install marker.
+    fn install_from(&self, path: &std::path::Path) -> Result<(), StorageError> {
+        let marker = keys::raft_meta_key(self.shard, RaftMetaTag::Installing);
+        let meta_cf = self.db.cf(keys::CF_RAFT_META)?;
+        self.replace_rows(
+            |put| crate::transfer::read_rows(self.shard, path, put).map(|_| ()),
+            |last| {
+                last.delete_cf(meta_cf, marker);
+                Ok(())
+            },
+        )
+    }
+
+    /// Deletes every state-machine row of the shard and writes those `fill` puts, in writes of
+    /// about [`INSTALL_WRITE_BYTES`]; `finish` adds to the last write, which is synced.
+    /// Readers get [`StorageError::Installing`] until it is done; pending effects are dropped.
+    fn replace_rows(
+        &self,
+        fill: impl FnOnce(&mut dyn FnMut(u8, Vec<u8>, Vec<u8>) -> Result<(), StorageError>) -> Result<(), StorageError>,
+        finish: impl FnOnce(&mut WriteBatch) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        // Counters only grow, so a read or scan that began before the install proves nothing.
+        let reset = |mem: &mut Mem, installing: bool| {
+            let (checkpoints, generation) = (mem.checkpoints + 1, mem.cache.generation + 1);
+            *mem = Mem { checkpoints, installing, ..Mem::new() };
+            mem.cache.generation = generation;
+        };
+        {
+            // A checkpoint landing during the install would bring back what it replaces.
+            let mut mem = self.await_landed(self.mem());
+            reset(&mut mem, true);
+        }
+        let mut cfs = Vec::with_capacity(keys::SM_CFS.len());
+        for name in keys::SM_CFS {
+            cfs.push(self.db.cf(name)?);
+        }
+        let mut batch = WriteBatch::default();
+        for cf in &cfs {
+            batch.delete_range_cf(*cf, keys::shard_prefix(self.shard).to_vec(), keys::shard_end(self.shard));
+        }
+        fill(&mut |cf_index, suffix, value| {
+            let cf =
+                cfs.get(cf_index as usize).ok_or_else(|| self.corrupt("state snapshot", "unknown column family"))?;
             let mut key = keys::shard_prefix(self.shard).to_vec();
             key.extend_from_slice(&suffix);
-            batch.put_cf(self.db.cf(name)?, key, value);
-        }
-        // A checkpoint landing after the install would bring back what it replaced.
-        let mut mem = self.await_landed(self.mem());
+            batch.put_cf(*cf, key, value);
+            if batch.size_in_bytes() >= INSTALL_WRITE_BYTES {
+                self.db.write(std::mem::take(&mut batch))?;
+            }
+            Ok(())
+        })?;
+        finish(&mut batch)?;
         self.db.write_sync(batch)?;
-        // Counters only grow, so a read or scan that began before the install proves nothing.
-        let (checkpoints, generation) = (mem.checkpoints + 1, mem.cache.generation + 1);
-        *mem = Mem { checkpoints, ..Mem::new() };
-        mem.cache.generation = generation;
+        reset(&mut self.await_landed(self.mem()), false);
         Ok(())
     }
 

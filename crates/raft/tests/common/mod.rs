@@ -16,6 +16,7 @@ pub const TIMING: RaftTiming = RaftTiming {
     election_max_ms: 600,
     quiesce_after_ms: 0,
     checkpoint_ms: 1_000,
+    snapshot: coalesce_raft::snapshot::SnapshotOptions::DEFAULT,
 };
 
 /// Starts node `name` of `spec` on `db` and serves its peer port on `listener` until the
