@@ -336,7 +336,7 @@ async fn a_connection_holds_at_most_its_stream_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_merge_patch_key_cannot_outgrow_what_a_subscriber_can_read() {
     let streams = "[sinks.reader]\nkind = \"grpc\"\n\n\
-                   [streams.doc]\nmerge = \"json_merge_patch\"\nwindow = { tumbling = \"2s\" }\n\
+                   [streams.doc]\nmerge = \"json_merge_patch\"\nwindow = { tumbling = \"10s\" }\n\
                    max_value_bytes = 70000\nsinks = [\"reader\"]\n";
     let cluster = Cluster::start(3, 2, streams);
     cluster.wait_ready(Duration::from_secs(60)).await;

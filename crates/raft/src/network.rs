@@ -313,14 +313,19 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let fail = |e: &dyn std::fmt::Display| StreamingError::Network(NetworkError::from_string(e.to_string()));
         let vote_bytes = codec::encode_vote(&vote).map_err(|e| fail(&e))?;
         let meta_bytes = codec::encode_snapshot_meta(&snapshot.meta).map_err(|e| fail(&e))?;
+        let mut cancel = std::pin::pin!(cancel);
+        // The first chunk is read (a view counts its rows) before the transfer opens.
+        let prepared = tokio::select! {
+            p = crate::snapshot::prepare(snapshot.snapshot) => p.map_err(|e| fail(&e))?,
+            closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+        };
         let (chunks, read_error) =
-            crate::snapshot::chunks(self.group, self.target, vote_bytes, meta_bytes, snapshot.snapshot, self.snapshot)
-                .map_err(|e| fail(&e))?;
+            crate::snapshot::chunks(self.group, self.target, vote_bytes, meta_bytes, prepared, self.snapshot);
         let mut client = self.client().map_err(StreamingError::from)?;
         let send = client.install_snapshot(chunks);
         let reply = tokio::select! {
             r = send => r,
-            closed = cancel => return Err(StreamingError::Closed(closed)),
+            closed = &mut cancel => return Err(StreamingError::Closed(closed)),
         };
         // A local read error ended the stream early: that, not the receiver's complaint about a
         // short snapshot, is the cause.

@@ -453,7 +453,11 @@ impl RaftNode {
             let store = ShardStore::new(Arc::clone(&db), shard);
             // A snapshot install a restart interrupted is finished first; if it cannot be, the
             // shard's rows are incomplete and the group must not start on them.
-            if let Err(e) = store.recover_install() {
+            let recovering = store.clone();
+            let recovered = tokio::task::spawn_blocking(move || recovering.recover_install())
+                .await
+                .map_err(|e| NodeError::Start { shard, detail: format!("snapshot install recovery: {e}") })?;
+            if let Err(e) = recovered {
                 let why = ApplyFailure { index: 0, term: 0, detail: e.to_string() };
                 tracing::error!(shard, error = %why.detail, "shard group not started on this node; its other groups run");
                 not_started.insert(shard, why);
@@ -1913,11 +1917,6 @@ impl RaftPeer for PeerService {
     ) -> Result<TonicResponse<RaftMessage>, Status> {
         let sender = self.node.peer_sender(&request)?;
         let options = self.node.channels.snapshot_options();
-        // Held until the snapshot is installed (or refused): the node's disk and I/O for
-        // snapshots stay bounded. A busy node is asked again after openraft's backoff.
-        let _permit = Arc::clone(&self.node.snapshot_receives).try_acquire_owned().map_err(|_| {
-            crate::snapshot::refuse("busy", format!("{} snapshots are being received", options.concurrent_receives))
-        })?;
         let mut stream = request.into_inner();
         let stall = Duration::from_millis(options.stall_ms.max(1));
         let first = tokio::time::timeout(stall, stream.message())
@@ -1929,9 +1928,23 @@ impl RaftPeer for PeerService {
         self.node.check_speaks_for(sender.as_deref(), &g, vote.leader_id.node_id).await?;
         let meta = codec::decode_snapshot_meta(first.group, &first.meta).map_err(bad)?;
         // openraft panics on a snapshot that contradicts the vote or the committed log: refuse
-        // one before it gets there, and before a byte of it is stored.
-        check_snapshot_meta(&meta, &vote, g.raft.metrics().borrow_watched().local_committed.as_ref())
-            .map_err(|e| crate::snapshot::refuse("invalid", format!("shard {}: {e}", first.group)))?;
+        // one before it gets there, and before a byte of it is stored. A vote older than this
+        // node's would be refused after the whole transfer: refuse it now.
+        let check = |meta: &crate::codec::SnapshotMetaT| {
+            let m = g.raft.metrics().borrow_watched().clone();
+            if vote < m.vote {
+                return Err(crate::snapshot::refuse("stale", format!("shard {}: vote {vote} < {}", g.shard, m.vote)));
+            }
+            check_snapshot_meta(meta, &vote, m.local_committed.as_ref())
+                .map_err(|e| crate::snapshot::refuse("invalid", format!("shard {}: {e}", g.shard)))
+        };
+        check(&meta)?;
+        // Held until the snapshot is installed (or refused): the node's disk and I/O for
+        // snapshots stay bounded. A busy node is asked again after openraft's backoff. Taken
+        // only once the first chunk checked out, so a caller that says nothing holds none.
+        let _permit = Arc::clone(&self.node.snapshot_receives).try_acquire_owned().map_err(|_| {
+            crate::snapshot::refuse("busy", format!("{} snapshots are being received", options.concurrent_receives))
+        })?;
         let file = crate::snapshot::receive(&g.store, first, std::pin::pin!(stream), options).await?;
         // The rows must say what the metadata says: openraft takes the metadata as the applied
         // state, this replica's reads take the rows.
@@ -1950,6 +1963,8 @@ impl RaftPeer for PeerService {
             }
         }
         crate::metrics::SNAPSHOTS.with_label_values(&["received"]).inc();
+        // The transfer may have taken minutes: the vote and committed log id are read again.
+        check(&meta)?;
         let snapshot = openraft::storage::Snapshot { meta, snapshot: crate::snapshot::ShardSnapshot::Received(file) };
         let resp = g.raft.install_full_snapshot(vote, snapshot).await.map_err(unavailable)?;
         self.node.wake_on_message(&g);

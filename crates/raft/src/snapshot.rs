@@ -27,7 +27,7 @@ use coalesce_proto::v1::SnapshotChunk;
 use coalesce_storage::snapshot::Limits;
 use coalesce_storage::transfer::{FileChunks, SnapshotFile, Spool, SpoolError, StateView};
 use coalesce_storage::{ShardStore, StorageError};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use prometheus::IntCounterVec;
 use std::sync::LazyLock;
 use tonic::Status;
@@ -100,7 +100,8 @@ pub(crate) static SNAPSHOT_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "coalesce_raft_snapshot_refused_total",
         "Snapshots from peers refused before they were installed, by reason: busy (too many at once), \
          too_large, invalid (bytes that are not a snapshot, or metadata that contradicts them or the vote), \
-         stalled, io (the file could not be written).",
+         stale (a vote older than this node's), stalled (no chunk for the stall timeout, or slower than \
+         64 KiB/s), io (the file could not be written).",
         &["reason"],
     )
 });
@@ -110,7 +111,7 @@ pub(crate) fn init_metrics() {
     for d in ["sent", "received"] {
         SNAPSHOT_BYTES.with_label_values(&[d]);
     }
-    for r in ["busy", "too_large", "invalid", "stalled", "io"] {
+    for r in ["busy", "too_large", "invalid", "stale", "stalled", "io"] {
         SNAPSHOT_REFUSED.with_label_values(&[r]);
     }
 }
@@ -131,7 +132,30 @@ pub(crate) fn refuse(reason: &'static str, detail: impl std::fmt::Display) -> St
 /// Where a snapshot stream leaves the error that ended it early.
 pub(crate) type ReadError = Arc<std::sync::Mutex<Option<String>>>;
 
-/// The chunks that send `snapshot`: the first carries `vote` and `meta`, then one per 1 MiB of
+/// A snapshot about to be sent, its first bytes already read.
+pub(crate) struct Prepared {
+    source: Source,
+    /// `None`: the snapshot had no bytes at all.
+    first: Option<Vec<u8>>,
+}
+
+/// Reads the first chunk of `snapshot` (for a view, that counts its rows first, which may take
+/// a while for a large shard): done before the transfer opens, so that the receiver's stall
+/// timeout never waits on it.
+pub(crate) async fn prepare(snapshot: ShardSnapshot) -> Result<Prepared, StorageError> {
+    tokio::task::spawn_blocking(move || {
+        let mut source = match snapshot {
+            ShardSnapshot::View(v) => Source::View(v),
+            ShardSnapshot::Received(f) => Source::File { chunks: f.chunks()?, _file: f },
+        };
+        let first = source.next_chunk()?;
+        Ok(Prepared { source, first })
+    })
+    .await
+    .map_err(|e| StorageError::SnapshotFile { path: String::new(), detail: format!("snapshot reader: {e}") })?
+}
+
+/// The chunks that send `prepared`: the first carries `vote` and `meta`, then one per 1 MiB of
 /// data, each read from disk only when the transport asks for it. A read error ends the stream
 /// early (the receiver then refuses it as truncated) and is left in the returned slot.
 pub(crate) fn chunks(
@@ -139,18 +163,19 @@ pub(crate) fn chunks(
     target: u64,
     vote: Vec<u8>,
     meta: Vec<u8>,
-    snapshot: ShardSnapshot,
+    prepared: Prepared,
     options: SnapshotOptions,
-) -> Result<(impl Stream<Item = SnapshotChunk> + Send + 'static, ReadError), StorageError> {
-    let source = match snapshot {
-        ShardSnapshot::View(v) => Source::View(v),
-        ShardSnapshot::Received(f) => Source::File { chunks: f.chunks()?, _file: f },
-    };
+) -> (impl Stream<Item = SnapshotChunk> + Send + 'static, ReadError) {
     let failed = Arc::new(std::sync::Mutex::new(None));
     let slot = Arc::clone(&failed);
     let started = tokio::time::Instant::now();
-    let state = (Some(source), Some((vote, meta)), 0u64);
-    let stream = futures::stream::unfold(state, move |(source, head, sent)| {
+    let Prepared { source, first } = prepared;
+    // An empty snapshot still sends one chunk: the one that carries vote and meta.
+    let head = SnapshotChunk { group, target, vote, meta, data: first.clone().unwrap_or_default() };
+    let sent = head.data.len() as u64;
+    SNAPSHOT_BYTES.with_label_values(&["sent"]).inc_by(sent);
+    let rest = first.is_some().then_some(source);
+    let rest = futures::stream::unfold((rest, sent), move |(source, sent)| {
         let slot = Arc::clone(&slot);
         async move {
             let mut source = source?;
@@ -163,8 +188,9 @@ pub(crate) fn chunks(
                 (source, chunk)
             })
             .await;
-            let (source, chunk) = match read {
-                Ok((source, Ok(chunk))) => (source, chunk),
+            let (source, data) = match read {
+                Ok((source, Ok(Some(data)))) => (source, data),
+                Ok((_, Ok(None))) => return None,
                 Ok((_, Err(e))) => {
                     *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                     return None;
@@ -174,21 +200,18 @@ pub(crate) fn chunks(
                     return None;
                 }
             };
-            // An empty snapshot still sends one chunk: the one that carries vote and meta.
-            let data = match (chunk, &head) {
-                (Some(data), _) => data,
-                (None, Some(_)) => Vec::new(),
-                (None, None) => return None,
-            };
             SNAPSHOT_BYTES.with_label_values(&["sent"]).inc_by(data.len() as u64);
             let sent = sent + data.len() as u64;
-            let (vote, meta) = head.unwrap_or_default();
-            let msg = SnapshotChunk { group, target, vote, meta, data };
-            Some((msg, (Some(source), None, sent)))
+            let msg = SnapshotChunk { group, target, vote: Vec::new(), meta: Vec::new(), data };
+            Some((msg, (Some(source), sent)))
         }
     });
-    Ok((stream, failed))
+    (futures::stream::once(async move { head }).chain(rest), failed)
 }
+
+/// The slowest a snapshot may arrive, on average, once it has had one stall timeout to start:
+/// a peer that trickles bytes cannot hold a receive slot for ever.
+pub const MIN_RECEIVE_BYTES_PER_SECOND: u64 = 64 << 10;
 
 /// Receives the rest of a snapshot whose first chunk is `first` into a spool file of `store`'s
 /// node, checking it on the way (see the module docs); returns the durable file.
@@ -198,13 +221,18 @@ pub(crate) async fn receive(
     mut rest: Pin<&mut (dyn Stream<Item = Result<SnapshotChunk, Status>> + Send)>,
     options: SnapshotOptions,
 ) -> Result<SnapshotFile, Status> {
-    use futures::StreamExt;
     let limits = Limits { max_bytes: options.max_bytes, ..Limits::default() };
     let shard = store.shard();
     let mut spool = Spool::create(store.db(), shard, limits).map_err(|e| refuse("io", e))?;
     let stall = Duration::from_millis(options.stall_ms.max(1));
+    let started = tokio::time::Instant::now();
     let mut next = Some(first);
     loop {
+        let late = started.elapsed().saturating_sub(stall);
+        if spool.bytes() < (late.as_secs_f64() * MIN_RECEIVE_BYTES_PER_SECOND as f64) as u64 {
+            let rate = spool.bytes() as f64 / started.elapsed().as_secs_f64() / 1024.0;
+            return Err(refuse("stalled", format!("shard {shard}: {rate:.1} KiB/s, slower than 64 KiB/s")));
+        }
         let chunk = match next.take() {
             Some(c) => c,
             None => match tokio::time::timeout(stall, rest.next()).await {

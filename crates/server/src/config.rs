@@ -448,6 +448,14 @@ impl Config {
         if r.snapshot_stall_timeout < Duration::from_secs(1) {
             return invalid("raft.snapshot_stall_timeout", "must be at least 1s".into());
         }
+        // One 1 MiB chunk per second at least: slower, a receiver's stall timeout (or its 64 KiB/s
+        // floor) would drop every transfer.
+        if r.snapshot_send_bytes_per_second != 0 && r.snapshot_send_bytes_per_second < 1 << 20 {
+            return invalid(
+                "raft.snapshot_send_bytes_per_second",
+                format!("must be 0 (no limit) or at least 1048576 (1 MiB/s), got {}", r.snapshot_send_bytes_per_second),
+            );
+        }
         self.kubernetes.validate().map_err(|message| ConfigError::Invalid { field: "kubernetes", message })?;
         if self.api.max_events_per_request == 0 {
             return invalid("api.max_events_per_request", "must be at least 1".into());

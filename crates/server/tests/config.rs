@@ -82,6 +82,12 @@ fn invalid_configs_name_the_field() {
         err(|t| *t = t.replace("name = \"coalesce-0\"                 #", "name = \"nobody\" #")).contains("node.name")
     );
     assert!(err(|t| *t = t.replace("heartbeat = \"100ms\"", "heartbeat = \"1s\"")).contains("raft"));
+    let slow = |t: &mut String| {
+        *t = t.replace("snapshot_send_bytes_per_second = 0", "snapshot_send_bytes_per_second = 1000");
+    };
+    assert!(err(slow).contains("raft.snapshot_send_bytes_per_second"));
+    let none = |t: &mut String| *t = t.replace("snapshot_concurrent_receives = 2", "snapshot_concurrent_receives = 0");
+    assert!(err(none).contains("raft.snapshot_concurrent_receives"));
     assert!(err(|t| t.push_str("\n[extra]\nx = 1\n")).contains("unknown field"));
     assert!(
         err(|t| *t = t.replace("streams_file = \"streams.toml\"", "streams_file = \"missing.toml\""))

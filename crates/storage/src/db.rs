@@ -103,7 +103,11 @@ impl NodeDb {
         let db = Arc::new(db);
         let flusher = Flusher::start(Arc::clone(&db));
         let snapshots = path.join(crate::transfer::SNAPSHOT_DIR);
-        crate::transfer::prepare_dir(&snapshots)?;
+        let meta_cf = db.cf_handle(crate::keys::CF_RAFT_META).ok_or(StorageError::MissingColumnFamily("raft_meta"))?;
+        crate::transfer::prepare_dir(&snapshots, |shard, name| {
+            let marker = db.get_cf(meta_cf, crate::keys::raft_meta_key(shard, crate::keys::RaftMetaTag::Installing));
+            matches!(marker, Ok(Some(m)) if m == name.as_bytes())
+        })?;
         let mut node = Self { db, path: path.to_owned(), snapshots, flusher, created: false };
         node.created = crate::format::check_and_migrate(&node)?;
         Ok(Arc::new(node))

@@ -679,7 +679,7 @@ impl ShardStore {
     /// Dead letters of `sink` with `seq >= from`, at most `limit`, in seq order. (Entries that
     /// change dead letters are checkpointed at once, so RocksDB holds them all.)
     pub fn dlq_from(&self, sink: &str, from: u64, limit: usize) -> Result<Vec<DeadLetter>, StorageError> {
-        drop(self.readable(self.mem())?);
+        let _mem = self.readable(self.mem())?;
         let cf = self.db.cf(keys::CF_DLQ)?;
         let (ro, start) = self.range_opts(&keys::dlq_key(self.shard, sink, from), keys::dlq_end(self.shard, sink));
         let mut out = Vec::new();
@@ -692,6 +692,7 @@ impl ShardStore {
 
     /// Number of dead letters per sink (a scan: dead-letter queues are meant to stay small).
     pub fn dlq_counts(&self) -> Result<BTreeMap<String, u64>, StorageError> {
+        let _mem = self.readable(self.mem())?;
         let cf = self.db.cf(keys::CF_DLQ)?;
         let (ro, start) = self.range_opts(&keys::shard_prefix(self.shard), keys::shard_end(self.shard));
         let mut out = BTreeMap::new();
@@ -784,30 +785,29 @@ impl ShardStore {
     /// [`ShardStore::recover_install`] at the next start. Memory stays bounded whatever the
     /// file's size: rows go to RocksDB in writes of about [`INSTALL_WRITE_BYTES`]. Readers of
     /// the shard get [`StorageError::Installing`] meanwhile. The file is removed once installed.
+    ///
+    /// If the install fails part way, the file stays (its marker names it) and readers keep
+    /// getting [`StorageError::Installing`]: the rows are incomplete until a restart finishes
+    /// the install.
     pub fn install_file(&self, file: crate::transfer::SnapshotFile) -> Result<(), StorageError> {
         self.raft_meta_put(RaftMetaTag::Installing, file.name().as_bytes(), true)?;
-        self.install_from(file.path())?;
+        if let Err(e) = self.install_from(file.path()) {
+            file.keep();
+            return Err(e);
+        }
         drop(file);
         Ok(())
     }
 
-    /// Finishes a snapshot install a restart interrupted (see [`ShardStore::install_file`]),
-    /// and removes this shard's snapshot files no install needs. Run before the shard's state
-    /// machine is opened. Fails, leaving the marker in place, if the file is gone or damaged:
-    /// the shard's rows are then incomplete and the replica must be rebuilt from a healthy one
-    /// (docs/operations.md).
+    /// Finishes a snapshot install a restart interrupted (see [`ShardStore::install_file`]).
+    /// Run before the shard's state machine is opened (opening the database already removed
+    /// the snapshot files no marker names). Fails, leaving the marker in place, if the file is
+    /// gone or damaged: the shard's rows are then incomplete and the replica must be rebuilt
+    /// from a healthy one (docs/operations.md).
     pub fn recover_install(&self) -> Result<bool, StorageError> {
         let marker = self.raft_meta_get(RaftMetaTag::Installing)?;
         let needed = marker.as_deref().map(String::from_utf8_lossy).map(|n| n.into_owned());
         let dir = self.db.snapshot_dir();
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| StorageError::SnapshotFile { path: dir.display().to_string(), detail: e.to_string() })?;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if crate::transfer::file_shard(&name) == Some(self.shard) && Some(&name) != needed.as_ref() {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
         let Some(name) = needed else { return Ok(false) };
         let path = dir.join(&name);
         if name.contains(['/', '\\']) || !path.is_file() {

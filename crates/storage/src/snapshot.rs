@@ -53,13 +53,18 @@ pub fn put_row(out: &mut Vec<u8>, cf: u8, key: &[u8], value: &[u8]) {
 pub struct Limits {
     /// All bytes of the snapshot, header included.
     pub max_bytes: u64,
-    /// One key (without the shard prefix) or one value.
+    /// One value.
     pub max_field_bytes: usize,
+    /// One key (without the shard prefix). The reader keeps the last key of each column
+    /// family, so this bounds its memory with `max_field_bytes`.
+    pub max_key_bytes: usize,
 }
 
 impl Default for Limits {
+    /// 1 GiB in all; values up to 16 MiB (a merged value stays below 2 MiB, an output or dead
+    /// letter a little more); keys up to 128 KiB (a stream's keys are at most 64 KiB).
     fn default() -> Self {
-        Self { max_bytes: 1 << 30, max_field_bytes: 64 << 20 }
+        Self { max_bytes: 1 << 30, max_field_bytes: 16 << 20, max_key_bytes: 128 << 10 }
     }
 }
 
@@ -152,8 +157,10 @@ impl RowReader {
                             self.rows = Some(v);
                             self.stage = Stage::Cf;
                         }
-                        Stage::KeyLen => self.stage = Stage::Key(self.field_len(v, "key")?),
-                        _ => self.stage = Stage::Value(self.field_len(v, "value")?),
+                        Stage::KeyLen => {
+                            self.stage = Stage::Key(self.field_len(v, "key", self.limits.max_key_bytes)?)
+                        }
+                        _ => self.stage = Stage::Value(self.field_len(v, "value", self.limits.max_field_bytes)?),
                     }
                     if let Stage::Value(0) = self.stage {
                         out.push(self.finish_row(Vec::new()));
@@ -226,10 +233,10 @@ impl RowReader {
         (self.row.0, std::mem::take(&mut self.row.1), value)
     }
 
-    fn field_len(&self, len: u64, what: &'static str) -> Result<usize, SnapshotError> {
+    fn field_len(&self, len: u64, what: &'static str, max: usize) -> Result<usize, SnapshotError> {
         match usize::try_from(len) {
-            Ok(l) if l <= self.limits.max_field_bytes => Ok(l),
-            _ => Err(SnapshotError::FieldTooLarge { row: self.read, what, len, max: self.limits.max_field_bytes }),
+            Ok(l) if l <= max => Ok(l),
+            _ => Err(SnapshotError::FieldTooLarge { row: self.read, what, len, max }),
         }
     }
 
@@ -346,7 +353,7 @@ mod tests {
             state ^= state << 17;
             let len = (state % 64) as usize;
             let bytes: Vec<u8> = (0..len).map(|i| (state >> (i % 8 * 8)) as u8).collect();
-            let mut r = RowReader::new(Limits { max_bytes: 1 << 20, max_field_bytes: 1 << 10 });
+            let mut r = RowReader::new(Limits { max_bytes: 1 << 20, max_field_bytes: 1 << 10, max_key_bytes: 1 << 10 });
             if r.push(&bytes).is_ok() {
                 let _ = r.finish();
             }

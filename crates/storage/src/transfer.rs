@@ -38,14 +38,17 @@ fn file_error(path: &Path, e: impl std::fmt::Display) -> StorageError {
     StorageError::SnapshotFile { path: path.display().to_string(), detail: e.to_string() }
 }
 
-/// Creates the snapshot directory if needed and removes `.part` files (transfers a previous
-/// process did not finish). Finished files belong to their shard's install marker and are
-/// cleaned by [`crate::ShardStore::recover_install`].
-pub(crate) fn prepare_dir(dir: &Path) -> Result<(), StorageError> {
+/// Creates the snapshot directory if needed and removes what no install needs: `.part` files
+/// (transfers a previous process did not finish) and any other file not named by its shard's
+/// install marker (`needed(shard, name)`), whether or not this node still hosts that shard.
+pub(crate) fn prepare_dir(dir: &Path, needed: impl Fn(ShardId, &str) -> bool) -> Result<(), StorageError> {
     std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
     for entry in std::fs::read_dir(dir).map_err(|e| file_error(dir, e))? {
-        let path = entry.map_err(|e| file_error(dir, e))?.path();
-        if path.extension().is_some_and(|x| x == "part") {
+        let entry = entry.map_err(|e| file_error(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let keep = name.ends_with(".snap") && file_shard(&name).is_some_and(|shard| needed(shard, &name));
+        if !keep {
+            let path = entry.path();
             std::fs::remove_file(&path).map_err(|e| file_error(&path, e))?;
         }
     }
@@ -91,6 +94,14 @@ pub struct StateView {
     /// One answer per request: a chunk, or `None` after the last.
     chunks: mpsc::Receiver<Result<Option<Vec<u8>>, StorageError>>,
     ended: bool,
+    /// Set when the view is dropped: the thread stops scanning at once.
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for StateView {
+    fn drop(&mut self) {
+        self.dropped.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl StateView {
@@ -98,12 +109,14 @@ impl StateView {
         let (meta_tx, meta_rx) = mpsc::sync_channel(1);
         let (ask, asked) = mpsc::sync_channel::<()>(1);
         let (chunk_tx, chunks) = mpsc::sync_channel(1);
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gone = Arc::clone(&dropped);
         std::thread::Builder::new()
             .name(format!("snapshot-view-{shard}"))
-            .spawn(move || serve_view(&db, shard, &meta_tx, &asked, &chunk_tx))
+            .spawn(move || serve_view(&db, shard, &meta_tx, &asked, &chunk_tx, &gone))
             .map_err(|e| StorageError::SnapshotFile { path: String::new(), detail: format!("view thread: {e}") })?;
         let meta = meta_rx.recv().map_err(|_| view_gone(shard))??;
-        Ok(Self { shard, meta, ask, chunks, ended: false })
+        Ok(Self { shard, meta, ask, chunks, ended: false, dropped })
     }
 
     /// The view's applied-log-id and membership rows.
@@ -143,6 +156,7 @@ fn serve_view(
     meta_tx: &mpsc::SyncSender<Result<SnapshotMetaRows, StorageError>>,
     asked: &mpsc::Receiver<()>,
     chunks: &ChunkSender,
+    dropped: &std::sync::atomic::AtomicBool,
 ) {
     let snap = db.raw().snapshot();
     let read_meta = || -> Result<SnapshotMetaRows, StorageError> {
@@ -160,8 +174,14 @@ fn serve_view(
             let mut ro = ReadOptions::default();
             ro.set_iterate_upper_bound(keys::shard_end(shard));
             let start = keys::shard_prefix(shard);
-            for item in snap.iterator_cf_opt(db.cf(name)?, ro, IteratorMode::From(&start, Direction::Forward)) {
+            for (n, item) in
+                snap.iterator_cf_opt(db.cf(name)?, ro, IteratorMode::From(&start, Direction::Forward)).enumerate()
+            {
                 let (k, v) = item?;
+                // A dropped view stops a long scan (the count, or rows nobody will read).
+                if n % 4096 == 0 && dropped.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(false);
+                }
                 if !each(i as u8, &k[4..], &v) {
                     return Ok(false);
                 }
@@ -170,12 +190,16 @@ fn serve_view(
         Ok(true)
     };
     let mut rows = 0u64;
-    if let Err(e) = scan(&mut |_, _, _| {
+    match scan(&mut |_, _, _| {
         rows += 1;
         true
     }) {
-        let _ = chunks.send(Err(e));
-        return;
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            let _ = chunks.send(Err(e));
+            return;
+        }
     }
     let mut out = header(rows);
     // Sends full chunks while `out` holds one; false once the view is gone.
@@ -212,6 +236,8 @@ fn serve_view(
 pub struct Spool {
     path: PathBuf,
     file: Option<BufWriter<File>>,
+    /// Set once the file is handed over as a [`SnapshotFile`].
+    done: bool,
     reader: RowReader,
     meta: SnapshotMetaRows,
     bytes: u64,
@@ -228,6 +254,7 @@ impl Spool {
         Ok(Self {
             path,
             file: Some(BufWriter::with_capacity(1 << 16, file)),
+            done: false,
             reader: RowReader::new(limits),
             meta: SnapshotMetaRows::default(),
             bytes: 0,
@@ -260,15 +287,19 @@ impl Spool {
         let done = self.path.with_extension("snap");
         std::fs::rename(&self.path, &done).map_err(|e| SpoolError::Io(file_error(&self.path, e)))?;
         sync_dir(&done)?;
+        self.done = true;
         let rows = self.reader.read();
-        Ok(SnapshotFile { path: done, bytes: self.bytes, rows, meta: std::mem::take(&mut self.meta) })
+        Ok(SnapshotFile { path: done, bytes: self.bytes, rows, meta: std::mem::take(&mut self.meta), keep: false })
     }
 }
 
 impl Drop for Spool {
+    /// Removes the file, under whichever name it has, unless it was handed over: a spool that
+    /// fails anywhere (even in [`Spool::finish`]) leaves nothing behind.
     fn drop(&mut self) {
-        if self.file.is_some() {
+        if !self.done {
             let _ = std::fs::remove_file(&self.path);
+            let _ = std::fs::remove_file(self.path.with_extension("snap"));
         }
     }
 }
@@ -295,6 +326,8 @@ pub struct SnapshotFile {
     bytes: u64,
     rows: u64,
     meta: SnapshotMetaRows,
+    /// Left on disk when dropped: an install marker names it.
+    keep: bool,
 }
 
 impl SnapshotFile {
@@ -326,9 +359,19 @@ impl SnapshotFile {
     }
 }
 
+impl SnapshotFile {
+    /// Leaves the file on disk when this is dropped (a failed install's marker names it, and
+    /// the next start finishes the install from it).
+    pub(crate) fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
 impl Drop for SnapshotFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
