@@ -1,6 +1,8 @@
 //! The RocksDB store against the in-memory model, the log operations, group commit, snapshots
 //! and restarts.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -451,23 +453,7 @@ fn state_survives_restart_and_moves_by_snapshot() {
             batch.commit().unwrap();
         }
         let mut batch = shard.apply_batch();
-        let out = Output {
-            stream: "s".into(),
-            key: "k".into(),
-            shard: 3,
-            seq: 7,
-            epoch: Default::default(),
-            window_start: 0,
-            window_end: 1,
-            first_input_at: 0,
-            last_input_at: 0,
-            first_event_at: 0,
-            last_event_at: 0,
-            inputs: 1,
-            reason: coalesce_core::window::SealReason::Time,
-            value: Aggregate::SumI64(5),
-            samples: None,
-        };
+        let out = common::output(3, "k", 7, Aggregate::SumI64(5));
         batch.outbox_put(&out).unwrap();
         batch.session_put(77, &session(9, 1)).unwrap();
         batch.commit().unwrap();

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+mod common;
+
 use std::sync::Arc;
 
 use coalesce_core::merge::Aggregate;
@@ -19,23 +21,8 @@ fn open(dir: &std::path::Path) -> Arc<NodeDb> {
 }
 
 fn output(seq: u64, bytes: usize) -> Output {
-    Output {
-        stream: "s".into(),
-        key: format!("key-{seq}"),
-        shard: 0,
-        seq,
-        epoch: Default::default(),
-        window_start: 0,
-        window_end: 1,
-        first_input_at: 0,
-        last_input_at: 0,
-        first_event_at: 0,
-        last_event_at: 0,
-        inputs: 1,
-        reason: coalesce_core::window::SealReason::Time,
-        value: Aggregate::Latest { value: Value::Bytes(vec![(seq % 251) as u8; bytes]), at: 0 },
-        samples: None,
-    }
+    let value = Value::Bytes(vec![(seq % 251) as u8; bytes]);
+    common::output(0, &format!("key-{seq}"), seq, Aggregate::Latest { value, at: 0 })
 }
 
 /// A shard with `n` outbox rows of `bytes` bytes each, checkpointed.
