@@ -6,7 +6,7 @@ use coalesce_core::merge::Aggregate;
 use coalesce_core::output::Output;
 
 /// An output of stream `s` for `key` at `seq` on `shard`, holding `value`.
-pub fn output(shard: u32, key: &str, seq: u64, value: Aggregate) -> Output {
+pub(crate) fn output(shard: u32, key: &str, seq: u64, value: Aggregate) -> Output {
     Output {
         stream: "s".into(),
         key: key.into(),
