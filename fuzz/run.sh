@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 secs="${1:-60}"
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(apply decode streams_config merge)
+((${#targets[@]})) || targets=(apply decode streams_config merge snapshot peer request)
 
 sanitizer="${FUZZ_SANITIZER:-none}"
 # A sanitizer build gets its own directory: the binaries' paths would collide.

@@ -51,7 +51,9 @@ pub fn run(data: &[u8]) {
     shard.drain();
 }
 
-fn apply(shard: &mut Shard, cmd: &Command) {
+/// Validates `cmd` as a replica does and applies it if it passes (a refusal must name the
+/// field and the reason).
+pub(crate) fn apply(shard: &mut Shard, cmd: &Command) {
     if let Err(e) = cmd.validate() {
         assert!(!e.field.is_empty() && !e.reason.is_empty(), "a refusal names the field and the reason");
         return;

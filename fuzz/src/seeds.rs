@@ -523,6 +523,175 @@ pub fn merge() -> Seeds {
 }
 
 /// Every seed, by target.
+/// Snapshots as a sender writes them: the first byte picks the limits (0xff: the largest), the
+/// second the chunking; one with rows in every column family (an empty key first in one), an
+/// empty one, and refused ones (keys out of order, a length not in its shortest form, an
+/// unknown column family, a row missing).
+pub fn snapshot() -> Seeds {
+    use coalesce_core::snapshot::{header, put_row};
+    let write = |rows: &[(u8, &[u8], &[u8])], announced: u64| {
+        let mut out = vec![0xff, 7];
+        out.extend(header(announced));
+        for (cf, k, v) in rows {
+            put_row(&mut out, *cf, k, v);
+        }
+        out
+    };
+    let filled: Vec<Vec<u8>> = (0..crate::snapshot::COLUMN_FAMILIES as u8).map(|cf| vec![cf; 40]).collect();
+    let mut full: Vec<(u8, &[u8], &[u8])> = vec![(0, b"", b"empty key first")];
+    for (cf, value) in filled.iter().enumerate() {
+        let cf = cf as u8;
+        full.extend([(cf, &b"k1"[..], &b"v"[..]), (cf, b"k2", b""), (cf, b"k3\xff", value)]);
+    }
+    full.sort_by_key(|r| r.0);
+    let mut padded = vec![0xff, 1];
+    padded.extend(header(1));
+    padded.extend([0, 0x81, 0x00, b'k', 0]);
+    vec![
+        ("rows", write(&full, full.len() as u64)),
+        ("rows-bytewise", {
+            let mut b = write(&full, full.len() as u64);
+            b[1] = 0;
+            b
+        }),
+        ("empty", write(&[], 0)),
+        ("out-of-order", write(&[(1, b"b", b"v"), (1, b"a", b"v")], 2)),
+        ("unknown-cf", write(&[(6, b"k", b"v")], 1)),
+        ("missing-row", write(&[(0, b"k", b"v")], 2)),
+        ("not-shortest", padded),
+    ]
+    .into_iter()
+    .map(|(name, bytes)| (name.to_owned(), bytes))
+    .collect()
+}
+
+/// Seeds of the `peer` target: each message kind as a node sends it, replicated entries of
+/// every operator, and the forged `apply` seeds arriving by replication (refused by
+/// `check_entries`).
+pub fn peer() -> Seeds {
+    use coalesce_wire::codec::{self, encode_msg};
+    use coalesce_wire::peer::{Forwarded, QuiesceRequest};
+    use coalesce_wire::types::{PeerNode, TypeConfig};
+    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest};
+    use openraft::{EntryPayload, Membership};
+
+    use crate::peer::{entry, vote};
+
+    let t = table();
+    let append = |entries: Vec<codec::Entry>| {
+        let leader_commit = entries.last().map(|e| e.log_id);
+        let rpc = AppendEntriesRequest::<TypeConfig> { vote: vote(2, true), prev_log_id: None, entries, leader_commit };
+        [vec![0], encode_msg("append", &rpc).expect("encodes")].concat()
+    };
+    let mut out: Seeds = Vec::new();
+    let mut run = ingests(&t, NOW, 1, 7, 1);
+    run.push(seal(NOW + 600));
+    run.push(Command::Ack { cursor: "c".into(), upto_seq: 2 });
+    let replicated: Vec<_> = run.iter().enumerate().map(|(i, c)| entry(2, i as u64 + 1, c.clone())).collect();
+    out.push(("append-ingest-seal".into(), append(replicated.clone())));
+    let members = BTreeMap::from([(1u64, PeerNode { name: "coalesce-0".into(), ..PeerNode::default() })]);
+    let membership = Membership::new(vec![members.keys().copied().collect()], members).expect("a membership");
+    let config = codec::Entry { log_id: codec::log_id(1, 1, 0), payload: EntryPayload::Membership(membership.clone()) };
+    let blank = codec::Entry { log_id: codec::log_id(2, 1, 1), payload: EntryPayload::Blank };
+    out.push(("append-membership".into(), append(vec![config.clone(), blank])));
+    // The forged entries of the apply seeds, replicated.
+    for (name, bytes) in apply().into_iter().filter(|(n, _)| n.starts_with("forged-")) {
+        let mut rest = &bytes[..];
+        let mut cmds = Vec::new();
+        while let Ok((cmd, tail)) = postcard::take_from_bytes::<Command>(rest) {
+            cmds.push(cmd);
+            rest = tail;
+        }
+        let replicated = cmds.into_iter().enumerate().map(|(i, c)| entry(3, i as u64 + 1, c)).collect();
+        out.push((format!("append-{name}"), append(replicated)));
+    }
+    let rpc = VoteRequest::<TypeConfig>::new(vote(3, false), Some(codec::log_id(2, 1, 5)));
+    out.push(("vote".into(), [vec![1], encode_msg("vote", &rpc).expect("encodes")].concat()));
+    for (shard, cmd) in ingests(&t, NOW, 2, 8, 1).into_iter().enumerate() {
+        let Command::Ingest { groups, .. } = cmd else { continue };
+        let fwd = Forwarded::Ingest(groups);
+        out.push((
+            format!("forward-ingest-{shard}"),
+            [vec![3, shard as u8], encode_msg("fwd", &fwd).expect("encodes")].concat(),
+        ));
+    }
+    let ack = Forwarded::Ack { cursor: "sink".into(), upto_seq: 9 };
+    out.push(("forward-ack".into(), [vec![3, 0], encode_msg("fwd", &ack).expect("encodes")].concat()));
+    let v = codec::encode_vote(&vote(3, true)).expect("encodes");
+    let committed = codec::encode_log_id(&codec::log_id(2, 1, 4)).expect("encodes");
+    let meta = codec::SnapshotMetaT {
+        last_log_id: Some(codec::log_id(2, 1, 6)),
+        last_membership: openraft::StoredMembership::new(Some(codec::log_id(1, 1, 0)), membership),
+    };
+    let meta = codec::encode_snapshot_meta(&meta).expect("encodes");
+    out.push((
+        "snapshot-meta".into(),
+        [vec![4, v.len() as u8], v, vec![committed.len() as u8], committed, meta].concat(),
+    ));
+    let q = QuiesceRequest { term: 2, leader: 1, last_log_index: 7 };
+    out.push(("quiesce".into(), [vec![5], encode_msg("q", &q).expect("encodes")].concat()));
+    let stored = codec::encode_entry(&replicated[0]).expect("encodes");
+    out.push(("stored-entry".into(), [vec![6], stored].concat()));
+    out.push(("stored-membership".into(), [vec![6], codec::encode_entry(&config).expect("encodes")].concat()));
+    let reply = AppendEntriesResponse::<TypeConfig>::Success;
+    out.push(("reply-append".into(), [vec![7], encode_msg("reply", &reply).expect("encodes")].concat()));
+    out
+}
+
+/// Seeds of the `request` target: `Ingest` requests as clients send them (protobuf), with
+/// events of every stream and value kind, with and without a producer id, and refused events
+/// among them (an unknown stream, an empty key, JSON that is not, a zero producer seq).
+pub fn request() -> Seeds {
+    use coalesce_proto::v1 as pb;
+    use prost::Message;
+    let value = |v: Value| {
+        let kind = match v {
+            Value::None => return None,
+            Value::Int(i) => pb::value::Kind::Int(i),
+            Value::Float(f) => pb::value::Kind::Float(f),
+            Value::Str(s) => pb::value::Kind::Str(s),
+            Value::Bytes(b) => pb::value::Kind::Bytes(b),
+            Value::Json(j) => pb::value::Kind::Json(j.to_string()),
+        };
+        Some(pb::Value { kind: Some(kind) })
+    };
+    let t = table();
+    let mut events = Vec::new();
+    for def in t.iter() {
+        for (k, v) in values(3).into_iter().enumerate() {
+            let seq = events.len() as u64 + 1;
+            events.push(pb::Event {
+                stream: def.name.clone(),
+                key: format!("key-{}", k % 2),
+                value: value(v),
+                event_time_ms: Some(NOW - 10),
+                producer_seq: seq,
+            });
+        }
+    }
+    let mut refused = events[..4].to_vec();
+    refused[0].stream = "no-such-stream".into();
+    refused[1].key = String::new();
+    refused[2].value = Some(pb::Value { kind: Some(pb::value::Kind::Json("{not json".into())) });
+    refused[3].producer_seq = 0;
+    [
+        ("producer", pb::IngestRequest { producer_id: 7, events: events.clone() }),
+        ("no-producer", pb::IngestRequest { producer_id: 0, events }),
+        ("refused", pb::IngestRequest { producer_id: 9, events: refused }),
+    ]
+    .into_iter()
+    .map(|(name, req)| (name.to_owned(), req.encode_to_vec()))
+    .collect()
+}
+
 pub fn all() -> Vec<(&'static str, Seeds)> {
-    vec![("apply", apply()), ("decode", decode()), ("streams_config", streams_config()), ("merge", merge())]
+    vec![
+        ("apply", apply()),
+        ("decode", decode()),
+        ("streams_config", streams_config()),
+        ("merge", merge()),
+        ("snapshot", snapshot()),
+        ("peer", peer()),
+        ("request", request()),
+    ]
 }

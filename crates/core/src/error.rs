@@ -100,3 +100,24 @@ impl ConfigError {
         ConfigError::Stream { stream: stream.to_owned(), field: field.to_owned(), message: message.into() }
     }
 }
+
+/// Bytes that do not encode or decode as the value they should be: a stored row or log entry,
+/// or a peer's message (`coalesce-wire`'s codec). The storage crate reports these as its own
+/// errors of the same names.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CodecError {
+    /// A stored row of `shard` that does not decode.
+    #[error("corrupt {what} in shard {shard}: {detail}")]
+    Corrupt { shard: u32, what: &'static str, detail: String },
+    #[error("encoding {what}: {detail}")]
+    Encode { what: &'static str, detail: String },
+    /// A message from a peer that does not decode.
+    #[error("decoding {what}: {detail}")]
+    Decode { what: &'static str, detail: String },
+}
+
+impl From<CodecError> for std::io::Error {
+    fn from(e: CodecError) -> Self {
+        std::io::Error::other(e)
+    }
+}

@@ -38,6 +38,8 @@
 //! - [`entry`]: the commands a shard's Raft log carries and their validation (re-exported by
 //!   `coalesce-raft`; decoded and applied by the fuzz targets in `fuzz/`).
 //! - [`cluster`]: the cluster id sinks key their fences and idempotency keys by.
+//! - [`snapshot`]: a shard snapshot's bytes, written and read a row at a time with limits on
+//!   what a peer may send (streamed by `coalesce-storage`).
 //! - [`error`]: error types with stable codes.
 //!
 //! Libraries used instead of hand-written code: `xxhash-rust` (XXH3, the shard hash),
@@ -59,6 +61,7 @@ pub mod merge;
 pub mod output;
 pub mod samples;
 pub mod session;
+pub mod snapshot;
 pub mod stream;
 pub mod time;
 pub mod value;

@@ -116,18 +116,47 @@ impl Expiry {
     }
 }
 
+/// How many of something (connections, handshakes) each host holds; a host holding none is
+/// not kept.
+#[derive(Debug, Default)]
+pub(crate) struct HostCounts(HashMap<IpAddr, usize>);
+
+impl HostCounts {
+    pub(crate) fn get(&self, ip: IpAddr) -> usize {
+        self.0.get(&ip).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn add(&mut self, ip: IpAddr) {
+        *self.0.entry(ip).or_default() += 1;
+    }
+
+    pub(crate) fn release(&mut self, ip: IpAddr) {
+        if let Some(n) = self.0.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&ip);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn hosts(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// The connections open on a port, in all and per address: pure bookkeeping.
 #[derive(Debug, Default)]
 struct Book {
     open: usize,
-    per_ip: HashMap<IpAddr, usize>,
+    per_ip: HostCounts,
 }
 
 impl Book {
     /// Whether one more connection from `ip` fits. The address's own bound is checked first:
     /// when one address holds its whole share, that is the reason worth reporting.
     fn check(&self, ip: IpAddr, limits: &ConnLimits) -> Result<(), Refusal> {
-        if self.per_ip.get(&ip).copied().unwrap_or(0) >= limits.max_connections_per_ip {
+        if self.per_ip.get(ip) >= limits.max_connections_per_ip {
             return Err(Refusal::MaxConnectionsPerIp);
         }
         if self.open >= limits.max_connections {
@@ -139,18 +168,13 @@ impl Book {
     fn admit(&mut self, ip: IpAddr, limits: &ConnLimits) -> Result<(), Refusal> {
         self.check(ip, limits)?;
         self.open += 1;
-        *self.per_ip.entry(ip).or_default() += 1;
+        self.per_ip.add(ip);
         Ok(())
     }
 
     fn release(&mut self, ip: IpAddr) {
         self.open = self.open.saturating_sub(1);
-        if let Some(n) = self.per_ip.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_ip.remove(&ip);
-            }
-        }
+        self.per_ip.release(ip);
     }
 }
 
@@ -194,7 +218,7 @@ pub(crate) struct Port {
 }
 
 /// IPv4 clients of a dual-stack listener arrive as IPv4-mapped IPv6 addresses: one host, one key.
-fn host(remote: SocketAddr) -> IpAddr {
+pub(crate) fn host(remote: SocketAddr) -> IpAddr {
     remote.ip().to_canonical()
 }
 
@@ -558,7 +582,7 @@ mod tests {
         for a in [1, 1, 2] {
             book.release(ip(a));
         }
-        assert_eq!((book.open, book.per_ip.len()), (0, 0), "nothing kept for gone addresses");
+        assert_eq!((book.open, book.per_ip.hosts()), (0, 0), "nothing kept for gone addresses");
     }
 
     #[test]

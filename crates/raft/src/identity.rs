@@ -32,8 +32,10 @@ use tokio::sync::watch;
 /// The node column family key of the id.
 pub const CLUSTER_ID_KEY: &str = "cluster_id";
 
-/// The node column family key marking a data directory this build created (empty when it was
-/// first opened by a build that knows cluster ids).
+/// The node column family key that marked a data directory created by a build that knows
+/// cluster ids, until December 2026; since then the storage crate records the format a
+/// directory was created in (`coalesce_storage::format::created`), in the same write as its
+/// first format version, and every build that records it knows ids.
 pub const BORN_WITH_IDS_KEY: &str = "born_with_ids";
 
 /// This node's view of the cluster id.
@@ -48,7 +50,7 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Loads the stored id, if any, and marks a new data directory as born with ids.
+    /// Loads the stored id, if any.
     pub fn load(db: &NodeDb) -> Result<Self, StorageError> {
         let stored = match db.node_get(CLUSTER_ID_KEY)? {
             None => None,
@@ -58,10 +60,8 @@ impl Identity {
                 detail: format!("{} bytes, expected 17", b.len()),
             })?),
         };
-        if db.created() {
-            db.node_put(BORN_WITH_IDS_KEY, &[1])?;
-        }
-        let born_with_ids = db.node_get(BORN_WITH_IDS_KEY)?.is_some();
+        let born_with_ids =
+            coalesce_storage::format::created(db)?.is_some() || db.node_get(BORN_WITH_IDS_KEY)?.is_some();
         Ok(Self { known: watch::Sender::new(stored), born_with_ids, storing: std::sync::Mutex::new(()) })
     }
 

@@ -4,8 +4,9 @@
 //! stored in the node's RocksDB. This crate is the only one that names openraft (pinned to an
 //! exact alpha; API churn stays here).
 //!
-//! - [`types`]: the type configuration, the log's [`types::Command`]s and their responses.
-//! - [`codec`]: our on-disk encoding of openraft values (its serde is not a stable format).
+//! - [`types`], [`codec`]: the type configuration, the log's [`types::Command`]s and their
+//!   encoding on disk and between peers (from `coalesce-wire`, which the fuzz targets read
+//!   without RocksDB).
 //! - [`log_store`]: the log store over `coalesce-storage`, durable through group commit.
 //! - [`state_machine`]: applying Ingest/Seal/Ack deterministically.
 //! - [`snapshot`]: shard snapshots between replicas, streamed and bounded on both sides.
@@ -20,9 +21,9 @@
 //! - [`node`]: a node's groups — placement, bootstrap, proposals, the window scheduler,
 //!   graceful hand-off — and the peer gRPC service.
 //!
-//! Depends on `coalesce-core`, `coalesce-storage` and `coalesce-proto`; not on the server.
+//! Depends on `coalesce-core`, `coalesce-wire`, `coalesce-storage` and `coalesce-proto`; not on
+//! the server.
 
-pub mod codec;
 pub mod connections;
 pub mod failpoints;
 pub mod identity;
@@ -35,8 +36,8 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod tls;
 pub mod tracectx;
-pub mod types;
 
+pub use coalesce_wire::{codec, types};
 pub use log_store::LogStore;
 pub use node::{
     ClusterSpec, Leadership, NodeSpec, PeerService, ProposeError, RaftNode, RaftTiming, ReplicaDetail, ShardDetail,

@@ -316,7 +316,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let mut cancel = std::pin::pin!(cancel);
         // The first chunk is read (a view counts its rows) before the transfer opens.
         let prepared = tokio::select! {
-            p = crate::snapshot::prepare(snapshot.snapshot) => p.map_err(|e| fail(&e))?,
+            p = crate::snapshot::prepare(self.group, snapshot.snapshot) => p.map_err(|e| fail(&e))?,
             closed = &mut cancel => return Err(StreamingError::Closed(closed)),
         };
         let (chunks, read_error) =

@@ -30,6 +30,7 @@ use crate::log_store::LogStore;
 use crate::network::{Channels, GroupNetworkFactory};
 use crate::state_machine::{ApplyFailure, FailureSlot, OutboxMeta, ShardStateMachine};
 use crate::types::{Command, IngestGroup, InvalidCommand, PeerNode, Response, TypeConfig};
+use coalesce_wire::peer::{Forwarded, check_snapshot_meta};
 use openraft::async_runtime::WatchReceiver;
 
 /// One node of the static peer list.
@@ -230,51 +231,6 @@ pub struct ShardDetail {
     pub replicas: Vec<ReplicaDetail>,
     /// The group's timers are stopped ([`crate::quiesce`]).
     pub quiesced: bool,
-}
-
-/// What a node forwards to a shard leader over the peer port: only what nodes send on behalf
-/// of their clients, delivery workers and operators — never a whole command, so no peer
-/// chooses a stamp, stream rules or seal parameters. The leader checks each part as it would
-/// a client request before it proposes anything.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-enum Forwarded {
-    /// Pre-merged producer groups; the leader stamps them with its clock and its streams' rules.
-    Ingest(Vec<IngestGroup>),
-    Ack {
-        cursor: String,
-        upto_seq: u64,
-    },
-    /// Before December 2026 this position carried a whole command, proposed as received; a
-    /// peer that still sends one is refused (the position is kept so nothing else decodes
-    /// from such bytes).
-    Retired,
-    /// Dead letters of `sink` replayed or purged.
-    DlqRemove {
-        sink: String,
-        seqs: Vec<u64>,
-    },
-    /// An operator dropped an abandoned consumer.
-    DropCursor {
-        cursor: String,
-    },
-    /// An operator chose (or cleared) the shard's preferred leader; it must be a replica.
-    SetPreferredLeader {
-        node: Option<String>,
-    },
-}
-
-impl Forwarded {
-    /// Whether applying it twice is the same as once: ingests whose every group carries its
-    /// producer's seqs (a resend is acknowledged as a duplicate), and acks (a cursor only moves
-    /// forward).
-    fn idempotent(&self) -> bool {
-        match self {
-            Forwarded::Ingest(groups) => groups.iter().all(|g| g.range.is_some()),
-            Forwarded::Ack { .. } => true,
-            Forwarded::Retired => false,
-            Forwarded::DlqRemove { .. } | Forwarded::DropCursor { .. } | Forwarded::SetPreferredLeader { .. } => false,
-        }
-    }
 }
 
 /// Resolves once `group`'s Raft on this node knows a leader other than `old` (possibly this
@@ -1017,29 +973,15 @@ impl RaftNode {
         })
     }
 
-    /// Checks what a peer forwarded as the receiving node checked its client's request: every
-    /// key hashes to this shard and fits its stream's key limit (streams, partials and names
-    /// are checked with the entry in [`RaftNode::propose`]).
+    /// Checks what a peer forwarded as this node would check its own client's request
+    /// ([`Forwarded::check_keys`]; streams, partials and names are checked with the entry in
+    /// [`RaftNode::propose`]).
     fn check_forwarded(&self, shard: ShardId, req: &Forwarded) -> Result<(), ProposeError> {
-        let Forwarded::Ingest(groups) = req else { return Ok(()) };
-        for (i, g) in groups.iter().enumerate() {
-            for (j, (key, _)) in g.partials.iter().enumerate() {
-                let invalid = |reason: String| {
-                    let field = format!("groups[{i}].partials[{j}].key");
-                    crate::metrics::INVALID_COMMANDS.with_label_values(&["peer"]).inc();
-                    ProposeError::Invalid { shard, error: InvalidCommand { kind: "forward".into(), field, reason } }
-                };
-                let owner = coalesce_core::hash::shard_for(&key.stream, &key.key, self.spec.shards);
-                if owner != shard {
-                    return Err(invalid(format!("belongs to shard {owner}")));
-                }
-                let max = self.streams.get(&key.stream).map_or(MAX_KEY_BYTES_LIMIT, |d| d.max_key_bytes);
-                if key.key.len() > max {
-                    return Err(invalid(format!("{} bytes, stream {:?} allows {max}", key.key.len(), key.stream)));
-                }
-            }
-        }
-        Ok(())
+        let max_key_bytes = |stream: &str| self.streams.get(stream).map_or(MAX_KEY_BYTES_LIMIT, |d| d.max_key_bytes);
+        req.check_keys(shard, self.spec.shards, max_key_bytes).map_err(|error| {
+            crate::metrics::INVALID_COMMANDS.with_label_values(&["peer"]).inc();
+            ProposeError::Invalid { shard, error }
+        })
     }
 
     async fn on_leader(&self, group: &Group, req: Forwarded) -> Result<Response, ProposeError> {
@@ -1689,21 +1631,16 @@ fn bad(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-/// Refuses replicated entries whose commands do not validate ([`Command::validate`]): a
-/// follower never takes an entry into its log that its apply would refuse.
+/// Refuses replicated entries whose commands do not validate
+/// ([`coalesce_wire::peer::check_entries`]).
 fn check_entries(rpc: &openraft::raft::AppendEntriesRequest<TypeConfig>) -> Result<(), Status> {
     if crate::failpoints::active("skip_validation") {
         return Ok(());
     }
-    for entry in &rpc.entries {
-        if let openraft::EntryPayload::Normal(cmd) = &entry.payload
-            && let Err(e) = cmd.validate()
-        {
-            crate::metrics::INVALID_COMMANDS.with_label_values(&["peer"]).inc();
-            return Err(bad(format!("entry {}: {e}", entry.log_id.index)));
-        }
-    }
-    Ok(())
+    coalesce_wire::peer::check_entries(rpc).map_err(|e| {
+        crate::metrics::INVALID_COMMANDS.with_label_values(&["peer"]).inc();
+        bad(e)
+    })
 }
 
 fn reply<T: serde::Serialize>(group: ShardId, what: &'static str, v: &T) -> Result<TonicResponse<RaftMessage>, Status> {
@@ -1993,27 +1930,6 @@ impl RaftPeer for PeerService {
         }
         Ok(TonicResponse::new(self.node.on_ping(request.get_ref())))
     }
-}
-
-/// Refuses snapshot metadata that openraft would panic on (see
-/// [`Raft::install_full_snapshot`]): a snapshot with no log id, one beyond the leadership of
-/// the vote that sends it, or one past the locally committed log id at an index not past it.
-fn check_snapshot_meta(
-    meta: &crate::codec::SnapshotMetaT,
-    vote: &crate::types::Vote,
-    committed: Option<&crate::types::LogId>,
-) -> Result<(), String> {
-    let Some(last) = meta.last_log_id.as_ref() else { return Err("a snapshot without a log id".into()) };
-    if last.leader_id > vote.leader_id {
-        return Err(format!("log id {last} is beyond the leadership of the vote {vote} that sends it"));
-    }
-    if let Some(c) = committed
-        && Some(last) > Some(c)
-        && last.index <= c.index
-    {
-        return Err(format!("log id {last} contradicts the committed log id {c}"));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -49,11 +49,11 @@ use coalesce_core::hash::ShardId;
 use coalesce_proto::v1::raft_peer_client::RaftPeerClient;
 use coalesce_proto::v1::{PingRequest, PingResponse, RaftMessage};
 use openraft::async_runtime::WatchReceiver;
-use serde::{Deserialize, Serialize};
 
 use crate::codec;
 use crate::node::{Group, RaftNode};
 use crate::types::PeerNode;
+use coalesce_wire::peer::QuiesceRequest;
 
 const AWAKE: u8 = 0;
 const QUIESCED_LEADER: u8 = 1;
@@ -133,14 +133,6 @@ impl Quiet {
     fn take(&self) -> u8 {
         self.state.swap(AWAKE, Ordering::AcqRel)
     }
-}
-
-/// What a leader sends its followers to quiesce a group.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct QuiesceRequest {
-    term: u64,
-    leader: u64,
-    last_log_index: u64,
 }
 
 /// What this node knows of a peer node's liveness.

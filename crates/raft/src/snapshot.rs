@@ -142,7 +142,7 @@ pub(crate) struct Prepared {
 /// Reads the first chunk of `snapshot` (for a view, that counts its rows first, which may take
 /// a while for a large shard): done before the transfer opens, so that the receiver's stall
 /// timeout never waits on it.
-pub(crate) async fn prepare(snapshot: ShardSnapshot) -> Result<Prepared, StorageError> {
+pub(crate) async fn prepare(shard: u32, snapshot: ShardSnapshot) -> Result<Prepared, StorageError> {
     tokio::task::spawn_blocking(move || {
         let mut source = match snapshot {
             ShardSnapshot::View(v) => Source::View(v),
@@ -152,7 +152,7 @@ pub(crate) async fn prepare(snapshot: ShardSnapshot) -> Result<Prepared, Storage
         Ok(Prepared { source, first })
     })
     .await
-    .map_err(|e| StorageError::SnapshotFile { path: String::new(), detail: format!("snapshot reader: {e}") })?
+    .map_err(|e| StorageError::SnapshotReader { shard, detail: e.to_string() })?
 }
 
 /// The chunks that send `prepared`: the first carries `vote` and `meta`, then one per 1 MiB of
@@ -171,10 +171,10 @@ pub(crate) fn chunks(
     let started = tokio::time::Instant::now();
     let Prepared { source, first } = prepared;
     // An empty snapshot still sends one chunk: the one that carries vote and meta.
-    let head = SnapshotChunk { group, target, vote, meta, data: first.clone().unwrap_or_default() };
+    let rest = first.is_some().then_some(source);
+    let head = SnapshotChunk { group, target, vote, meta, data: first.unwrap_or_default() };
     let sent = head.data.len() as u64;
     SNAPSHOT_BYTES.with_label_values(&["sent"]).inc_by(sent);
-    let rest = first.is_some().then_some(source);
     let rest = futures::stream::unfold((rest, sent), move |(source, sent)| {
         let slot = Arc::clone(&slot);
         async move {
@@ -256,7 +256,17 @@ pub(crate) async fn receive(
             ));
         }
         SNAPSHOT_BYTES.with_label_values(&["received"]).inc_by(chunk.data.len() as u64);
-        spool.push(&chunk.data).map_err(|e| spool_refusal(shard, e))?;
+        // Checking and writing up to 4 MiB is blocking work: off the runtime, whose threads
+        // carry every group's heartbeats.
+        let data = chunk.data;
+        let (back, pushed) = tokio::task::spawn_blocking(move || {
+            let pushed = spool.push(&data);
+            (spool, pushed)
+        })
+        .await
+        .map_err(|e| refuse("io", e))?;
+        spool = back;
+        pushed.map_err(|e| spool_refusal(shard, e))?;
     }
     tokio::task::spawn_blocking(move || spool.finish())
         .await

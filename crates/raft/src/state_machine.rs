@@ -611,7 +611,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 // A view of another state machine (openraft's storage suite does this): spooled
                 // to a file here first, so it installs the same way.
                 ShardSnapshot::View(mut view) => {
-                    let limits = coalesce_storage::snapshot::Limits { max_bytes: u64::MAX, ..Default::default() };
+                    let limits = coalesce_storage::snapshot::Limits::default();
                     let mut spool = coalesce_storage::transfer::Spool::create(store.db(), store.shard(), limits)?;
                     let spooled = |e: coalesce_storage::transfer::SpoolError| StorageError::Corrupt {
                         shard: store.shard(),

@@ -39,7 +39,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureS
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::connections::{Calls, ConnLimits, Lifetime, Slot, TrackCalls};
+use crate::connections::{Calls, ConnLimits, HostCounts, Lifetime, Slot, TrackCalls};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -554,7 +554,7 @@ fn incoming_with(
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let pending = Arc::new(Pending { max: max_handshakes, ..Pending::default() });
     let conns = crate::connections::Port::new(port, limits);
-    let per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    let per_ip: Arc<std::sync::Mutex<HostCounts>> = Arc::default();
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -584,7 +584,7 @@ fn incoming_with(
                 refuse(&tcp);
                 continue;
             }
-            let Some(ip_slot) = IpSlot::take(&per_ip, remote.ip()) else {
+            let Some(ip_slot) = IpSlot::take(&per_ip, crate::connections::host(remote)) else {
                 crate::metrics::TLS_HANDSHAKE_FAILURES.with_label_values(&[port]).inc();
                 tracing::debug!(port, %remote, "too many TLS handshakes from this address: connection closed");
                 continue;
@@ -679,36 +679,26 @@ impl Drop for PendingSlot {
     }
 }
 
-/// One handshake in progress from an address, released when dropped.
+/// One handshake in progress from a host, released when dropped.
 struct IpSlot {
-    map: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    map: Arc<std::sync::Mutex<HostCounts>>,
     ip: std::net::IpAddr,
 }
 
 impl IpSlot {
-    fn take(
-        map: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
-        ip: std::net::IpAddr,
-    ) -> Option<Self> {
+    fn take(map: &Arc<std::sync::Mutex<HostCounts>>, ip: std::net::IpAddr) -> Option<Self> {
         let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(ip).or_default();
-        if *n >= MAX_HANDSHAKES_PER_IP {
+        if m.get(ip) >= MAX_HANDSHAKES_PER_IP {
             return None;
         }
-        *n += 1;
+        m.add(ip);
         Some(Self { map: map.clone(), ip })
     }
 }
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).release(self.ip);
     }
 }
 

@@ -58,7 +58,7 @@ impl AdminService {
             (true, true) => Ok(self
                 .store(shard)?
                 .dlq_from(sink, 0, MAX_LETTERS)
-                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(convert::storage_status)?
                 .iter()
                 .map(|l| l.output.seq)
                 .collect()),
@@ -99,7 +99,7 @@ impl pb::admin_server::Admin for AdminService {
         let mut resp = pb::ListDeadLettersResponse::default();
         for shard in shards {
             let store = self.store(shard)?;
-            let counts = store.dlq_counts().map_err(|e| Status::internal(e.to_string()))?;
+            let counts = store.dlq_counts().map_err(convert::storage_status)?;
             for (sink, n) in counts {
                 if !req.sink.is_empty() && sink != req.sink {
                     continue;
@@ -107,7 +107,7 @@ impl pb::admin_server::Admin for AdminService {
                 *resp.counts.entry(sink.clone()).or_insert(0) += n;
                 let room = limit - resp.letters.len();
                 if room > 0 {
-                    let letters = store.dlq_from(&sink, 0, room).map_err(|e| Status::internal(e.to_string()))?;
+                    let letters = store.dlq_from(&sink, 0, room).map_err(convert::storage_status)?;
                     resp.letters.extend(letters.iter().map(convert::dead_letter));
                 }
             }
@@ -145,11 +145,7 @@ impl pb::admin_server::Admin for AdminService {
         let store = self.store(req.shard)?;
         let mut present = Vec::new();
         for seq in seqs {
-            if store
-                .dlq_from(&req.sink, seq, 1)
-                .map_err(|e| Status::internal(e.to_string()))?
-                .first()
-                .map(|l| l.output.seq)
+            if store.dlq_from(&req.sink, seq, 1).map_err(convert::storage_status)?.first().map(|l| l.output.seq)
                 == Some(seq)
             {
                 present.push(seq);
@@ -192,7 +188,7 @@ impl pb::admin_server::Admin for AdminService {
     }
 
     async fn shards(&self, _request: Request<pb::ShardsRequest>) -> Result<Response<pb::ShardsResponse>, Status> {
-        let internal = |e: coalesce_storage::StorageError| Status::internal(e.to_string());
+        let internal = convert::storage_status;
         let mut shards = Vec::new();
         let adaptive = self.node.adaptive_decisions();
         for g in self.node.groups() {
@@ -374,7 +370,7 @@ impl pb::admin_server::Admin for AdminService {
         }
         let mut shards = Vec::new();
         for g in self.node.groups() {
-            let outbox = load_outbox(&g.store).map_err(|e| Status::internal(e.to_string()))?;
+            let outbox = load_outbox(&g.store).map_err(convert::storage_status)?;
             if !outbox.cursors.contains_key(&consumer) {
                 continue;
             }

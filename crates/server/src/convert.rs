@@ -1,33 +1,10 @@
-//! Proto ↔ domain conversions, in one place.
+//! Proto ↔ domain conversions of the server's answers (a request's events are converted by
+//! `coalesce_wire::api`).
 
-use coalesce_core::batch::Event;
 use coalesce_core::output::Output;
-use coalesce_core::value::Value;
 use coalesce_proto::v1 as pb;
-
-/// A proto event as a core event. `producer` is the request's producer id (0 = none).
-pub fn event(e: &pb::Event, producer: u64) -> Result<Event, (&'static str, String)> {
-    let value = match e.value.as_ref().and_then(|v| v.kind.as_ref()) {
-        None => Value::None,
-        Some(pb::value::Kind::Int(i)) => Value::Int(*i),
-        Some(pb::value::Kind::Float(f)) => Value::Float(*f),
-        Some(pb::value::Kind::Str(s)) => Value::Str(s.clone()),
-        Some(pb::value::Kind::Bytes(b)) => Value::Bytes(b.clone()),
-        Some(pb::value::Kind::Json(j)) => {
-            Value::Json(serde_json::from_str(j).map_err(|err| ("value", format!("value.json is not JSON: {err}")))?)
-        }
-    };
-    if producer != 0 && e.producer_seq == 0 {
-        return Err(("producer_seq", "producer_seq must be at least 1 when producer_id is set".into()));
-    }
-    Ok(Event {
-        stream: e.stream.clone(),
-        key: e.key.clone(),
-        value,
-        event_time: e.event_time_ms,
-        producer: (producer != 0).then_some((producer, e.producer_seq)),
-    })
-}
+use coalesce_storage::StorageError;
+use tonic::Status;
 
 /// A core output as a proto output.
 pub fn output(o: &Output) -> pb::Output {
@@ -66,5 +43,14 @@ pub fn dead_letter(l: &coalesce_core::output::DeadLetter) -> pb::DeadLetter {
         reason: l.reason.clone(),
         failed_at: l.failed_at,
         attempts: l.attempts,
+    }
+}
+
+/// A storage error as a gRPC status: UNAVAILABLE (retry) while the replica installs a snapshot,
+/// INTERNAL otherwise.
+pub fn storage_status(e: StorageError) -> Status {
+    match e {
+        StorageError::Installing { .. } => Status::unavailable(e.to_string()),
+        other => Status::internal(other.to_string()),
     }
 }

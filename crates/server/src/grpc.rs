@@ -5,8 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use coalesce_core::batch::{BatchBuilder, EventBatch};
-use coalesce_core::error::Category;
+use coalesce_core::batch::EventBatch;
 use coalesce_core::hash::ShardId;
 use coalesce_core::stream::KeyRateAction;
 use coalesce_core::time::{Clock, SystemClock};
@@ -14,6 +13,7 @@ use coalesce_proto::v1 as pb;
 use coalesce_proto::v1::EventCode;
 use coalesce_raft::state_machine::load_outbox;
 use coalesce_raft::{GroupOutcome, IngestGroup, ProposeError, RaftNode, Response};
+use coalesce_wire::api::{CheckedIngest, RequestLimits, check_ingest, status};
 use futures::Stream;
 use prost::Message;
 use tonic::{Request, Response as TonicResponse, Status};
@@ -64,7 +64,7 @@ impl CoalesceService {
         }
         // A shard this node does not replicate is answered by the Ack itself (NOT_FOUND).
         let Some(group) = self.node.group(shard) else { return Ok(()) };
-        let outbox = load_outbox(&group.store).map_err(|e| Status::internal(e.to_string()))?;
+        let outbox = load_outbox(&group.store).map_err(convert::storage_status)?;
         if outbox.cursors.contains_key(consumer) {
             return Ok(());
         }
@@ -89,10 +89,6 @@ impl CoalesceService {
         }
         Ok(())
     }
-}
-
-fn status(code: EventCode, reason: &str, message: String) -> pb::EventStatus {
-    pb::EventStatus { code: code as i32, reason: reason.to_owned(), message, ..Default::default() }
 }
 
 /// Counts, per stream, the events accepted into `batches` and the partials they became.
@@ -188,52 +184,15 @@ impl CoalesceService {
     /// Validates, pre-merges and applies one request; event `i` is named `events[offset + i]`.
     #[tracing::instrument(name = "ingest", level = "debug", skip_all, fields(events = req.events.len(), producer = req.producer_id))]
     async fn ingest_request(&self, req: pb::IngestRequest, offset: usize) -> Result<pb::IngestResponse, Status> {
-        if req.events.len() > self.limits.max_events_per_request {
-            return Err(Status::invalid_argument(format!(
-                "events: {} events, the limit is {} per request",
-                req.events.len(),
-                self.limits.max_events_per_request
-            )));
-        }
-        let bytes = req.encoded_len();
-        if bytes > self.limits.max_request_bytes {
-            return Err(Status::invalid_argument(format!(
-                "request is {bytes} bytes, the limit is {}",
-                self.limits.max_request_bytes
-            )));
-        }
+        let limits =
+            RequestLimits { max_events: self.limits.max_events_per_request, max_bytes: self.limits.max_request_bytes };
         let spec = self.node.spec();
-        let mut statuses: Vec<pb::EventStatus> = vec![pb::EventStatus::default(); req.events.len()];
-        let mut builder = BatchBuilder::new(self.node.streams(), spec.shards, SystemClock.now());
-        for (i, e) in req.events.iter().enumerate() {
-            let result = convert::event(e, req.producer_id).map_err(|(field, msg)| {
-                // Refused before the builder saw it: keep the indices of later events aligned.
-                builder.skip();
-                status(EventCode::InvalidArgument, "invalid_value", format!("events[{}].{field}: {msg}", offset + i))
-            });
-            let result = result.and_then(|ev| match self.key_rates.check(&ev.stream, &ev.key) {
-                Ok(()) => Ok(ev),
-                Err(limited) => {
-                    builder.skip();
-                    Err(rate_limited(&ev.stream, offset + i, &limited))
-                }
-            });
-            match result.and_then(|ev| {
-                builder.add(&ev).map_err(|err| {
-                    let code = match err.category() {
-                        Category::InvalidArgument => EventCode::InvalidArgument,
-                        Category::NotFound => EventCode::NotFound,
-                        Category::ResourceExhausted => EventCode::ResourceExhausted,
-                        Category::FailedPrecondition => EventCode::FailedPrecondition,
-                    };
-                    status(code, err.code(), format!("events[{}].{}: {err}", offset + i, err.field()))
-                })
-            }) {
-                Ok(shard) => statuses[i].shard = shard,
-                Err(s) => statuses[i] = s,
-            }
-        }
-        let batches = builder.finish();
+        let admit = |ev: &coalesce_core::batch::Event, index: usize| {
+            self.key_rates.check(&ev.stream, &ev.key).map_err(|limited| rate_limited(&ev.stream, index, &limited))
+        };
+        let CheckedIngest { mut statuses, batches } =
+            check_ingest(&req, offset, limits, self.node.streams(), spec.shards, SystemClock.now(), admit)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
         count_premerge(&batches);
         let mut leader_hints = std::collections::HashMap::new();
         for shard in batches.keys() {
@@ -369,7 +328,7 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
             let from = match req.from_seq.get(shard) {
                 Some(after) => after + 1,
                 None => {
-                    let meta = load_outbox(&group.store).map_err(|e| Status::internal(e.to_string()))?;
+                    let meta = load_outbox(&group.store).map_err(convert::storage_status)?;
                     meta.cursors.get(&req.consumer).map_or(meta.low, |acked| acked + 1)
                 }
             };
@@ -408,8 +367,8 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
         let mut local = Vec::new();
         for g in self.node.groups() {
             let view = self.node.shard_view(g.shard).ok_or_else(|| Status::internal("group vanished"))?;
-            let stats = g.store.stats().map_err(|e| Status::internal(e.to_string()))?;
-            let outbox = load_outbox(&g.store).map_err(|e| Status::internal(e.to_string()))?;
+            let stats = g.store.stats().map_err(convert::storage_status)?;
+            let outbox = load_outbox(&g.store).map_err(convert::storage_status)?;
             let (leader, leader_addr) = view.leader.map(|(_, n)| (n.name, n.client_addr)).unwrap_or_default();
             local.push(pb::ShardStatus {
                 shard: g.shard,
@@ -526,7 +485,7 @@ impl Subscription {
             if self.seen.get(shard) == Some(&version) {
                 continue;
             }
-            let batch = group.store.outbox_from(*from, SUBSCRIBE_PAGE).map_err(|e| Status::internal(e.to_string()))?;
+            let batch = group.store.outbox_from(*from, SUBSCRIBE_PAGE).map_err(convert::storage_status)?;
             let page = batch.len();
             let mut taken = 0;
             for o in &batch {

@@ -62,8 +62,6 @@ pub struct NodeDb {
     /// Where snapshot files are received ([`crate::transfer`]).
     snapshots: PathBuf,
     flusher: Flusher,
-    /// The database was empty when this process opened it.
-    created: bool,
 }
 
 impl NodeDb {
@@ -104,23 +102,20 @@ impl NodeDb {
         let flusher = Flusher::start(Arc::clone(&db));
         let snapshots = path.join(crate::transfer::SNAPSHOT_DIR);
         let meta_cf = db.cf_handle(crate::keys::CF_RAFT_META).ok_or(StorageError::MissingColumnFamily("raft_meta"))?;
+        // A marker that cannot be read stops the open: its file may be the only copy of a
+        // half-installed shard's state.
         crate::transfer::prepare_dir(&snapshots, |shard, name| {
-            let marker = db.get_cf(meta_cf, crate::keys::raft_meta_key(shard, crate::keys::RaftMetaTag::Installing));
-            matches!(marker, Ok(Some(m)) if m == name.as_bytes())
+            let marker = db.get_cf(meta_cf, crate::keys::raft_meta_key(shard, crate::keys::RaftMetaTag::Installing))?;
+            Ok(marker.is_some_and(|m| m == name.as_bytes()))
         })?;
-        let mut node = Self { db, path: path.to_owned(), snapshots, flusher, created: false };
-        node.created = crate::format::check_and_migrate(&node)?;
+        let node = Self { db, path: path.to_owned(), snapshots, flusher };
+        crate::format::check_and_migrate(&node)?;
         Ok(Arc::new(node))
     }
 
     /// The column family `name` (every name in [`ALL_CFS`] exists once opened).
     pub fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StorageError> {
         self.db.cf_handle(name).ok_or(StorageError::MissingColumnFamily(name))
-    }
-
-    /// Whether the database was empty when this process opened it (a new data directory).
-    pub fn created(&self) -> bool {
-        self.created
     }
 
     /// The raw database, for reads and iteration.

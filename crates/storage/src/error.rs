@@ -32,6 +32,9 @@ pub enum StorageError {
     /// Reading or writing a snapshot file.
     #[error("snapshot file {path}: {detail}")]
     SnapshotFile { path: String, detail: String },
+    /// The thread reading a snapshot of the shard's state could not start or ended early.
+    #[error("reading a snapshot of shard {shard}: {detail}")]
+    SnapshotReader { shard: u32, detail: String },
 }
 
 impl StorageError {
@@ -47,6 +50,18 @@ impl StorageError {
             StorageError::NewerFormat { .. } => "newer_format",
             StorageError::Installing { .. } => "installing",
             StorageError::SnapshotFile { .. } => "snapshot_file",
+            StorageError::SnapshotReader { .. } => "snapshot_reader",
+        }
+    }
+}
+
+impl From<coalesce_core::error::CodecError> for StorageError {
+    fn from(e: coalesce_core::error::CodecError) -> Self {
+        use coalesce_core::error::CodecError as C;
+        match e {
+            C::Corrupt { shard, what, detail } => StorageError::Corrupt { shard, what, detail },
+            C::Encode { what, detail } => StorageError::Encode { what, detail },
+            C::Decode { what, detail } => StorageError::Decode { what, detail },
         }
     }
 }

@@ -38,6 +38,11 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The node column family key holding the version.
 pub const FORMAT_KEY: &str = "format_version";
 
+/// The node column family key holding the version a data directory was created in, written
+/// with the first [`FORMAT_KEY`] of an empty database (in the same write, so a directory has
+/// either both or was not created by this build or a later one).
+pub const CREATED_FORMAT_KEY: &str = "created_format";
+
 /// `MIGRATIONS[v]` turns a database of format `v` into format `v + 1`, adding its writes to
 /// the batch that also records `v + 1`.
 type Migration = fn(&NodeDb, &mut WriteBatch) -> Result<(), StorageError>;
@@ -48,17 +53,17 @@ const MIGRATIONS: [Migration; FORMAT_VERSION as usize] = [
 
 /// The format version recorded in `db`, `None` when none is (an empty or a version-0 database).
 pub fn recorded(db: &NodeDb) -> Result<Option<u32>, StorageError> {
-    match db.node_get(FORMAT_KEY)? {
-        None => Ok(None),
-        Some(b) => {
-            let bytes: [u8; 4] = b.as_slice().try_into().map_err(|_| StorageError::Corrupt {
-                shard: 0,
-                what: "format version",
-                detail: format!("{} bytes, expected 4", b.len()),
-            })?;
-            Ok(Some(u32::from_be_bytes(bytes)))
-        }
-    }
+    db.node_get(FORMAT_KEY)?.map(|b| version(db, &b)).transpose()
+}
+
+/// A stored version number (4 bytes, big-endian).
+fn version(db: &NodeDb, b: &[u8]) -> Result<u32, StorageError> {
+    let bytes: [u8; 4] = b.try_into().map_err(|_| StorageError::Corrupt {
+        shard: 0,
+        what: "format version",
+        detail: format!("{} bytes, expected 4 ({})", b.len(), db.path().display()),
+    })?;
+    Ok(u32::from_be_bytes(bytes))
 }
 
 fn is_empty(db: &NodeDb) -> Result<bool, StorageError> {
@@ -73,14 +78,20 @@ fn is_empty(db: &NodeDb) -> Result<bool, StorageError> {
     Ok(true)
 }
 
-/// Checks `db`'s format and migrates it to [`FORMAT_VERSION`] (see the module docs). Returns
-/// whether the database was empty (created by this open).
-pub(crate) fn check_and_migrate(db: &NodeDb) -> Result<bool, StorageError> {
+/// The format version `db` was created in: `None` for a data directory made by a build from
+/// before December 2026 (when this was first recorded).
+pub fn created(db: &NodeDb) -> Result<Option<u32>, StorageError> {
+    db.node_get(CREATED_FORMAT_KEY)?.map(|b| version(db, &b)).transpose()
+}
+
+/// Checks `db`'s format and migrates it to [`FORMAT_VERSION`] (see the module docs).
+pub(crate) fn check_and_migrate(db: &NodeDb) -> Result<(), StorageError> {
     let found = match recorded(db)? {
         Some(v) => v,
         None if is_empty(db)? => {
-            record(db, WriteBatch::default(), FORMAT_VERSION)?;
-            return Ok(true);
+            let mut batch = WriteBatch::default();
+            batch.put_cf(db.cf(CF_NODE)?, CREATED_FORMAT_KEY.as_bytes(), FORMAT_VERSION.to_be_bytes());
+            return record(db, batch, FORMAT_VERSION);
         }
         None => 0,
     };
@@ -98,7 +109,7 @@ pub(crate) fn check_and_migrate(db: &NodeDb) -> Result<bool, StorageError> {
         record(db, batch, to)?;
         tracing::info!(from, to, path = %db.path().display(), "migrated the data directory's format");
     }
-    Ok(false)
+    Ok(())
 }
 
 fn record(db: &NodeDb, mut batch: WriteBatch, version: u32) -> Result<(), StorageError> {

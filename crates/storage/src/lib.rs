@@ -9,8 +9,8 @@
 //! - [`format`]: the database's format version, checked at open, and migrations.
 //! - [`shard`]: one shard's rows: log operations, the [`coalesce_core::buffer::BufferStore`]
 //!   implementation the state machine applies through, outbox, sessions, snapshots.
-//! - [`snapshot`]: a shard snapshot's bytes written and read a row at a time, with limits on
-//!   what a peer may send (the format of [`shard::StateExport::encode`]).
+//! - [`snapshot`]: a shard snapshot's bytes (the format of [`shard::StateExport::encode`], read
+//!   and written by [`coalesce_core::snapshot`]) for this build's column families.
 //! - [`transfer`]: a snapshot on its way between nodes — the sender's consistent view read
 //!   chunk by chunk, the receiver's checked spool file, installs that survive a restart.
 //! - [`error`]: storage errors.

@@ -763,8 +763,8 @@ impl ShardStore {
         let rows = StateExport::decode(self.shard, data)?.rows;
         self.replace_rows(
             |put| {
-                for (cf, key, value) in rows {
-                    put(cf, key, value)?;
+                for (cf, key, value) in &rows {
+                    put(*cf, key, value)?;
                 }
                 Ok(())
             },
@@ -821,7 +821,16 @@ impl ShardStore {
             ));
         }
         tracing::warn!(shard = self.shard, file = %path.display(), "finishing a snapshot install a restart interrupted");
-        self.install_from(&path)?;
+        self.install_from(&path).map_err(|e| {
+            self.corrupt(
+                "snapshot install",
+                &format!(
+                    "a restart interrupted the install of snapshot file {} and finishing it failed ({e}): this \
+                     replica's state is incomplete; rebuild it from a healthy replica (docs/operations.md)",
+                    path.display()
+                ),
+            )
+        })?;
         let _ = std::fs::remove_file(&path);
         Ok(true)
     }
@@ -845,7 +854,7 @@ impl ShardStore {
     /// Readers get [`StorageError::Installing`] until it is done; pending effects are dropped.
     fn replace_rows(
         &self,
-        fill: impl FnOnce(&mut dyn FnMut(u8, Vec<u8>, Vec<u8>) -> Result<(), StorageError>) -> Result<(), StorageError>,
+        fill: impl FnOnce(&mut dyn FnMut(u8, &[u8], &[u8]) -> Result<(), StorageError>) -> Result<(), StorageError>,
         finish: impl FnOnce(&mut WriteBatch) -> Result<(), StorageError>,
     ) -> Result<(), StorageError> {
         // Counters only grow, so a read or scan that began before the install proves nothing.
@@ -871,7 +880,7 @@ impl ShardStore {
             let cf =
                 cfs.get(cf_index as usize).ok_or_else(|| self.corrupt("state snapshot", "unknown column family"))?;
             let mut key = keys::shard_prefix(self.shard).to_vec();
-            key.extend_from_slice(&suffix);
+            key.extend_from_slice(suffix);
             batch.put_cf(*cf, key, value);
             if batch.size_in_bytes() >= INSTALL_WRITE_BYTES {
                 self.db.write(std::mem::take(&mut batch))?;

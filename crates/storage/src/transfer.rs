@@ -26,7 +26,7 @@ use rocksdb::{Direction, IteratorMode, ReadOptions};
 use crate::db::NodeDb;
 use crate::error::StorageError;
 use crate::keys::{self, SmMetaTag};
-use crate::snapshot::{Limits, RowReader, SnapshotError, header, put_row};
+use crate::snapshot::{Limits, RowReader, SnapshotError, header, put_row, reader};
 
 /// Bytes per chunk a sender produces (the last of a snapshot may be shorter).
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -41,14 +41,25 @@ fn file_error(path: &Path, e: impl std::fmt::Display) -> StorageError {
 /// Creates the snapshot directory if needed and removes what no install needs: `.part` files
 /// (transfers a previous process did not finish) and any other file not named by its shard's
 /// install marker (`needed(shard, name)`), whether or not this node still hosts that shard.
-pub(crate) fn prepare_dir(dir: &Path, needed: impl Fn(ShardId, &str) -> bool) -> Result<(), StorageError> {
+pub(crate) fn prepare_dir(
+    dir: &Path,
+    needed: impl Fn(ShardId, &str) -> Result<bool, StorageError>,
+) -> Result<(), StorageError> {
     std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
     for entry in std::fs::read_dir(dir).map_err(|e| file_error(dir, e))? {
         let entry = entry.map_err(|e| file_error(dir, e))?;
+        let path = entry.path();
+        if entry.file_type().map_err(|e| file_error(&path, e))?.is_dir() {
+            // Nothing of ours: someone else's, left alone.
+            tracing::warn!(path = %path.display(), "a directory among snapshot files: left alone");
+            continue;
+        }
         let name = entry.file_name().to_string_lossy().into_owned();
-        let keep = name.ends_with(".snap") && file_shard(&name).is_some_and(|shard| needed(shard, &name));
+        let keep = match file_shard(&name) {
+            Some(shard) if name.ends_with(".snap") => needed(shard, &name)?,
+            _ => false,
+        };
         if !keep {
-            let path = entry.path();
             std::fs::remove_file(&path).map_err(|e| file_error(&path, e))?;
         }
     }
@@ -114,7 +125,10 @@ impl StateView {
         std::thread::Builder::new()
             .name(format!("snapshot-view-{shard}"))
             .spawn(move || serve_view(&db, shard, &meta_tx, &asked, &chunk_tx, &gone))
-            .map_err(|e| StorageError::SnapshotFile { path: String::new(), detail: format!("view thread: {e}") })?;
+            .map_err(|e| StorageError::SnapshotReader {
+                shard,
+                detail: format!("the view thread did not start: {e}"),
+            })?;
         let meta = meta_rx.recv().map_err(|_| view_gone(shard))??;
         Ok(Self { shard, meta, ask, chunks, ended: false, dropped })
     }
@@ -138,7 +152,7 @@ impl StateView {
 }
 
 fn view_gone(shard: ShardId) -> StorageError {
-    StorageError::Corrupt { shard, what: "snapshot view", detail: "the reading thread ended".into() }
+    StorageError::SnapshotReader { shard, detail: "the view thread ended".into() }
 }
 
 type ChunkSender = mpsc::SyncSender<Result<Option<Vec<u8>>, StorageError>>;
@@ -255,7 +269,7 @@ impl Spool {
             path,
             file: Some(BufWriter::with_capacity(1 << 16, file)),
             done: false,
-            reader: RowReader::new(limits),
+            reader: reader(limits),
             meta: SnapshotMetaRows::default(),
             bytes: 0,
         })
@@ -263,9 +277,11 @@ impl Spool {
 
     /// Checks and appends the next bytes. A [`SnapshotError`] says what is wrong with them.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
-        for (cf, key, value) in self.reader.push(bytes)? {
-            self.meta.see(cf, &key, &value);
-        }
+        let meta = &mut self.meta;
+        self.reader.push(bytes, |cf, key, value| {
+            meta.see(cf, key, value);
+            Ok::<_, SpoolError>(())
+        })?;
         let file = self.file.as_mut().ok_or_else(|| SpoolError::Io(file_error(&self.path, "already finished")))?;
         file.write_all(bytes).map_err(|e| SpoolError::Io(file_error(&self.path, e)))?;
         self.bytes += bytes.len() as u64;
@@ -405,16 +421,17 @@ impl FileChunks {
 pub(crate) fn read_rows(
     shard: ShardId,
     path: &Path,
-    mut each: impl FnMut(u8, Vec<u8>, Vec<u8>) -> Result<(), StorageError>,
+    mut each: impl FnMut(u8, &[u8], &[u8]) -> Result<(), StorageError>,
 ) -> Result<u64, StorageError> {
     let file = File::open(path).map_err(|e| file_error(path, e))?;
     let mut chunks = FileChunks { file, path: path.to_owned() };
-    let mut reader = RowReader::new(Limits { max_bytes: u64::MAX, ..Limits::default() });
+    let mut reader = reader(Limits::default());
     let corrupt = |e: SnapshotError| StorageError::Corrupt { shard, what: "snapshot file", detail: e.to_string() };
     while let Some(chunk) = chunks.next_chunk()? {
-        for (cf, k, v) in reader.push(&chunk).map_err(corrupt)? {
-            each(cf, k, v)?;
-        }
+        reader.push(&chunk, |cf, k, v| each(cf, k, v).map_err(SpoolError::Io)).map_err(|e| match e {
+            SpoolError::Invalid(e) => corrupt(e),
+            SpoolError::Io(e) => e,
+        })?;
     }
     reader.finish().map_err(corrupt)?;
     Ok(reader.read())

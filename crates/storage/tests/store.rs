@@ -470,10 +470,15 @@ fn state_survives_restart_and_moves_by_snapshot() {
     assert!(export.sm_meta(coalesce_storage::keys::SmMetaTag::Stats).is_some());
     let data = export.encode().unwrap();
     // Read a row at a time (as a receiving node will), the rows are the export's, in order.
-    let mut reader = coalesce_storage::snapshot::RowReader::new(Default::default());
+    let mut reader = coalesce_storage::snapshot::reader(Default::default());
     let mut rows = Vec::new();
     for chunk in data.chunks(5) {
-        rows.extend(reader.push(chunk).unwrap());
+        reader
+            .push(chunk, |cf, k, v| {
+                rows.push((cf, k.to_vec(), v.to_vec()));
+                Ok::<_, coalesce_storage::snapshot::SnapshotError>(())
+            })
+            .unwrap();
     }
     reader.finish().unwrap();
     assert_eq!(rows.len(), export.len());

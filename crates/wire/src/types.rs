@@ -1,6 +1,6 @@
-//! The openraft type configuration and the commands a shard's log carries. This module and
-//! its siblings are the only code that names openraft types, so alpha API changes touch
-//! this crate alone.
+//! The openraft type configuration and the commands a shard's log carries. This crate and
+//! `coalesce-raft` are the only code that names openraft types, so alpha API changes touch
+//! those two alone.
 
 use coalesce_core::output::Epoch;
 use openraft::type_config::alias::{LogIdOf, VoteOf};

@@ -1,8 +1,9 @@
 //! Our own encoding of openraft values on disk. openraft's serde derives are explicitly not a
 //! stable format, so log entries, votes and log ids are stored as plain tuples we control
-//! (postcard), and memberships as JSON.
+//! (postcard), and memberships as JSON. Peer messages are postcard over openraft's serde
+//! ([`encode_msg`]): both ends run the same pinned openraft.
 
-use coalesce_storage::StorageError;
+use coalesce_core::error::CodecError;
 use openraft::impls::leader_id_adv::LeaderId;
 use openraft::{EntryPayload, Membership, StoredMembership};
 use serde::{Deserialize, Serialize};
@@ -46,12 +47,12 @@ struct StoredEntryRef<'a> {
     payload: StoredPayloadRef<'a>,
 }
 
-fn enc_err(what: &'static str, e: impl std::fmt::Display) -> StorageError {
-    StorageError::Encode { what, detail: e.to_string() }
+fn enc_err(what: &'static str, e: impl std::fmt::Display) -> CodecError {
+    CodecError::Encode { what, detail: e.to_string() }
 }
 
-fn corrupt(shard: u32, what: &'static str, e: impl std::fmt::Display) -> StorageError {
-    StorageError::Corrupt { shard, what, detail: e.to_string() }
+fn corrupt(shard: u32, what: &'static str, e: impl std::fmt::Display) -> CodecError {
+    CodecError::Corrupt { shard, what, detail: e.to_string() }
 }
 
 /// Builds a log id.
@@ -59,7 +60,7 @@ pub fn log_id(term: u64, node: u64, index: u64) -> LogId {
     LogId { leader_id: LeaderId { term, node_id: node }, index }
 }
 
-pub fn encode_entry(e: &Entry) -> Result<Vec<u8>, StorageError> {
+pub fn encode_entry(e: &Entry) -> Result<Vec<u8>, CodecError> {
     let payload = match &e.payload {
         EntryPayload::Blank => StoredPayloadRef::Blank,
         EntryPayload::Normal(c) => StoredPayloadRef::Normal(c),
@@ -76,7 +77,7 @@ pub fn encode_entry(e: &Entry) -> Result<Vec<u8>, StorageError> {
     postcard::to_allocvec(&stored).map_err(|e| enc_err("log entry", e))
 }
 
-pub fn decode_entry(shard: u32, bytes: &[u8]) -> Result<Entry, StorageError> {
+pub fn decode_entry(shard: u32, bytes: &[u8]) -> Result<Entry, CodecError> {
     let s: StoredEntry = postcard::from_bytes(bytes).map_err(|e| corrupt(shard, "log entry", e))?;
     let payload = match s.payload {
         StoredPayload::Blank => EntryPayload::Blank,
@@ -89,20 +90,20 @@ pub fn decode_entry(shard: u32, bytes: &[u8]) -> Result<Entry, StorageError> {
     Ok(Entry { log_id: log_id(s.term, s.node, s.index), payload })
 }
 
-pub fn encode_log_id(id: &LogId) -> Result<Vec<u8>, StorageError> {
+pub fn encode_log_id(id: &LogId) -> Result<Vec<u8>, CodecError> {
     postcard::to_allocvec(&(id.leader_id.term, id.leader_id.node_id, id.index)).map_err(|e| enc_err("log id", e))
 }
 
-pub fn decode_log_id(shard: u32, bytes: &[u8]) -> Result<LogId, StorageError> {
+pub fn decode_log_id(shard: u32, bytes: &[u8]) -> Result<LogId, CodecError> {
     let (t, n, i): (u64, u64, u64) = postcard::from_bytes(bytes).map_err(|e| corrupt(shard, "log id", e))?;
     Ok(log_id(t, n, i))
 }
 
-pub fn encode_vote(v: &Vote) -> Result<Vec<u8>, StorageError> {
+pub fn encode_vote(v: &Vote) -> Result<Vec<u8>, CodecError> {
     postcard::to_allocvec(&(v.leader_id.term, v.leader_id.node_id, v.committed)).map_err(|e| enc_err("vote", e))
 }
 
-pub fn decode_vote(shard: u32, bytes: &[u8]) -> Result<Vote, StorageError> {
+pub fn decode_vote(shard: u32, bytes: &[u8]) -> Result<Vote, CodecError> {
     let (term, node_id, committed): (u64, u64, bool) =
         postcard::from_bytes(bytes).map_err(|e| corrupt(shard, "vote", e))?;
     Ok(Vote { leader_id: LeaderId { term, node_id }, committed })
@@ -111,13 +112,13 @@ pub fn decode_vote(shard: u32, bytes: &[u8]) -> Result<Vote, StorageError> {
 /// The stored membership of a state machine.
 pub type StoredMembershipT = StoredMembership<LeaderId<u64, u64>, u64, PeerNode>;
 
-pub fn encode_membership(m: &StoredMembershipT) -> Result<Vec<u8>, StorageError> {
+pub fn encode_membership(m: &StoredMembershipT) -> Result<Vec<u8>, CodecError> {
     let log = m.log_id().as_ref().map(|l| (l.leader_id.term, l.leader_id.node_id, l.index));
     let json = serde_json::to_string(m.membership()).map_err(|e| enc_err("membership", e))?;
     postcard::to_allocvec(&(log, json)).map_err(|e| enc_err("membership", e))
 }
 
-pub fn decode_membership(shard: u32, bytes: &[u8]) -> Result<StoredMembershipT, StorageError> {
+pub fn decode_membership(shard: u32, bytes: &[u8]) -> Result<StoredMembershipT, CodecError> {
     let (log, json): (Option<(u64, u64, u64)>, String) =
         postcard::from_bytes(bytes).map_err(|e| corrupt(shard, "membership", e))?;
     let m: Membership<u64, PeerNode> = serde_json::from_str(&json).map_err(|e| corrupt(shard, "membership", e))?;
@@ -126,24 +127,24 @@ pub fn decode_membership(shard: u32, bytes: &[u8]) -> Result<StoredMembershipT, 
 
 /// Encodes an openraft message for the wire (postcard over openraft's serde derives; both ends
 /// run the same pinned openraft version).
-pub fn encode_msg<T: Serialize>(what: &'static str, msg: &T) -> Result<Vec<u8>, StorageError> {
+pub fn encode_msg<T: Serialize>(what: &'static str, msg: &T) -> Result<Vec<u8>, CodecError> {
     postcard::to_allocvec(msg).map_err(|e| enc_err(what, e))
 }
 
 /// Decodes a message from [`encode_msg`].
-pub fn decode_msg<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StorageError> {
-    postcard::from_bytes(bytes).map_err(|e| StorageError::Decode { what, detail: e.to_string() })
+pub fn decode_msg<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, CodecError> {
+    postcard::from_bytes(bytes).map_err(|e| CodecError::Decode { what, detail: e.to_string() })
 }
 
 /// Snapshot metadata of a shard group.
 pub type SnapshotMetaT = openraft::storage::SnapshotMeta<LeaderId<u64, u64>, u64, PeerNode>;
 
-pub fn encode_snapshot_meta(m: &SnapshotMetaT) -> Result<Vec<u8>, StorageError> {
+pub fn encode_snapshot_meta(m: &SnapshotMetaT) -> Result<Vec<u8>, CodecError> {
     let last = m.last_log_id.as_ref().map(|l| (l.leader_id.term, l.leader_id.node_id, l.index));
     postcard::to_allocvec(&(last, encode_membership(&m.last_membership)?)).map_err(|e| enc_err("snapshot meta", e))
 }
 
-pub fn decode_snapshot_meta(shard: u32, bytes: &[u8]) -> Result<SnapshotMetaT, StorageError> {
+pub fn decode_snapshot_meta(shard: u32, bytes: &[u8]) -> Result<SnapshotMetaT, CodecError> {
     let (last, membership): (Option<(u64, u64, u64)>, Vec<u8>) =
         postcard::from_bytes(bytes).map_err(|e| corrupt(shard, "snapshot meta", e))?;
     Ok(openraft::storage::SnapshotMeta {
