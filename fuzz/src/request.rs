@@ -4,11 +4,14 @@
 //! own request path (`coalesce_wire::api::check_ingest`: the request's bounds, each event
 //! converted, admitted — here every 7th is refused as a per-key rate limit would — validated
 //! and pre-merged by the core's `BatchBuilder`) against the seed config on a 2-shard cluster.
+//! The first byte says where the request's events start in a stream of requests (messages
+//! name events by their place in the stream); the rest is the request.
 //! Nothing panics, and every event is accounted for exactly once:
 //! - a request refused whole is over one of its bounds;
 //! - there is one status per event; an event in a batch is in exactly one group of exactly one
 //!   shard's batch, its key hashes to that shard, and its status is OK for that shard; every
-//!   other event's status is a refusal that names it (`events[i]…`) and has a reason;
+//!   other event's status is a refusal that names it (`events[offset + i]…`) and has a reason,
+//!   the admission's own status for an event it refused;
 //! - the inputs of a group's partials add up to its events (pre-merging loses none and makes
 //!   none up), and every partial's key is of the batch's shard.
 //!
@@ -34,16 +37,21 @@ pub const LIMITS: RequestLimits = RequestLimits { max_events: 1_000, max_bytes: 
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
+    // The first byte: where this request's events start in a stream of requests.
+    let Some((&offset, data)) = data.split_first() else { return };
+    let offset = usize::from(offset) * 100;
     let Ok(req) = pb::IngestRequest::decode(data) else { return };
     let table = crate::seeds::table();
+    let mut limited_events = Vec::new();
     let limited = |_: &coalesce_core::batch::Event, i: usize| {
         if i % 7 == 6 {
+            limited_events.push(i - offset);
             let message = format!("events[{i}].key: over the per-key rate limit");
             return Err(status(EventCode::ResourceExhausted, "key_rate_limited", message));
         }
         Ok(())
     };
-    let checked = match check_ingest(&req, 0, LIMITS, &table, SHARDS, NOW, limited) {
+    let checked = match check_ingest(&req, offset, LIMITS, &table, SHARDS, NOW, limited) {
         Ok(c) => c,
         Err(e) => {
             assert!(
@@ -76,7 +84,11 @@ pub fn run(data: &[u8]) {
     }
     for (i, s) in checked.statuses.iter().enumerate().filter(|(i, _)| !placed[*i]) {
         assert_ne!(s.code, EventCode::Ok as i32, "event {i}: in no batch, yet OK");
-        assert!(!s.reason.is_empty() && s.message.starts_with(&format!("events[{i}]")), "event {i}: {s:?}");
+        let named = format!("events[{}]", offset + i);
+        assert!(!s.reason.is_empty() && s.message.starts_with(&named), "event {i} at {offset}: {s:?}");
+    }
+    for &i in &limited_events {
+        assert_eq!(checked.statuses[i].reason, "key_rate_limited", "event {i}: the admission's refusal is its status");
     }
     for batch in checked.batches.into_values() {
         let groups = batch.groups.into_iter().map(IngestGroup::from).collect();

@@ -680,7 +680,7 @@ pub fn request() -> Seeds {
         ("refused", pb::IngestRequest { producer_id: 9, events: refused }),
     ]
     .into_iter()
-    .map(|(name, req)| (name.to_owned(), req.encode_to_vec()))
+    .map(|(name, req)| (name.to_owned(), [vec![0], req.encode_to_vec()].concat()))
     .collect()
 }
 

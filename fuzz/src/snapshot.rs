@@ -18,7 +18,7 @@
 use coalesce_core::snapshot::{Limits, Row, RowReader, SnapshotError, header, put_row};
 
 /// As many column families as the storage crate's state machine has (`SM_CFS`).
-pub const COLUMN_FAMILIES: usize = 6;
+pub const COLUMN_FAMILIES: usize = coalesce_core::snapshot::STATE_COLUMN_FAMILIES;
 
 fn limits(pick: u8, len: usize) -> Limits {
     let len = len as u64;

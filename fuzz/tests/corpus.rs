@@ -92,7 +92,7 @@ fn request_seeds_do_what_their_names_say() {
     let table = coalesce_fuzz::seeds::table();
     let check = |name: &str| {
         let data = &seeds.iter().find(|(n, _)| n == name).expect("a seed").1;
-        let req = pb::IngestRequest::decode(&data[..]).expect("a request");
+        let req = pb::IngestRequest::decode(&data[1..]).expect("a request");
         let ok = |_: &coalesce_core::batch::Event, _: usize| Ok(());
         let limits = coalesce_fuzz::request::LIMITS;
         coalesce_wire::api::check_ingest(

@@ -18,6 +18,10 @@
 //! The format lives here, beside the other bytes nodes exchange, so the fuzz targets (`fuzz/`,
 //! no RocksDB) read snapshots with the code a node runs; the storage crate streams its rows.
 
+/// How many column families a shard's state machine has (`coalesce_storage::keys::SM_CFS`,
+/// which asserts it): a snapshot row's column family index is below this.
+pub const STATE_COLUMN_FAMILIES: usize = 6;
+
 /// One state-machine row: (column family index, key without the shard prefix, value).
 pub type Row = (u8, Vec<u8>, Vec<u8>);
 
@@ -151,7 +155,9 @@ impl RowReader {
     }
 
     /// Feeds the next bytes, calling `each(column family, key, value)` for every row they
-    /// complete, in order. Stops at the first refusal ([`SnapshotError`]) or error of `each`.
+    /// complete, in order. Stops at the first refusal ([`SnapshotError`]) or error of `each`;
+    /// rows before a refusal in the same bytes have been handed to `each` by then (a caller
+    /// that stores rows as they come must drop what it stored when the snapshot is refused).
     pub fn push<E: From<SnapshotError>>(
         &mut self,
         mut bytes: &[u8],
@@ -281,8 +287,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// As many column families as the storage crate's state machine has.
-    const CFS: usize = 6;
+    const CFS: usize = STATE_COLUMN_FAMILIES;
 
     fn rows() -> Vec<Row> {
         let mut rows = Vec::new();

@@ -19,8 +19,12 @@
 //!
 //! Whether the cluster *predates ids* (it was upgraded from a build without them, and its sinks
 //! must carry on from what they recorded downstream before) is decided when the id is made:
-//! every data directory a build with ids creates is marked (`born_with_ids`), and Hello carries
-//! the mark; the id predates ids unless every node's directory is marked.
+//! every data directory a build with ids creates is marked, and Hello carries the mark; the id
+//! predates ids unless every node's directory is marked. The mark is `created_format`, written
+//! by the storage crate with the directory's first format version (one write: a node that fails
+//! early in its first start is still marked), and `born_with_ids`, which builds before
+//! December 2026 wrote and read (written here too, so such a build still sees the mark after a
+//! downgrade).
 //!
 //! Delivery to sinks waits until the id is known ([`Identity::wait`]); while a node waits it
 //! says so every 30 s, and `coalesce_raft_cluster_id_known` is 0.
@@ -32,10 +36,8 @@ use tokio::sync::watch;
 /// The node column family key of the id.
 pub const CLUSTER_ID_KEY: &str = "cluster_id";
 
-/// The node column family key that marked a data directory created by a build that knows
-/// cluster ids, until December 2026; since then the storage crate records the format a
-/// directory was created in (`coalesce_storage::format::created`), in the same write as its
-/// first format version, and every build that records it knows ids.
+/// The node column family key marking a data directory created by a build that knows cluster
+/// ids (see the module docs: since December 2026 it follows from `created_format`).
 pub const BORN_WITH_IDS_KEY: &str = "born_with_ids";
 
 /// This node's view of the cluster id.
@@ -60,8 +62,11 @@ impl Identity {
                 detail: format!("{} bytes, expected 17", b.len()),
             })?),
         };
-        let born_with_ids =
-            coalesce_storage::format::created(db)?.is_some() || db.node_get(BORN_WITH_IDS_KEY)?.is_some();
+        let mut born_with_ids = db.node_get(BORN_WITH_IDS_KEY)?.is_some();
+        if !born_with_ids && coalesce_storage::format::created(db)?.is_some() {
+            db.node_put(BORN_WITH_IDS_KEY, &[1])?;
+            born_with_ids = true;
+        }
         Ok(Self { known: watch::Sender::new(stored), born_with_ids, storing: std::sync::Mutex::new(()) })
     }
 
@@ -152,5 +157,23 @@ mod tests {
         let mut names = vec!["coalesce-10", "coalesce-9", "coalesce-0", "coalesce-1", "n3", "n"];
         names.sort_by_key(|n| natural_key(n));
         assert_eq!(names, ["coalesce-0", "coalesce-1", "coalesce-9", "coalesce-10", "n", "n3"]);
+    }
+
+    #[test]
+    fn a_new_directory_is_born_with_ids_and_marked_for_older_builds_too() {
+        #![allow(clippy::unwrap_used)]
+        let dir = tempfile::tempdir().unwrap();
+        let db = NodeDb::open(dir.path(), &Default::default()).unwrap();
+        // As a first start that failed before the identity was loaded left it: only the
+        // storage crate's creation mark.
+        assert_eq!(db.node_get(BORN_WITH_IDS_KEY).unwrap(), None);
+        assert!(Identity::load(&db).unwrap().born_with_ids());
+        assert!(db.node_get(BORN_WITH_IDS_KEY).unwrap().is_some(), "the mark older builds read");
+        // A directory an older build created: neither mark, so it predates ids.
+        let node = db.cf(coalesce_storage::keys::CF_NODE).unwrap();
+        for key in [coalesce_storage::format::CREATED_FORMAT_KEY, BORN_WITH_IDS_KEY] {
+            db.raw().delete_cf(node, key.as_bytes()).unwrap();
+        }
+        assert!(!Identity::load(&db).unwrap().born_with_ids());
     }
 }

@@ -259,6 +259,9 @@ pub(crate) async fn receive(
         // Checking and writing up to 4 MiB is blocking work: off the runtime, whose threads
         // carry every group's heartbeats.
         let data = chunk.data;
+        if data.is_empty() {
+            continue;
+        }
         let (back, pushed) = tokio::task::spawn_blocking(move || {
             let pushed = spool.push(&data);
             (spool, pushed)

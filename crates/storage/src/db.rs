@@ -101,15 +101,16 @@ impl NodeDb {
         let db = Arc::new(db);
         let flusher = Flusher::start(Arc::clone(&db));
         let snapshots = path.join(crate::transfer::SNAPSHOT_DIR);
-        let meta_cf = db.cf_handle(crate::keys::CF_RAFT_META).ok_or(StorageError::MissingColumnFamily("raft_meta"))?;
+        let node = Self { db, path: path.to_owned(), snapshots, flusher };
+        // First: a data directory of a newer build is refused before anything is touched.
+        crate::format::check_and_migrate(&node)?;
         // A marker that cannot be read stops the open: its file may be the only copy of a
         // half-installed shard's state.
-        crate::transfer::prepare_dir(&snapshots, |shard, name| {
-            let marker = db.get_cf(meta_cf, crate::keys::raft_meta_key(shard, crate::keys::RaftMetaTag::Installing))?;
-            Ok(marker.is_some_and(|m| m == name.as_bytes()))
+        let meta_cf = node.cf(crate::keys::CF_RAFT_META)?;
+        crate::transfer::prepare_dir(&node.snapshots, |shard, name| {
+            let key = crate::keys::raft_meta_key(shard, crate::keys::RaftMetaTag::Installing);
+            Ok(node.db.get_cf(meta_cf, key)?.is_some_and(|m| m == name.as_bytes()))
         })?;
-        let node = Self { db, path: path.to_owned(), snapshots, flusher };
-        crate::format::check_and_migrate(&node)?;
         Ok(Arc::new(node))
     }
 

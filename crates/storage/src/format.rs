@@ -4,7 +4,8 @@
 //! The version lives in the node column family (key `format_version`, a big-endian `u32`),
 //! written in the same synced write as the migration that reached it. Opening a database:
 //!
-//! - empty: it is stamped with [`FORMAT_VERSION`];
+//! - empty: it is stamped with [`FORMAT_VERSION`], and with the version it was created in
+//!   (`created_format`, the same write; [`created`]);
 //! - written by a newer build (a version above [`FORMAT_VERSION`]): refused with
 //!   [`StorageError::NewerFormat`], before anything is read or written, so a downgrade cannot
 //!   misread state it does not understand (run the newer build, or restore a backup);
@@ -15,8 +16,9 @@
 //! Version 0 is a database written before versions were recorded (up to November 2026); its
 //! bytes are format 1, so its migration only records the version.
 //!
-//! When an encoding of anything stored changes (keys in [`crate::keys`], rows, the Raft
-//! crate's log entry and metadata encodings), bump [`FORMAT_VERSION`], add the migration that
+//! When an encoding of anything stored changes (keys in [`crate::keys`], rows, the log entry
+//! and Raft metadata encodings of `coalesce_wire::codec`, the snapshot files of
+//! `coalesce_core::snapshot` an interrupted install leaves), bump [`FORMAT_VERSION`], add the migration that
 //! rewrites the old rows, and add a data directory written by the previous build to the
 //! upgrade test fixtures.
 //!

@@ -41,6 +41,8 @@ pub const ALL_CFS: &[&str] =
 /// The column families that hold a shard's state machine (what a snapshot carries). Snapshot
 /// rows name their family by index in this list: append only.
 pub const SM_CFS: &[&str] = &[CF_BUFFER, CF_DEADLINE, CF_OUTBOX, CF_SESSIONS, CF_SM_META, CF_DLQ];
+// Snapshot readers that cannot see this list (the fuzz targets) use the core's count.
+const _: () = assert!(SM_CFS.len() == coalesce_core::snapshot::STATE_COLUMN_FAMILIES);
 
 /// Tags of per-shard Raft metadata rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -821,15 +821,19 @@ impl ShardStore {
             ));
         }
         tracing::warn!(shard = self.shard, file = %path.display(), "finishing a snapshot install a restart interrupted");
-        self.install_from(&path).map_err(|e| {
-            self.corrupt(
+        self.install_from(&path).map_err(|e| match e {
+            // The file's contents: the replica cannot be finished from it.
+            StorageError::Corrupt { .. } => self.corrupt(
                 "snapshot install",
                 &format!(
-                    "a restart interrupted the install of snapshot file {} and finishing it failed ({e}): this \
+                    "a restart interrupted the install of snapshot file {} and the file is damaged ({e}): this \
                      replica's state is incomplete; rebuild it from a healthy replica (docs/operations.md)",
                     path.display()
                 ),
-            )
+            ),
+            // Reading the file or writing RocksDB (a full disk, an I/O error): the marker stays,
+            // so the next start tries again.
+            other => other,
         })?;
         let _ = std::fs::remove_file(&path);
         Ok(true)

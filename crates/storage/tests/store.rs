@@ -521,11 +521,12 @@ fn a_slow_disk_delays_every_sync_until_restored() {
 
 #[test]
 fn the_format_version_is_recorded_checked_and_migrated() {
-    use coalesce_storage::format::{FORMAT_KEY, FORMAT_VERSION, recorded};
+    use coalesce_storage::format::{FORMAT_KEY, FORMAT_VERSION, created, recorded};
     let dir = tempfile::tempdir().unwrap();
     {
         let db = open(dir.path());
         assert_eq!(recorded(&db).unwrap(), Some(FORMAT_VERSION), "a new database records its format");
+        assert_eq!(created(&db).unwrap(), Some(FORMAT_VERSION), "and the format it was created in");
         db.node_put("peer_id", &7u64.to_be_bytes()).unwrap();
         // As a database written before versions were recorded (format 0) looks.
         let node = db.cf(coalesce_storage::keys::CF_NODE).unwrap();
@@ -535,6 +536,7 @@ fn the_format_version_is_recorded_checked_and_migrated() {
         let db = open(dir.path());
         assert_eq!(recorded(&db).unwrap(), Some(FORMAT_VERSION), "format 0 is migrated");
         assert_eq!(db.node_get("peer_id").unwrap(), Some(7u64.to_be_bytes().to_vec()), "its data is kept");
+        assert_eq!(created(&db).unwrap(), Some(FORMAT_VERSION), "the creation mark stays as it was written");
         db.node_put(FORMAT_KEY, &(FORMAT_VERSION + 98).to_be_bytes()).unwrap();
     }
     let newer = NodeDb::open(dir.path(), &StorageOptions::default()).expect_err("a newer format is refused");

@@ -1,10 +1,10 @@
 //! # coalesce-wire — what nodes keep and send each other
 //!
 //! The bytes of a shard's Raft log and of the peer protocol, the checks a node runs on a peer's
-//! message before it acts on it, and the path of a client's request to a proposal, with
-//! neither RocksDB nor a network in sight: the node (`coalesce-raft`, `coalesce-server`) uses
-//! this crate as it is, and the fuzz targets (`fuzz/`, which must not build RocksDB) feed it
-//! arbitrary bytes.
+//! message before it acts on it, and the path of a client's request to a proposal, without
+//! RocksDB and without doing any I/O (openraft and the generated protobuf code bring tokio and
+//! tonic along, unused here): the node (`coalesce-raft`, `coalesce-server`) uses this crate as
+//! it is, and the fuzz targets (`fuzz/`, which must not build RocksDB) feed it arbitrary bytes.
 //!
 //! - [`types`]: the openraft type configuration, the log's [`types::Command`]s (defined in
 //!   [`coalesce_core::entry`]) and what applying them answers.

@@ -14,7 +14,7 @@ use crate::types::{IngestGroup, InvalidCommand, LogId, TypeConfig, Vote};
 /// of their clients, delivery workers and operators — never a whole command, so no peer
 /// chooses a stamp, stream rules or seal parameters. The leader checks each part as it would
 /// a client request before it proposes anything.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Forwarded {
     /// Pre-merged producer groups; the leader stamps them with its clock and its streams' rules.
     Ingest(Vec<IngestGroup>),
@@ -123,4 +123,60 @@ pub fn check_snapshot_meta(meta: &SnapshotMetaT, vote: &Vote, committed: Option<
         return Err(format!("log id {last} contradicts the committed log id {c}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::log_id;
+    use openraft::impls::leader_id_adv::LeaderId;
+
+    fn vote(term: u64) -> Vote {
+        Vote { leader_id: LeaderId { term, node_id: 1 }, committed: true }
+    }
+
+    fn meta(last: Option<LogId>) -> SnapshotMetaT {
+        SnapshotMetaT { last_log_id: last, last_membership: Default::default() }
+    }
+
+    #[test]
+    fn snapshot_metadata_openraft_would_panic_on_is_refused() {
+        let ok = check_snapshot_meta(&meta(Some(log_id(2, 1, 10))), &vote(2), Some(&log_id(2, 1, 5)));
+        assert_eq!(ok, Ok(()));
+        let none = check_snapshot_meta(&meta(None), &vote(2), None).unwrap_err();
+        assert!(none.contains("without a log id"), "{none}");
+        let beyond = check_snapshot_meta(&meta(Some(log_id(3, 1, 10))), &vote(2), None).unwrap_err();
+        assert!(beyond.contains("beyond the leadership"), "{beyond}");
+        // A later term at the committed index: two committed entries in one slot.
+        let contradicts = check_snapshot_meta(&meta(Some(log_id(2, 1, 5))), &vote(2), Some(&log_id(1, 1, 5)));
+        assert!(contradicts.unwrap_err().contains("contradicts"));
+        // Older than what is committed: openraft ignores it, so it is no danger.
+        assert_eq!(check_snapshot_meta(&meta(Some(log_id(1, 1, 3))), &vote(2), Some(&log_id(2, 1, 5))), Ok(()));
+    }
+
+    #[test]
+    fn forwarded_keys_must_hash_to_the_shard_and_fit_their_stream() {
+        use coalesce_core::batch::Partial;
+        use coalesce_core::buffer::BufKey;
+        use coalesce_core::merge::Aggregate;
+        let group = |key: &str| IngestGroup {
+            range: None,
+            partials: vec![(
+                BufKey { stream: "s".into(), key: key.into() },
+                Partial { agg: Aggregate::Count(1), inputs: 1, first_event_at: 0, last_event_at: 0, samples: None },
+            )],
+        };
+        let shard_of = |key: &str| coalesce_core::hash::shard_for("s", key, 4);
+        let fwd = Forwarded::Ingest(vec![group("a")]);
+        assert_eq!(fwd.check_keys(shard_of("a"), 4, |_| 16), Ok(()));
+        let wrong = fwd.check_keys((shard_of("a") + 1) % 4, 4, |_| 16).unwrap_err();
+        assert_eq!(
+            (wrong.field.as_str(), wrong.reason.contains("belongs to shard")),
+            ("groups[0].partials[0].key", true)
+        );
+        let long = "k".repeat(17);
+        let too_long = Forwarded::Ingest(vec![group(&long)]).check_keys(shard_of(&long), 4, |_| 16).unwrap_err();
+        assert!(too_long.reason.contains("allows 16"), "{too_long:?}");
+        assert_eq!(Forwarded::Ack { cursor: "c".into(), upto_seq: 1 }.check_keys(0, 4, |_| 0), Ok(()));
+    }
 }
