@@ -217,9 +217,15 @@ pub(crate) struct Port {
     refusals: LogEvery,
 }
 
-/// IPv4 clients of a dual-stack listener arrive as IPv4-mapped IPv6 addresses: one host, one key.
+/// The key a remote address is bounded by. IPv4 clients of a dual-stack listener arrive as
+/// IPv4-mapped IPv6 addresses: one host, one key. An IPv6 host is its /64 (the smallest prefix
+/// a network hands one site; one host can pick any address in it, so a bound per full address
+/// would bound nothing).
 pub(crate) fn host(remote: SocketAddr) -> IpAddr {
-    remote.ip().to_canonical()
+    match remote.ip().to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1))),
+        v4 => v4,
+    }
 }
 
 impl Port {
@@ -596,10 +602,16 @@ mod tests {
     }
 
     #[test]
-    fn ipv4_clients_of_a_dual_stack_port_count_as_one_host() {
+    fn one_host_one_key_ipv4_mapped_or_plain_and_ipv6_by_its_64() {
         let mapped: SocketAddr = "[::ffff:10.0.0.1]:5000".parse().unwrap();
         let plain: SocketAddr = "10.0.0.1:6000".parse().unwrap();
         assert_eq!(host(mapped), host(plain));
+        // One IPv6 host is its /64.
+        let a: SocketAddr = "[2001:db8:1:2:aaaa::1]:5".parse().unwrap();
+        let b: SocketAddr = "[2001:db8:1:2:bbbb::9]:6".parse().unwrap();
+        let other: SocketAddr = "[2001:db8:1:3::1]:5".parse().unwrap();
+        assert_eq!(host(a), host(b));
+        assert_ne!(host(a), host(other));
     }
 
     #[test]
