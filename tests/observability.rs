@@ -228,6 +228,10 @@ async fn prometheus_scrapes_a_loaded_cluster_and_checks_the_rules() {
     .await;
     // Windows are 500 ms; delivery follows at once: well under the 30 s SLO.
     assert!(p99 > 0.0 && p99 < 30.0, "staleness p99 {p99} s ({p99_q})");
+    // The process panel: one series per node, each with a resident memory.
+    let rss_q = dashboard_query(&dashboard, "Process: CPU and memory per node", 1, "10s");
+    let rss = prometheus.query(&http, &rss_q).await;
+    assert_eq!(rss.len(), 3, "a memory series per node ({rss_q}): {rss:?}");
     let led = prometheus.scalar(&http, "sum(coalesce_raft_shards_led)").await;
     assert_eq!(led, Some(4.0), "every shard has a leader");
     let saved = dashboard_query(&dashboard, "Downstream writes saved per second", 0, "10s");
@@ -274,6 +278,10 @@ async fn prometheus_scrapes_a_loaded_cluster_and_checks_the_rules() {
     let missing: Vec<&String> =
         used.iter().filter(|n| !scraped.contains(*n) && !ONLY_WITH_TLS.contains(&n.as_str())).collect();
     assert!(missing.is_empty(), "named in the dashboard or alerts but not exported: {missing:?}");
+    // The standard process metrics, which the dashboard's process panel reads.
+    for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
+        assert!(scraped.contains(name), "{name} is exported");
+    }
 
     // promtool: the rules and a scrape pass its checks.
     let dir = tempfile::tempdir().unwrap();
