@@ -1,4 +1,5 @@
-//! OTLP span export (the `otlp` feature, `[telemetry] otlp_endpoint`): a 3-node cluster exports
+//! OTLP span export (the `otlp` feature; the endpoint from `OTEL_EXPORTER_OTLP_ENDPOINT`, which
+//! fills `[telemetry] otlp_endpoint` when the config names none): a 3-node cluster exports
 //! to an OTLP/gRPC collector run by this test (opentelemetry-proto's `TraceService`). One
 //! ingest request that carries a caller's W3C `traceparent` and touches every shard must come
 //! back as one trace across processes: the caller's span → `rpc` → `ingest` on the node called
@@ -84,8 +85,10 @@ async fn spans_cross_nodes_in_one_trace_and_are_flushed_at_exit() {
             .add_service(TraceServiceServer::new(collector.clone()))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    let telemetry = format!("[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n");
-    let mut cluster = Cluster::start_with(3, 3, STREAMS, &telemetry);
+    // The endpoint from the standard OpenTelemetry variable, as an operator-injected pod gets it
+    // (the config file's `[telemetry] otlp_endpoint` sets the same field).
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), format!("http://127.0.0.1:{port}"))];
+    let mut cluster = Cluster::start_env(tempfile::tempdir().unwrap(), 3, 3, STREAMS, "", &env);
     let leaders = cluster.wait_ready(Duration::from_secs(60)).await;
     assert!(
         leaders.values().any(|l| l != "coalesce-0"),

@@ -23,6 +23,18 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 /// The filter used when `RUST_LOG` is not set.
 pub const DEFAULT_FILTER: &str = "info,openraft=error";
 
+/// The OTLP endpoint the standard OpenTelemetry environment names, for a node whose config names
+/// none: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT` (OTLP/gRPC:
+/// used as given); nothing when `OTEL_SDK_DISABLED` is `true`. `var` reads a variable.
+pub fn otlp_endpoint_from_env(var: impl Fn(&str) -> Option<String>) -> Option<String> {
+    if var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return None;
+    }
+    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .into_iter()
+        .find_map(|name| var(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()))
+}
+
 /// `[telemetry]`: span export over OTLP.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -314,6 +326,22 @@ mod tests {
     fn check(toml_text: &str) -> Result<TelemetryConfig, String> {
         let mut c: TelemetryConfig = toml::from_str(toml_text).map_err(|e| e.to_string())?;
         c.validate(std::path::Path::new("/etc/coalesce")).map(|()| c)
+    }
+
+    #[test]
+    fn the_standard_environment_names_an_endpoint() {
+        fn from(vars: &[(&str, &str)]) -> Option<String> {
+            otlp_endpoint_from_env(|name| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| (*v).to_owned()))
+        }
+        assert_eq!(from(&[]), None);
+        assert_eq!(from(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4317")]).as_deref(), Some("http://otel:4317"));
+        let both = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4317"),
+        ];
+        assert_eq!(from(&both).as_deref(), Some("http://t:4317"), "the signal's own wins");
+        assert_eq!(from(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4317"), ("OTEL_SDK_DISABLED", "TRUE")]), None);
+        assert_eq!(from(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")]), None);
     }
 
     #[test]

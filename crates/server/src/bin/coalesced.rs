@@ -41,7 +41,9 @@ struct Args {
     /// HTTP (metrics, probes) listen address (overrides node.http_listen).
     #[arg(long, env = "COALESCE_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
-    /// OTLP/gRPC collector for spans (overrides telemetry.otlp_endpoint).
+    /// OTLP/gRPC collector for spans (overrides telemetry.otlp_endpoint; with neither,
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, unless
+    /// OTEL_SDK_DISABLED=true).
     #[arg(long, env = "COALESCE_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     /// Log format.
@@ -70,6 +72,10 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(e) = args.otlp_endpoint {
         config.telemetry.otlp_endpoint = Some(e);
+    }
+    if config.telemetry.otlp_endpoint.is_none() {
+        let var = |name: &str| std::env::var(name).ok();
+        config.telemetry.otlp_endpoint = coalesce_server::telemetry::otlp_endpoint_from_env(var);
     }
     let base = args.config.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     let loaded = config.finish(&base).context("invalid configuration")?;
