@@ -1,8 +1,8 @@
 //! The bytes of a shard snapshot, written and read a row at a time, so neither side holds a
 //! whole snapshot in memory.
 //!
-//! The format is exactly `coalesce_storage::StateExport::encode`'s — postcard of
-//! `Vec<(u8, Vec<u8>, Vec<u8>)>`: a varint row count, then per row the index of the row's column
+//! The format is postcard of `Vec<(u8, Vec<u8>, Vec<u8>)>` (what builds before December 2026
+//! sent whole): a varint row count, then per row the index of the row's column
 //! family among the state machine's (`coalesce_storage::keys::SM_CFS`; one byte), the key
 //! without its shard prefix and the value (each a varint length and the bytes). Builds that read
 //! or write a snapshot whole and builds that stream it therefore exchange snapshots in both

@@ -5,6 +5,8 @@
 //! dead-letter moves and removals.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use coalesce_core::batch::{BatchBuilder, Event};
@@ -135,7 +137,7 @@ fn apply_in_chunks(entries: &[Entry], chunks: &[usize]) -> (Vec<u8>, Vec<Respons
         at += chunk.len();
         responses.extend(sm.apply_entries(chunk.to_vec()).unwrap());
     }
-    (store.export_state().unwrap().encode().unwrap(), responses)
+    (common::state_bytes(&store), responses)
 }
 
 proptest! {

@@ -162,8 +162,8 @@ async fn lagging_replica_catches_up_through_a_snapshot() {
     );
     // Byte-identical state machines.
     wait_for("identical state", Duration::from_secs(10), || {
-        let a = bg.store.export_state().unwrap().encode().unwrap();
-        let b = g.store.export_state().unwrap().encode().unwrap();
+        let a = common::state_bytes(&bg.store);
+        let b = common::state_bytes(&g.store);
         a == b
     })
     .await;
@@ -218,7 +218,7 @@ async fn a_wiped_replica_rejoins_as_a_new_peer() {
     let new_id = nodes[victim].as_ref().unwrap().node.id();
     let groups: Vec<_> = nodes.iter().flatten().map(|r| r.node.group(0).unwrap()).collect();
     let settled = || {
-        let states: Vec<_> = groups.iter().map(|g| g.store.export_state().unwrap().encode().unwrap()).collect();
+        let states: Vec<_> = groups.iter().map(|g| common::state_bytes(&g.store)).collect();
         groups.iter().all(|g| {
             let m = g.raft.metrics().borrow_watched().clone();
             let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();

@@ -9,8 +9,8 @@
 //! - [`format`]: the database's format version, checked at open, and migrations.
 //! - [`shard`]: one shard's rows: log operations, the [`coalesce_core::buffer::BufferStore`]
 //!   implementation the state machine applies through, outbox, sessions, snapshots.
-//! - [`snapshot`]: a shard snapshot's bytes (the format of [`shard::StateExport::encode`], read
-//!   and written by [`coalesce_core::snapshot`]) for this build's column families.
+//! - [`snapshot`]: a shard snapshot's bytes (read and written by [`coalesce_core::snapshot`])
+//!   for this build's column families.
 //! - [`transfer`]: a snapshot on its way between nodes — the sender's consistent view read
 //!   chunk by chunk, the receiver's checked spool file, installs that survive a restart.
 //! - [`error`]: storage errors.
@@ -29,4 +29,4 @@ pub mod transfer;
 
 pub use db::{NodeDb, StorageOptions, WalRecovery};
 pub use error::StorageError;
-pub use shard::{ApplyBatch, ShardStore, StateExport};
+pub use shard::{ApplyBatch, ShardStore};

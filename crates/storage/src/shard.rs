@@ -737,41 +737,6 @@ impl ShardStore {
         }
     }
 
-    /// Every state-machine row of the shard as applied: checkpoints first, then reads one
-    /// consistent RocksDB snapshot.
-    pub fn export_state(&self) -> Result<StateExport, StorageError> {
-        self.checkpoint()?;
-        let snap = self.db.raw().snapshot();
-        let mut rows: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
-        for (i, name) in keys::SM_CFS.iter().enumerate() {
-            let cf = self.db.cf(name)?;
-            let mut ro = ReadOptions::default();
-            ro.set_iterate_upper_bound(keys::shard_end(self.shard));
-            let start = keys::shard_prefix(self.shard);
-            for item in snap.iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)) {
-                let (k, v) = item?;
-                rows.push((i as u8, k[4..].to_vec(), v.into_vec()));
-            }
-        }
-        Ok(StateExport { rows })
-    }
-
-    /// Replaces every state-machine row of the shard with `data` (an encoded [`StateExport`],
-    /// possibly from another node), durably; pending effects are dropped. Not atomic against a
-    /// crash: nodes install what peers send with [`ShardStore::install_file`].
-    pub fn import_state(&self, data: &[u8]) -> Result<(), StorageError> {
-        let rows = StateExport::decode(self.shard, data)?.rows;
-        self.replace_rows(
-            |put| {
-                for (cf, key, value) in &rows {
-                    put(*cf, key, value)?;
-                }
-                Ok(())
-            },
-            |_| Ok(()),
-        )
-    }
-
     /// A consistent view of the shard's state-machine rows as applied (checkpoints first), to
     /// send as a snapshot chunk by chunk ([`crate::transfer::StateView`]).
     pub fn open_view(&self) -> Result<crate::transfer::StateView, StorageError> {
@@ -839,28 +804,10 @@ impl ShardStore {
         Ok(true)
     }
 
-    /// Writes the rows of the snapshot file at `path` over the shard's; the last write removes
-    /// the install marker.
+    /// Writes the rows of the snapshot file at `path` over the shard's, in writes of about
+    /// [`INSTALL_WRITE_BYTES`]; the last, synced, removes the install marker. Readers get
+    /// [`StorageError::Installing`] until it is done; pending effects are dropped.
     fn install_from(&self, path: &std::path::Path) -> Result<(), StorageError> {
-        let marker = keys::raft_meta_key(self.shard, RaftMetaTag::Installing);
-        let meta_cf = self.db.cf(keys::CF_RAFT_META)?;
-        self.replace_rows(
-            |put| crate::transfer::read_rows(self.shard, path, put).map(|_| ()),
-            |last| {
-                last.delete_cf(meta_cf, marker);
-                Ok(())
-            },
-        )
-    }
-
-    /// Deletes every state-machine row of the shard and writes those `fill` puts, in writes of
-    /// about [`INSTALL_WRITE_BYTES`]; `finish` adds to the last write, which is synced.
-    /// Readers get [`StorageError::Installing`] until it is done; pending effects are dropped.
-    fn replace_rows(
-        &self,
-        fill: impl FnOnce(&mut dyn FnMut(u8, &[u8], &[u8]) -> Result<(), StorageError>) -> Result<(), StorageError>,
-        finish: impl FnOnce(&mut WriteBatch) -> Result<(), StorageError>,
-    ) -> Result<(), StorageError> {
         // Counters only grow, so a read or scan that began before the install proves nothing.
         let reset = |mem: &mut Mem, installing: bool| {
             let (checkpoints, generation) = (mem.checkpoints + 1, mem.cache.generation + 1);
@@ -880,7 +827,7 @@ impl ShardStore {
         for cf in &cfs {
             batch.delete_range_cf(*cf, keys::shard_prefix(self.shard).to_vec(), keys::shard_end(self.shard));
         }
-        fill(&mut |cf_index, suffix, value| {
+        crate::transfer::read_rows(self.shard, path, |cf_index, suffix, value| {
             let cf =
                 cfs.get(cf_index as usize).ok_or_else(|| self.corrupt("state snapshot", "unknown column family"))?;
             let mut key = keys::shard_prefix(self.shard).to_vec();
@@ -891,7 +838,7 @@ impl ShardStore {
             }
             Ok(())
         })?;
-        finish(&mut batch)?;
+        batch.delete_cf(self.db.cf(keys::CF_RAFT_META)?, keys::raft_meta_key(self.shard, RaftMetaTag::Installing));
         self.db.write_sync(batch)?;
         reset(&mut self.await_landed(self.mem()), false);
         Ok(())
@@ -899,41 +846,6 @@ impl ShardStore {
 
     fn corrupt(&self, what: &'static str, detail: &str) -> StorageError {
         StorageError::Corrupt { shard: self.shard, what, detail: detail.to_owned() }
-    }
-}
-
-/// A shard's state-machine rows: `(index in SM_CFS, key without the shard prefix, value)`.
-/// It is what a Raft snapshot of the shard carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StateExport {
-    rows: Vec<(u8, Vec<u8>, Vec<u8>)>,
-}
-
-impl StateExport {
-    /// The bytes shipped to another node.
-    pub fn encode(&self) -> Result<Vec<u8>, StorageError> {
-        encode("state snapshot", &self.rows)
-    }
-
-    /// Parses bytes from [`StateExport::encode`].
-    pub fn decode(shard: ShardId, data: &[u8]) -> Result<Self, StorageError> {
-        Ok(Self { rows: decode(shard, "state snapshot", data)? })
-    }
-
-    /// A state-machine metadata value in the export (read from the same consistent view).
-    pub fn sm_meta(&self, tag: SmMetaTag) -> Option<&[u8]> {
-        let cf = keys::SM_CFS.iter().position(|c| *c == keys::CF_SM_META)? as u8;
-        self.rows.iter().find(|(c, k, _)| *c == cf && k.as_slice() == [tag as u8]).map(|(_, _, v)| v.as_slice())
-    }
-
-    /// Number of rows.
-    pub fn len(&self) -> usize {
-        self.rows.len()
-    }
-
-    /// Whether there are no rows.
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
     }
 }
 

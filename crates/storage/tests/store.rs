@@ -179,7 +179,7 @@ fn the_buffer_cache_never_serves_a_stale_row() {
     }
     let before = rows(&other);
     assert_ne!(before, rows(&warm), "the two workloads leave different states");
-    other.import_state(&warm.export_state().unwrap().encode().unwrap()).unwrap();
+    common::import(&other, &common::state_bytes(&warm));
     assert_eq!(rows(&other), rows(&warm));
 }
 
@@ -250,7 +250,7 @@ fn staged_batches_checkpointed_at_random_points_match_write_through() {
         let mut rand = xorshift(seed * 7919);
         let (mut seq_a, mut seq_b) = (1, 1);
         // (op index after the last checkpoint, its next seq, the write-through export then)
-        let mut last_checkpoint = (0, 1, through.export_state().unwrap().encode().unwrap());
+        let mut last_checkpoint = (0, 1, common::state_bytes(&through));
         let crash_at = 800 + (rand() % 800) as usize;
         let mut i = 0;
         while i < ops.len() {
@@ -261,24 +261,24 @@ fn staged_batches_checkpointed_at_random_points_match_write_through() {
             }
             if rand().is_multiple_of(25) {
                 behind.checkpoint().unwrap();
-                last_checkpoint = (i, seq_b, through.export_state().unwrap().encode().unwrap());
+                last_checkpoint = (i, seq_b, common::state_bytes(&through));
             }
             if i == crash_at {
                 // The process dies: the pending state is gone, RocksDB holds the last checkpoint.
                 behind = ShardStore::new(db.clone(), 2);
-                assert_eq!(behind.export_state().unwrap().encode().unwrap(), last_checkpoint.2, "seed {seed}");
+                assert_eq!(common::state_bytes(&behind), last_checkpoint.2, "seed {seed}");
                 // Replay from there.
                 (i, seq_b) = (last_checkpoint.0, last_checkpoint.1);
                 seq_a = seq_b;
-                through.import_state(&last_checkpoint.2).unwrap();
+                common::import(&through, &last_checkpoint.2);
             }
         }
         let mut a = through.apply_batch();
         let mut b = behind.apply_batch();
         assert_eq!(b.due(u64::MAX, usize::MAX).unwrap(), a.due(u64::MAX, usize::MAX).unwrap(), "seed {seed}");
         assert_eq!(
-            behind.export_state().unwrap().encode().unwrap(),
-            through.export_state().unwrap().encode().unwrap(),
+            common::state_bytes(&behind),
+            common::state_bytes(&through),
             "seed {seed}: byte-identical rows once checkpointed"
         );
     }
@@ -300,7 +300,7 @@ fn checkpoints_in_flight_or_failed_answer_reads_like_write_through() {
         let ops = workload(seed, 2_500);
         let mut rand = xorshift(seed * 104_729);
         let (mut seq_a, mut seq_b) = (1, 1);
-        let export = |s: &ShardStore| s.export_state().unwrap().encode().unwrap();
+        let export = |s: &ShardStore| common::state_bytes(s);
         // What RocksDB holds for `behind` (op index, next seq, write-through export then), and
         // the same for the checkpoint in flight.
         let mut landed = (0, 1, export(&through));
@@ -363,7 +363,7 @@ fn checkpoints_in_flight_or_failed_answer_reads_like_write_through() {
                 assert_eq!(export(&behind), landed.2, "seed {seed}");
                 (i, seq_b) = (landed.0, landed.1);
                 seq_a = seq_b;
-                through.import_state(&landed.2).unwrap();
+                common::import(&through, &landed.2);
             }
         }
         if let Some(j) = job.take() {
@@ -466,9 +466,7 @@ fn state_survives_restart_and_moves_by_snapshot() {
     assert_eq!(shard.sessions().unwrap(), vec![(77, session(9, 1))]);
 
     // Export to another shard in another database; it is the same state.
-    let export = shard.export_state().unwrap();
-    assert!(export.sm_meta(coalesce_storage::keys::SmMetaTag::Stats).is_some());
-    let data = export.encode().unwrap();
+    let data = common::state_bytes(&shard);
     // Read a row at a time (as a receiving node will), the rows are the export's, in order.
     let mut reader = coalesce_storage::snapshot::reader(Default::default());
     let mut rows = Vec::new();
@@ -481,7 +479,10 @@ fn state_survives_restart_and_moves_by_snapshot() {
             .unwrap();
     }
     reader.finish().unwrap();
-    assert_eq!(rows.len(), export.len());
+    assert_eq!(rows.len(), common::rows_in(&data));
+    let meta_cf = coalesce_storage::keys::SM_CFS.iter().position(|c| *c == coalesce_storage::keys::CF_SM_META).unwrap();
+    let stats = [coalesce_storage::keys::SmMetaTag::Stats as u8];
+    assert!(rows.iter().any(|(cf, k, _)| *cf as usize == meta_cf && k[..] == stats), "the stats row is in it");
     let mut again = coalesce_storage::snapshot::header(rows.len() as u64);
     for (cf, k, v) in &rows {
         coalesce_storage::snapshot::put_row(&mut again, *cf, k, v);
@@ -493,8 +494,8 @@ fn state_survives_restart_and_moves_by_snapshot() {
     let mut junk = other.apply_batch();
     junk.session_put(1, &session(1, 1)).unwrap();
     junk.commit().unwrap();
-    other.import_state(&data).unwrap();
-    assert_eq!(other.export_state().unwrap().encode().unwrap(), data, "byte-identical after a snapshot install");
+    common::import(&other, &data);
+    assert_eq!(common::state_bytes(&other), data, "byte-identical after a snapshot install");
     assert_eq!(other.sessions().unwrap().len(), 1);
 }
 
@@ -567,10 +568,10 @@ fn session_rows_of_older_builds_read_as_legacy_sessions() {
     assert_eq!(shard.sessions().unwrap(), vec![(8, Session::legacy(41, 5))]);
     assert_eq!(shard.apply_batch().session_get(8).unwrap(), Some(Session::legacy(41, 5)));
     // Through a snapshot to another node: the same.
-    let data = shard.export_state().unwrap().encode().unwrap();
+    let data = common::state_bytes(&shard);
     let other_dir = tempfile::tempdir().unwrap();
     let other = ShardStore::new(open(other_dir.path()), 3);
-    other.import_state(&data).unwrap();
+    common::import(&other, &data);
     assert_eq!(other.sessions().unwrap(), vec![(8, Session::legacy(41, 5))]);
     // Today's row: an older build decodes its first two fields and ignores the rest.
     let mut batch = shard.apply_batch();

@@ -77,7 +77,7 @@ fn a_view_streams_exactly_the_whole_snapshot_and_an_install_reproduces_it() {
     let db = open(dir.path());
     // About 5 MiB: several chunks.
     let source = filled(&db, 1, 2_600, 2_000);
-    let whole = source.export_state().unwrap().encode().unwrap();
+    let whole = common::state_bytes(&source);
     let (streamed, chunks) = view_bytes(&source);
     assert_eq!(streamed, whole, "the streamed bytes are those of the whole encoding");
     assert!(chunks >= 5, "{chunks} chunks");
@@ -101,10 +101,14 @@ fn a_view_streams_exactly_the_whole_snapshot_and_an_install_reproduces_it() {
     let other_db = open(other_dir.path());
     let other = filled(&other_db, 1, 40, 7);
     let file = spool_all(&other_db, 1, &whole, 77_777);
-    assert_eq!(file.rows(), source.export_state().unwrap().len() as u64 - 1, "all rows but the output written since");
+    assert_eq!(
+        file.rows(),
+        common::rows_in(&common::state_bytes(&source)) as u64 - 1,
+        "all rows but the output written since"
+    );
     assert_eq!(file.meta().applied, applied_before);
     other.install_file(file).unwrap();
-    assert_eq!(other.export_state().unwrap().encode().unwrap(), whole);
+    assert_eq!(common::state_bytes(&other), whole);
     assert_eq!(snapshot_files(&other_db), Vec::<String>::new(), "the installed file is removed");
     assert_eq!(other.raft_meta_get(RaftMetaTag::Installing).unwrap(), None);
 }
@@ -114,7 +118,7 @@ fn a_spool_refuses_bad_bytes_and_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
     let source = filled(&db, 3, 100, 500);
-    let whole = source.export_state().unwrap().encode().unwrap();
+    let whole = common::state_bytes(&source);
 
     let small = Limits { max_bytes: whole.len() as u64 / 2, ..Limits::default() };
     let mut spool = Spool::create(&db, 3, small).unwrap();
@@ -142,12 +146,12 @@ fn a_restart_in_the_middle_of_an_install_finishes_it() {
     let source_dir = tempfile::tempdir().unwrap();
     let whole = {
         let source_db = open(source_dir.path());
-        filled(&source_db, 5, 300, 300).export_state().unwrap().encode().unwrap()
+        common::state_bytes(&filled(&source_db, 5, 300, 300))
     };
     let old = {
         let db = open(dir.path());
         let store = filled(&db, 5, 20, 5);
-        let old = store.export_state().unwrap().encode().unwrap();
+        let old = common::state_bytes(&store);
         // What install_file leaves behind when the process dies after its marker and some of
         // its writes: the marker, the file, and the old rows (here: all of them).
         let file = spool_all(&db, 5, &whole, 1 << 16);
@@ -163,10 +167,10 @@ fn a_restart_in_the_middle_of_an_install_finishes_it() {
     let db = open(dir.path());
     assert_eq!(snapshot_files(&db).len(), 1, "opening keeps only the file a marker names: {:?}", snapshot_files(&db));
     let store = ShardStore::new(Arc::clone(&db), 5);
-    assert_ne!(store.export_state().unwrap().encode().unwrap(), whole);
+    assert_ne!(common::state_bytes(&store), whole);
     assert_ne!(old, whole);
     assert!(store.recover_install().unwrap(), "the install is finished");
-    assert_eq!(store.export_state().unwrap().encode().unwrap(), whole);
+    assert_eq!(common::state_bytes(&store), whole);
     assert_eq!(store.raft_meta_get(RaftMetaTag::Installing).unwrap(), None);
     assert_eq!(snapshot_files(&db), Vec::<String>::new(), "the installed file is removed");
     assert!(!store.recover_install().unwrap(), "nothing left to finish");
@@ -194,7 +198,7 @@ fn readers_are_told_while_an_install_runs() {
     let db = open(dir.path());
     // About 9 MiB: more than two of the install's RocksDB writes.
     let source = filled(&db, 1, 3_000, 3_000);
-    let whole = source.export_state().unwrap().encode().unwrap();
+    let whole = common::state_bytes(&source);
     let target = filled(&db, 2, 5, 5);
     let file = spool_all(&db, 2, &whole, 1 << 20);
     let reader = target.clone();

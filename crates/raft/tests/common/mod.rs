@@ -45,3 +45,14 @@ pub async fn serve(
     });
     (node, stop, server)
 }
+
+/// Every state-machine row of `store`'s shard as applied, in the bytes of a snapshot (what the
+/// shard's view streams to a peer): two replicas with the same state give the same bytes.
+pub fn state_bytes(store: &coalesce_storage::ShardStore) -> Vec<u8> {
+    let mut view = store.open_view().unwrap();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = view.next_chunk().unwrap() {
+        bytes.extend(chunk);
+    }
+    bytes
+}

@@ -25,3 +25,39 @@ pub(crate) fn output(shard: u32, key: &str, seq: u64, value: Aggregate) -> Outpu
         samples: None,
     }
 }
+
+/// Every state-machine row of `store`'s shard as applied, in the bytes of a snapshot (postcard
+/// of the rows), read straight from one RocksDB snapshot after a checkpoint: an oracle that
+/// shares no code with the view that streams snapshots.
+pub(crate) fn state_bytes(store: &coalesce_storage::ShardStore) -> Vec<u8> {
+    use coalesce_storage::keys;
+    store.checkpoint().expect("checkpoint");
+    let db = store.db();
+    let snap = db.raw().snapshot();
+    let mut rows: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
+    for (i, name) in keys::SM_CFS.iter().enumerate() {
+        let cf = db.cf(name).expect("column family");
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::shard_end(store.shard()));
+        let start = keys::shard_prefix(store.shard());
+        for item in snap.iterator_cf_opt(cf, ro, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward)) {
+            let (k, v) = item.expect("a row");
+            rows.push((i as u8, k[4..].to_vec(), v.into_vec()));
+        }
+    }
+    postcard::to_allocvec(&rows).expect("rows encode")
+}
+
+/// The number of rows in snapshot bytes.
+pub(crate) fn rows_in(bytes: &[u8]) -> usize {
+    postcard::from_bytes::<Vec<(u8, Vec<u8>, Vec<u8>)>>(bytes).expect("snapshot bytes").len()
+}
+
+/// Replaces `store`'s state with the snapshot `bytes`, as a node installs one from a peer
+/// (spooled, checked, installed).
+pub(crate) fn import(store: &coalesce_storage::ShardStore, bytes: &[u8]) {
+    use coalesce_storage::transfer::Spool;
+    let mut spool = Spool::create(store.db(), store.shard(), Default::default()).expect("spool");
+    spool.push(bytes).expect("valid snapshot bytes");
+    store.install_file(spool.finish().expect("finish")).expect("install");
+}
