@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use coalesce_proto::v1::SnapshotChunk;
 use coalesce_storage::snapshot::Limits;
-use coalesce_storage::transfer::{FileChunks, SnapshotFile, Spool, SpoolError, StateView};
+use coalesce_storage::transfer::{SnapshotFile, Spool, SpoolError, StateView};
 use coalesce_storage::{ShardStore, StorageError};
 use futures::{Stream, StreamExt};
 use prometheus::IntCounterVec;
@@ -39,25 +39,6 @@ pub enum ShardSnapshot {
     View(StateView),
     /// A complete snapshot received from a peer, on disk, waiting to be installed.
     Received(SnapshotFile),
-}
-
-/// Where a [`ShardSnapshot`]'s bytes come from while it is sent.
-enum Source {
-    View(StateView),
-    /// The file stays until the chunks are sent (dropping it removes it).
-    File {
-        chunks: FileChunks,
-        _file: SnapshotFile,
-    },
-}
-
-impl Source {
-    fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, StorageError> {
-        match self {
-            Source::View(v) => v.next_chunk(),
-            Source::File { chunks, .. } => chunks.next_chunk(),
-        }
-    }
 }
 
 /// Limits and pacing of snapshot transfers (`[raft]` in the node's config).
@@ -134,7 +115,7 @@ pub(crate) type ReadError = Arc<std::sync::Mutex<Option<String>>>;
 
 /// A snapshot about to be sent, its first bytes already read.
 pub(crate) struct Prepared {
-    source: Source,
+    source: StateView,
     /// `None`: the snapshot had no bytes at all.
     first: Option<Vec<u8>>,
 }
@@ -143,11 +124,16 @@ pub(crate) struct Prepared {
 /// a while for a large shard): done before the transfer opens, so that the receiver's stall
 /// timeout never waits on it.
 pub(crate) async fn prepare(shard: u32, snapshot: ShardSnapshot) -> Result<Prepared, StorageError> {
+    // openraft sends what `get_current_snapshot` returns, always a view of the applied state;
+    // a received file is installed, never sent on.
+    let mut source = match snapshot {
+        ShardSnapshot::View(v) => v,
+        ShardSnapshot::Received(_) => {
+            let detail = "a received snapshot file is installed, not sent".to_owned();
+            return Err(StorageError::SnapshotReader { shard, detail });
+        }
+    };
     tokio::task::spawn_blocking(move || {
-        let mut source = match snapshot {
-            ShardSnapshot::View(v) => Source::View(v),
-            ShardSnapshot::Received(f) => Source::File { chunks: f.chunks()?, _file: f },
-        };
         let first = source.next_chunk()?;
         Ok(Prepared { source, first })
     })

@@ -368,11 +368,6 @@ impl SnapshotFile {
     pub fn meta(&self) -> &SnapshotMetaRows {
         &self.meta
     }
-
-    /// Reads the file again chunk by chunk (to send it on).
-    pub fn chunks(&self) -> Result<FileChunks, StorageError> {
-        Ok(FileChunks { file: File::open(&self.path).map_err(|e| file_error(&self.path, e))?, path: self.path.clone() })
-    }
 }
 
 impl SnapshotFile {
@@ -393,14 +388,14 @@ impl Drop for SnapshotFile {
 
 /// A snapshot file's bytes, [`CHUNK_BYTES`] at a time.
 #[derive(Debug)]
-pub struct FileChunks {
+struct FileChunks {
     file: File,
     path: PathBuf,
 }
 
 impl FileChunks {
     /// The next bytes; `None` at the end. Blocks on the read.
-    pub fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, StorageError> {
+    fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, StorageError> {
         let mut buf = vec![0u8; CHUNK_BYTES];
         let mut filled = 0;
         while filled < buf.len() {

@@ -16,9 +16,7 @@ use coalesce_core::window::WindowPolicy;
 use coalesce_storage::keys::RaftMetaTag;
 use coalesce_storage::{NodeDb, ShardStore, StorageOptions};
 
-fn open(dir: &std::path::Path) -> std::sync::Arc<NodeDb> {
-    NodeDb::open(dir, &StorageOptions::default()).expect("open db")
-}
+use common::open;
 
 #[test]
 fn log_append_range_truncate_purge() {

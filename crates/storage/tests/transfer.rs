@@ -14,11 +14,9 @@ use coalesce_core::value::Value;
 use coalesce_storage::keys::RaftMetaTag;
 use coalesce_storage::snapshot::{Limits, SnapshotError, header, put_row};
 use coalesce_storage::transfer::{CHUNK_BYTES, Spool, SpoolError};
-use coalesce_storage::{NodeDb, ShardStore, StorageError, StorageOptions};
+use coalesce_storage::{NodeDb, ShardStore, StorageError};
 
-fn open(dir: &std::path::Path) -> Arc<NodeDb> {
-    NodeDb::open(dir, &StorageOptions::default()).expect("open db")
-}
+use common::open;
 
 fn output(seq: u64, bytes: usize) -> Output {
     let value = Value::Bytes(vec![(seq % 251) as u8; bytes]);
@@ -52,14 +50,6 @@ fn view_bytes(store: &ShardStore) -> (Vec<u8>, usize) {
     }
     assert_eq!(view.next_chunk().unwrap(), None, "a finished view stays finished");
     (all, chunks)
-}
-
-fn spool_all(db: &NodeDb, shard: u32, bytes: &[u8], chunk: usize) -> coalesce_storage::transfer::SnapshotFile {
-    let mut spool = Spool::create(db, shard, Limits::default()).unwrap();
-    for c in bytes.chunks(chunk) {
-        spool.push(c).unwrap();
-    }
-    spool.finish().unwrap()
 }
 
 fn snapshot_files(db: &NodeDb) -> Vec<String> {
@@ -100,7 +90,7 @@ fn a_view_streams_exactly_the_whole_snapshot_and_an_install_reproduces_it() {
     let other_dir = tempfile::tempdir().unwrap();
     let other_db = open(other_dir.path());
     let other = filled(&other_db, 1, 40, 7);
-    let file = spool_all(&other_db, 1, &whole, 77_777);
+    let file = common::spool_all(&other_db, 1, &whole, 77_777);
     assert_eq!(
         file.rows(),
         common::rows_in(&common::state_bytes(&source)) as u64 - 1,
@@ -154,7 +144,7 @@ fn a_restart_in_the_middle_of_an_install_finishes_it() {
         let old = common::state_bytes(&store);
         // What install_file leaves behind when the process dies after its marker and some of
         // its writes: the marker, the file, and the old rows (here: all of them).
-        let file = spool_all(&db, 5, &whole, 1 << 16);
+        let file = common::spool_all(&db, 5, &whole, 1 << 16);
         let name = file.path().file_name().unwrap().to_string_lossy().into_owned();
         store.raft_meta_put(RaftMetaTag::Installing, name.as_bytes(), true).unwrap();
         std::mem::forget(file);
@@ -200,7 +190,7 @@ fn readers_are_told_while_an_install_runs() {
     let source = filled(&db, 1, 3_000, 3_000);
     let whole = common::state_bytes(&source);
     let target = filled(&db, 2, 5, 5);
-    let file = spool_all(&db, 2, &whole, 1 << 20);
+    let file = common::spool_all(&db, 2, &whole, 1 << 20);
     let reader = target.clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = {

@@ -53,11 +53,27 @@ pub(crate) fn rows_in(bytes: &[u8]) -> usize {
     postcard::from_bytes::<Vec<(u8, Vec<u8>, Vec<u8>)>>(bytes).expect("snapshot bytes").len()
 }
 
+/// Opens (creating) a node database at `dir` with default options.
+pub(crate) fn open(dir: &std::path::Path) -> std::sync::Arc<coalesce_storage::NodeDb> {
+    coalesce_storage::NodeDb::open(dir, &coalesce_storage::StorageOptions::default()).expect("open db")
+}
+
+/// Spools the snapshot `bytes` for `shard` as a receiving node does, `chunk` bytes at a time.
+pub(crate) fn spool_all(
+    db: &coalesce_storage::NodeDb,
+    shard: u32,
+    bytes: &[u8],
+    chunk: usize,
+) -> coalesce_storage::transfer::SnapshotFile {
+    let mut spool = coalesce_storage::transfer::Spool::create(db, shard, Default::default()).expect("spool");
+    for c in bytes.chunks(chunk) {
+        spool.push(c).expect("valid snapshot bytes");
+    }
+    spool.finish().expect("finish")
+}
+
 /// Replaces `store`'s state with the snapshot `bytes`, as a node installs one from a peer
 /// (spooled, checked, installed).
 pub(crate) fn import(store: &coalesce_storage::ShardStore, bytes: &[u8]) {
-    use coalesce_storage::transfer::Spool;
-    let mut spool = Spool::create(store.db(), store.shard(), Default::default()).expect("spool");
-    spool.push(bytes).expect("valid snapshot bytes");
-    store.install_file(spool.finish().expect("finish")).expect("install");
+    store.install_file(spool_all(store.db(), store.shard(), bytes, 1 << 20)).expect("install");
 }
