@@ -392,6 +392,108 @@ async fn a_merge_patch_key_cannot_outgrow_what_a_subscriber_can_read() {
     eprintln!("{outputs} outputs, {by_size} sealed at max_bytes, the largest {largest} bytes");
 }
 
+/// `key_overflow = "reject"`: an event that would grow its key past `window.max_bytes` is
+/// refused (RESOURCE_EXHAUSTED/`key_full`, with the wait until the key's window closes), the
+/// other events of the same request are applied, the key's window stays open and closes once
+/// on time with everything it accepted, and the same event sent again as a new event after
+/// that is accepted. Events of one request for one key are pre-merged, so they are refused
+/// together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reject_stream_refuses_growth_past_max_bytes_and_keeps_one_output_per_window() {
+    let streams = "[sinks.reader]\nkind = \"grpc\"\n\n\
+                   [streams.doc]\nmerge = \"json_merge_patch\"\n\
+                   window = { tumbling = \"3s\", max_bytes = 200000 }\nkey_overflow = \"reject\"\n\
+                   max_value_bytes = 70000\nsinks = [\"reader\"]\n";
+    let cluster = Cluster::start(3, 2, streams);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let mut client = cluster.client(0);
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", cluster.local.nodes[0].client_addr))
+        .unwrap()
+        .connect_lazy();
+    let mut admin = pb::admin_client::AdminClient::new(ch);
+    let streams = admin.streams(pb::StreamsRequest {}).await.unwrap().into_inner().streams;
+    assert_eq!(streams[0].key_overflow, "reject", "Streams reports the policy: {streams:?}");
+    let filler = "x".repeat(60_000);
+    let patch = |field: &str| {
+        let json = serde_json::json!({ field: filler }).to_string();
+        ev("doc", "big", Some(pb::value::Kind::Json(json)))
+    };
+    let small = |key: &str| ev("doc", key, Some(pb::value::Kind::Json(r#"{"n":1}"#.into())));
+    // Start early in a window, so the first requests share one.
+    while now_ms() % 3_000 > 500 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut seq = 0;
+    let mut send = |events: Vec<pb::Event>| {
+        let events = events
+            .into_iter()
+            .map(|e| {
+                seq += 1;
+                pb::Event { producer_seq: seq, ..e }
+            })
+            .collect();
+        pb::IngestRequest { producer_id: 0x5eed_0023, events }
+    };
+    for field in ["a", "b", "c"] {
+        let resp = client.ingest(send(vec![patch(field)])).await.unwrap().into_inner();
+        assert_eq!(resp.statuses[0].code, EventCode::Ok as i32, "{:?}", resp.statuses);
+    }
+    // ~180 kB held: a fourth patch would pass 200,000 bytes. A small key in the same request
+    // (same producer group) is applied.
+    let fourth = send(vec![patch("d"), small("other")]);
+    let resp = client.ingest(fourth.clone()).await.unwrap().into_inner();
+    expect(&resp.statuses[0], EventCode::ResourceExhausted, "key_full", "events[0]");
+    assert!(resp.statuses[0].message.contains("window.max_bytes"), "{:?}", resp.statuses[0]);
+    let wait = resp.statuses[0].retry_after_ms;
+    assert!(wait > 0 && wait <= 3_000, "the wait is until the key's window closes: {wait} ms");
+    let shard = coalesce_core::hash::shard_for("doc", "big", 2);
+    assert_eq!(resp.statuses[0].shard, shard);
+    assert_eq!(resp.statuses[1].code, EventCode::Ok as i32, "{:?}", resp.statuses[1]);
+    // Its seq is used up: the same request again is a duplicate of what was applied.
+    let again = client.ingest(fourth).await.unwrap().into_inner();
+    assert!(again.statuses.iter().all(|s| s.code == EventCode::Duplicate as i32), "{:?}", again.statuses);
+    let mut refused = 0;
+    for node in 0..3 {
+        let status = cluster.status(node).await.unwrap();
+        refused += status.streams.iter().map(|c| c.key_full).sum::<u64>();
+    }
+    assert_eq!(refused, 1, "StreamCounters.key_full counts the refused event once, on the leader's node");
+
+    // The window closes once, on time, with a, b and c; then "d" fits a new window.
+    let leaders = cluster.wait_ready(Duration::from_secs(30)).await;
+    let leader = cluster.index_of(&leaders[&shard]).unwrap();
+    let mut sub = cluster
+        .client(leader)
+        .subscribe(pb::SubscribeRequest {
+            consumer: "reader".into(),
+            shards: vec![shard],
+            from_seq: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut big = Vec::new();
+    while big.is_empty() {
+        let batch = tokio::time::timeout(Duration::from_secs(20), sub.message())
+            .await
+            .expect("outputs within 20 s")
+            .expect("the subscription stays readable")
+            .expect("a batch");
+        big.extend(batch.outputs.into_iter().filter(|o| o.key == "big"));
+    }
+    assert_eq!(big.len(), 1, "{big:?}");
+    let v: serde_json::Value = serde_json::from_str(&big[0].value_json).unwrap();
+    assert_eq!(v.as_object().unwrap().keys().cloned().collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(big[0].reason, "time");
+    assert!(big[0].value_json.len() <= 200_000);
+    let resp = client.ingest(send(vec![patch("d")])).await.unwrap().into_inner();
+    assert_eq!(resp.statuses[0].code, EventCode::Ok as i32, "resent as a new event: {:?}", resp.statuses);
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
 /// A stream whose windows close a second after their first event, for the connection tests.
 const QUICK: &str = r#"
 [streams.sums]

@@ -23,7 +23,7 @@ use coalesce_core::batch::Partial;
 use coalesce_core::buffer::BufKey;
 use coalesce_core::merge::MergeOp;
 use coalesce_core::session::ProducerRange;
-use coalesce_core::stream::{OverflowPolicy, ShardLimits, StreamRules};
+use coalesce_core::stream::{KeyOverflow, OverflowPolicy, ShardLimits, StreamRules};
 use coalesce_core::window::WindowPolicy;
 
 use crate::entry::{Command, IngestGroup};
@@ -219,5 +219,6 @@ fn stream_rules(u: &mut Unstructured<'_>) -> Result<StreamRules> {
         window,
         overflow: *u.choose(&[OverflowPolicy::Reject, OverflowPolicy::FlushEarly, OverflowPolicy::Shed])?,
         samples: if bool::arbitrary(u)? { Some(crate::merge::sample_policy(u)?) } else { None },
+        key_overflow: *u.choose(&[KeyOverflow::FlushEarly, KeyOverflow::Reject])?,
     })
 }

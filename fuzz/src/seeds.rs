@@ -13,11 +13,11 @@ use std::collections::BTreeMap;
 use coalesce_core::batch::{BatchBuilder, Event, Partial};
 use coalesce_core::buffer::{BufKey, Buffered, IngestBatch, ShardStats};
 use coalesce_core::hll::Hll;
-use coalesce_core::merge::{Aggregate, MergeOp};
+use coalesce_core::merge::{Aggregate, Member, MergeOp};
 use coalesce_core::output::{Epoch, Output};
 use coalesce_core::samples::{SamplePick, SamplePolicy, Samples};
 use coalesce_core::session::ProducerRange;
-use coalesce_core::stream::{ShardLimits, StreamRules, StreamTable, StreamsFile};
+use coalesce_core::stream::{KeyOverflow, ShardLimits, StreamRules, StreamTable, StreamsFile};
 use coalesce_core::value::Value;
 use coalesce_core::window::{SealReason, WindowPolicy, WindowState};
 use serde::Serialize;
@@ -246,6 +246,30 @@ pub fn apply() -> Seeds {
         seal(NOW + 100_000),
     ];
     out.push(("op-changed".into(), entries(&changed)));
+
+    // A set that outgrows `max_bytes` under each `key_overflow`: refused (the window stays
+    // open and closes on time) or sealed early.
+    for (name, key_overflow) in
+        [("key-overflow-reject", KeyOverflow::Reject), ("key-overflow-flush", KeyOverflow::FlushEarly)]
+    {
+        let set = StreamRules {
+            op: MergeOp::SetUnion { max_members: 1_000 },
+            window: WindowPolicy { max_bytes: Some(100), ..sum.window },
+            key_overflow,
+            ..sum.clone()
+        };
+        let members = |from: i64, to: i64| Aggregate::SetUnion((from..to).map(Member::Int).collect());
+        let growing = [
+            one_partial("sum", set.clone(), members(0, 8), NOW),
+            one_partial("sum", set.clone(), members(8, 11), NOW + 10),
+            one_partial("sum", set.clone(), members(0, 11), NOW + 20),
+            one_partial("sum", set.clone(), members(11, 12), NOW + 30),
+            seal(NOW + 100_000),
+            one_partial("sum", set.clone(), members(11, 12), NOW + 100_010),
+            seal(NOW + 200_000),
+        ];
+        out.push((name.into(), entries(&growing)));
+    }
 
     // Structured inputs (read with `arbitrary`, see crate::apply): patterned bytes.
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;

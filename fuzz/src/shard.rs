@@ -15,7 +15,9 @@
 //!   its deadline; a Seal that closed fewer windows than it could leaves none due;
 //! - per key, outputs come in input order (a window never holds inputs stamped before the
 //!   previous window's last input), and nothing is lost or doubled: inputs, `sum_i64` sums and
-//!   `count` counts of applied partials == emitted + still buffered (design invariant 1);
+//!   `count` counts of applied partials == emitted + still buffered (design invariant 1); a
+//!   partial refused as `KeyFull` changed nothing, and under `key_overflow = "reject"` a key that
+//!   took an input holds at most the window's `max_bytes`;
 //! - determinism and snapshots: a second replica that applies the same entries — and is rebuilt
 //!   from a postcard snapshot of the first every few entries — holds equal state and emits equal
 //!   outputs.
@@ -26,6 +28,7 @@ use coalesce_core::buffer::{BufKey, Buffered, IngestBatch, KEY_OVERHEAD_BYTES, M
 use coalesce_core::merge::Aggregate;
 use coalesce_core::output::Output;
 use coalesce_core::session::{ProducerSessions, SeqCheck};
+use coalesce_core::stream::KeyOverflow;
 use coalesce_core::time::Millis;
 use coalesce_core::window::SealReason;
 
@@ -182,6 +185,26 @@ impl Shard {
                     self.inputs_total += u128::from(*inputs);
                 }
                 PartialOutcome::Shed => self.shed_total += u128::from(*inputs),
+                // Not merged: the ledger's conservation check below fails if it was.
+                PartialOutcome::KeyFull { .. } => {}
+            }
+        }
+        if let Command::Ingest { rules, .. } = cmd {
+            // Under `key_overflow = "reject"` a key that took an input holds at most `max_bytes`.
+            for (key, _, _, outcome) in &applied {
+                let Some(r) = rules.get(&key.stream) else { continue };
+                let (KeyOverflow::Reject, Some(max), PartialOutcome::Applied) =
+                    (r.key_overflow, r.window.max_bytes, outcome)
+                else {
+                    continue;
+                };
+                if let Some(b) = self.a.store.buffers.get(key) {
+                    assert!(
+                        b.agg.size() as u64 <= max,
+                        "key {key:?} grew to {} bytes past max_bytes {max}",
+                        b.agg.size()
+                    );
+                }
             }
         }
         for o in &outputs {

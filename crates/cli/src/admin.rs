@@ -182,9 +182,18 @@ pub(crate) async fn shards(addr: &str, as_json: bool) -> anyhow::Result<()> {
 /// `coalescectl streams`.
 pub(crate) async fn streams(addr: &str) -> anyhow::Result<()> {
     let r = admin(addr)?.streams(pb::StreamsRequest {}).await.with_context(|| format!("asking {addr}"))?.into_inner();
-    outln!("{:<20} {:<18} {:<36} {:<12} SINKS", "STREAM", "MERGE", "WINDOW", "OVERFLOW");
+    outln!("{:<20} {:<18} {:<36} {:<12} {:<12} SINKS", "STREAM", "MERGE", "WINDOW", "OVERFLOW", "KEY-OVERFLOW");
     for s in r.streams {
-        outln!("{:<20} {:<18} {:<36} {:<12} {}", s.name, s.merge, s.window, s.overflow, s.sinks.join(","));
+        let key_overflow = if s.key_overflow.is_empty() { "-" } else { &s.key_overflow };
+        outln!(
+            "{:<20} {:<18} {:<36} {:<12} {:<12} {}",
+            s.name,
+            s.merge,
+            s.window,
+            s.overflow,
+            key_overflow,
+            s.sinks.join(",")
+        );
     }
     Ok(())
 }

@@ -293,6 +293,7 @@ async fn status(addr: &str) -> anyhow::Result<()> {
                     t.received += c.received;
                     t.premerged += c.premerged;
                     t.rate_limited += c.rate_limited;
+                    t.key_full += c.key_full;
                 }
             }
             Err(e) => unreachable.push(format!("{} ({e})", n.name)),
@@ -300,31 +301,34 @@ async fn status(addr: &str) -> anyhow::Result<()> {
     }
     outln!();
     outln!(
-        "{:<24} {:>12} {:>10} {:>12} {:>12} {:>8} {:>10}",
+        "{:<24} {:>12} {:>10} {:>12} {:>12} {:>8} {:>10} {:>10}",
         "STREAM",
         "INPUTS",
         "PRE-MERGE",
         "SHED",
         "OUTPUTS",
         "RATIO",
-        "KEY-RATE"
+        "KEY-RATE",
+        "KEY-FULL"
     );
     let ratio = |a: u64, b: u64| if b == 0 { "-".to_owned() } else { format!("{:.1}", a as f64 / b as f64) };
     for t in totals.values() {
         outln!(
-            "{:<24} {:>12} {:>10} {:>12} {:>12} {:>8} {:>10}",
+            "{:<24} {:>12} {:>10} {:>12} {:>12} {:>8} {:>10} {:>10}",
             t.stream,
             t.inputs,
             ratio(t.received, t.premerged),
             t.shed,
             t.outputs,
             ratio(t.absorbed, t.outputs),
-            t.rate_limited
+            t.rate_limited,
+            t.key_full
         );
     }
     outln!(
         "(stream counters: every node since it started, summed; PRE-MERGE: events per partial sent to leaders; \
-         SHED: dropped by overflow = \"shed\"; RATIO: inputs per output; KEY-RATE: over key_rate_limit)"
+         SHED: dropped by overflow = \"shed\"; RATIO: inputs per output; KEY-RATE: over key_rate_limit; \
+         KEY-FULL: refused by key_overflow = \"reject\")"
     );
     if !unreachable.is_empty() {
         eprintln!("not reachable (its counts are missing): {}", unreachable.join(", "));

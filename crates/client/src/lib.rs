@@ -660,6 +660,7 @@ mod tests {
         assert!(is_retryable(&s(EventCode::Unknown, "outcome_unknown")));
         assert!(is_retryable(&s(EventCode::ResourceExhausted, "buffer_full")));
         assert!(!is_retryable(&s(EventCode::ResourceExhausted, "set_too_large")));
+        assert!(!is_retryable(&s(EventCode::ResourceExhausted, "key_full")), "its seq is used up");
         assert!(!is_retryable(&s(EventCode::InvalidArgument, "type_mismatch")));
         assert!(!is_retryable(&s(EventCode::FailedPrecondition, "sequence_overlap")));
     }

@@ -93,6 +93,9 @@ pub struct ProducerGroup {
     pub partials: Vec<(BufKey, Partial)>,
     /// Positions of the events in the original request, for per-event statuses.
     pub events: Vec<u32>,
+    /// The partial each of `events` merged into (its position in `partials`), for statuses
+    /// that apply refuses per partial ([`crate::buffer::PartialOutcome::KeyFull`]).
+    pub partial_of: Vec<u32>,
 }
 
 /// Everything one request sends to one shard.
@@ -209,7 +212,12 @@ impl<'a> BatchBuilder<'a> {
         let batch = self.batches.entry(shard).or_default();
         let producer = event.producer.map(|(p, _)| p);
         let gi = *self.groups.entry((shard, producer)).or_insert_with(|| {
-            batch.groups.push(ProducerGroup { range: None, partials: Vec::new(), events: Vec::new() });
+            batch.groups.push(ProducerGroup {
+                range: None,
+                partials: Vec::new(),
+                events: Vec::new(),
+                partial_of: Vec::new(),
+            });
             batch.groups.len() - 1
         });
         let group = &mut batch.groups[gi];
@@ -232,6 +240,7 @@ impl<'a> BatchBuilder<'a> {
         let size = agg.size() as u64;
         let merged = match found.as_deref_mut() {
             Some((_, _, pi, bound)) => {
+                let into = *pi as u32;
                 let p = &mut group.partials[*pi].1;
                 if bound.saturating_add(size) > max_bytes {
                     *bound = p.agg.size() as u64;
@@ -242,6 +251,7 @@ impl<'a> BatchBuilder<'a> {
                     p.inputs += 1;
                     p.first_event_at = p.first_event_at.min(event_time);
                     p.last_event_at = p.last_event_at.max(event_time);
+                    group.partial_of.push(into);
                     true
                 } else {
                     false
@@ -250,6 +260,7 @@ impl<'a> BatchBuilder<'a> {
             None => false,
         };
         if !merged {
+            group.partial_of.push(group.partials.len() as u32);
             let key = BufKey { stream: event.stream.clone(), key: event.key.clone() };
             group.partials.push((
                 key,

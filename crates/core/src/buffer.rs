@@ -29,7 +29,7 @@ use crate::error::EventError;
 use crate::merge::Aggregate;
 use crate::output::{Epoch, Output};
 use crate::samples::{self, Samples};
-use crate::stream::{OverflowPolicy, ShardLimits, StreamRules};
+use crate::stream::{KeyOverflow, OverflowPolicy, ShardLimits, StreamRules};
 use crate::time::Millis;
 use crate::window::{SealReason, WindowState};
 
@@ -153,6 +153,12 @@ pub enum PartialOutcome {
     Applied,
     /// Dropped by the `shed` overflow policy (counted in [`ShardStats::shed_inputs_total`]).
     Shed,
+    /// Not merged: under `key_overflow = "reject"` it would have grown its key's value past the
+    /// window's `max_bytes`. The key's window closes in `retry_after_ms` (from the entry's
+    /// stamp). Counted by the state machine (`coalesce_stream_key_full_inputs_total`).
+    KeyFull {
+        retry_after_ms: u64,
+    },
 }
 
 /// The result of applying an ingest batch.
@@ -237,10 +243,35 @@ impl ShardBuffer {
                 existing = Some(b);
             }
         }
+        // Under `key_overflow = "reject"` a key's value never passes `max_bytes`: an input that
+        // would grow it further is refused, and the window stays open (no `max_bytes` seal).
+        let reject_growth = rules.window.max_bytes.filter(|_| rules.key_overflow == KeyOverflow::Reject);
+        if reject_growth.is_some_and(|max| partial.agg.size() as u64 > max) {
+            // Alone larger than a window may hold (leaders cut partials below it): never fits.
+            return Ok(PartialOutcome::KeyFull { retry_after_ms: 0 });
+        }
         let current = match existing {
             Some(mut b) => {
                 let old_deadline = b.deadline;
-                if b.agg.merge(&partial.agg, &rules.op).is_ok() {
+                let merged = match reject_growth {
+                    // `b.bytes` bounds the value's size without walking it.
+                    Some(max) if b.bytes.saturating_add(partial.agg.size() as u64) > max => {
+                        let mut trial = b.agg.clone();
+                        match trial.merge(&partial.agg, &rules.op) {
+                            Ok(()) if trial.size() as u64 > max => {
+                                let retry_after_ms = b.deadline.saturating_sub(stamp).max(1);
+                                return Ok(PartialOutcome::KeyFull { retry_after_ms });
+                            }
+                            Ok(()) => {
+                                b.agg = trial;
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    _ => b.agg.merge(&partial.agg, &rules.op),
+                };
+                if merged.is_ok() {
                     b.window.absorb(stamp, partial.inputs, partial.first_event_at, partial.last_event_at);
                     samples::merge_opt(&mut b.samples, partial.samples.as_ref(), rules.samples.as_ref());
                     stats.bytes = stats.bytes.saturating_sub(b.bytes);
@@ -274,7 +305,11 @@ impl ShardBuffer {
         // Saturating, as a window's input count is: an entry's `inputs` is u64 and unbounded, and a
         // forged one at u64::MAX overflowed here (a panic with overflow checks; found by fuzz/ `apply`).
         stats.inputs_total = stats.inputs_total.saturating_add(partial.inputs);
-        if let Some(reason) = rules.window.data_trigger(current.window.inputs, current.agg.size()) {
+        let trigger = rules
+            .window
+            .data_trigger(current.window.inputs, current.agg.size())
+            .filter(|r| reject_growth.is_none() || *r != SealReason::MaxBytes);
+        if let Some(reason) = trigger {
             outputs.push(Self::seal(store, stats, key, current, stamp, reason)?);
         } else {
             store.put(key, current)?;

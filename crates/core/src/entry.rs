@@ -29,8 +29,10 @@ impl From<crate::batch::ProducerGroup> for IngestGroup {
     }
 }
 
-/// What a shard's Raft log carries.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// What a shard's Raft log carries. Its encoding (serde, postcard in the log and between
+/// peers) is [`wire`]'s: an Ingest whose rules all have the default `key_overflow` keeps the
+/// shape older builds read; one that needs the field is a variant of its own (peer protocol 4).
+#[derive(Clone, Debug, PartialEq)]
 pub enum Command {
     /// Pre-merged events. `stamp` is the leader's clock; `rules` and `limits` make apply
     /// independent of local config.
@@ -86,6 +88,194 @@ impl fmt::Display for Command {
             Command::SetPreferredLeader { node } => write!(f, "set_preferred_leader({node:?})"),
             Command::DropCursor { cursor } => write!(f, "drop_cursor({cursor})"),
             Command::Trim { below } => write!(f, "trim(<{below})"),
+        }
+    }
+}
+
+impl Serialize for Command {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        wire::CommandRef::from(self).serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        wire::CommandOwned::deserialize(deserializer).map(Command::from)
+    }
+}
+
+/// The encoding of [`Command`]: every variant in the order older builds numbered them, and
+/// new ones appended, so an entry written by an older build decodes here, and one this build
+/// writes decodes on an older build unless it uses what that build lacks — then its variant is
+/// unknown there and decoding fails loudly rather than applying it differently.
+///
+/// - `Ingest` (0) carries the rules as they were before `key_overflow` existed ([`RulesV1`]);
+///   written whenever every stream of the entry has the default `key_overflow`.
+/// - `IngestV2` (8, peer protocol 4) carries whole [`StreamRules`]; written only when some
+///   stream rejects growth past `max_bytes`, which a leader allows once every member of the
+///   group announced protocol 4.
+pub mod wire {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize, Serializer};
+
+    use super::{Command, IngestGroup};
+    use crate::merge::MergeOp;
+    use crate::output::DeadLetter;
+    use crate::samples::SamplePolicy;
+    use crate::stream::{KeyOverflow, OverflowPolicy, ShardLimits, StreamRules};
+    use crate::time::Millis;
+    use crate::window::WindowPolicy;
+
+    /// [`StreamRules`] as entries of peer protocol 1-3 carry them.
+    #[derive(Deserialize)]
+    pub(super) struct RulesV1 {
+        op: MergeOp,
+        window: WindowPolicy,
+        overflow: OverflowPolicy,
+        #[serde(default)]
+        samples: Option<SamplePolicy>,
+    }
+
+    /// [`RulesV1`], borrowed.
+    #[derive(Serialize)]
+    struct RulesV1Ref<'a> {
+        op: &'a MergeOp,
+        window: &'a WindowPolicy,
+        overflow: &'a OverflowPolicy,
+        samples: &'a Option<SamplePolicy>,
+    }
+
+    impl From<RulesV1> for StreamRules {
+        fn from(r: RulesV1) -> Self {
+            StreamRules {
+                op: r.op,
+                window: r.window,
+                overflow: r.overflow,
+                samples: r.samples,
+                key_overflow: KeyOverflow::FlushEarly,
+            }
+        }
+    }
+
+    fn rules_v1<S: Serializer>(rules: &&BTreeMap<String, StreamRules>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(rules.iter().map(|(name, r)| {
+            (name, RulesV1Ref { op: &r.op, window: &r.window, overflow: &r.overflow, samples: &r.samples })
+        }))
+    }
+
+    /// Whether rules need [`CommandRef::IngestV2`].
+    pub fn needs_v2(rules: &BTreeMap<String, StreamRules>) -> bool {
+        rules.values().any(|r| r.key_overflow != KeyOverflow::FlushEarly)
+    }
+
+    /// A [`Command`] borrowed for encoding (no copy of an Ingest's partials).
+    #[derive(Serialize)]
+    #[serde(rename = "Command")]
+    pub(super) enum CommandRef<'a> {
+        Ingest {
+            stamp: Millis,
+            #[serde(serialize_with = "rules_v1")]
+            rules: &'a BTreeMap<String, StreamRules>,
+            limits: &'a ShardLimits,
+            groups: &'a [IngestGroup],
+        },
+        Seal {
+            stamp: Millis,
+            max: u32,
+            session_ttl_ms: u64,
+        },
+        Ack {
+            cursor: &'a str,
+            upto_seq: u64,
+        },
+        DeadLetter {
+            cursor: &'a str,
+            upto_seq: u64,
+            letters: &'a [DeadLetter],
+        },
+        DlqRemove {
+            sink: &'a str,
+            seqs: &'a [u64],
+        },
+        SetPreferredLeader {
+            node: &'a Option<String>,
+        },
+        DropCursor {
+            cursor: &'a str,
+        },
+        Trim {
+            below: u64,
+        },
+        IngestV2 {
+            stamp: Millis,
+            rules: &'a BTreeMap<String, StreamRules>,
+            limits: &'a ShardLimits,
+            groups: &'a [IngestGroup],
+        },
+    }
+
+    impl<'a> From<&'a Command> for CommandRef<'a> {
+        fn from(c: &'a Command) -> Self {
+            match c {
+                Command::Ingest { stamp, rules, limits, groups } if needs_v2(rules) => {
+                    CommandRef::IngestV2 { stamp: *stamp, rules, limits, groups }
+                }
+                Command::Ingest { stamp, rules, limits, groups } => {
+                    CommandRef::Ingest { stamp: *stamp, rules, limits, groups }
+                }
+                Command::Seal { stamp, max, session_ttl_ms } => {
+                    CommandRef::Seal { stamp: *stamp, max: *max, session_ttl_ms: *session_ttl_ms }
+                }
+                Command::Ack { cursor, upto_seq } => CommandRef::Ack { cursor, upto_seq: *upto_seq },
+                Command::DeadLetter { cursor, upto_seq, letters } => {
+                    CommandRef::DeadLetter { cursor, upto_seq: *upto_seq, letters }
+                }
+                Command::DlqRemove { sink, seqs } => CommandRef::DlqRemove { sink, seqs },
+                Command::SetPreferredLeader { node } => CommandRef::SetPreferredLeader { node },
+                Command::DropCursor { cursor } => CommandRef::DropCursor { cursor },
+                Command::Trim { below } => CommandRef::Trim { below: *below },
+            }
+        }
+    }
+
+    /// A decoded [`Command`], before the rules of a protocol-1 Ingest are completed.
+    #[derive(Deserialize)]
+    #[serde(rename = "Command")]
+    pub(super) enum CommandOwned {
+        Ingest { stamp: Millis, rules: BTreeMap<String, RulesV1>, limits: ShardLimits, groups: Vec<IngestGroup> },
+        Seal { stamp: Millis, max: u32, session_ttl_ms: u64 },
+        Ack { cursor: String, upto_seq: u64 },
+        DeadLetter { cursor: String, upto_seq: u64, letters: Vec<DeadLetter> },
+        DlqRemove { sink: String, seqs: Vec<u64> },
+        SetPreferredLeader { node: Option<String> },
+        DropCursor { cursor: String },
+        Trim { below: u64 },
+        IngestV2 { stamp: Millis, rules: BTreeMap<String, StreamRules>, limits: ShardLimits, groups: Vec<IngestGroup> },
+    }
+
+    impl From<CommandOwned> for Command {
+        fn from(c: CommandOwned) -> Self {
+            match c {
+                CommandOwned::Ingest { stamp, rules, limits, groups } => Command::Ingest {
+                    stamp,
+                    rules: rules.into_iter().map(|(name, r)| (name, r.into())).collect(),
+                    limits,
+                    groups,
+                },
+                CommandOwned::IngestV2 { stamp, rules, limits, groups } => {
+                    Command::Ingest { stamp, rules, limits, groups }
+                }
+                CommandOwned::Seal { stamp, max, session_ttl_ms } => Command::Seal { stamp, max, session_ttl_ms },
+                CommandOwned::Ack { cursor, upto_seq } => Command::Ack { cursor, upto_seq },
+                CommandOwned::DeadLetter { cursor, upto_seq, letters } => {
+                    Command::DeadLetter { cursor, upto_seq, letters }
+                }
+                CommandOwned::DlqRemove { sink, seqs } => Command::DlqRemove { sink, seqs },
+                CommandOwned::SetPreferredLeader { node } => Command::SetPreferredLeader { node },
+                CommandOwned::DropCursor { cursor } => Command::DropCursor { cursor },
+                CommandOwned::Trim { below } => Command::Trim { below },
+            }
         }
     }
 }
@@ -205,5 +395,121 @@ impl Command {
             Command::SetPreferredLeader { node: None } => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{Command, IngestGroup};
+    use crate::batch::Partial;
+    use crate::buffer::BufKey;
+    use crate::merge::{Aggregate, MergeOp};
+    use crate::output::DeadLetter;
+    use crate::samples::SamplePolicy;
+    use crate::stream::{KeyOverflow, OverflowPolicy, ShardLimits, StreamRules};
+    use crate::time::Millis;
+    use crate::window::WindowPolicy;
+
+    /// `StreamRules` and `Command` exactly as builds of peer protocol 1-3 derived them.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct OldRules {
+        op: MergeOp,
+        window: WindowPolicy,
+        overflow: OverflowPolicy,
+        #[serde(default)]
+        samples: Option<SamplePolicy>,
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    enum OldCommand {
+        Ingest { stamp: Millis, rules: BTreeMap<String, OldRules>, limits: ShardLimits, groups: Vec<IngestGroup> },
+        Seal { stamp: Millis, max: u32, session_ttl_ms: u64 },
+        Ack { cursor: String, upto_seq: u64 },
+        DeadLetter { cursor: String, upto_seq: u64, letters: Vec<DeadLetter> },
+        DlqRemove { sink: String, seqs: Vec<u64> },
+        SetPreferredLeader { node: Option<String> },
+        DropCursor { cursor: String },
+        Trim { below: u64 },
+    }
+
+    fn ingest(key_overflow: KeyOverflow) -> Command {
+        let rules = StreamRules {
+            op: MergeOp::SumI64,
+            window: WindowPolicy { tumbling_ms: Some(1_000), max_bytes: Some(1 << 20), ..WindowPolicy::default() },
+            overflow: OverflowPolicy::Shed,
+            samples: None,
+            key_overflow,
+        };
+        let partial =
+            Partial { agg: Aggregate::SumI64(7), inputs: 2, first_event_at: 5, last_event_at: 6, samples: None };
+        Command::Ingest {
+            stamp: 42,
+            rules: BTreeMap::from([("s".to_owned(), rules)]),
+            limits: ShardLimits::default(),
+            groups: vec![IngestGroup {
+                range: None,
+                partials: vec![(BufKey { stream: "s".into(), key: "k".into() }, partial)],
+            }],
+        }
+    }
+
+    fn old_ingest() -> OldCommand {
+        let Command::Ingest { stamp, rules, limits, groups } = ingest(KeyOverflow::FlushEarly) else { unreachable!() };
+        let rules = rules
+            .into_iter()
+            .map(|(n, r)| (n, OldRules { op: r.op, window: r.window, overflow: r.overflow, samples: r.samples }))
+            .collect();
+        OldCommand::Ingest { stamp, rules, limits, groups }
+    }
+
+    #[test]
+    fn entries_without_the_new_field_keep_the_bytes_older_builds_read_and_wrote() {
+        let old = old_ingest();
+        let new = ingest(KeyOverflow::FlushEarly);
+        let old_bytes = postcard::to_allocvec(&old).unwrap();
+        assert_eq!(postcard::to_allocvec(&new).unwrap(), old_bytes, "the same bytes as protocol 1-3");
+        assert_eq!(postcard::from_bytes::<Command>(&old_bytes).unwrap(), new);
+        let others = [
+            (
+                Command::Seal { stamp: 9, max: 3, session_ttl_ms: 1_000 },
+                OldCommand::Seal { stamp: 9, max: 3, session_ttl_ms: 1_000 },
+            ),
+            (Command::Ack { cursor: "c".into(), upto_seq: 4 }, OldCommand::Ack { cursor: "c".into(), upto_seq: 4 }),
+            (
+                Command::DeadLetter { cursor: "c".into(), upto_seq: 4, letters: vec![] },
+                OldCommand::DeadLetter { cursor: "c".into(), upto_seq: 4, letters: vec![] },
+            ),
+            (
+                Command::DlqRemove { sink: "s".into(), seqs: vec![1, 2] },
+                OldCommand::DlqRemove { sink: "s".into(), seqs: vec![1, 2] },
+            ),
+            (
+                Command::SetPreferredLeader { node: Some("n".into()) },
+                OldCommand::SetPreferredLeader { node: Some("n".into()) },
+            ),
+            (Command::DropCursor { cursor: "c".into() }, OldCommand::DropCursor { cursor: "c".into() }),
+            (Command::Trim { below: 8 }, OldCommand::Trim { below: 8 }),
+        ];
+        for (new, old) in others {
+            let bytes = postcard::to_allocvec(&old).unwrap();
+            assert_eq!(postcard::to_allocvec(&new).unwrap(), bytes, "{new}");
+            assert_eq!(postcard::from_bytes::<Command>(&bytes).unwrap(), new);
+        }
+    }
+
+    #[test]
+    fn an_entry_that_rejects_growth_round_trips_and_an_older_build_cannot_misread_it() {
+        let new = ingest(KeyOverflow::Reject);
+        let bytes = postcard::to_allocvec(&new).unwrap();
+        assert_eq!(postcard::from_bytes::<Command>(&bytes).unwrap(), new);
+        assert!(postcard::from_bytes::<OldCommand>(&bytes).is_err(), "an unknown variant to older builds");
+        let json = serde_json::to_string(&new).unwrap();
+        assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), new);
+        let json = serde_json::to_string(&ingest(KeyOverflow::FlushEarly)).unwrap();
+        assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), ingest(KeyOverflow::FlushEarly));
     }
 }

@@ -55,6 +55,30 @@ impl OverflowPolicy {
     }
 }
 
+/// What a stream does when an input would grow its key's merged value past the window's
+/// `max_bytes` (`key_overflow` in config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyOverflow {
+    /// Close the key's window (reason `max_bytes`) and open the next one with the input: a key
+    /// may have more than one output per window (the default).
+    #[default]
+    FlushEarly,
+    /// Refuse the input (RESOURCE_EXHAUSTED `key_full`, its seq used up): one output per key per
+    /// window, never more than `max_bytes`. Decided at apply, so every replica agrees.
+    Reject,
+}
+
+impl KeyOverflow {
+    /// The name as written in config.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyOverflow::FlushEarly => "flush_early",
+            KeyOverflow::Reject => "reject",
+        }
+    }
+}
+
 /// Per-shard outbox bounds (`[outbox]` in the streams file): every output is kept until the
 /// consumers that claim it acknowledge it, within these limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +222,11 @@ pub struct StreamRules {
     /// Representative samples of folded inputs ([`crate::samples`]); `None` keeps none.
     #[serde(default)]
     pub samples: Option<SamplePolicy>,
+    /// Growth of a key past the window's `max_bytes`. Entries written before peer protocol 4
+    /// carry none (read as [`KeyOverflow::FlushEarly`]): [`crate::entry`] writes those rules in
+    /// the older shape whenever this field is the default, so older builds still read them.
+    #[serde(default)]
+    pub key_overflow: KeyOverflow,
 }
 
 impl StreamRules {
@@ -235,6 +264,10 @@ pub struct StreamConfig {
     pub window: WindowConfig,
     #[serde(default)]
     pub overflow: OverflowPolicy,
+    /// `key_overflow = "flush_early" | "reject"`: what an input that would grow its key past
+    /// `window.max_bytes` does ([`KeyOverflow`]).
+    #[serde(default)]
+    pub key_overflow: KeyOverflow,
     #[serde(default)]
     pub sinks: Vec<String>,
     #[serde(default = "default_max_key_bytes")]
@@ -361,7 +394,7 @@ impl StreamConfig {
         let samples = self.samples.as_ref().map(|s| s.validate(name, max_value_bytes)).transpose()?;
         Ok(StreamDef {
             name: name.to_owned(),
-            rules: StreamRules { op, window, overflow: self.overflow, samples },
+            rules: StreamRules { op, window, overflow: self.overflow, samples, key_overflow: self.key_overflow },
             sinks: self.sinks.clone(),
             max_key_bytes: self.max_key_bytes,
             max_value_bytes,

@@ -153,6 +153,7 @@ fn partial_inputs_are_bounded_and_totals_cannot_overflow() {
         window: WindowPolicy { tumbling_ms: Some(1000), ..WindowPolicy::default() },
         overflow: OverflowPolicy::Reject,
         samples: None,
+        key_overflow: Default::default(),
     };
     let key = |k: &str| BufKey { stream: "s".into(), key: k.into() };
     let mut store = MemStore::default();

@@ -8,10 +8,10 @@
 use std::collections::BTreeMap;
 
 use coalesce_core::batch::Partial;
-use coalesce_core::buffer::{BufKey, IngestBatch, MemStore, ShardBuffer};
-use coalesce_core::merge::{Aggregate, MergeOp};
+use coalesce_core::buffer::{BufKey, BufferStore, IngestBatch, MemStore, PartialOutcome, ShardBuffer};
+use coalesce_core::merge::{Aggregate, Member, MergeOp};
 use coalesce_core::output::Output;
-use coalesce_core::stream::{OverflowPolicy, ShardLimits, StreamRules};
+use coalesce_core::stream::{KeyOverflow, OverflowPolicy, ShardLimits, StreamRules};
 use coalesce_core::window::{SealReason, WindowPolicy};
 use proptest::prelude::*;
 
@@ -47,7 +47,13 @@ fn policy() -> impl Strategy<Value = WindowPolicy> {
 fn rules(window: WindowPolicy) -> BTreeMap<String, StreamRules> {
     BTreeMap::from([(
         STREAM.to_owned(),
-        StreamRules { op: MergeOp::SumI64, window, overflow: OverflowPolicy::Reject, samples: None },
+        StreamRules {
+            op: MergeOp::SumI64,
+            window,
+            overflow: OverflowPolicy::Reject,
+            samples: None,
+            key_overflow: KeyOverflow::FlushEarly,
+        },
     )])
 }
 
@@ -305,8 +311,10 @@ fn overflow_closes_the_window_and_keeps_the_sum_exact() {
 
 fn limited(overflow: OverflowPolicy, max_keys: u64) -> (MemStore, BTreeMap<String, StreamRules>, ShardLimits) {
     let window = WindowPolicy { max_wait_ms: Some(1000), ..Default::default() };
-    let rules =
-        BTreeMap::from([(STREAM.to_owned(), StreamRules { op: MergeOp::SumI64, window, overflow, samples: None })]);
+    let rules = BTreeMap::from([(
+        STREAM.to_owned(),
+        StreamRules { op: MergeOp::SumI64, window, overflow, samples: None, key_overflow: KeyOverflow::FlushEarly },
+    )]);
     (MemStore::default(), rules, ShardLimits { max_keys, max_bytes: 1 << 30 })
 }
 
@@ -387,4 +395,66 @@ fn replicas_applying_the_same_entries_hold_identical_bytes() {
         (bytes, postcard::to_allocvec(&outs).unwrap(), s.stats)
     };
     assert_eq!(run(), run());
+}
+
+/// A set of `members` strings of 10 bytes (14 bytes each as the set counts them).
+fn members(from: u32, to: u32) -> Partial {
+    let set = (from..to).map(|i| Member::Str(format!("member{i:04}"))).collect();
+    Partial { agg: Aggregate::SetUnion(set), inputs: 1, first_event_at: 0, last_event_at: 0, samples: None }
+}
+
+fn set_rules(key_overflow: KeyOverflow) -> BTreeMap<String, StreamRules> {
+    let window = WindowPolicy { tumbling_ms: Some(1_000), max_bytes: Some(8 + 14 * 10), ..Default::default() };
+    let op = MergeOp::SetUnion { max_members: 1_000 };
+    BTreeMap::from([(
+        STREAM.to_owned(),
+        StreamRules { op, window, overflow: OverflowPolicy::Reject, samples: None, key_overflow },
+    )])
+}
+
+#[test]
+fn key_overflow_reject_refuses_growth_past_max_bytes_and_keeps_the_window_open() {
+    let rules = set_rules(KeyOverflow::Reject);
+    let limits = ShardLimits::default();
+    let mut store = MemStore::default();
+    let apply = |store: &mut MemStore, stamp: u64, p: Partial| {
+        let b = IngestBatch { stamp, rules: rules.clone(), limits, partials: vec![(key(0), p)] };
+        ShardBuffer::apply_ingest(store, &b).unwrap()
+    };
+    // 8 members, then 2 more: exactly max_bytes, and the window stays open.
+    assert_eq!(apply(&mut store, 100, members(0, 8)).outcomes, [PartialOutcome::Applied]);
+    let r = apply(&mut store, 200, members(8, 10));
+    assert_eq!((r.outcomes.as_slice(), r.outputs.len()), ([PartialOutcome::Applied].as_slice(), 0));
+    // One more member would pass it: refused, with the wait until the window ends (1,000).
+    let r = apply(&mut store, 300, members(10, 11));
+    assert_eq!(r.outcomes, [PartialOutcome::KeyFull { retry_after_ms: 700 }]);
+    assert!(r.outputs.is_empty());
+    // Members it already holds do not grow it (the size bound alone would have refused them).
+    assert_eq!(apply(&mut store, 400, members(0, 10)).outcomes, [PartialOutcome::Applied]);
+    // A partial that alone passes max_bytes never fits.
+    assert_eq!(apply(&mut store, 500, members(100, 120)).outcomes, [PartialOutcome::KeyFull { retry_after_ms: 0 }]);
+    let b = store.get(&key(0)).unwrap().unwrap();
+    assert_eq!(b.window.inputs, 3, "only the applied partials are counted");
+    assert_eq!(b.agg, members(0, 10).agg);
+    assert_eq!(store.stats.inputs_total, 3);
+    // After the window closes the key takes input again.
+    let r = apply(&mut store, 1_000, members(10, 11));
+    assert_eq!(r.outcomes, [PartialOutcome::Applied]);
+    assert_eq!(r.outputs.len(), 1);
+    assert_eq!((r.outputs[0].reason, r.outputs[0].inputs), (SealReason::Time, 3));
+}
+
+#[test]
+fn key_overflow_flush_early_seals_at_max_bytes_instead() {
+    let rules = set_rules(KeyOverflow::FlushEarly);
+    let mut store = MemStore::default();
+    let mut outputs = Vec::new();
+    for (stamp, p) in [(100, members(0, 8)), (200, members(8, 10)), (300, members(10, 11))] {
+        let b =
+            IngestBatch { stamp, rules: rules.clone(), limits: ShardLimits::default(), partials: vec![(key(0), p)] };
+        let r = ShardBuffer::apply_ingest(&mut store, &b).unwrap();
+        assert_eq!(r.outcomes, [PartialOutcome::Applied]);
+        outputs.extend(r.outputs);
+    }
+    assert_eq!(outputs.iter().map(|o| (o.reason, o.inputs)).collect::<Vec<_>>(), [(SealReason::MaxBytes, 2)]);
 }

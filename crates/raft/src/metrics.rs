@@ -81,6 +81,14 @@ pub(crate) static SHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["stream"],
     )
 });
+pub(crate) static KEY_FULL: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "coalesce_stream_key_full_inputs_total",
+        "Events refused by `key_overflow = \"reject\"`: merging them would have grown their key's value \
+         past the window's `max_bytes`, by stream.",
+        &["stream"],
+    )
+});
 pub(crate) static DUPLICATES: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "coalesce_stream_duplicate_batches_total",
@@ -290,7 +298,7 @@ pub fn init(streams: &[&str]) {
     }
     crate::snapshot::init_metrics();
     for stream in streams {
-        for m in [&INPUTS, &SHED, &ABSORBED, &MERGE_ERRORS] {
+        for m in [&INPUTS, &SHED, &KEY_FULL, &ABSORBED, &MERGE_ERRORS] {
             m.with_label_values(&[stream]);
         }
         OUTPUTS.with_label_values(&[stream, coalesce_core::window::SealReason::Time.as_str()]);
@@ -321,6 +329,7 @@ pub(crate) fn record_outputs(outputs: &[coalesce_core::output::Output], stamp: u
 pub struct StreamCounts {
     pub inputs: u64,
     pub shed: u64,
+    pub key_full: u64,
     pub outputs: u64,
     pub absorbed: u64,
 }
@@ -337,5 +346,5 @@ pub fn stream_counts(stream: &str) -> StreamCounts {
         .filter(|m| m.get_label().iter().any(|l| l.name() == "stream" && l.value() == stream))
         .map(|m| m.get_counter().get_value() as u64)
         .sum();
-    StreamCounts { inputs: get(&INPUTS), shed: get(&SHED), outputs, absorbed: get(&ABSORBED) }
+    StreamCounts { inputs: get(&INPUTS), shed: get(&SHED), key_full: get(&KEY_FULL), outputs, absorbed: get(&ABSORBED) }
 }

@@ -15,7 +15,7 @@ use coalesce_core::adaptive::{AdaptiveController, Decision, Pressure};
 use coalesce_core::buffer::ShardBuffer;
 use coalesce_core::hash::ShardId;
 use coalesce_core::hotkeys::{HotKey, HotKeys};
-use coalesce_core::stream::{MAX_KEY_BYTES_LIMIT, OverflowPolicy, StreamTable};
+use coalesce_core::stream::{KeyOverflow, MAX_KEY_BYTES_LIMIT, OverflowPolicy, StreamTable};
 use coalesce_core::time::{Clock, Millis, SystemClock};
 use coalesce_proto::v1::raft_peer_client::RaftPeerClient;
 use coalesce_proto::v1::raft_peer_server::RaftPeer;
@@ -1086,6 +1086,19 @@ impl RaftNode {
                 if let Some(d) = self.adaptive_decision(shard, &key.stream) {
                     r.window = r.window.with_extra_ms(d.extra_ms);
                 }
+                if r.key_overflow != KeyOverflow::FlushEarly && !self.members_speak(shard, 4) {
+                    // Replicas of protocol 3 or older could not read the rule: until they are
+                    // upgraded the stream flushes early, as those builds do.
+                    r.key_overflow = KeyOverflow::FlushEarly;
+                    if !KEY_OVERFLOW_WAITS.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(
+                            shard,
+                            stream = %key.stream,
+                            "key_overflow = \"reject\" waits until every replica runs peer protocol 4; until then \
+                             keys that outgrow window.max_bytes close early (docs/upgrades.md)"
+                        );
+                    }
+                }
                 r
             });
         }
@@ -1593,6 +1606,10 @@ impl PeerService {
     }
 }
 
+/// Set once a leader has written `key_overflow = "reject"` as `flush_early` because a replica
+/// spoke an older protocol (logged once per process).
+static KEY_OVERFLOW_WAITS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The peer protocol this build writes: the encoding of log entries ([`Command`]), forwards
 /// and openraft messages ([`codec`]) between nodes. Bump it with every change a node of the
 /// previous version could not read, and keep writing the old encoding until every member
@@ -1602,7 +1619,10 @@ impl PeerService {
 /// - 2: a forward's reply may carry [`crate::types::GroupOutcome::TooOld`].
 /// - 3: log entries may carry [`Command::Trim`] (proposed only once every member of the group
 ///   announced 3: [`RaftNode::members_speak`]).
-pub const PROTOCOL: u32 = 3;
+/// - 4: Ingest entries may carry `key_overflow = "reject"` rules (a variant of their own,
+///   `coalesce_core::entry::wire`; written only once every member announced 4), and a
+///   forward's reply may carry [`crate::types::GroupOutcome::KeyFull`].
+pub const PROTOCOL: u32 = 4;
 /// The oldest peer protocol this build reads.
 pub const PROTOCOL_MIN: u32 = 1;
 

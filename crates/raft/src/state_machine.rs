@@ -29,7 +29,7 @@ use openraft::{EntryPayload, OptionalSend, StoredMembership};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, StoredMembershipT};
-use crate::types::{Command, GroupOutcome, IngestGroup, LogId, Response, TypeConfig, epoch_of};
+use crate::types::{Command, GroupOutcome, IngestGroup, KeyFull, LogId, Response, TypeConfig, epoch_of};
 
 /// Replicated outbox bookkeeping of a shard.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,16 +258,30 @@ impl ShardStateMachine {
         let input = IngestBatch { stamp, rules, limits, partials };
         let result = ShardBuffer::apply_ingest(batch, &input)?;
         for (outcome, first, count) in applied {
-            let shed: u64 = (first..first + count)
-                .filter(|&i| result.outcomes[i] == PartialOutcome::Shed)
-                .map(|i| input.partials[i].1.inputs)
-                .sum();
-            outcomes[outcome] = GroupOutcome::Applied { shed };
+            let (mut shed, mut refused) = (0u64, Vec::new());
+            for i in first..first + count {
+                let inputs = input.partials[i].1.inputs;
+                match result.outcomes[i] {
+                    PartialOutcome::Applied => {}
+                    PartialOutcome::Shed => shed = shed.saturating_add(inputs),
+                    PartialOutcome::KeyFull { retry_after_ms } => {
+                        refused.push(KeyFull { partial: (i - first) as u32, inputs, retry_after_ms })
+                    }
+                }
+            }
+            outcomes[outcome] = if refused.is_empty() {
+                GroupOutcome::Applied { shed }
+            } else {
+                GroupOutcome::KeyFull { shed, refused }
+            };
         }
         if self.counts(log_id) {
             for (p, outcome) in input.partials.iter().zip(&result.outcomes) {
-                let metric =
-                    if *outcome == PartialOutcome::Shed { &crate::metrics::SHED } else { &crate::metrics::INPUTS };
+                let metric = match outcome {
+                    PartialOutcome::Applied => &crate::metrics::INPUTS,
+                    PartialOutcome::Shed => &crate::metrics::SHED,
+                    PartialOutcome::KeyFull { .. } => &crate::metrics::KEY_FULL,
+                };
                 metric.with_label_values(&[p.0.stream.as_str()]).inc_by(p.1.inputs);
             }
             let duplicates = outcomes.iter().filter(|o| **o == GroupOutcome::Duplicate).count();

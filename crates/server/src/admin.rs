@@ -302,6 +302,7 @@ impl pb::admin_server::Admin for AdminService {
                 merge: d.rules.op.name().to_owned(),
                 window: d.rules.window.to_string(),
                 overflow: d.rules.overflow.as_str().to_owned(),
+                key_overflow: d.rules.key_overflow.as_str().to_owned(),
                 sinks: d.sinks.clone(),
                 max_key_bytes: d.max_key_bytes as u64,
                 max_value_bytes: d.max_value_bytes as u64,

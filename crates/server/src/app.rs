@@ -168,7 +168,11 @@ pub async fn run(
     warn_insecure(cfg, &loaded);
     std::fs::create_dir_all(&cfg.node.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.node.data_dir.display()))?;
-    let storage = StorageOptions { wal_recovery: cfg.storage.wal_recovery, ..StorageOptions::default() };
+    let storage = StorageOptions {
+        wal_recovery: cfg.storage.wal_recovery,
+        max_open_files: cfg.storage.max_open_files,
+        ..StorageOptions::default()
+    };
     let db = NodeDb::open(&cfg.node.data_dir, &storage).context("opening RocksDB")?;
     let node = RaftNode::start_with_tls(
         db,

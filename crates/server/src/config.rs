@@ -46,7 +46,7 @@ pub struct Config {
 }
 
 /// `[storage]`: how the node's RocksDB is kept.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     /// `"strict"` (default): damage in the middle of the write-ahead log refuses the start
@@ -55,6 +55,20 @@ pub struct StorageConfig {
     /// (`coalesce_storage::WalRecovery`, docs/operations.md).
     #[serde(default)]
     pub wal_recovery: coalesce_storage::WalRecovery,
+    /// Most RocksDB table files kept open at once (default 1,024, at least 64); more are
+    /// reopened on use. Bounds the descriptors storage takes beside the ports' connections.
+    #[serde(default = "default_max_open_files")]
+    pub max_open_files: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { wal_recovery: Default::default(), max_open_files: default_max_open_files() }
+    }
+}
+
+fn default_max_open_files() -> u32 {
+    coalesce_storage::db::DEFAULT_MAX_OPEN_FILES
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -434,6 +448,12 @@ impl Config {
         }
         if !names.contains(&self.node.name.as_str()) {
             return invalid("node.name", format!("{:?} is not in cluster.nodes", self.node.name));
+        }
+        if !(64..=1_000_000).contains(&self.storage.max_open_files) {
+            return invalid(
+                "storage.max_open_files",
+                format!("must be in 64..=1000000, got {}", self.storage.max_open_files),
+            );
         }
         let r = &self.raft;
         if !(r.heartbeat < r.election_timeout_min && r.election_timeout_min < r.election_timeout_max) {

@@ -126,6 +126,54 @@ fn rate_limited(stream: &str, index: usize, l: &crate::keyrate::Limited) -> pb::
     }
 }
 
+/// A producer group's event positions in the request, and the partial each merged into.
+type GroupEvents = (Vec<u32>, Vec<u32>);
+
+/// The statuses of a producer group that apply refused in part (`key_overflow = "reject"`):
+/// the events of each refused partial get RESOURCE_EXHAUSTED/`key_full` (not applied, their
+/// seqs used up), the others OK, or SHED when the group also lost inputs to a `shed` policy.
+fn key_full_statuses(
+    statuses: &mut [pb::EventStatus],
+    shard: u32,
+    offset: usize,
+    shed: u64,
+    refused: &[coalesce_raft::types::KeyFull],
+    events: &[u32],
+    partial_of: &[u32],
+) {
+    let applied = if shed == 0 {
+        status(EventCode::Ok, "", String::new())
+    } else {
+        status(
+            EventCode::Shed,
+            "shed",
+            format!("{shed} inputs of this request were shed: the buffer of shard {shard} is full"),
+        )
+    };
+    let refused: BTreeMap<u32, &coalesce_raft::types::KeyFull> = refused.iter().map(|r| (r.partial, r)).collect();
+    for (&i, p) in events.iter().zip(partial_of) {
+        let s = match refused.get(p) {
+            Some(r) => {
+                let mut s = status(
+                    EventCode::ResourceExhausted,
+                    "key_full",
+                    format!(
+                        "events[{}]: merging it would grow its key's value past the stream's window.max_bytes \
+                         (key_overflow = \"reject\"); not applied, resend it as a new event once the key's window \
+                         closes (in {} ms)",
+                        offset + i as usize,
+                        r.retry_after_ms
+                    ),
+                );
+                s.retry_after_ms = r.retry_after_ms;
+                s
+            }
+            None => applied.clone(),
+        };
+        statuses[i as usize] = pb::EventStatus { shard, ..s };
+    }
+}
+
 /// Outbox entries read per shard per look.
 const SUBSCRIBE_PAGE: usize = 1_000;
 /// A Subscribe message stops growing at about this size (well under gRPC's default 4 MiB
@@ -206,16 +254,26 @@ impl CoalesceService {
         let calls = batches.into_iter().map(|(shard, batch)| {
             let node = self.node.clone();
             async move {
-                // Each group's event indices stay here, for the per-event statuses.
-                let (events, groups): (Vec<Vec<u32>>, Vec<IngestGroup>) =
-                    batch.groups.into_iter().map(|mut g| (std::mem::take(&mut g.events), IngestGroup::from(g))).unzip();
+                // Each group's event indices (and the partial each merged into) stay here, for
+                // the per-event statuses.
+                let (events, groups): (Vec<GroupEvents>, Vec<IngestGroup>) = batch
+                    .groups
+                    .into_iter()
+                    .map(|mut g| {
+                        ((std::mem::take(&mut g.events), std::mem::take(&mut g.partial_of)), IngestGroup::from(g))
+                    })
+                    .unzip();
                 (shard, events, node.ingest(shard, groups).await)
             }
         });
         for (shard, events, outcome) in futures::future::join_all(calls).await {
             match outcome {
                 Ok(Response::Ingest { groups, .. }) => {
-                    for (g, idx) in groups.iter().zip(events) {
+                    for (g, (idx, partial_of)) in groups.iter().zip(events) {
+                        if let GroupOutcome::KeyFull { shed, refused } = g {
+                            key_full_statuses(&mut statuses, shard, offset, *shed, refused, &idx, &partial_of);
+                            continue;
+                        }
                         let s = match g {
                             GroupOutcome::Applied { shed: 0 } => status(EventCode::Ok, "", String::new()),
                             GroupOutcome::Applied { shed } => status(
@@ -224,6 +282,7 @@ impl CoalesceService {
                                 format!("{shed} inputs of this request were shed: the buffer of shard {shard} is full"),
                             ),
                             GroupOutcome::Duplicate => status(EventCode::Duplicate, "duplicate", String::new()),
+                            GroupOutcome::KeyFull { .. } => unreachable!("answered above"),
                             GroupOutcome::Overlap { accepted } => status(
                                 EventCode::FailedPrecondition,
                                 "sequence_overlap",
@@ -252,7 +311,7 @@ impl CoalesceService {
                 }
                 Err(e) => {
                     let s = failure(&e);
-                    for i in events.into_iter().flatten() {
+                    for i in events.into_iter().flat_map(|(idx, _)| idx) {
                         statuses[i as usize] = pb::EventStatus { shard, ..s.clone() };
                     }
                 }
@@ -405,6 +464,7 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
                         stream: d.name.clone(),
                         inputs: c.inputs,
                         shed: c.shed,
+                        key_full: c.key_full,
                         outputs: c.outputs,
                         absorbed: c.absorbed,
                         received: crate::metrics::counter_of(&crate::metrics::RECEIVED, &[&d.name]),

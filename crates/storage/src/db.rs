@@ -21,7 +21,15 @@ pub struct StorageOptions {
     pub recycle_wal_files: usize,
     /// How the write-ahead log is replayed at open.
     pub wal_recovery: WalRecovery,
+    /// Most table files RocksDB keeps open (its `max_open_files`; RocksDB's own default keeps
+    /// every one open, so file descriptors grow with the data). Files beyond it are reopened
+    /// on use through the table cache.
+    pub max_open_files: u32,
 }
+
+/// The default of [`StorageOptions::max_open_files`]: with the ports' connection bounds
+/// (docs/security.md) a node stays within a 10,000-descriptor limit.
+pub const DEFAULT_MAX_OPEN_FILES: u32 = 1_024;
 
 impl Default for StorageOptions {
     fn default() -> Self {
@@ -30,6 +38,7 @@ impl Default for StorageOptions {
             write_buffer_bytes: 32 << 20,
             recycle_wal_files: 4,
             wal_recovery: WalRecovery::default(),
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
         }
     }
 }
@@ -85,6 +94,7 @@ impl NodeDb {
         // A synced WAL that goes missing or shrinks is an error at open, in either mode.
         opts.set_track_and_verify_wals_in_manifest(true);
         opts.set_max_background_jobs(2);
+        opts.set_max_open_files(i32::try_from(options.max_open_files).unwrap_or(i32::MAX));
         opts.set_bytes_per_sync(1 << 20);
         let cache = rocksdb::Cache::new_lru_cache(options.block_cache_bytes);
         let mut table = rocksdb::BlockBasedOptions::default();

@@ -11,7 +11,7 @@ use coalesce_core::batch::Partial;
 use coalesce_core::buffer::{BufKey, BufferStore, IngestBatch, MemStore, ShardBuffer};
 use coalesce_core::merge::{Aggregate, MergeOp};
 use coalesce_core::output::Output;
-use coalesce_core::stream::{OverflowPolicy, ShardLimits, StreamRules};
+use coalesce_core::stream::{KeyOverflow, OverflowPolicy, ShardLimits, StreamRules};
 use coalesce_core::window::WindowPolicy;
 use coalesce_storage::keys::RaftMetaTag;
 use coalesce_storage::{NodeDb, ShardStore, StorageOptions};
@@ -53,7 +53,10 @@ fn log_append_range_truncate_purge() {
 fn rules(overflow: OverflowPolicy) -> BTreeMap<String, StreamRules> {
     let window =
         WindowPolicy { debounce_ms: Some(30), max_wait_ms: Some(200), max_count: Some(9), ..Default::default() };
-    BTreeMap::from([("s".to_owned(), StreamRules { op: MergeOp::SumI64, window, overflow, samples: None })])
+    BTreeMap::from([(
+        "s".to_owned(),
+        StreamRules { op: MergeOp::SumI64, window, overflow, samples: None, key_overflow: KeyOverflow::FlushEarly },
+    )])
 }
 
 /// A deterministic pseudo-random workload of ingests and seals.

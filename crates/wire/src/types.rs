@@ -26,8 +26,20 @@ pub struct PeerNode {
     pub client_addr: String,
 }
 
-/// The verdict on one producer group of an Ingest entry.
+/// A partial of a producer group that apply refused: under `key_overflow = "reject"` it would
+/// have grown its key's value past the window's `max_bytes`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyFull {
+    /// Its position among the group's partials.
+    pub partial: u32,
+    /// The events it held.
+    pub inputs: u64,
+    /// Until the key's window closes (from the entry's stamp).
+    pub retry_after_ms: u64,
+}
+
+/// The verdict on one producer group of an Ingest entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GroupOutcome {
     /// Applied; `shed` inputs were dropped by a `shed` overflow policy.
     Applied { shed: u64 },
@@ -39,6 +51,10 @@ pub enum GroupOutcome {
     /// requests: refused ([`coalesce_core::session`]). Peer protocol 2; a protocol-1 node is
     /// sent [`GroupOutcome::Overlap`] instead ([`GroupOutcome::for_protocol`]).
     TooOld { accepted: u64 },
+    /// Applied except the partials in `refused`; `shed` as in [`GroupOutcome::Applied`]. Peer
+    /// protocol 4; a forwarder of an older protocol is sent `Applied`, the refused inputs
+    /// counted as shed.
+    KeyFull { shed: u64, refused: Vec<KeyFull> },
 }
 
 impl GroupOutcome {
@@ -46,6 +62,9 @@ impl GroupOutcome {
     pub fn for_protocol(self, protocol: u32) -> Self {
         match self {
             GroupOutcome::TooOld { accepted } if protocol < 2 => GroupOutcome::Overlap { accepted },
+            GroupOutcome::KeyFull { shed, refused } if protocol < 4 => {
+                GroupOutcome::Applied { shed: refused.iter().fold(shed, |n, r| n.saturating_add(r.inputs)) }
+            }
             other => other,
         }
     }
@@ -87,4 +106,19 @@ pub type Vote = VoteOf<TypeConfig>;
 /// The fencing epoch of the leader that wrote `log_id`.
 pub fn epoch_of(log_id: &LogId) -> Epoch {
     Epoch { term: log_id.leader_id.term, node: log_id.leader_id.node_id }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{GroupOutcome, KeyFull};
+
+    #[test]
+    fn a_forwarder_is_answered_in_a_protocol_it_reads() {
+        let refused = vec![KeyFull { partial: 1, inputs: 3, retry_after_ms: 500 }];
+        let outcome = GroupOutcome::KeyFull { shed: 2, refused };
+        assert_eq!(outcome.clone().for_protocol(4), outcome);
+        assert_eq!(outcome.for_protocol(3), GroupOutcome::Applied { shed: 5 }, "refused inputs told as shed");
+        assert_eq!(GroupOutcome::TooOld { accepted: 9 }.for_protocol(1), GroupOutcome::Overlap { accepted: 9 });
+        assert_eq!(GroupOutcome::TooOld { accepted: 9 }.for_protocol(2), GroupOutcome::TooOld { accepted: 9 });
+    }
 }
