@@ -5,7 +5,7 @@
 #   scripts/make-upgrade-fixture.sh format-1-protocol-1
 #
 # Name it after the storage format and peer protocol it holds (FORMAT_VERSION in
-# crates/storage/src/format.rs, PROTOCOL in crates/raft/src/node.rs), and commit it.
+# crates/storage/src/format.rs, PROTOCOL in crates/raft/src/protocol.rs), and commit it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh

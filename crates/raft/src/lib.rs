@@ -19,7 +19,8 @@
 //!   long silent or idle — counted where they are accepted.
 //! - [`metrics`]: Prometheus metrics of the shards (stream inputs/outputs, commit latency).
 //! - [`node`]: a node's groups — placement, bootstrap, proposals, the window scheduler,
-//!   graceful hand-off — and the peer gRPC service.
+//!   graceful hand-off — and the peer gRPC service, one job per file.
+//! - [`protocol`]: the peer protocol's version, its check, and the metadata peers send.
 //!
 //! Depends on `coalesce-core`, `coalesce-wire`, `coalesce-storage` and `coalesce-proto`; not on
 //! the server.
@@ -31,6 +32,7 @@ pub mod log_store;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod protocol;
 pub mod quiesce;
 pub mod snapshot;
 pub mod state_machine;

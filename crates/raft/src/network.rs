@@ -251,8 +251,8 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
             };
             let mut request = tonic::Request::new(outbound);
             let md = request.metadata_mut();
-            md.insert(crate::node::STREAM_GROUP_HEADER, group.into());
-            md.insert(crate::node::STREAM_TARGET_HEADER, target.into());
+            md.insert(crate::protocol::STREAM_GROUP_HEADER, group.into());
+            md.insert(crate::protocol::STREAM_TARGET_HEADER, target.into());
             let opened = tokio::time::timeout(stall, client.stream_append(request))
                 .await
                 .map_err(|_| network_err(format!("stream_append to peer {target} timed out after {stall:?}")))
