@@ -392,14 +392,14 @@ async fn a_merge_patch_key_cannot_outgrow_what_a_subscriber_can_read() {
     eprintln!("{outputs} outputs, {by_size} sealed at max_bytes, the largest {largest} bytes");
 }
 
-/// `key_overflow = "reject"`: an event that would grow its key past `window.max_bytes` is
-/// refused (RESOURCE_EXHAUSTED/`key_full`, with the wait until the key's window closes), the
-/// other events of the same request are applied, the key's window stays open and closes once
-/// on time with everything it accepted, and the same event sent again as a new event after
-/// that is accepted. Events of one request for one key are pre-merged, so they are refused
-/// together.
+/// `key_overflow = "reject"`: a request whose event would grow its key past `window.max_bytes`
+/// is refused for that shard as a whole (RESOURCE_EXHAUSTED/`key_full`, with the wait until the
+/// key's window closes) and nothing of it is applied, so sending it again with the same seqs is
+/// safe — refused again while the window is open, applied once after it closed, never a
+/// DUPLICATE of something that was not applied. The key's window closes once, on time, with
+/// what it accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_reject_stream_refuses_growth_past_max_bytes_and_keeps_one_output_per_window() {
+async fn a_reject_stream_refuses_growth_past_max_bytes_and_a_retry_with_the_same_seqs_lands_once() {
     let streams = "[sinks.reader]\nkind = \"grpc\"\n\n\
                    [streams.doc]\nmerge = \"json_merge_patch\"\n\
                    window = { tumbling = \"3s\", max_bytes = 200000 }\nkey_overflow = \"reject\"\n\
@@ -413,18 +413,21 @@ async fn a_reject_stream_refuses_growth_past_max_bytes_and_keeps_one_output_per_
     let mut admin = pb::admin_client::AdminClient::new(ch);
     let streams = admin.streams(pb::StreamsRequest {}).await.unwrap().into_inner().streams;
     assert_eq!(streams[0].key_overflow, "reject", "Streams reports the policy: {streams:?}");
+    let shard = coalesce_core::hash::shard_for("doc", "big", 2);
+    // A second key on the same shard: the producer's events for it travel in the same group.
+    let small_key =
+        (0..).map(|i| format!("small-{i}")).find(|k| coalesce_core::hash::shard_for("doc", k, 2) == shard).unwrap();
     let filler = "x".repeat(60_000);
     let patch = |field: &str| {
         let json = serde_json::json!({ field: filler }).to_string();
         ev("doc", "big", Some(pb::value::Kind::Json(json)))
     };
-    let small = |key: &str| ev("doc", key, Some(pb::value::Kind::Json(r#"{"n":1}"#.into())));
     // Start early in a window, so the first requests share one.
     while now_ms() % 3_000 > 500 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut seq = 0;
-    let mut send = |events: Vec<pb::Event>| {
+    let mut request = |events: Vec<pb::Event>| {
         let events = events
             .into_iter()
             .map(|e| {
@@ -435,31 +438,31 @@ async fn a_reject_stream_refuses_growth_past_max_bytes_and_keeps_one_output_per_
         pb::IngestRequest { producer_id: 0x5eed_0023, events }
     };
     for field in ["a", "b", "c"] {
-        let resp = client.ingest(send(vec![patch(field)])).await.unwrap().into_inner();
+        let resp = client.ingest(request(vec![patch(field)])).await.unwrap().into_inner();
         assert_eq!(resp.statuses[0].code, EventCode::Ok as i32, "{:?}", resp.statuses);
     }
-    // ~180 kB held: a fourth patch would pass 200,000 bytes. A small key in the same request
-    // (same producer group) is applied.
-    let fourth = send(vec![patch("d"), small("other")]);
-    let resp = client.ingest(fourth.clone()).await.unwrap().into_inner();
-    expect(&resp.statuses[0], EventCode::ResourceExhausted, "key_full", "events[0]");
-    assert!(resp.statuses[0].message.contains("window.max_bytes"), "{:?}", resp.statuses[0]);
-    let wait = resp.statuses[0].retry_after_ms;
-    assert!(wait > 0 && wait <= 3_000, "the wait is until the key's window closes: {wait} ms");
-    let shard = coalesce_core::hash::shard_for("doc", "big", 2);
-    assert_eq!(resp.statuses[0].shard, shard);
-    assert_eq!(resp.statuses[1].code, EventCode::Ok as i32, "{:?}", resp.statuses[1]);
-    // Its seq is used up: the same request again is a duplicate of what was applied.
-    let again = client.ingest(fourth).await.unwrap().into_inner();
-    assert!(again.statuses.iter().all(|s| s.code == EventCode::Duplicate as i32), "{:?}", again.statuses);
+    // ~180 kB held: a fourth patch would pass 200,000 bytes. Nothing of the request is applied.
+    let small = ev("doc", &small_key, Some(pb::value::Kind::Json(r#"{"n":1}"#.into())));
+    let fourth = request(vec![small, patch("d")]);
+    for attempt in 0..2 {
+        let resp = client.ingest(fourth.clone()).await.unwrap().into_inner();
+        expect(&resp.statuses[1], EventCode::ResourceExhausted, "key_full", "events[1]");
+        assert!(resp.statuses[1].message.contains("window.max_bytes"), "{:?}", resp.statuses[1]);
+        expect(&resp.statuses[0], EventCode::ResourceExhausted, "key_full", "events[1] of this request");
+        for s in &resp.statuses {
+            assert_eq!(s.shard, shard);
+            assert!(s.retry_after_ms > 0 && s.retry_after_ms <= 3_000, "until the window closes: {s:?}");
+        }
+        assert!(attempt == 0 || resp.statuses.iter().all(|s| s.reason == "key_full"), "not a DUPLICATE");
+    }
     let mut refused = 0;
     for node in 0..3 {
         let status = cluster.status(node).await.unwrap();
         refused += status.streams.iter().map(|c| c.key_full).sum::<u64>();
     }
-    assert_eq!(refused, 1, "StreamCounters.key_full counts the refused event once, on the leader's node");
+    assert_eq!(refused, 4, "StreamCounters.key_full: two events refused twice, on the leader's node");
 
-    // The window closes once, on time, with a, b and c; then "d" fits a new window.
+    // The window closes once, on time, with a, b and c; then the same request lands.
     let leaders = cluster.wait_ready(Duration::from_secs(30)).await;
     let leader = cluster.index_of(&leaders[&shard]).unwrap();
     let mut sub = cluster
@@ -479,15 +482,18 @@ async fn a_reject_stream_refuses_growth_past_max_bytes_and_keeps_one_output_per_
             .expect("outputs within 20 s")
             .expect("the subscription stays readable")
             .expect("a batch");
-        big.extend(batch.outputs.into_iter().filter(|o| o.key == "big"));
+        assert!(batch.outputs.iter().all(|o| o.key == "big"), "the small key was never applied: {batch:?}");
+        big.extend(batch.outputs);
     }
     assert_eq!(big.len(), 1, "{big:?}");
     let v: serde_json::Value = serde_json::from_str(&big[0].value_json).unwrap();
     assert_eq!(v.as_object().unwrap().keys().cloned().collect::<Vec<_>>(), ["a", "b", "c"]);
     assert_eq!(big[0].reason, "time");
     assert!(big[0].value_json.len() <= 200_000);
-    let resp = client.ingest(send(vec![patch("d")])).await.unwrap().into_inner();
-    assert_eq!(resp.statuses[0].code, EventCode::Ok as i32, "resent as a new event: {:?}", resp.statuses);
+    let resp = client.ingest(fourth.clone()).await.unwrap().into_inner();
+    assert!(resp.statuses.iter().all(|s| s.code == EventCode::Ok as i32), "the same seqs land: {:?}", resp.statuses);
+    let again = client.ingest(fourth).await.unwrap().into_inner();
+    assert!(again.statuses.iter().all(|s| s.code == EventCode::Duplicate as i32), "and only once: {again:?}");
 }
 
 fn now_ms() -> u64 {

@@ -188,7 +188,7 @@ fn stream_rules(u: &mut Unstructured<'_>) -> Result<StreamRules> {
         debounce_ms: None,
         idle_ms: duration(u)?,
         max_count: if bool::arbitrary(u)? { Some(u64::from(u.int_in_range(1u8..=5)?)) } else { None },
-        max_bytes: if bool::arbitrary(u)? { Some(*u.choose(&[1, 64, 1_000])?) } else { None },
+        max_bytes: if bool::arbitrary(u)? { Some(*u.choose(&[1, 64, 1_000, 5_000, 20_000])?) } else { None },
         adaptive: None,
     };
     if window.tumbling_ms.is_none() && window.max_wait_ms.is_none() {

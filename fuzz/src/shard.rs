@@ -16,15 +16,17 @@
 //! - per key, outputs come in input order (a window never holds inputs stamped before the
 //!   previous window's last input), and nothing is lost or doubled: inputs, `sum_i64` sums and
 //!   `count` counts of applied partials == emitted + still buffered (design invariant 1); a
-//!   partial refused as `KeyFull` changed nothing, and under `key_overflow = "reject"` a key that
-//!   took an input holds at most the window's `max_bytes`;
+//!   producer group refused as `key_full` changed nothing (not even a time seal), and under
+//!   `key_overflow = "reject"` a key that took an input holds at most the window's `max_bytes`;
 //! - determinism and snapshots: a second replica that applies the same entries — and is rebuilt
 //!   from a postcard snapshot of the first every few entries — holds equal state and emits equal
 //!   outputs.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use coalesce_core::buffer::{BufKey, Buffered, IngestBatch, KEY_OVERHEAD_BYTES, MemStore, PartialOutcome, ShardBuffer};
+use coalesce_core::buffer::{
+    BufKey, Buffered, GroupApplied, KEY_OVERHEAD_BYTES, MemStore, PartialOutcome, ShardBuffer,
+};
 use coalesce_core::merge::Aggregate;
 use coalesce_core::output::Output;
 use coalesce_core::session::{ProducerSessions, SeqCheck};
@@ -75,26 +77,43 @@ impl Replica {
     fn apply(&mut self, cmd: &Command) -> (Vec<Output>, Applied) {
         match cmd {
             Command::Ingest { stamp, rules, limits, groups } => {
-                let mut partials = Vec::new();
+                // As the state machine: the clock moves to the stamp, then group by group, a
+                // group's session recorded only if it is applied (a `key_full` group is not).
+                let Ok(clock) = ShardBuffer::apply_partials(&mut self.store, *stamp, rules, limits, &[]);
+                assert!(clock.outputs.is_empty() && clock.outcomes.is_empty());
+                let (mut outputs, mut applied) = (Vec::new(), Vec::new());
                 for g in groups {
                     let verdict = g.range.as_ref().map_or(SeqCheck::New, |r| self.sessions.check(r));
-                    if verdict == SeqCheck::New {
-                        if let Some(r) = &g.range {
-                            self.sessions.record(r, *stamp);
+                    if verdict != SeqCheck::New {
+                        continue;
+                    }
+                    let before = self.snapshot();
+                    let Ok(result) = ShardBuffer::apply_group(&mut self.store, *stamp, rules, limits, &g.partials);
+                    match result {
+                        GroupApplied::Applied(result) => {
+                            assert_eq!(result.outcomes.len(), g.partials.len(), "one outcome per partial");
+                            assert!(
+                                !result.outcomes.iter().any(|o| matches!(o, PartialOutcome::KeyFull { .. })),
+                                "an applied group has no refused partial"
+                            );
+                            if let Some(r) = &g.range {
+                                self.sessions.record(r, *stamp);
+                            }
+                            outputs.extend(result.outputs);
+                            applied.extend(
+                                g.partials
+                                    .iter()
+                                    .zip(result.outcomes)
+                                    .map(|((k, p), o)| (k.clone(), p.agg.clone(), p.inputs, o)),
+                            );
                         }
-                        partials.extend(g.partials.iter().cloned());
+                        GroupApplied::KeyFull(refused) => {
+                            assert!(!refused.is_empty(), "a refused group names a full key");
+                            assert!(self.snapshot() == before, "a refused group changes nothing");
+                        }
                     }
                 }
-                let batch = IngestBatch { stamp: *stamp, rules: rules.clone(), limits: *limits, partials };
-                let Ok(result) = ShardBuffer::apply_ingest(&mut self.store, &batch);
-                assert_eq!(result.outcomes.len(), batch.partials.len(), "one outcome per partial");
-                let applied = batch
-                    .partials
-                    .into_iter()
-                    .zip(result.outcomes)
-                    .map(|((k, p), o)| (k, p.agg, p.inputs, o))
-                    .collect();
-                (result.outputs, applied)
+                (outputs, applied)
             }
             Command::Seal { stamp, max, session_ttl_ms } => {
                 let Ok(outputs) = ShardBuffer::seal_due(&mut self.store, *stamp, *max as usize);
@@ -185,8 +204,7 @@ impl Shard {
                     self.inputs_total += u128::from(*inputs);
                 }
                 PartialOutcome::Shed => self.shed_total += u128::from(*inputs),
-                // Not merged: the ledger's conservation check below fails if it was.
-                PartialOutcome::KeyFull { .. } => {}
+                PartialOutcome::KeyFull { .. } => unreachable!("asserted above"),
             }
         }
         if let Command::Ingest { rules, .. } = cmd {

@@ -475,12 +475,13 @@ pub fn is_acked(code: i32) -> bool {
 }
 
 /// True when retrying with the same seqs may succeed: no leader right now, outcome unknown,
-/// or a full buffer.
+/// a full buffer or outbox, or a key full until its window closes (`key_overflow = "reject"`).
 fn is_retryable(s: &EventStatus) -> bool {
     let code = s.code;
     code == EventCode::Unavailable as i32
         || code == EventCode::Unknown as i32
-        || (code == EventCode::ResourceExhausted as i32 && (s.reason == "buffer_full" || s.reason == "outbox_full"))
+        || (code == EventCode::ResourceExhausted as i32
+            && matches!(s.reason.as_str(), "buffer_full" | "outbox_full" | "key_full"))
 }
 
 /// An idempotent producer lane (see the crate docs).
@@ -660,7 +661,8 @@ mod tests {
         assert!(is_retryable(&s(EventCode::Unknown, "outcome_unknown")));
         assert!(is_retryable(&s(EventCode::ResourceExhausted, "buffer_full")));
         assert!(!is_retryable(&s(EventCode::ResourceExhausted, "set_too_large")));
-        assert!(!is_retryable(&s(EventCode::ResourceExhausted, "key_full")), "its seq is used up");
+        assert!(is_retryable(&s(EventCode::ResourceExhausted, "key_full")), "nothing of its group was applied");
+        assert!(!is_retryable(&s(EventCode::ResourceExhausted, "key_rate_limited")), "its seq is used up");
         assert!(!is_retryable(&s(EventCode::InvalidArgument, "type_mismatch")));
         assert!(!is_retryable(&s(EventCode::FailedPrecondition, "sequence_overlap")));
     }

@@ -22,7 +22,7 @@ use crate::hash::{ShardId, shard_for};
 use crate::merge::Aggregate;
 use crate::samples::{self as samples_mod, Samples, sample_salt};
 use crate::session::ProducerRange;
-use crate::stream::StreamTable;
+use crate::stream::{KeyOverflow, StreamTable};
 use crate::time::Millis;
 use crate::value::Value;
 
@@ -195,6 +195,14 @@ impl<'a> BatchBuilder<'a> {
             return Err(EventError::EventTimeInFuture { event_time, max_skew_ms: self.max_future_skew_ms });
         }
         let agg = def.rules.op.lift(&event.value, event_time)?;
+        if def.rules.key_overflow == KeyOverflow::Reject
+            && let Some(max) = def.rules.window.max_bytes
+            && agg.size() as u64 > max
+        {
+            // With its operator's overhead the value alone passes what a window may hold: it
+            // would be refused as `key_full` in every window.
+            return Err(EventError::ValueTooLarge { len: agg.size(), max: max as usize });
+        }
         if let Some((producer, seq)) = event.producer {
             let last = self.last_seq.entry(producer).or_insert(0);
             if seq <= *last {

@@ -155,10 +155,108 @@ pub enum PartialOutcome {
     Shed,
     /// Not merged: under `key_overflow = "reject"` it would have grown its key's value past the
     /// window's `max_bytes`. The key's window closes in `retry_after_ms` (from the entry's
-    /// stamp). Counted by the state machine (`coalesce_stream_key_full_inputs_total`).
+    /// stamp; 0 when the partial alone is larger than a window may hold).
+    /// [`ShardBuffer::apply_group`] then applies nothing of its group.
     KeyFull {
         retry_after_ms: u64,
     },
+}
+
+/// What became of a producer group ([`ShardBuffer::apply_group`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum GroupApplied {
+    Applied(IngestResult),
+    /// Nothing applied: these partials (position in the group, wait until their key's window
+    /// closes) would have grown their key past `max_bytes`.
+    KeyFull(Vec<(usize, u64)>),
+}
+
+/// A [`BufferStore`] layered over another whose writes stay in memory until
+/// [`Tentative::commit`] replays them onto the store below; dropped without it, it leaves that
+/// store as it was. Reads see the layer's own writes.
+#[derive(Debug)]
+pub struct Tentative<'a, S: BufferStore> {
+    below: &'a mut S,
+    /// `None`: deleted in this layer.
+    buffers: hashbrown::HashMap<BufKey, Option<Buffered>>,
+    /// `true`: inserted in this layer, `false`: removed.
+    index: BTreeMap<(Millis, BufKey), bool>,
+    stats: Option<ShardStats>,
+}
+
+impl<'a, S: BufferStore> Tentative<'a, S> {
+    pub fn new(below: &'a mut S) -> Self {
+        Self { below, buffers: Default::default(), index: BTreeMap::new(), stats: None }
+    }
+
+    /// Writes everything this layer holds onto the store below.
+    pub fn commit(self) -> Result<(), S::Error> {
+        for (key, row) in self.buffers {
+            match row {
+                Some(b) => self.below.put(&key, b)?,
+                None => self.below.delete(&key)?,
+            }
+        }
+        for ((deadline, key), inserted) in self.index {
+            if inserted {
+                self.below.index_insert(deadline, &key)?;
+            } else {
+                self.below.index_remove(deadline, &key)?;
+            }
+        }
+        if let Some(stats) = self.stats {
+            self.below.set_stats(&stats)?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: BufferStore> BufferStore for Tentative<'_, S> {
+    type Error = S::Error;
+    fn get(&mut self, key: &BufKey) -> Result<Option<Buffered>, S::Error> {
+        match self.buffers.get(key) {
+            Some(row) => Ok(row.clone()),
+            None => self.below.get(key),
+        }
+    }
+    fn put(&mut self, key: &BufKey, value: Buffered) -> Result<(), S::Error> {
+        self.buffers.insert(key.clone(), Some(value));
+        Ok(())
+    }
+    fn delete(&mut self, key: &BufKey) -> Result<(), S::Error> {
+        self.buffers.insert(key.clone(), None);
+        Ok(())
+    }
+    fn index_insert(&mut self, deadline: Millis, key: &BufKey) -> Result<(), S::Error> {
+        self.index.insert((deadline, key.clone()), true);
+        Ok(())
+    }
+    fn index_remove(&mut self, deadline: Millis, key: &BufKey) -> Result<(), S::Error> {
+        self.index.insert((deadline, key.clone()), false);
+        Ok(())
+    }
+    fn due(&mut self, upto: Millis, limit: usize) -> Result<Vec<(Millis, BufKey)>, S::Error> {
+        // The store below may list entries this layer removed: ask it for that many more.
+        let removed = self.index.values().filter(|inserted| !**inserted).count();
+        let mut due: BTreeSet<(Millis, BufKey)> = self
+            .below
+            .due(upto, limit.saturating_add(removed))?
+            .into_iter()
+            .filter(|e| self.index.get(e) != Some(&false))
+            .collect();
+        due.extend(self.index.iter().filter(|(e, inserted)| **inserted && e.0 <= upto).map(|(e, _)| e.clone()));
+        Ok(due.into_iter().take(limit).collect())
+    }
+    fn stats(&mut self) -> Result<ShardStats, S::Error> {
+        match self.stats {
+            Some(s) => Ok(s),
+            None => self.below.stats(),
+        }
+    }
+    fn set_stats(&mut self, stats: &ShardStats) -> Result<(), S::Error> {
+        self.stats = Some(*stats);
+        Ok(())
+    }
 }
 
 /// The result of applying an ingest batch.
@@ -202,19 +300,68 @@ impl ShardBuffer {
 
     /// Applies an ingest batch. Never refuses: admission happened before proposing.
     pub fn apply_ingest<S: BufferStore>(store: &mut S, batch: &IngestBatch) -> Result<IngestResult, S::Error> {
+        Self::apply_partials(store, batch.stamp, &batch.rules, &batch.limits, &batch.partials)
+    }
+
+    /// Applies one producer group of an Ingest entry as a unit: under `key_overflow =
+    /// "reject"` it is applied only if none of its partials would grow its key past the
+    /// window's `max_bytes` ([`GroupApplied::KeyFull`] otherwise: nothing of it is applied, not
+    /// even the time seals it would have done first). The group is tried on a [`Tentative`]
+    /// layer over `store` when one of its streams rejects growth, and its writes are committed
+    /// only if it fits; any other group is applied straight away, as [`Self::apply_ingest`].
+    pub fn apply_group<S: BufferStore>(
+        store: &mut S,
+        stamp: Millis,
+        rules: &BTreeMap<String, StreamRules>,
+        limits: &ShardLimits,
+        partials: &[(BufKey, Partial)],
+    ) -> Result<GroupApplied, S::Error> {
+        let rejects = partials.iter().any(|(k, _)| {
+            rules.get(&k.stream).is_some_and(|r| r.key_overflow == KeyOverflow::Reject && r.window.max_bytes.is_some())
+        });
+        if !rejects {
+            return Self::apply_partials(store, stamp, rules, limits, partials).map(GroupApplied::Applied);
+        }
+        let mut tentative = Tentative::new(store);
+        let result = Self::apply_partials(&mut tentative, stamp, rules, limits, partials)?;
+        let refused: Vec<(usize, u64)> = result
+            .outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| match o {
+                PartialOutcome::KeyFull { retry_after_ms } => Some((i, *retry_after_ms)),
+                _ => None,
+            })
+            .collect();
+        if refused.is_empty() {
+            tentative.commit()?;
+            Ok(GroupApplied::Applied(result))
+        } else {
+            Ok(GroupApplied::KeyFull(refused))
+        }
+    }
+
+    /// Applies partials in order (see [`Self::apply_ingest`]).
+    pub fn apply_partials<S: BufferStore>(
+        store: &mut S,
+        stamp: Millis,
+        rules: &BTreeMap<String, StreamRules>,
+        limits: &ShardLimits,
+        partials: &[(BufKey, Partial)],
+    ) -> Result<IngestResult, S::Error> {
         let mut stats = store.stats()?;
-        let stamp = batch.stamp.max(stats.last_stamp);
+        let stamp = stamp.max(stats.last_stamp);
         stats.last_stamp = stamp;
         let mut result = IngestResult::default();
-        for (key, partial) in &batch.partials {
-            let Some(rules) = batch.rules.get(&key.stream) else {
+        for (key, partial) in partials {
+            let Some(rules) = rules.get(&key.stream) else {
                 // The leader always includes the rules; an entry without them is shed, counted.
                 stats.shed_inputs_total = stats.shed_inputs_total.saturating_add(partial.inputs);
                 result.outcomes.push(PartialOutcome::Shed);
                 continue;
             };
             let outcome =
-                Self::apply_partial(store, &mut stats, stamp, rules, &batch.limits, key, partial, &mut result.outputs)?;
+                Self::apply_partial(store, &mut stats, stamp, rules, limits, key, partial, &mut result.outputs)?;
             result.outcomes.push(outcome);
         }
         store.set_stats(&stats)?;
@@ -253,24 +400,15 @@ impl ShardBuffer {
         let current = match existing {
             Some(mut b) => {
                 let old_deadline = b.deadline;
-                let merged = match reject_growth {
-                    // `b.bytes` bounds the value's size without walking it.
-                    Some(max) if b.bytes.saturating_add(partial.agg.size() as u64) > max => {
-                        let mut trial = b.agg.clone();
-                        match trial.merge(&partial.agg, &rules.op) {
-                            Ok(()) if trial.size() as u64 > max => {
-                                let retry_after_ms = b.deadline.saturating_sub(stamp).max(1);
-                                return Ok(PartialOutcome::KeyFull { retry_after_ms });
-                            }
-                            Ok(()) => {
-                                b.agg = trial;
-                                Ok(())
-                            }
-                            Err(e) => Err(e),
-                        }
-                    }
-                    _ => b.agg.merge(&partial.agg, &rules.op),
-                };
+                let merged = b.agg.merge(&partial.agg, &rules.op);
+                if merged.is_ok()
+                    && let Some(max) = reject_growth
+                    && b.agg.size() as u64 > max
+                {
+                    // `b` is this call's copy: the stored window is as it was.
+                    let retry_after_ms = b.deadline.saturating_sub(stamp).max(1);
+                    return Ok(PartialOutcome::KeyFull { retry_after_ms });
+                }
                 if merged.is_ok() {
                     b.window.absorb(stamp, partial.inputs, partial.first_event_at, partial.last_event_at);
                     samples::merge_opt(&mut b.samples, partial.samples.as_ref(), rules.samples.as_ref());

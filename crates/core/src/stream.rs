@@ -64,8 +64,11 @@ pub enum KeyOverflow {
     /// may have more than one output per window (the default).
     #[default]
     FlushEarly,
-    /// Refuse the input (RESOURCE_EXHAUSTED `key_full`, its seq used up): one output per key per
-    /// window, never more than `max_bytes`. Decided at apply, so every replica agrees.
+    /// Refuse the input, and the rest of its producer group (RESOURCE_EXHAUSTED `key_full`;
+    /// nothing of the group is applied, so a retry with the same seqs after the window closed
+    /// is safe): the window never closes early for size and its value never passes
+    /// `max_bytes`. Decided at apply ([`crate::buffer::ShardBuffer::apply_group`]), so every
+    /// replica agrees.
     Reject,
 }
 

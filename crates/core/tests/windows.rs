@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use coalesce_core::batch::Partial;
-use coalesce_core::buffer::{BufKey, BufferStore, IngestBatch, MemStore, PartialOutcome, ShardBuffer};
+use coalesce_core::buffer::{BufKey, BufferStore, GroupApplied, IngestBatch, MemStore, PartialOutcome, ShardBuffer};
 use coalesce_core::merge::{Aggregate, Member, MergeOp};
 use coalesce_core::output::Output;
 use coalesce_core::stream::{KeyOverflow, OverflowPolicy, ShardLimits, StreamRules};
@@ -457,4 +457,30 @@ fn key_overflow_flush_early_seals_at_max_bytes_instead() {
         outputs.extend(r.outputs);
     }
     assert_eq!(outputs.iter().map(|o| (o.reason, o.inputs)).collect::<Vec<_>>(), [(SealReason::MaxBytes, 2)]);
+}
+
+#[test]
+fn a_group_with_a_full_key_applies_nothing_and_one_that_fits_applies_as_if_direct() {
+    let rules = set_rules(KeyOverflow::Reject);
+    let limits = ShardLimits::default();
+    let mut store = MemStore::default();
+    let apply = |store: &mut MemStore, stamp: u64, partials: &[(BufKey, Partial)]| {
+        ShardBuffer::apply_group(store, stamp, &rules, &limits, partials).unwrap()
+    };
+    // Key 1 in the window [0, 1000), key 0 nearly full in [1000, 2000).
+    assert!(matches!(apply(&mut store, 100, &[(key(1), members(0, 1))]), GroupApplied::Applied(_)));
+    assert!(matches!(apply(&mut store, 1_100, &[(key(0), members(0, 9))]), GroupApplied::Applied(_)));
+    let before = store.clone();
+    // At 1,500 key 1's window is due: its time seal and new window come first in the group, and
+    // are not applied either when key 0's growth is refused.
+    let group = [(key(1), members(5, 6)), (key(0), members(9, 11))];
+    assert_eq!(apply(&mut store, 1_500, &group), GroupApplied::KeyFull(vec![(1, 500)]));
+    assert_eq!(store, before, "nothing of the group was applied");
+    // The same group once both windows closed: applied, as applying it directly would.
+    let mut direct = store.clone();
+    let GroupApplied::Applied(r) = apply(&mut store, 2_000, &group) else { panic!("fits new windows") };
+    let batch = IngestBatch { stamp: 2_000, rules: rules.clone(), limits, partials: group.to_vec() };
+    assert_eq!(ShardBuffer::apply_ingest(&mut direct, &batch).unwrap(), r);
+    assert_eq!(store, direct);
+    assert_eq!(r.outputs.len(), 2, "both windows closed on time");
 }

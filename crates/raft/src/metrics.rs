@@ -84,8 +84,8 @@ pub(crate) static SHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub(crate) static KEY_FULL: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "coalesce_stream_key_full_inputs_total",
-        "Events refused by `key_overflow = \"reject\"`: merging them would have grown their key's value \
-         past the window's `max_bytes`, by stream.",
+        "Events refused (key_full) by `key_overflow = \"reject\"`: one event of their producer group would \
+         have grown its key's value past the window's `max_bytes`, by stream; per attempt.",
         &["stream"],
     )
 });

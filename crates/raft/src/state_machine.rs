@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use coalesce_core::buffer::{IngestBatch, PartialOutcome, ShardBuffer};
+use coalesce_core::buffer::{GroupApplied, PartialOutcome, ShardBuffer};
 use coalesce_core::output::Output;
 use coalesce_core::session::{self, SeqCheck, Session};
 use coalesce_storage::keys::SmMetaTag;
@@ -221,10 +221,24 @@ impl ShardStateMachine {
         limits: coalesce_core::stream::ShardLimits,
         groups: Vec<IngestGroup>,
     ) -> Result<Response, StorageError> {
+        if let Ok(mut extra) = self.applied_extra.lock() {
+            for (stream, r) in &rules {
+                if let Some(a) = r.window.adaptive {
+                    extra.insert(stream.clone(), a.extra_ms);
+                }
+            }
+        }
+        // The shard clock moves to the entry's stamp whatever becomes of its groups.
+        let mut outputs = ShardBuffer::apply_partials(batch, stamp, &rules, &limits, &[])?.outputs;
+        let counts = self.counts(log_id);
+        let count = |metric: &prometheus::IntCounterVec, key: &coalesce_core::buffer::BufKey, inputs: u64| {
+            if counts {
+                metric.with_label_values(&[key.stream.as_str()]).inc_by(inputs);
+            }
+        };
         let mut outcomes = Vec::with_capacity(groups.len());
-        // (outcome index, first partial, partial count) of every applied group
-        let mut applied = Vec::new();
-        let mut partials = Vec::new();
+        // Group by group: a group's session is recorded only if it is applied, before the next
+        // group (a retry of it in the same entry) is checked.
         for g in groups {
             let (session, verdict) = match &g.range {
                 None => (None, SeqCheck::New),
@@ -234,60 +248,51 @@ impl ShardStateMachine {
                     (session, verdict)
                 }
             };
-            match verdict {
-                SeqCheck::New => {
-                    if let Some(r) = &g.range {
-                        batch.session_put(r.producer, &Session::after(session.as_ref(), r, stamp))?;
+            let outcome = match verdict {
+                SeqCheck::New => match ShardBuffer::apply_group(batch, stamp, &rules, &limits, &g.partials)? {
+                    GroupApplied::Applied(result) => {
+                        if let Some(r) = &g.range {
+                            batch.session_put(r.producer, &Session::after(session.as_ref(), r, stamp))?;
+                        }
+                        let mut shed = 0u64;
+                        for ((key, p), outcome) in g.partials.iter().zip(&result.outcomes) {
+                            if *outcome == PartialOutcome::Shed {
+                                shed = shed.saturating_add(p.inputs);
+                                count(&crate::metrics::SHED, key, p.inputs);
+                            } else {
+                                count(&crate::metrics::INPUTS, key, p.inputs);
+                            }
+                        }
+                        outputs.extend(result.outputs);
+                        GroupOutcome::Applied { shed }
                     }
-                    applied.push((outcomes.len(), partials.len(), g.partials.len()));
-                    outcomes.push(GroupOutcome::Applied { shed: 0 });
-                    partials.extend(g.partials);
-                }
-                SeqCheck::Duplicate => outcomes.push(GroupOutcome::Duplicate),
-                SeqCheck::Overlap { accepted } => outcomes.push(GroupOutcome::Overlap { accepted }),
-                SeqCheck::TooOld { accepted } => outcomes.push(GroupOutcome::TooOld { accepted }),
-            }
-        }
-        if let Ok(mut extra) = self.applied_extra.lock() {
-            for (stream, r) in &rules {
-                if let Some(a) = r.window.adaptive {
-                    extra.insert(stream.clone(), a.extra_ms);
-                }
-            }
-        }
-        let input = IngestBatch { stamp, rules, limits, partials };
-        let result = ShardBuffer::apply_ingest(batch, &input)?;
-        for (outcome, first, count) in applied {
-            let (mut shed, mut refused) = (0u64, Vec::new());
-            for i in first..first + count {
-                let inputs = input.partials[i].1.inputs;
-                match result.outcomes[i] {
-                    PartialOutcome::Applied => {}
-                    PartialOutcome::Shed => shed = shed.saturating_add(inputs),
-                    PartialOutcome::KeyFull { retry_after_ms } => {
-                        refused.push(KeyFull { partial: (i - first) as u32, inputs, retry_after_ms })
+                    GroupApplied::KeyFull(refused) => {
+                        for (key, p) in &g.partials {
+                            count(&crate::metrics::KEY_FULL, key, p.inputs);
+                        }
+                        let refused = refused
+                            .into_iter()
+                            .map(|(i, retry_after_ms)| KeyFull {
+                                partial: i as u32,
+                                inputs: g.partials[i].1.inputs,
+                                retry_after_ms,
+                            })
+                            .collect();
+                        let inputs = g.partials.iter().fold(0u64, |n, (_, p)| n.saturating_add(p.inputs));
+                        GroupOutcome::KeyFull { inputs, refused }
                     }
-                }
-            }
-            outcomes[outcome] = if refused.is_empty() {
-                GroupOutcome::Applied { shed }
-            } else {
-                GroupOutcome::KeyFull { shed, refused }
+                },
+                SeqCheck::Duplicate => GroupOutcome::Duplicate,
+                SeqCheck::Overlap { accepted } => GroupOutcome::Overlap { accepted },
+                SeqCheck::TooOld { accepted } => GroupOutcome::TooOld { accepted },
             };
+            outcomes.push(outcome);
         }
-        if self.counts(log_id) {
-            for (p, outcome) in input.partials.iter().zip(&result.outcomes) {
-                let metric = match outcome {
-                    PartialOutcome::Applied => &crate::metrics::INPUTS,
-                    PartialOutcome::Shed => &crate::metrics::SHED,
-                    PartialOutcome::KeyFull { .. } => &crate::metrics::KEY_FULL,
-                };
-                metric.with_label_values(&[p.0.stream.as_str()]).inc_by(p.1.inputs);
-            }
+        if counts {
             let duplicates = outcomes.iter().filter(|o| **o == GroupOutcome::Duplicate).count();
             crate::metrics::DUPLICATES.inc_by(duplicates as u64);
         }
-        let sealed = self.emit(batch, result.outputs, log_id, stamp)?;
+        let sealed = self.emit(batch, outputs, log_id, stamp)?;
         Ok(Response::Ingest { groups: outcomes, sealed })
     }
 

@@ -129,47 +129,41 @@ fn rate_limited(stream: &str, index: usize, l: &crate::keyrate::Limited) -> pb::
 /// A producer group's event positions in the request, and the partial each merged into.
 type GroupEvents = (Vec<u32>, Vec<u32>);
 
-/// The statuses of a producer group that apply refused in part (`key_overflow = "reject"`):
-/// the events of each refused partial get RESOURCE_EXHAUSTED/`key_full` (not applied, their
-/// seqs used up), the others OK, or SHED when the group also lost inputs to a `shed` policy.
+/// The statuses of a producer group that apply refused (`key_overflow = "reject"`): nothing of
+/// it was applied, so every event gets RESOURCE_EXHAUSTED/`key_full` with the wait until the
+/// last of the full keys' windows closes, to be sent again with the same seqs; the message of
+/// an event whose key is full says so, the others name one that is.
 fn key_full_statuses(
     statuses: &mut [pb::EventStatus],
     shard: u32,
     offset: usize,
-    shed: u64,
     refused: &[coalesce_raft::types::KeyFull],
     events: &[u32],
     partial_of: &[u32],
 ) {
-    let applied = if shed == 0 {
-        status(EventCode::Ok, "", String::new())
-    } else {
-        status(
-            EventCode::Shed,
-            "shed",
-            format!("{shed} inputs of this request were shed: the buffer of shard {shard} is full"),
-        )
-    };
-    let refused: BTreeMap<u32, &coalesce_raft::types::KeyFull> = refused.iter().map(|r| (r.partial, r)).collect();
+    let retry_after_ms = refused.iter().map(|r| r.retry_after_ms).max().unwrap_or(0);
+    let full: BTreeMap<u32, &coalesce_raft::types::KeyFull> = refused.iter().map(|r| (r.partial, r)).collect();
+    let first_full =
+        events.iter().zip(partial_of).find(|(_, p)| full.contains_key(p)).map(|(i, _)| offset + *i as usize);
     for (&i, p) in events.iter().zip(partial_of) {
-        let s = match refused.get(p) {
-            Some(r) => {
-                let mut s = status(
-                    EventCode::ResourceExhausted,
-                    "key_full",
-                    format!(
-                        "events[{}]: merging it would grow its key's value past the stream's window.max_bytes \
-                         (key_overflow = \"reject\"); not applied, resend it as a new event once the key's window \
-                         closes (in {} ms)",
-                        offset + i as usize,
-                        r.retry_after_ms
-                    ),
-                );
-                s.retry_after_ms = r.retry_after_ms;
-                s
-            }
-            None => applied.clone(),
+        let message = if full.contains_key(p) {
+            format!(
+                "events[{}]: merging it would grow its key's value past the stream's window.max_bytes \
+                 (key_overflow = \"reject\"); nothing of this producer's events for shard {shard} was applied: send \
+                 them again, same seqs, once the key's window closes (in {retry_after_ms} ms)",
+                offset + i as usize
+            )
+        } else {
+            format!(
+                "events[{}]: not applied: events[{}] of this request would grow its key past window.max_bytes \
+                 (key_overflow = \"reject\"), and a producer's events for one shard are applied together; send \
+                 them again, same seqs, in {retry_after_ms} ms",
+                offset + i as usize,
+                first_full.unwrap_or(offset)
+            )
         };
+        let mut s = status(EventCode::ResourceExhausted, "key_full", message);
+        s.retry_after_ms = retry_after_ms;
         statuses[i as usize] = pb::EventStatus { shard, ..s };
     }
 }
@@ -270,8 +264,8 @@ impl CoalesceService {
             match outcome {
                 Ok(Response::Ingest { groups, .. }) => {
                     for (g, (idx, partial_of)) in groups.iter().zip(events) {
-                        if let GroupOutcome::KeyFull { shed, refused } = g {
-                            key_full_statuses(&mut statuses, shard, offset, *shed, refused, &idx, &partial_of);
+                        if let GroupOutcome::KeyFull { refused, .. } = g {
+                            key_full_statuses(&mut statuses, shard, offset, refused, &idx, &partial_of);
                             continue;
                         }
                         let s = match g {

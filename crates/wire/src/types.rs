@@ -51,10 +51,11 @@ pub enum GroupOutcome {
     /// requests: refused ([`coalesce_core::session`]). Peer protocol 2; a protocol-1 node is
     /// sent [`GroupOutcome::Overlap`] instead ([`GroupOutcome::for_protocol`]).
     TooOld { accepted: u64 },
-    /// Applied except the partials in `refused`; `shed` as in [`GroupOutcome::Applied`]. Peer
-    /// protocol 4; a forwarder of an older protocol is sent `Applied`, the refused inputs
-    /// counted as shed.
-    KeyFull { shed: u64, refused: Vec<KeyFull> },
+    /// Not applied, nothing of it: under `key_overflow = "reject"` the partials in `refused`
+    /// would have grown their key past the window's `max_bytes`. Its `inputs` events may be sent
+    /// again with the same seqs once the windows close. Peer protocol 4; a forwarder of an older
+    /// protocol is sent `Applied` with every input counted as shed (it has no word for this).
+    KeyFull { inputs: u64, refused: Vec<KeyFull> },
 }
 
 impl GroupOutcome {
@@ -62,9 +63,7 @@ impl GroupOutcome {
     pub fn for_protocol(self, protocol: u32) -> Self {
         match self {
             GroupOutcome::TooOld { accepted } if protocol < 2 => GroupOutcome::Overlap { accepted },
-            GroupOutcome::KeyFull { shed, refused } if protocol < 4 => {
-                GroupOutcome::Applied { shed: refused.iter().fold(shed, |n, r| n.saturating_add(r.inputs)) }
-            }
+            GroupOutcome::KeyFull { inputs, .. } if protocol < 4 => GroupOutcome::Applied { shed: inputs },
             other => other,
         }
     }
@@ -115,9 +114,9 @@ mod tests {
     #[test]
     fn a_forwarder_is_answered_in_a_protocol_it_reads() {
         let refused = vec![KeyFull { partial: 1, inputs: 3, retry_after_ms: 500 }];
-        let outcome = GroupOutcome::KeyFull { shed: 2, refused };
+        let outcome = GroupOutcome::KeyFull { inputs: 5, refused };
         assert_eq!(outcome.clone().for_protocol(4), outcome);
-        assert_eq!(outcome.for_protocol(3), GroupOutcome::Applied { shed: 5 }, "refused inputs told as shed");
+        assert_eq!(outcome.for_protocol(3), GroupOutcome::Applied { shed: 5 }, "told as shed");
         assert_eq!(GroupOutcome::TooOld { accepted: 9 }.for_protocol(1), GroupOutcome::Overlap { accepted: 9 });
         assert_eq!(GroupOutcome::TooOld { accepted: 9 }.for_protocol(2), GroupOutcome::TooOld { accepted: 9 });
     }
