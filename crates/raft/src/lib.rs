@@ -9,6 +9,7 @@
 //!   without RocksDB).
 //! - [`log_store`]: the log store over `coalesce-storage`, durable through group commit.
 //! - [`state_machine`]: applying Ingest/Seal/Ack deterministically.
+//! - [`reader`]: a shard's applied state, read-only and typed — how every other crate reads it.
 //! - [`snapshot`]: shard snapshots between replicas, streamed and bounded on both sides.
 //! - [`network`]: the peer transport (tonic, one channel per peer, real pre-vote and
 //!   leadership transfer).
@@ -34,6 +35,7 @@ pub mod network;
 pub mod node;
 pub mod protocol;
 pub mod quiesce;
+pub mod reader;
 pub mod snapshot;
 pub mod state_machine;
 pub mod tls;

@@ -486,7 +486,7 @@ impl RaftNode {
             .collect();
         futures::future::join_all(idle.iter().map(|g| {
             // Buffered keys are open windows: the scheduler will seal them.
-            let open = g.store.stats().map_or(true, |s| s.keys > 0);
+            let open = g.reader().stats().map_or(true, |s| s.keys > 0);
             self.maybe_quiesce(g, open)
         }))
         .await;

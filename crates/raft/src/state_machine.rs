@@ -99,7 +99,7 @@ pub struct ShardStateMachine {
 pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The outbox bookkeeping of `store`'s shard as last applied there.
-pub fn load_outbox(store: &ShardStore) -> Result<OutboxMeta, StorageError> {
+pub(crate) fn load_outbox(store: &ShardStore) -> Result<OutboxMeta, StorageError> {
     match store.sm_meta_get(SmMetaTag::Outbox)? {
         Some(b) => postcard::from_bytes(&b).map_err(|e| StorageError::Corrupt {
             shard: store.shard(),
@@ -115,7 +115,7 @@ fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, StorageErr
 }
 
 /// The replica an operator chose to lead `store`'s shard, if any.
-pub fn load_preferred_leader(store: &ShardStore) -> Result<Option<String>, StorageError> {
+pub(crate) fn load_preferred_leader(store: &ShardStore) -> Result<Option<String>, StorageError> {
     match store.sm_meta_get(SmMetaTag::PreferredLeader)? {
         Some(b) => postcard::from_bytes(&b).map_err(|e| StorageError::Corrupt {
             shard: store.shard(),

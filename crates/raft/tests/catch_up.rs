@@ -162,12 +162,12 @@ async fn lagging_replica_catches_up_through_a_snapshot() {
     );
     // Byte-identical state machines.
     wait_for("identical state", Duration::from_secs(10), || {
-        let a = common::state_bytes(&bg.store);
-        let b = common::state_bytes(&g.store);
+        let a = common::state_bytes(bg.store());
+        let b = common::state_bytes(g.store());
         a == b
     })
     .await;
-    assert_eq!(bg.store.stats().unwrap().inputs_total, 4_000);
+    assert_eq!(bg.reader().stats().unwrap().inputs_total, 4_000);
 
     nodes[lagging] = Some(back);
     for r in nodes.into_iter().flatten() {
@@ -218,11 +218,11 @@ async fn a_wiped_replica_rejoins_as_a_new_peer() {
     let new_id = nodes[victim].as_ref().unwrap().node.id();
     let groups: Vec<_> = nodes.iter().flatten().map(|r| r.node.group(0).unwrap()).collect();
     let settled = || {
-        let states: Vec<_> = groups.iter().map(|g| common::state_bytes(&g.store)).collect();
+        let states: Vec<_> = groups.iter().map(|g| common::state_bytes(g.store())).collect();
         groups.iter().all(|g| {
             let m = g.raft.metrics().borrow_watched().clone();
             let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
-            voters.contains(&new_id) && !voters.contains(&old_id) && g.store.stats().unwrap().inputs_total == 20
+            voters.contains(&new_id) && !voters.contains(&old_id) && g.reader().stats().unwrap().inputs_total == 20
         }) && states.windows(2).all(|w| w[0] == w[1])
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -239,7 +239,7 @@ async fn a_wiped_replica_rejoins_as_a_new_peer() {
                     m.last_applied,
                     m.last_log_index,
                     m.membership_config,
-                    g.store.stats().unwrap()
+                    g.reader().stats().unwrap()
                 );
             }
             panic!("the wiped peer was not replaced, or replicas differ, after 30 s");

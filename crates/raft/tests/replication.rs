@@ -189,8 +189,8 @@ async fn three_nodes_replicate_and_survive_a_leader_loss() {
         for shard in 0..SHARDS {
             let leader = leader_of(&nodes, shard, Duration::from_secs(10)).await;
             let g = leader.group(shard).unwrap();
-            buffered += g.store.stats().unwrap().keys;
-            let outputs = g.store.outbox_from(0, usize::MAX).unwrap();
+            buffered += g.reader().stats().unwrap().keys;
+            let outputs = g.reader().outputs_from(0, usize::MAX).unwrap();
             for (i, o) in outputs.iter().enumerate() {
                 assert_eq!(o.seq, i as u64 + 1, "shard {shard}: seqs are gap-free from 1");
                 assert_eq!(o.shard, shard);
@@ -216,7 +216,7 @@ async fn three_nodes_replicate_and_survive_a_leader_loss() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     for shard in 0..SHARDS {
         let leader = leader_of(&nodes, shard, Duration::from_secs(10)).await;
-        assert_eq!(leader.group(shard).unwrap().store.stats().unwrap().keys, 0, "duplicate was not buffered");
+        assert_eq!(leader.group(shard).unwrap().reader().stats().unwrap().keys, 0, "duplicate was not buffered");
     }
     let _ = before;
 

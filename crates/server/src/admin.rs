@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use coalesce_proto::v1 as pb;
-use coalesce_raft::state_machine::{load_outbox, load_preferred_leader};
+use coalesce_raft::reader::ShardReader;
 use coalesce_raft::{ProposeError, RaftNode};
 use tonic::{Request, Response, Status};
 
@@ -35,10 +35,10 @@ impl AdminService {
         Self { node, delivery, leases }
     }
 
-    fn store(&self, shard: u32) -> Result<coalesce_storage::ShardStore, Status> {
+    fn reader(&self, shard: u32) -> Result<ShardReader, Status> {
         self.node
             .group(shard)
-            .map(|g| g.store)
+            .map(|g| g.reader())
             .ok_or_else(|| Status::not_found(format!("shard: shard {shard} is not replicated on this node")))
     }
 
@@ -56,8 +56,8 @@ impl AdminService {
     fn selected(&self, shard: u32, sink: &str, seqs: &[u64], all: bool) -> Result<Vec<u64>, Status> {
         match (all, seqs.is_empty()) {
             (true, true) => Ok(self
-                .store(shard)?
-                .dlq_from(sink, 0, MAX_LETTERS)
+                .reader(shard)?
+                .dead_letters(sink, 0, MAX_LETTERS)
                 .map_err(convert::storage_status)?
                 .iter()
                 .map(|l| l.output.seq)
@@ -98,8 +98,8 @@ impl pb::admin_server::Admin for AdminService {
             if req.shards.is_empty() { self.node.groups().iter().map(|g| g.shard).collect() } else { req.shards };
         let mut resp = pb::ListDeadLettersResponse::default();
         for shard in shards {
-            let store = self.store(shard)?;
-            let counts = store.dlq_counts().map_err(convert::storage_status)?;
+            let reader = self.reader(shard)?;
+            let counts = reader.dead_letter_counts().map_err(convert::storage_status)?;
             for (sink, n) in counts {
                 if !req.sink.is_empty() && sink != req.sink {
                     continue;
@@ -107,7 +107,7 @@ impl pb::admin_server::Admin for AdminService {
                 *resp.counts.entry(sink.clone()).or_insert(0) += n;
                 let room = limit - resp.letters.len();
                 if room > 0 {
-                    let letters = store.dlq_from(&sink, 0, room).map_err(convert::storage_status)?;
+                    let letters = reader.dead_letters(&sink, 0, room).map_err(convert::storage_status)?;
                     resp.letters.extend(letters.iter().map(convert::dead_letter));
                 }
             }
@@ -142,10 +142,10 @@ impl pb::admin_server::Admin for AdminService {
         let req = request.into_inner();
         self.sink(&req.sink)?;
         let seqs = self.selected(req.shard, &req.sink, &req.seqs, req.all)?;
-        let store = self.store(req.shard)?;
+        let reader = self.reader(req.shard)?;
         let mut present = Vec::new();
         for seq in seqs {
-            if store.dlq_from(&req.sink, seq, 1).map_err(convert::storage_status)?.first().map(|l| l.output.seq)
+            if reader.dead_letters(&req.sink, seq, 1).map_err(convert::storage_status)?.first().map(|l| l.output.seq)
                 == Some(seq)
             {
                 present.push(seq);
@@ -193,8 +193,8 @@ impl pb::admin_server::Admin for AdminService {
         let adaptive = self.node.adaptive_decisions();
         for g in self.node.groups() {
             let Some(d) = self.node.shard_detail(g.shard) else { continue };
-            let stats = g.store.stats().map_err(internal)?;
-            let outbox = load_outbox(&g.store).map_err(internal)?;
+            let stats = g.reader().stats().map_err(internal)?;
+            let outbox = g.reader().outbox().map_err(internal)?;
             let leading = d.role == "leader";
             shards.push(pb::ShardDetail {
                 shard: d.shard,
@@ -226,7 +226,7 @@ impl pb::admin_server::Admin for AdminService {
                 next_seq: outbox.next_seq,
                 outbox_low: outbox.low,
                 cursors: outbox.cursors.into_iter().collect(),
-                preferred_leader: load_preferred_leader(&g.store).map_err(internal)?.unwrap_or_default(),
+                preferred_leader: g.reader().preferred_leader().map_err(internal)?.unwrap_or_default(),
                 lease_valid: self.node.delivery_epoch(g.shard).is_some(),
                 quiesced: d.quiesced,
                 adaptive: adaptive
@@ -321,7 +321,7 @@ impl pb::admin_server::Admin for AdminService {
             (false, false) => Some(req.to.clone()),
             _ => return Err(Status::invalid_argument("to: name a replica, or set reset (not both)")),
         };
-        self.store(req.shard)?;
+        self.reader(req.shard)?;
         match self.node.set_preferred_leader(req.shard, target.clone()).await {
             Ok(()) => {}
             Err(ProposeError::NotReplica { shard, node }) => {
@@ -371,7 +371,7 @@ impl pb::admin_server::Admin for AdminService {
         }
         let mut shards = Vec::new();
         for g in self.node.groups() {
-            let outbox = load_outbox(&g.store).map_err(convert::storage_status)?;
+            let outbox = g.reader().outbox().map_err(convert::storage_status)?;
             if !outbox.cursors.contains_key(&consumer) {
                 continue;
             }

@@ -25,7 +25,6 @@ use std::time::Duration;
 use coalesce_core::cluster::ClusterIdentity;
 use coalesce_core::output::{DeadLetter, Epoch, Output};
 use coalesce_core::time::{Clock, SystemClock};
-use coalesce_raft::state_machine::load_outbox;
 use coalesce_raft::{Command, ProposeError, RaftNode, Response, SinkHealth};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -276,8 +275,8 @@ impl Delivery {
         let mut letters = Vec::new();
         for seq in seqs {
             if let Some(l) = group
-                .store
-                .dlq_from(sink, *seq, 1)
+                .reader()
+                .dead_letters(sink, *seq, 1)
                 .map_err(|e| ReplayError::Internal(e.to_string()))?
                 .into_iter()
                 .find(|l| l.output.seq == *seq)
@@ -354,7 +353,7 @@ impl Worker {
     async fn deliver_loop(&mut self) -> Result<(), String> {
         let name = self.rt.config.name.clone();
         let Some(group) = self.delivery.node.group(self.shard) else { return Ok(()) };
-        let meta = load_outbox(&group.store).map_err(|e| e.to_string())?;
+        let meta = group.reader().outbox().map_err(|e| e.to_string())?;
         let mut acked = match meta.cursors.get(&name) {
             Some(c) => *c,
             None => {
@@ -410,13 +409,13 @@ impl Worker {
                 self.delivery.node.keep_awake(self.shard);
             }
             if pending.is_empty() {
-                let version = group.version.load(std::sync::atomic::Ordering::Acquire);
-                pending.extend(group.store.outbox_from(next, page_size).map_err(|e| e.to_string())?);
+                let version = group.reader().version();
+                pending.extend(group.reader().outputs_from(next, page_size).map_err(|e| e.to_string())?);
                 if pending.is_empty() {
                     // Caught up: wait for new outputs, or until an acknowledgement is due.
                     self.report(false, false);
                     while self.valid()
-                        && group.version.load(std::sync::atomic::Ordering::Acquire) == version
+                        && group.reader().version() == version
                         && !(next - 1 > acked && last_ack.elapsed() >= ack_interval)
                     {
                         tokio::select! {

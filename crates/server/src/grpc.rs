@@ -11,7 +11,6 @@ use coalesce_core::stream::KeyRateAction;
 use coalesce_core::time::{Clock, SystemClock};
 use coalesce_proto::v1 as pb;
 use coalesce_proto::v1::EventCode;
-use coalesce_raft::state_machine::load_outbox;
 use coalesce_raft::{GroupOutcome, IngestGroup, ProposeError, RaftNode, Response};
 use coalesce_wire::api::{CheckedIngest, RequestLimits, check_ingest, status};
 use futures::Stream;
@@ -64,7 +63,7 @@ impl CoalesceService {
         }
         // A shard this node does not replicate is answered by the Ack itself (NOT_FOUND).
         let Some(group) = self.node.group(shard) else { return Ok(()) };
-        let outbox = load_outbox(&group.store).map_err(convert::storage_status)?;
+        let outbox = group.reader().outbox().map_err(convert::storage_status)?;
         if outbox.cursors.contains_key(consumer) {
             return Ok(());
         }
@@ -381,7 +380,7 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
             let from = match req.from_seq.get(shard) {
                 Some(after) => after + 1,
                 None => {
-                    let meta = load_outbox(&group.store).map_err(convert::storage_status)?;
+                    let meta = group.reader().outbox().map_err(convert::storage_status)?;
                     meta.cursors.get(&req.consumer).map_or(meta.low, |acked| acked + 1)
                 }
             };
@@ -420,8 +419,8 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
         let mut local = Vec::new();
         for g in self.node.groups() {
             let view = self.node.shard_view(g.shard).ok_or_else(|| Status::internal("group vanished"))?;
-            let stats = g.store.stats().map_err(convert::storage_status)?;
-            let outbox = load_outbox(&g.store).map_err(convert::storage_status)?;
+            let stats = g.reader().stats().map_err(convert::storage_status)?;
+            let outbox = g.reader().outbox().map_err(convert::storage_status)?;
             let (leader, leader_addr) = view.leader.map(|(_, n)| (n.name, n.client_addr)).unwrap_or_default();
             local.push(pb::ShardStatus {
                 shard: g.shard,
@@ -535,11 +534,11 @@ impl Subscription {
                 break;
             }
             let Some(group) = self.node.group(*shard) else { continue };
-            let version = group.version.load(std::sync::atomic::Ordering::Acquire);
+            let version = group.reader().version();
             if self.seen.get(shard) == Some(&version) {
                 continue;
             }
-            let batch = group.store.outbox_from(*from, SUBSCRIBE_PAGE).map_err(convert::storage_status)?;
+            let batch = group.reader().outputs_from(*from, SUBSCRIBE_PAGE).map_err(convert::storage_status)?;
             let page = batch.len();
             let mut taken = 0;
             for o in &batch {

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use coalesce_raft::RaftNode;
 use coalesce_raft::metrics::{AGE_BUCKETS, LATENCY_BUCKETS, counter, counter_vec, histogram_vec};
-use coalesce_raft::state_machine::load_outbox;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts};
@@ -474,14 +473,14 @@ impl NodeCollector {
             led += 1;
             let slowest = d.replicas.iter().map(|r| r.matched).min().unwrap_or(d.last_log_index);
             f.replication_lag.with_label_values(&[shard]).set(d.last_log_index.saturating_sub(slowest) as i64);
-            if let Ok(stats) = g.store.stats() {
+            if let Ok(stats) = g.reader().stats() {
                 f.buffer_keys.with_label_values(&[shard]).set(stats.keys as i64);
                 f.buffer_bytes.with_label_values(&[shard]).set(stats.bytes as i64);
                 let ratio = |used: u64, max: u64| if max == 0 { 0.0 } else { used as f64 / max as f64 };
                 let occupancy = ratio(stats.keys, limits.max_keys).max(ratio(stats.bytes, limits.max_bytes));
                 f.buffer_occupancy.with_label_values(&[shard]).set(occupancy);
             }
-            if let Ok(outbox) = load_outbox(&g.store) {
+            if let Ok(outbox) = g.reader().outbox() {
                 let last = outbox.next_seq.saturating_sub(1);
                 f.outbox.with_label_values(&[shard]).set(outbox.next_seq.saturating_sub(outbox.low) as i64);
                 for (name, total) in backlog.iter_mut() {
@@ -496,7 +495,7 @@ impl NodeCollector {
                     }
                 }
             }
-            if let Ok(counts) = g.store.dlq_counts() {
+            if let Ok(counts) = g.reader().dead_letter_counts() {
                 for (sink, n) in counts {
                     *dlq.entry(sink).or_default() += n as i64;
                 }

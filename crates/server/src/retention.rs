@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use coalesce_core::hash::ShardId;
 use coalesce_core::stream::OutboxLimits;
 use coalesce_core::time::{Clock, SystemClock};
-use coalesce_raft::state_machine::load_outbox;
+use coalesce_raft::reader::ShardReader;
 use coalesce_raft::{Command, RaftNode, Response};
 
 use crate::delivery::Delivery;
@@ -72,9 +72,9 @@ impl Retention {
         self.idle.retain(|(shard, _), _| led.contains(shard));
         for shard in led {
             let Some(group) = self.node.group(shard) else { continue };
-            let Ok(outbox) = load_outbox(&group.store) else { continue };
+            let Ok(outbox) = group.reader().outbox() else { continue };
             if outbox.cursors.is_empty() {
-                self.trim_unclaimed(shard, &group.store, outbox.low, outbox.next_seq).await;
+                self.trim_unclaimed(shard, &group.reader(), outbox.low, outbox.next_seq).await;
                 continue;
             }
             for (cursor, acked) in &outbox.cursors {
@@ -108,14 +108,14 @@ impl Retention {
 
     /// Trims the outputs of a shard without cursors beyond `max_outputs` and
     /// `unclaimed_max_age`.
-    async fn trim_unclaimed(&self, shard: ShardId, store: &coalesce_storage::ShardStore, low: u64, next_seq: u64) {
+    async fn trim_unclaimed(&self, shard: ShardId, reader: &ShardReader, low: u64, next_seq: u64) {
         let mut below = next_seq.saturating_sub(self.limits.max_outputs).max(low);
         if !self.limits.unclaimed_max_age.is_zero() {
             let cutoff = SystemClock.now().saturating_sub(self.limits.unclaimed_max_age.as_millis() as u64);
             // Usually the oldest kept output is young enough: one row read, nothing to trim.
             let oldest_is_old =
-                store.outbox_from(below, 1).is_ok_and(|o| o.first().is_some_and(|o| o.window_end < cutoff));
-            if oldest_is_old && let Ok(oldest) = store.outbox_from(below, AGE_SCAN) {
+                reader.outputs_from(below, 1).is_ok_and(|o| o.first().is_some_and(|o| o.window_end < cutoff));
+            if oldest_is_old && let Ok(oldest) = reader.outputs_from(below, AGE_SCAN) {
                 below = match oldest.iter().find(|o| o.window_end >= cutoff) {
                     Some(young) => young.seq,
                     // All of the scanned ones are old: trim them, the next round goes on.

@@ -116,7 +116,7 @@ impl RaftNode {
     /// The replica that should lead `group`'s shard, given the names of draining nodes.
     pub(super) fn desired_leader(&self, group: &Group, draining: &BTreeSet<String>) -> Option<String> {
         let placement: Vec<String> = self.spec.placement(group.shard).iter().map(|n| n.name.clone()).collect();
-        let chosen = crate::state_machine::load_preferred_leader(&group.store).ok().flatten();
+        let chosen = group.reader().preferred_leader().ok().flatten();
         chosen
             .filter(|c| placement.contains(c) && !draining.contains(c))
             .or_else(|| placement.into_iter().find(|n| !draining.contains(n)))

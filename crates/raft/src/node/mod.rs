@@ -152,9 +152,10 @@ impl RaftTiming {
 pub struct Group {
     pub shard: ShardId,
     pub raft: Raft<TypeConfig, ShardStateMachine>,
-    pub store: ShardStore,
+    /// Read by the raft crate only; everything else reads through [`Group::reader`].
+    store: ShardStore,
     /// The state machine's change counter (see [`ShardStateMachine::version`]).
-    pub version: Arc<std::sync::atomic::AtomicU64>,
+    version: Arc<std::sync::atomic::AtomicU64>,
     /// The adaptive stretch of each stream in the last Ingest entry applied here (see
     /// [`ShardStateMachine::applied_extra`]): where a new leader's controllers resume.
     pub applied_extra: crate::state_machine::AppliedExtra,
@@ -165,6 +166,17 @@ pub struct Group {
 }
 
 impl Group {
+    /// The shard's applied state, read-only and typed.
+    pub fn reader(&self) -> crate::reader::ShardReader {
+        crate::reader::ShardReader::new(self.store.clone(), Arc::clone(&self.version))
+    }
+
+    /// The shard's storage: what the state machine, snapshots and this crate's tests work on.
+    /// Read replicated state through [`Group::reader`] instead.
+    pub fn store(&self) -> &ShardStore {
+        &self.store
+    }
+
     /// Why the group stopped on this node, if it did ([`ShardStateMachine::apply_entries`]).
     pub fn failure(&self) -> Option<ApplyFailure> {
         self.failure.lock().ok().and_then(|f| f.clone())

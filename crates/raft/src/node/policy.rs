@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coalesce_core::adaptive::{AdaptiveController, Decision, Pressure};
-use coalesce_core::buffer::ShardBuffer;
 use coalesce_core::hash::ShardId;
 use coalesce_core::hotkeys::{HotKey, HotKeys};
 use coalesce_core::time::Millis;
@@ -106,7 +105,7 @@ impl RaftNode {
                 let age = if backlog == 0 {
                     0
                 } else {
-                    let first = group.store.outbox_from(acked.max(outbox.low.saturating_sub(1)) + 1, 1);
+                    let first = group.reader().outputs_from(acked.max(outbox.low.saturating_sub(1)) + 1, 1);
                     first.ok().and_then(|f| f.first().map(|o| now.saturating_sub(o.window_end))).unwrap_or(0)
                 };
                 (backlog, age)
@@ -145,7 +144,7 @@ impl RaftNode {
         let mut samples = Vec::new();
         for shard in led {
             let Some(group) = self.group(*shard) else { continue };
-            let (Ok(outbox), Ok(stats)) = (crate::state_machine::load_outbox(&group.store), group.store.stats()) else {
+            let (Ok(outbox), Ok(stats)) = (group.reader().outbox(), group.reader().stats()) else {
                 continue;
             };
             let fill = ratio(stats.keys, limits.max_keys).max(ratio(stats.bytes, limits.max_bytes));
@@ -223,12 +222,11 @@ impl RaftNode {
                     continue;
                 }
                 let now = self.clock.now();
-                let version = group.version.load(std::sync::atomic::Ordering::Acquire);
+                let version = group.reader().version();
                 let due = match cache.get(&group.shard) {
                     Some((v, d)) if *v == version => *d,
                     _ => {
-                        let mut view = group.store.apply_batch();
-                        let Ok(d) = ShardBuffer::next_deadline(&mut view) else { continue };
+                        let Ok(d) = group.reader().next_deadline() else { continue };
                         cache.insert(group.shard, (version, d));
                         d
                     }

@@ -199,7 +199,7 @@ impl RaftNode {
         let fatal = |e: coalesce_storage::StorageError| ProposeError::Fatal { shard, detail: e.to_string() };
         // A consumer that stays behind bounds the outbox: refuse input, loudly, rather than
         // grow it without limit.
-        let outbox = crate::state_machine::load_outbox(&group.store).map_err(fatal)?;
+        let outbox = group.reader().outbox().map_err(fatal)?;
         let kept = outbox.next_seq.saturating_sub(outbox.low);
         let max = self.streams.outbox().max_outputs;
         // (Without any consumer nothing waits on the outbox, and nothing is refused.)
@@ -242,14 +242,14 @@ impl RaftNode {
             });
         }
         if !gated.is_empty() {
-            let stats = group.store.stats().map_err(fatal)?;
+            let stats = group.reader().stats().map_err(fatal)?;
             let limits = self.streams.limits();
             let all_new_bytes = gated.iter().map(|(_, b)| b).sum();
             if ShardBuffer::admit(&stats, &limits, gated.len() as u64, all_new_bytes, 0).is_err() {
-                let mut view = group.store.apply_batch();
+                let reader = group.reader();
                 let (mut new_keys, mut new_bytes) = (0u64, 0u64);
                 for (key, bytes) in &gated {
-                    if coalesce_core::buffer::BufferStore::get(&mut view, key).map_err(fatal)?.is_none() {
+                    if reader.buffered(key).map_err(fatal)?.is_none() {
                         new_keys += 1;
                         new_bytes += bytes;
                     }
@@ -261,7 +261,7 @@ impl RaftNode {
                     };
                     // Room comes back when the earliest window closes.
                     let now = self.clock.now();
-                    let next = ShardBuffer::next_deadline(&mut view).ok().flatten().unwrap_or(now);
+                    let next = reader.next_deadline().ok().flatten().unwrap_or(now);
                     let retry_after_ms = next.saturating_sub(now).clamp(100, 5_000);
                     return Err(ProposeError::BufferFull { shard, what, retry_after_ms });
                 }
