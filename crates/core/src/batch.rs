@@ -229,11 +229,6 @@ impl<'a> BatchBuilder<'a> {
             batch.groups.len() - 1
         });
         let group = &mut batch.groups[gi];
-        if let Some((producer, seq)) = event.producer {
-            let range = group.range.get_or_insert(ProducerRange { producer, first_seq: seq, last_seq: seq });
-            range.last_seq = seq;
-        }
-        group.events.push(index);
         let hash = self.hasher.hash_one(SlotRef { shard, group: gi, stream: &event.stream, key: &event.key });
         let partials = &group.partials;
         let mut found = self.partials.find_mut(hash, |&(s, g, p, _)| {
@@ -244,7 +239,12 @@ impl<'a> BatchBuilder<'a> {
         // key, after the old one, and the key's slot points at it (so later events never merge
         // into an older partial, which would reorder `append` and `json_merge_patch`). Apply
         // seals a window once it reaches `max_bytes`, so a merged value stays below twice it.
+        // Under `key_overflow = "reject"` a key has one partial per group and apply refuses the
+        // whole group when its key is full: a second partial of the key would make the group
+        // refused in every window, so the event that would pass `max_bytes` (merged exactly) is
+        // refused here instead, before anything of it is recorded.
         let max_bytes = def.rules.window.max_bytes.unwrap_or(u64::MAX);
+        let reject = def.rules.key_overflow == KeyOverflow::Reject;
         let size = agg.size() as u64;
         let merged = match found.as_deref_mut() {
             Some((_, _, pi, bound)) => {
@@ -253,7 +253,26 @@ impl<'a> BatchBuilder<'a> {
                 if bound.saturating_add(size) > max_bytes {
                     *bound = p.agg.size() as u64;
                 }
-                if bound.saturating_add(size) <= max_bytes && p.agg.merge(&agg, &def.rules.op).is_ok() {
+                // A DDSketch merge can outgrow its inputs (its bins span both ranges): under
+                // reject its size is always taken exactly.
+                let by_bound = !(reject && matches!(def.rules.op, crate::merge::MergeOp::Ddsketch { .. }));
+                let fits = if by_bound && bound.saturating_add(size) <= max_bytes {
+                    p.agg.merge(&agg, &def.rules.op).is_ok()
+                } else if reject {
+                    let mut trial = p.agg.clone();
+                    match trial.merge(&agg, &def.rules.op) {
+                        Ok(()) if trial.size() as u64 <= max_bytes => {
+                            *bound = (trial.size() as u64).saturating_sub(size);
+                            p.agg = trial;
+                            true
+                        }
+                        Ok(()) => return Err(EventError::KeyFullInRequest { max: max_bytes }),
+                        Err(_) => false,
+                    }
+                } else {
+                    false
+                };
+                if fits {
                     *bound += size;
                     samples_mod::merge_opt(&mut p.samples, samples.as_ref(), def.rules.samples.as_ref());
                     p.inputs += 1;
@@ -267,6 +286,11 @@ impl<'a> BatchBuilder<'a> {
             }
             None => false,
         };
+        if let Some((producer, seq)) = event.producer {
+            let range = group.range.get_or_insert(ProducerRange { producer, first_seq: seq, last_seq: seq });
+            range.last_seq = seq;
+        }
+        group.events.push(index);
         if !merged {
             group.partial_of.push(group.partials.len() as u32);
             let key = BufKey { stream: event.stream.clone(), key: event.key.clone() };

@@ -298,7 +298,10 @@ impl ShardBuffer {
         accounted_bytes(key, &partial.agg, partial.samples.as_ref())
     }
 
-    /// Applies an ingest batch. Never refuses: admission happened before proposing.
+    /// Applies an ingest batch, partial by partial: admission happened before proposing, so
+    /// nothing is refused, except a partial that would pass `max_bytes` under `key_overflow =
+    /// "reject"` ([`PartialOutcome::KeyFull`], skipped while the others apply). The state machine
+    /// applies producer groups with [`Self::apply_group`], which refuses such a group whole.
     pub fn apply_ingest<S: BufferStore>(store: &mut S, batch: &IngestBatch) -> Result<IngestResult, S::Error> {
         Self::apply_partials(store, batch.stamp, &batch.rules, &batch.limits, &batch.partials)
     }

@@ -39,6 +39,11 @@ pub enum EventError {
     BufferFull { what: &'static str, retry_after_ms: u64 },
     #[error("producer {producer} sequence {seq} overlaps sequences already accepted (up to {accepted})")]
     SequenceOverlap { producer: u64, seq: u64, accepted: u64 },
+    #[error(
+        "merged with this request's earlier events of its key it passes the window's max_bytes ({max}) and the \
+         stream has key_overflow = \"reject\": send it in a later request, as a new event"
+    )]
+    KeyFullInRequest { max: u64 },
 }
 
 impl EventError {
@@ -55,6 +60,7 @@ impl EventError {
             EventError::EventTimeInFuture { .. } => "event_time_in_future",
             EventError::BufferFull { .. } => "buffer_full",
             EventError::SequenceOverlap { .. } => "sequence_overlap",
+            EventError::KeyFullInRequest { .. } => "key_full_in_request",
         }
     }
 
@@ -70,6 +76,7 @@ impl EventError {
             EventError::EventTimeInFuture { .. } => "event_time",
             EventError::BufferFull { .. } => "key",
             EventError::SequenceOverlap { .. } => "producer_seq",
+            EventError::KeyFullInRequest { .. } => "value",
         }
     }
 
