@@ -329,6 +329,14 @@ async fn a_connection_holds_at_most_its_stream_limit() {
     assert!(status.is_ok(), "{status:?}");
 }
 
+/// A subscription of `consumer` to `shard` on the shard's leader.
+async fn subscribe(cluster: &Cluster, shard: u32, consumer: &str) -> tonic::Streaming<pb::SubscribeResponse> {
+    let leaders = cluster.wait_ready(Duration::from_secs(30)).await;
+    let leader = cluster.index_of(&leaders[&shard]).unwrap();
+    let req = pb::SubscribeRequest { consumer: consumer.into(), shards: vec![shard], from_seq: Default::default() };
+    cluster.client(leader).subscribe(req).await.unwrap().into_inner()
+}
+
 /// Issue 23: a `json_merge_patch` key grew to 5.6 MB (no bound counted growth of an existing
 /// key), an output no subscriber could read (gRPC messages hold 4 MiB). Now a key's window is
 /// sealed (reason `max_bytes`) as soon as its value reaches `window.max_bytes` (default and most
@@ -357,18 +365,7 @@ async fn a_merge_patch_key_cannot_outgrow_what_a_subscriber_can_read() {
         assert!(resp.statuses.iter().all(|s| s.code == EventCode::Ok as i32), "{:?}", resp.statuses);
     }
     let shard = coalesce_core::hash::shard_for("doc", "big", 2);
-    let leaders = cluster.wait_ready(Duration::from_secs(30)).await;
-    let leader = cluster.index_of(&leaders[&shard]).unwrap();
-    let mut sub = cluster
-        .client(leader)
-        .subscribe(pb::SubscribeRequest {
-            consumer: "reader".into(),
-            shards: vec![shard],
-            from_seq: Default::default(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut sub = subscribe(&cluster, shard, "reader").await;
     let mut fields = std::collections::BTreeSet::new();
     let (mut outputs, mut by_size, mut largest) = (0, 0, 0);
     while fields.len() < FIELDS {
@@ -463,18 +460,7 @@ async fn a_reject_stream_refuses_growth_past_max_bytes_and_a_retry_with_the_same
     assert_eq!(refused, 4, "StreamCounters.key_full: two events refused twice, on the leader's node");
 
     // The window closes once, on time, with a, b and c; then the same request lands.
-    let leaders = cluster.wait_ready(Duration::from_secs(30)).await;
-    let leader = cluster.index_of(&leaders[&shard]).unwrap();
-    let mut sub = cluster
-        .client(leader)
-        .subscribe(pb::SubscribeRequest {
-            consumer: "reader".into(),
-            shards: vec![shard],
-            from_seq: Default::default(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut sub = subscribe(&cluster, shard, "reader").await;
     let mut big = Vec::new();
     while big.is_empty() {
         let batch = tokio::time::timeout(Duration::from_secs(20), sub.message())
