@@ -57,6 +57,24 @@ pub struct Channels {
     snapshot: SnapshotOptions,
 }
 
+/// Why no channel to a peer could be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("{0:?} is not in this node's peer list")]
+    UnknownPeer(String),
+    #[error("bad peer address {addr:?}: {detail}")]
+    BadAddress { addr: String, detail: String },
+    #[error("node name {node:?} cannot be checked against a certificate: {detail}")]
+    BadName { node: String, detail: String },
+}
+
+impl From<ChannelError> for tonic::Status {
+    /// A node's own peer list or names are wrong: the node's fault, not the caller's.
+    fn from(e: ChannelError) -> Self {
+        tonic::Status::internal(e.to_string())
+    }
+}
+
 impl Channels {
     /// Channels that speak TLS (with this node's client certificate, checking that each peer's
     /// certificate names the node dialed: [`crate::tls::Connector`]) when `tls` is set, to the
@@ -90,25 +108,26 @@ impl Channels {
     }
 
     /// The channel to `node` (see [`Channels::addr_of`]).
-    pub fn for_peer(&self, node: &PeerNode) -> Result<Channel, String> {
+    pub fn for_peer(&self, node: &PeerNode) -> Result<Channel, ChannelError> {
         self.channel(self.addr_of(node), &node.name)
     }
 
     /// The channel to the configured node called `name`.
-    pub fn for_name(&self, name: &str) -> Result<Channel, String> {
-        let addr = self.addrs.get(name).ok_or_else(|| format!("{name:?} is not in this node's peer list"))?;
+    pub fn for_name(&self, name: &str) -> Result<Channel, ChannelError> {
+        let addr = self.addrs.get(name).ok_or_else(|| ChannelError::UnknownPeer(name.to_owned()))?;
         self.channel(addr, name)
     }
 
     /// The channel to `addr` (`host:port`) where the node `name` listens, created on first use.
-    fn channel(&self, addr: &str, name: &str) -> Result<Channel, String> {
-        let mut map = self.by_addr.lock().map_err(|_| "channel map poisoned".to_owned())?;
+    fn channel(&self, addr: &str, name: &str) -> Result<Channel, ChannelError> {
+        // A panic while the map was held cannot leave it half-written (one insert).
+        let mut map = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
         let key = (addr.to_owned(), name.to_owned());
         if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        let endpoint =
-            Endpoint::from_shared(format!("http://{addr}")).map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ChannelError::BadAddress { addr: addr.to_owned(), detail: e.to_string() })?;
         let endpoint = endpoint
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
@@ -160,7 +179,7 @@ pub struct GroupClient {
     group: ShardId,
     target: u64,
     addr: String,
-    client: Result<RaftPeerClient<Channel>, String>,
+    client: Result<RaftPeerClient<Channel>, ChannelError>,
     snapshot: SnapshotOptions,
 }
 
@@ -179,7 +198,7 @@ fn status_err(target: u64, addr: &str, s: tonic::Status) -> RPCError<TypeConfig>
 
 impl GroupClient {
     fn client(&self) -> Result<RaftPeerClient<Channel>, RPCError<TypeConfig>> {
-        self.client.clone().map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))
+        self.client.clone().map_err(|e| RPCError::Unreachable(Unreachable::from_string(e.to_string())))
     }
 
     async fn call<Req, Resp, F, Fut>(

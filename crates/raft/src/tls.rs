@@ -716,9 +716,13 @@ pub struct Connector {
 
 impl Connector {
     /// A connector to the node called `node`, one of `cluster`.
-    pub fn new(config: Arc<rustls::ClientConfig>, node: &str, cluster: Arc<Vec<String>>) -> Result<Self, String> {
+    pub fn new(
+        config: Arc<rustls::ClientConfig>,
+        node: &str,
+        cluster: Arc<Vec<String>>,
+    ) -> Result<Self, crate::network::ChannelError> {
         let server = ServerName::try_from(node.to_owned())
-            .map_err(|e| format!("node name {node:?} cannot be checked against a certificate: {e}"))?;
+            .map_err(|e| crate::network::ChannelError::BadName { node: node.to_owned(), detail: e.to_string() })?;
         Ok(Self { config, node: server, name: node.to_owned(), cluster })
     }
 }

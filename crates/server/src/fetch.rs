@@ -174,7 +174,7 @@ impl FetchService {
                     r => return r.map_err(Status::from),
                 },
                 Some((id, peer)) => {
-                    let channel = self.node.peer_channel(&peer).map_err(Status::internal)?;
+                    let channel = self.node.peer_channel(&peer)?;
                     let mut req = Request::new(pb::PeerFetchRequest {
                         shard,
                         stream: stream.to_owned(),

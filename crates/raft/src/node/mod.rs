@@ -483,7 +483,7 @@ impl RaftNode {
     /// The leader of `shard` as this node knows it.
     /// The channel to a peer's peer port (shared with Raft traffic), for services that ride on
     /// it (the server's `FetchPeer`).
-    pub fn peer_channel(&self, peer: &PeerNode) -> Result<tonic::transport::Channel, String> {
+    pub fn peer_channel(&self, peer: &PeerNode) -> Result<tonic::transport::Channel, crate::network::ChannelError> {
         self.channels.for_peer(peer)
     }
 

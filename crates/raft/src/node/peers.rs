@@ -17,7 +17,7 @@ use crate::protocol::{PROTOCOL, PROTOCOL_MIN, check_protocol};
 impl RaftNode {
     /// Asks the node called `name` who it is, and remembers its Raft id.
     pub async fn hello(&self, name: &str) -> Result<HelloResponse, String> {
-        let channel = self.channels.for_name(name)?;
+        let channel = self.channels.for_name(name).map_err(|e| e.to_string())?;
         let (cluster_id, cluster_predates_id) = self.identity.wire();
         let mut req = tonic::Request::new(HelloRequest {
             cluster: self.spec.cluster.clone(),

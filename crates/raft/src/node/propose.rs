@@ -156,8 +156,10 @@ impl RaftNode {
             let (leader_id, leader) = self.leader_of(shard).ok_or(ProposeError::NotLeader { shard, leader: None })?;
             let payload =
                 codec::encode_msg("forward", &req).map_err(|e| ProposeError::Fatal { shard, detail: e.to_string() })?;
-            let channel =
-                self.channels.for_peer(&leader).map_err(|detail| ProposeError::Unreachable { shard, detail })?;
+            let channel = self
+                .channels
+                .for_peer(&leader)
+                .map_err(|e| ProposeError::Unreachable { shard, detail: e.to_string() })?;
             let span = tracing::debug_span!("forward", shard, leader = %leader.name);
             // Bounded: a paused leader or one behind a partition must not hold the request for
             // long; the client gets UNAVAILABLE and retries elsewhere (with the same producer seqs).
