@@ -51,6 +51,17 @@ pub struct Identity {
     storing: std::sync::Mutex<()>,
 }
 
+/// Why a cluster id a peer showed was not taken in.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnError {
+    #[error("{from} sent a cluster id of {len} bytes, expected 16")]
+    Malformed { from: String, len: usize },
+    #[error("storing the cluster id: {0}")]
+    Storage(#[from] StorageError),
+    #[error("{from} belongs to cluster id {theirs}, this node to {ours}: a data directory of another cluster")]
+    OtherCluster { from: String, theirs: ClusterId, ours: ClusterId },
+}
+
 impl Identity {
     /// Loads the stored id, if any.
     pub fn load(db: &NodeDb) -> Result<Self, StorageError> {
@@ -101,22 +112,17 @@ impl Identity {
 
     /// Takes in the id a peer (`from`) showed in a Hello: adopted and stored when this node
     /// has none; refused when it differs from this node's.
-    pub fn learn(&self, db: &NodeDb, from: &str, bytes: &[u8], predates_id: bool) -> Result<(), String> {
+    pub fn learn(&self, db: &NodeDb, from: &str, bytes: &[u8], predates_id: bool) -> Result<(), LearnError> {
         if bytes.is_empty() {
             return Ok(());
         }
         let theirs = ClusterId::from_bytes(bytes)
-            .ok_or_else(|| format!("{from} sent a cluster id of {} bytes, expected 16", bytes.len()))?;
-        let ours = self
-            .store(db, ClusterIdentity { id: theirs, predates_id }, &format!("learned from {from}"))
-            .map_err(|e| format!("storing the cluster id: {e}"))?;
+            .ok_or_else(|| LearnError::Malformed { from: from.to_owned(), len: bytes.len() })?;
+        let ours = self.store(db, ClusterIdentity { id: theirs, predates_id }, &format!("learned from {from}"))?;
         if ours.id == theirs {
             Ok(())
         } else {
-            Err(format!(
-                "{from} belongs to cluster id {theirs}, this node to {}: a data directory of another cluster",
-                ours.id
-            ))
+            Err(LearnError::OtherCluster { from: from.to_owned(), theirs, ours: ours.id })
         }
     }
 

@@ -48,6 +48,7 @@ mod service;
 mod views;
 
 pub use crate::protocol::{PROTOCOL, PROTOCOL_MIN};
+pub use peers::HelloError;
 pub use policy::SinkHealth;
 pub use service::PeerService;
 pub use views::{Leadership, ReplicaDetail, ShardDetail, ShardView};

@@ -12,12 +12,31 @@ use tonic::{Request, Status};
 use openraft::async_runtime::WatchReceiver;
 
 use super::{Group, RaftNode};
+use crate::network::ChannelError;
 use crate::protocol::{PROTOCOL, PROTOCOL_MIN, check_protocol};
+
+/// Why a Hello to a peer failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HelloError {
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error("{name}: {detail}")]
+    Unreachable { name: String, detail: String },
+    #[error("{name} belongs to cluster {theirs:?}, not {ours:?}")]
+    OtherCluster { name: String, theirs: String, ours: String },
+    #[error("the address of {name} is answered by {answered:?}")]
+    WrongNode { name: String, answered: String },
+    /// It speaks a protocol this build cannot replicate with, or shows another cluster id.
+    #[error("{name}: {detail}")]
+    Incompatible { name: String, detail: String },
+    #[error("{name} answered with the Raft id of {owner}")]
+    IdTaken { name: String, owner: String },
+}
 
 impl RaftNode {
     /// Asks the node called `name` who it is, and remembers its Raft id.
-    pub async fn hello(&self, name: &str) -> Result<HelloResponse, String> {
-        let channel = self.channels.for_name(name).map_err(|e| e.to_string())?;
+    pub async fn hello(&self, name: &str) -> Result<HelloResponse, HelloError> {
+        let channel = self.channels.for_name(name)?;
         let (cluster_id, cluster_predates_id) = self.identity.wire();
         let mut req = tonic::Request::new(HelloRequest {
             cluster: self.spec.cluster.clone(),
@@ -28,24 +47,33 @@ impl RaftNode {
             born_with_ids: self.identity.born_with_ids(),
         });
         req.set_timeout(Duration::from_secs(1));
-        let reply =
-            RaftPeerClient::new(channel).hello(req).await.map_err(|s| format!("{name}: {}", s.message()))?.into_inner();
+        let reply = RaftPeerClient::new(channel)
+            .hello(req)
+            .await
+            .map_err(|s| HelloError::Unreachable { name: name.to_owned(), detail: s.message().to_owned() })?
+            .into_inner();
         if reply.cluster != self.spec.cluster {
-            return Err(format!("{name} belongs to cluster {:?}, not {:?}", reply.cluster, self.spec.cluster));
+            return Err(HelloError::OtherCluster {
+                name: name.to_owned(),
+                theirs: reply.cluster,
+                ours: self.spec.cluster.clone(),
+            });
         }
         if reply.name != name {
-            return Err(format!("the address of {name} is answered by {:?}", reply.name));
+            return Err(HelloError::WrongNode { name: name.to_owned(), answered: reply.name });
         }
-        let verdict = check_protocol(reply.protocol, reply.protocol_min)
-            .and_then(|()| self.identity.learn(&self.db, name, &reply.cluster_id, reply.cluster_predates_id));
-        self.note_protocol(name, reply.protocol, verdict).map_err(|e| format!("{name}: {e}"))?;
+        let verdict = check_protocol(reply.protocol, reply.protocol_min).and_then(|()| {
+            self.identity.learn(&self.db, name, &reply.cluster_id, reply.cluster_predates_id).map_err(|e| e.to_string())
+        });
+        self.note_protocol(name, reply.protocol, verdict)
+            .map_err(|detail| HelloError::Incompatible { name: name.to_owned(), detail })?;
         let mut ids = self.peer_ids.lock().unwrap_or_else(|p| p.into_inner());
         match ids.get(&reply.node_id) {
             // Ids are random per data directory: one that another node already answered with is
             // a peer lying about its id, and must not take it over.
             Some(owner) if *owner != reply.name => {
                 tracing::error!(id = reply.node_id, owner = %owner, claimed_by = %reply.name, "a peer answered Hello with another node's Raft id");
-                return Err(format!("{name} answered with the Raft id of {owner}"));
+                return Err(HelloError::IdTaken { name: name.to_owned(), owner: owner.clone() });
             }
             Some(_) => {}
             None => {

@@ -97,6 +97,7 @@ impl RaftPeer for PeerService {
             self.node
                 .identity
                 .learn(&self.node.db, from, &hello.cluster_id, hello.cluster_predates_id)
+                .map_err(|e| e.to_string())
                 .inspect_err(|_| crate::metrics::PEER_REFUSED.with_label_values(&["cluster"]).inc())
         });
         let verdict = match &sender {
