@@ -22,7 +22,7 @@ use crate::hash::{ShardId, shard_for};
 use crate::merge::Aggregate;
 use crate::samples::{self as samples_mod, Samples, sample_salt};
 use crate::session::ProducerRange;
-use crate::stream::{KeyOverflow, StreamTable};
+use crate::stream::StreamTable;
 use crate::time::Millis;
 use crate::value::Value;
 
@@ -195,8 +195,7 @@ impl<'a> BatchBuilder<'a> {
             return Err(EventError::EventTimeInFuture { event_time, max_skew_ms: self.max_future_skew_ms });
         }
         let agg = def.rules.op.lift(&event.value, event_time)?;
-        if def.rules.key_overflow == KeyOverflow::Reject
-            && let Some(max) = def.rules.window.max_bytes
+        if let Some(max) = def.rules.growth_limit()
             && agg.size() as u64 > max
         {
             // With its operator's overhead the value alone passes what a window may hold: it
@@ -244,7 +243,7 @@ impl<'a> BatchBuilder<'a> {
         // refused in every window, so the event that would pass `max_bytes` (merged exactly) is
         // refused here instead, before anything of it is recorded.
         let max_bytes = def.rules.window.max_bytes.unwrap_or(u64::MAX);
-        let reject = def.rules.key_overflow == KeyOverflow::Reject;
+        let reject = def.rules.growth_limit().is_some();
         let size = agg.size() as u64;
         let merged = match found.as_deref_mut() {
             Some((_, _, pi, bound)) => {

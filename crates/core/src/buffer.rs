@@ -29,7 +29,7 @@ use crate::error::EventError;
 use crate::merge::Aggregate;
 use crate::output::{Epoch, Output};
 use crate::samples::{self, Samples};
-use crate::stream::{KeyOverflow, OverflowPolicy, ShardLimits, StreamRules};
+use crate::stream::{OverflowPolicy, ShardLimits, StreamRules};
 use crate::time::Millis;
 use crate::window::{SealReason, WindowState};
 
@@ -319,9 +319,7 @@ impl ShardBuffer {
         limits: &ShardLimits,
         partials: &[(BufKey, Partial)],
     ) -> Result<GroupApplied, S::Error> {
-        let rejects = partials.iter().any(|(k, _)| {
-            rules.get(&k.stream).is_some_and(|r| r.key_overflow == KeyOverflow::Reject && r.window.max_bytes.is_some())
-        });
+        let rejects = partials.iter().any(|(k, _)| rules.get(&k.stream).is_some_and(|r| r.growth_limit().is_some()));
         if !rejects {
             return Self::apply_partials(store, stamp, rules, limits, partials).map(GroupApplied::Applied);
         }
@@ -395,7 +393,7 @@ impl ShardBuffer {
         }
         // Under `key_overflow = "reject"` a key's value never passes `max_bytes`: an input that
         // would grow it further is refused, and the window stays open (no `max_bytes` seal).
-        let reject_growth = rules.window.max_bytes.filter(|_| rules.key_overflow == KeyOverflow::Reject);
+        let reject_growth = rules.growth_limit();
         if reject_growth.is_some_and(|max| partial.agg.size() as u64 > max) {
             // Alone larger than a window may hold (leaders cut partials below it): never fits.
             return Ok(PartialOutcome::KeyFull { retry_after_ms: 0 });

@@ -233,6 +233,13 @@ pub struct StreamRules {
 }
 
 impl StreamRules {
+    /// The most a key's merged value may hold when growth past it is refused
+    /// (`key_overflow = "reject"`: the window's `max_bytes`); `None` when the window closes
+    /// early instead.
+    pub fn growth_limit(&self) -> Option<u64> {
+        self.window.max_bytes.filter(|_| self.key_overflow == KeyOverflow::Reject)
+    }
+
     /// Checks rules as a Raft entry carries them, with the same bounds config validation
     /// applied: the merge operator's parameters, the window and the sample policy. The error
     /// names the field.
