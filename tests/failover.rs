@@ -337,6 +337,7 @@ async fn wait_quiesced(cluster: &Cluster, replicas: f64) {
         }
         if Instant::now() > deadline {
             cluster.dump_logs();
+            cluster.dump_shards().await;
             panic!("only {quiet} of {replicas} replicas quiesced");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -349,7 +350,9 @@ async fn wait_quiesced(cluster: &Cluster, replicas: f64) {
 /// steps down. Every acknowledged event is in the outputs exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quiesced_groups_wake_on_writes_and_fail_over_when_their_leader_dies() {
-    let mut cluster = Cluster::start(3, SHARDS, STREAMS);
+    // Quiescence decisions are logged at debug: a failure shows which group woke and why.
+    let log = ("RUST_LOG".to_owned(), "info,openraft=warn,coalesce_raft::quiesce=debug".to_owned());
+    let mut cluster = Cluster::start_env(tempfile::tempdir().unwrap(), 3, SHARDS, STREAMS, "", &[log]);
     cluster.wait_ready(Duration::from_secs(60)).await;
     let replicas = f64::from(SHARDS * 3);
     let mut seq = 0u64;

@@ -153,6 +153,47 @@ impl Cluster {
         CoalesceClient::new(ch)
     }
 
+    /// An admin client for node `i` (connects lazily).
+    pub fn admin(&self, i: usize) -> pb::admin_client::AdminClient<Channel> {
+        let ch = Channel::from_shared(format!("http://{}", self.local.nodes[i].client_addr))
+            .unwrap()
+            .connect_timeout(Duration::from_millis(300))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy();
+        pb::admin_client::AdminClient::new(ch)
+    }
+
+    /// Prints every running node's view of its shard replicas (on failure): role, leader,
+    /// term, log position and whether the group is quiesced.
+    pub async fn dump_shards(&self) {
+        for i in 0..self.local.nodes.len() {
+            if !self.is_running(i) {
+                continue;
+            }
+            match self.admin(i).shards(pb::ShardsRequest {}).await {
+                Ok(r) => {
+                    for d in r.into_inner().shards {
+                        eprintln!(
+                            "{} shard {}: {} leader={} term={} last={} committed={} applied={} quiesced={} lease_valid={} buffered={}",
+                            self.local.nodes[i].name,
+                            d.shard,
+                            d.role,
+                            d.leader,
+                            d.term,
+                            d.last_log_index,
+                            d.committed,
+                            d.last_applied,
+                            d.quiesced,
+                            d.lease_valid,
+                            d.buffered_keys
+                        );
+                    }
+                }
+                Err(e) => eprintln!("{}: Shards failed: {e}", self.local.nodes[i].name),
+            }
+        }
+    }
+
     /// The status of node `i`, if it answers.
     pub async fn status(&self, i: usize) -> Option<pb::StatusResponse> {
         self.client(i).status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())

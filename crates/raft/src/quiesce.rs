@@ -17,7 +17,8 @@
 //!   stops its own: from then on it sends one heartbeat every other `heartbeat` period, only
 //!   to keep its lease (openraft holds back heartbeats and refuses writes once a leader went a
 //!   lease without a quorum acknowledgement), with no timers on either side. Otherwise it stays
-//!   awake and its next heartbeat wakes the followers that stopped.
+//!   awake and asks again after another idle period; followers that stopped stay stopped
+//!   meanwhile (its empty heartbeats count as their keepalives).
 //! - **Wake**: a proposal on a quiesced leader restarts its ticker and proceeds at once (the
 //!   lease is kept); should the lease have lapsed, it sends a heartbeat and waits (at most the
 //!   maximum election timeout) for a quorum to answer. A Raft message arriving at a
@@ -115,12 +116,17 @@ impl Quiet {
         Duration::from_millis(now_ms().saturating_sub(self.active_ms.load(Ordering::Relaxed)))
     }
 
-    /// Whether `rpc` is the keepalive of the leader this follower quiesced under (an
+    /// Whether `rpc` is a keepalive of the leader this follower last quiesced under (an
     /// AppendEntries without entries from that leader and term), which must not wake it.
+    ///
+    /// The follower's state is deliberately not consulted: a heartbeat the leader sent just
+    /// before it asked the follower to quiesce can be checked here before the follower agrees
+    /// and processed after, and it must not then wake the follower it finds quiesced (which
+    /// left one replica awake under a quiesced leader for good: nothing asks it again). On an
+    /// awake replica the answer changes nothing.
     pub fn is_keepalive(&self, rpc: &openraft::raft::AppendEntriesRequest<crate::types::TypeConfig>) -> bool {
         let leader = &rpc.vote.leader_id;
         let keepalive = rpc.entries.is_empty()
-            && self.state.load(Ordering::Acquire) == QUIESCED_FOLLOWER
             && self.leader_id.load(Ordering::Acquire) == leader.node_id
             && self.leader_term.load(Ordering::Acquire) == leader.term;
         if keepalive {
@@ -251,11 +257,12 @@ impl RaftNode {
         }
     }
 
-    /// Wakes a quiesced replica on an incoming Raft message (after it was processed).
-    pub(crate) fn wake_on_message(&self, group: &Group) {
+    /// Wakes a quiesced replica on an incoming Raft message (after it was processed); `why`
+    /// names the message for the debug log.
+    pub(crate) fn wake_on_message(&self, group: &Group, why: &'static str) {
         if group.quiet.is_quiesced() && group.quiet.take() != AWAKE {
             group.raft.runtime_config().tick(true);
-            tracing::debug!(shard = group.shard, "woken by a message");
+            tracing::debug!(shard = group.shard, why, "woken");
         }
     }
 
@@ -293,11 +300,18 @@ impl RaftNode {
             }
         });
         let agreed = futures::future::join_all(asks).await.into_iter().all(|ok| ok);
-        if agreed && group.quiet.active_ms.load(Ordering::Relaxed) == since && self.quiesce_plan(group).is_some() {
+        let undisturbed = group.quiet.active_ms.load(Ordering::Relaxed) == since;
+        if agreed && undisturbed && self.quiesce_plan(group).is_some() {
             group.quiet.state.store(QUIESCED_LEADER, Ordering::Release);
             group.raft.runtime_config().tick(false);
             tracing::debug!(shard = group.shard, "quiesced");
         } else {
+            tracing::debug!(
+                shard = group.shard,
+                agreed,
+                undisturbed,
+                "not quiesced: trying again after another idle period"
+            );
             group.quiet.touch();
         }
     }
@@ -354,6 +368,17 @@ impl RaftNode {
                 && m.last_log_index == Some(req.last_log_index)
                 && m.local_committed.as_ref().map(|c| c.index) == Some(req.last_log_index);
             if !agrees {
+                tracing::debug!(
+                    shard = group.shard,
+                    leader = req.leader,
+                    term = req.term,
+                    last = req.last_log_index,
+                    my_leader = ?m.current_leader,
+                    my_term = m.vote.leader_id.term,
+                    my_last = ?m.last_log_index,
+                    my_committed = ?m.local_committed.as_ref().map(|c| c.index),
+                    "refusing to quiesce"
+                );
                 return false;
             }
             match m.membership_config.membership().get_node(&req.leader) {
@@ -426,7 +451,7 @@ impl RaftNode {
                 self.liveness.forgive_all();
                 for g in self.groups() {
                     if g.quiet.state.load(Ordering::Acquire) == QUIESCED_LEADER {
-                        self.wake_on_message(&g);
+                        self.wake_on_message(&g, "this node was paused");
                     }
                 }
             }

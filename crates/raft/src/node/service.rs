@@ -142,7 +142,7 @@ impl RaftPeer for PeerService {
         let keepalive = g.quiet.is_keepalive(&rpc);
         let resp = g.raft.append_entries(rpc).await.map_err(unavailable)?;
         if !keepalive {
-            self.node.wake_on_message(&g);
+            self.node.wake_on_message(&g, "append_entries");
         }
         reply(m.group, "append_entries", &resp)
     }
@@ -199,7 +199,7 @@ impl RaftPeer for PeerService {
             .filter_map(futures::future::ready)
             .inspect(move |rpc: &openraft::raft::AppendEntriesRequest<TypeConfig>| {
                 if !quiet.quiet.is_keepalive(rpc) {
-                    node.wake_on_message(&quiet);
+                    node.wake_on_message(&quiet, "append_entries (stream)");
                 }
             });
         let replies = g.raft.stream_append(input).take_until(self.node.stopped()).map(move |r| {
@@ -217,7 +217,7 @@ impl RaftPeer for PeerService {
         let rpc: openraft::raft::VoteRequest<TypeConfig> = codec::decode_msg("vote", &m.payload).map_err(bad)?;
         self.node.check_speaks_for(sender.as_deref(), &g, rpc.vote.leader_id.node_id).await?;
         let resp = g.raft.vote(rpc).await.map_err(unavailable)?;
-        self.node.wake_on_message(&g);
+        self.node.wake_on_message(&g, "vote");
         reply(m.group, "vote", &resp)
     }
 
@@ -228,7 +228,7 @@ impl RaftPeer for PeerService {
         let rpc: openraft::raft::VoteRequest<TypeConfig> = codec::decode_msg("pre_vote", &m.payload).map_err(bad)?;
         self.node.check_speaks_for(sender.as_deref(), &g, rpc.vote.leader_id.node_id).await?;
         let resp = g.raft.pre_vote(rpc).await.map_err(unavailable)?;
-        self.node.wake_on_message(&g);
+        self.node.wake_on_message(&g, "pre_vote");
         reply(m.group, "pre_vote", &resp)
     }
 
@@ -240,7 +240,7 @@ impl RaftPeer for PeerService {
             codec::decode_msg("transfer_leader", &m.payload).map_err(bad)?;
         self.node.check_speaks_for(sender.as_deref(), &g, req.from_leader().leader_id.node_id).await?;
         let resp = g.raft.handle_transfer_leader(req).await.map_err(unavailable)?;
-        self.node.wake_on_message(&g);
+        self.node.wake_on_message(&g, "transfer_leader");
         reply(m.group, "transfer_leader", &resp)
     }
 
@@ -326,7 +326,7 @@ impl RaftPeer for PeerService {
         check(&meta)?;
         let snapshot = openraft::storage::Snapshot { meta, snapshot: crate::snapshot::ShardSnapshot::Received(file) };
         let resp = g.raft.install_full_snapshot(vote, snapshot).await.map_err(unavailable)?;
-        self.node.wake_on_message(&g);
+        self.node.wake_on_message(&g, "snapshot");
         reply(g.shard, "snapshot response", &resp)
     }
 
