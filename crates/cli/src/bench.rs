@@ -72,6 +72,8 @@ pub(crate) enum BenchCmd {
     Idle(crate::bench_state::IdleArgs),
     /// A throttled sink: backlog and staleness with fixed windows vs load-adaptive windows.
     Adaptive(crate::bench_adaptive::AdaptiveArgs),
+    /// Window end to subscriber at low load: one event per request, a fresh key each.
+    Emit(crate::bench_emit::EmitArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -290,6 +292,7 @@ pub(crate) async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Idle(args) => crate::bench_state::idle(args).await,
         BenchCmd::Snapshot(args) => crate::bench_snapshot::run(args).await,
         BenchCmd::Adaptive(args) => crate::bench_adaptive::run(args).await,
+        BenchCmd::Emit(args) => crate::bench_emit::run(args).await,
     }
 }
 

@@ -6,6 +6,7 @@
 mod admin;
 mod bench;
 mod bench_adaptive;
+mod bench_emit;
 mod bench_etcd;
 mod bench_fetch;
 mod bench_pg;

@@ -26,6 +26,7 @@
 //! Depends on `coalesce-core`, `coalesce-wire`, `coalesce-storage` and `coalesce-proto`; not on
 //! the server.
 
+pub mod changes;
 pub mod connections;
 pub mod failpoints;
 pub mod identity;

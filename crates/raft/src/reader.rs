@@ -6,8 +6,6 @@
 //! stays the state machine's business.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use coalesce_core::buffer::{BufKey, BufferStore, Buffered, ShardBuffer, ShardStats};
 use coalesce_core::hash::ShardId;
@@ -15,13 +13,14 @@ use coalesce_core::output::{DeadLetter, Output};
 use coalesce_core::time::Millis;
 use coalesce_storage::{ShardStore, StorageError};
 
+use crate::changes::Changes;
 use crate::state_machine::{OutboxMeta, load_outbox, load_preferred_leader};
 
 /// Reads one shard's applied state ([`crate::node::Group::reader`]). Cheap to clone.
 #[derive(Clone)]
 pub struct ShardReader {
     store: ShardStore,
-    version: Arc<AtomicU64>,
+    changes: Changes,
 }
 
 impl std::fmt::Debug for ShardReader {
@@ -31,8 +30,8 @@ impl std::fmt::Debug for ShardReader {
 }
 
 impl ShardReader {
-    pub(crate) fn new(store: ShardStore, version: Arc<AtomicU64>) -> Self {
-        Self { store, version }
+    pub(crate) fn new(store: ShardStore, changes: Changes) -> Self {
+        Self { store, changes }
     }
 
     pub fn shard(&self) -> ShardId {
@@ -41,9 +40,15 @@ impl ShardReader {
 
     /// The state machine's change counter: it moves whenever an applied entry changed the
     /// outbox (or anything a reader sees). Read it before a read and compare after to know
-    /// whether the read may have missed a change ([`crate::state_machine::ShardStateMachine::version`]).
+    /// whether the read may have missed a change ([`crate::changes`]).
     pub fn version(&self) -> u64 {
-        self.version.load(Ordering::Acquire)
+        self.changes.version()
+    }
+
+    /// A receiver that wakes on the shard's next change: mark it seen (`borrow_and_update`)
+    /// before reading, then await `changed()` ([`crate::changes`]).
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.watch()
     }
 
     /// The outbox: next seq, lowest kept seq, and every consumer's cursor.

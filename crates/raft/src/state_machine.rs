@@ -21,6 +21,7 @@ use coalesce_core::session::{self, SeqCheck, Session};
 use coalesce_storage::keys::SmMetaTag;
 use coalesce_storage::{ApplyBatch, ShardStore, StorageError};
 
+use crate::changes::{Changes, NodeChanges};
 use crate::snapshot::ShardSnapshot;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot, SnapshotMeta};
@@ -82,9 +83,9 @@ pub struct ShardStateMachine {
     store: ShardStore,
     /// Cached copy of the stored outbox meta; apply is sequential so it never goes stale.
     outbox: OutboxMeta,
-    /// Bumped after every applied entry or installed snapshot, so readers of derived state
-    /// (the scheduler's cached next deadline) know when to look again.
-    version: Arc<std::sync::atomic::AtomicU64>,
+    /// Moved after every applied entry or installed snapshot ([`crate::changes`]): waiters
+    /// wake, and readers of derived state (the sealer's cached next deadline) look again.
+    changes: Changes,
     /// This node's peer id when it records metrics (see `crate::metrics`): entries proposed by
     /// it are counted here.
     counting_as: Option<u64>,
@@ -133,7 +134,7 @@ impl ShardStateMachine {
         Ok(Self {
             store,
             outbox,
-            version: Arc::default(),
+            changes: Changes::default(),
             counting_as: None,
             applied_extra: Arc::default(),
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
@@ -165,9 +166,16 @@ impl ShardStateMachine {
         &self.store
     }
 
-    /// A counter bumped whenever the state changes (entry applied, snapshot installed).
-    pub fn version(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        Arc::clone(&self.version)
+    /// Moves `node`'s change counter too, besides the shard's own ([`crate::changes`]).
+    pub fn notifying(mut self, node: &NodeChanges) -> Self {
+        self.changes = Changes::on(node);
+        self
+    }
+
+    /// The shard's change counter: it moves whenever the state changes (entry applied,
+    /// snapshot installed).
+    pub fn changes(&self) -> Changes {
+        self.changes.clone()
     }
 
     /// The adaptive stretch per stream of the last Ingest entry applied here.
@@ -503,7 +511,7 @@ impl ShardStateMachine {
         })();
         match result {
             Ok(staged) => {
-                self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+                self.changes.bump();
                 // Write-through (a zero interval), effects read from RocksDB only, and the retry
                 // of a failed background write happen here, before the entries are answered.
                 if staged.urgent || self.checkpoint_interval.is_zero() || self.store.checkpoint_failed() {
@@ -650,7 +658,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             .map_err(|e| io::Error::other(format!("snapshot install: {e}")))??;
         crate::metrics::SNAPSHOTS.with_label_values(&["installed"]).inc();
         self.outbox = load_outbox(&self.store)?;
-        self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+        self.changes.bump();
         Ok(())
     }
 

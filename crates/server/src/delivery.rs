@@ -38,8 +38,9 @@ use crate::metrics;
 const SUPERVISE_EVERY: Duration = Duration::from_millis(50);
 /// How long stopping waits for workers (and their final acks).
 const STOP_WAIT: Duration = Duration::from_secs(2);
-/// How often an idle worker looks for new outputs.
-const IDLE_POLL: Duration = Duration::from_millis(20);
+/// How often a caught-up worker, which otherwise sleeps until the shard changes, looks whether
+/// it still leads the shard under its epoch (and ends if not, so a new epoch gets a new worker).
+const VALIDITY_CHECK: Duration = Duration::from_millis(250);
 /// A full batch that waited at least this long for the sink's rate limit reports the sink as
 /// throttled.
 const RATE_WAIT_THROTTLED: Duration = Duration::from_millis(1);
@@ -388,6 +389,7 @@ impl Worker {
         // (and when stopping): what a dying leader delivered but had not acknowledged yet is
         // delivered again by the next one.
         let mut next = (acked + 1).max(meta.low);
+        let mut changes = group.reader().watch();
         let mut pending: VecDeque<Output> = VecDeque::new();
         let mut last_ack = Instant::now();
         let ack_interval = self.rt.config.delivery.ack_interval;
@@ -409,19 +411,21 @@ impl Worker {
                 self.delivery.node.keep_awake(self.shard);
             }
             if pending.is_empty() {
-                let version = group.reader().version();
+                // Marked seen before the read: a change that lands after it wakes the wait.
+                changes.borrow_and_update();
                 pending.extend(group.reader().outputs_from(next, page_size).map_err(|e| e.to_string())?);
                 if pending.is_empty() {
-                    // Caught up: wait for new outputs, or until an acknowledgement is due.
+                    // Caught up: wait for new outputs (the shard's change notification), until
+                    // an acknowledgement is due, or the stop; the leadership is looked at again
+                    // at least every VALIDITY_CHECK.
                     self.report(false, false);
-                    while self.valid()
-                        && group.reader().version() == version
-                        && !(next - 1 > acked && last_ack.elapsed() >= ack_interval)
-                    {
-                        tokio::select! {
-                            _ = tokio::time::sleep(IDLE_POLL) => {}
-                            _ = self.stop.changed() => {}
-                        }
+                    let ack_due = (next - 1 > acked).then(|| last_ack + ack_interval);
+                    let check = Instant::now() + VALIDITY_CHECK;
+                    let until = ack_due.map_or(check, |a| a.min(check));
+                    tokio::select! {
+                        _ = changes.changed() => {}
+                        _ = tokio::time::sleep_until(until) => {}
+                        _ = self.stop.changed() => {}
                     }
                     continue;
                 }

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use coalesce_core::batch::EventBatch;
 use coalesce_core::hash::ShardId;
@@ -473,15 +472,17 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
     }
 }
 
-/// Streams new outputs of the local outboxes, in seq order per shard. A shard's outbox is read
-/// only when its state machine changed since the last read (an atomic load otherwise). Once
-/// `stopping` turns true (or its sender is gone) the stream ends with UNAVAILABLE.
+/// Streams new outputs of the local outboxes, in seq order per shard. The stream sleeps until
+/// one of the node's shards changes ([`RaftNode::changes`]); a shard's outbox is read only when
+/// its state machine changed since the last read. Once `stopping` turns true (or its sender is
+/// gone) the stream ends with UNAVAILABLE.
 fn async_stream(
     node: Arc<RaftNode>,
     next: BTreeMap<u32, u64>,
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> impl Stream<Item = Result<pb::SubscribeResponse, Status>> + Send {
-    let state = Subscription { node, cursor: next, seen: BTreeMap::new(), stopping };
+    let changes = node.changes();
+    let state = Subscription { node, cursor: next, seen: BTreeMap::new(), stopping, changes };
     // `None` once the stream has ended (after telling the client the node is shutting down).
     futures::stream::unfold(Some(state), |state| async move {
         let mut sub = state?;
@@ -490,19 +491,30 @@ fn async_stream(
                 let ended = Status::unavailable("the node is shutting down: subscribe again (to another node)");
                 return Some((Err(ended), None));
             }
+            // Marked seen before the read: a change that lands after it wakes the wait below.
+            sub.changes.borrow_and_update();
             match sub.read() {
                 Ok(outputs) if outputs.is_empty() => {}
                 Ok(outputs) => return Some((Ok(pb::SubscribeResponse { outputs }), Some(sub))),
                 Err(e) => return Some((Err(e), Some(sub))),
             }
-            match sub.stopping.as_mut() {
-                Some(s) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                        _ = s.changed() => {}
+            let Subscription { stopping, changes, .. } = &mut sub;
+            let stopped = async {
+                match stopping.as_mut() {
+                    Some(s) => {
+                        let _ = s.changed().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // The node's groups are gone: it is stopping.
+                        return Some((Err(Status::unavailable("the node is shutting down: subscribe again (to another node)")), None));
                     }
                 }
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
+                _ = stopped => {}
             }
         }
     })
@@ -516,6 +528,8 @@ struct Subscription {
     /// The state-machine version each shard had when its outbox was last read to the end.
     seen: BTreeMap<u32, u64>,
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The node's change notification ([`RaftNode::changes`]).
+    changes: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Subscription {

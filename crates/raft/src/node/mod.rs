@@ -155,8 +155,8 @@ pub struct Group {
     pub raft: Raft<TypeConfig, ShardStateMachine>,
     /// Read by the raft crate only; everything else reads through [`Group::reader`].
     store: ShardStore,
-    /// The state machine's change counter (see [`ShardStateMachine::version`]).
-    version: Arc<std::sync::atomic::AtomicU64>,
+    /// The state machine's change counter ([`crate::changes`]).
+    changes: crate::changes::Changes,
     /// The adaptive stretch of each stream in the last Ingest entry applied here (see
     /// [`ShardStateMachine::applied_extra`]): where a new leader's controllers resume.
     pub applied_extra: crate::state_machine::AppliedExtra,
@@ -169,7 +169,7 @@ pub struct Group {
 impl Group {
     /// The shard's applied state, read-only and typed.
     pub fn reader(&self) -> crate::reader::ShardReader {
-        crate::reader::ShardReader::new(self.store.clone(), Arc::clone(&self.version))
+        crate::reader::ShardReader::new(self.store.clone(), self.changes.clone())
     }
 
     /// The shard's storage: what the state machine, snapshots and this crate's tests work on.
@@ -274,6 +274,8 @@ pub struct RaftNode {
     /// Set once [`RaftNode::shutdown`] has stopped every group: replication streams that
     /// peers hold open into this node end, so the peer port can stop gracefully.
     stopped: tokio::sync::watch::Sender<bool>,
+    /// Moves with every shard's change counter ([`crate::changes`]).
+    changes: crate::changes::NodeChanges,
     db: Arc<NodeDb>,
     /// Hot-key trackers of the shards this node leads ([`coalesce_core::hotkeys`]):
     /// leader-local telemetry, fed when an Ingest is proposed, decayed on the sealer tick and
@@ -348,6 +350,7 @@ impl RaftNode {
         let addrs = spec.nodes.iter().map(|n| (n.name.clone(), n.peer_addr.clone())).collect();
         let channels = Arc::new(Channels::new(peer_tls, addrs).with_snapshot_options(timing.snapshot));
         let mut groups = BTreeMap::new();
+        let changes = crate::changes::NodeChanges::default();
         let mut not_started = BTreeMap::new();
         for shard in 0..spec.shards {
             if !spec.placement(shard).iter().any(|n| n.name == name) {
@@ -367,9 +370,10 @@ impl RaftNode {
                 continue;
             }
             let sm = ShardStateMachine::open(store.clone())?
+                .notifying(&changes)
                 .counting_as(id)
                 .checkpoint_every(Duration::from_millis(timing.checkpoint_ms));
-            let version = sm.version();
+            let shard_changes = sm.changes();
             let applied_extra = sm.applied_extra();
             let failure = sm.failure();
             let net = GroupNetworkFactory::new(shard, Arc::clone(&channels));
@@ -385,7 +389,7 @@ impl RaftNode {
                 }
             };
             let quiet = Arc::default();
-            groups.insert(shard, Group { shard, raft, store, version, applied_extra, quiet, failure });
+            groups.insert(shard, Group { shard, raft, store, changes: shard_changes, applied_extra, quiet, failure });
         }
         let identity = crate::identity::Identity::load(&db)?;
         crate::metrics::CLUSTER_ID_KNOWN.set(i64::from(identity.get().is_some()));
@@ -408,6 +412,7 @@ impl RaftNode {
             incompatible: std::sync::Mutex::new(BTreeMap::new()),
             protocols: std::sync::Mutex::new(BTreeMap::new()),
             stopped: tokio::sync::watch::Sender::new(false),
+            changes,
             db,
             hot: std::sync::Mutex::new(BTreeMap::new()),
             adaptive: std::sync::Mutex::new(BTreeMap::new()),
@@ -454,6 +459,12 @@ impl RaftNode {
     /// Every local group.
     pub fn groups(&self) -> Vec<Group> {
         self.groups.read().map(|g| g.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// A receiver that wakes on the next change of any of this node's shards (an applied entry,
+    /// an installed snapshot): what Subscribe and the sealer wait on ([`crate::changes`]).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.watch()
     }
 
     /// The shards whose group has stopped on this node because an entry failed to apply

@@ -200,53 +200,97 @@ impl RaftNode {
     }
 
     /// Runs the window scheduler of every local group until `shutdown` resolves: while this
-    /// node leads a shard, it proposes a Seal whenever the earliest deadline has passed. The
-    /// earliest deadline is read from the deadline index only when the state machine changed
-    /// since the last look, so an idle shard costs an atomic load per tick.
+    /// node leads a shard, it proposes a Seal once the shard's earliest deadline has passed.
+    ///
+    /// It sleeps until the earliest deadline of the shards this node leads and wakes early on
+    /// any applied change ([`RaftNode::changes`]: a new key may bring an earlier deadline, a
+    /// new leadership starts with an applied entry), so an idle node does no sealing work and
+    /// a window is sealed when it ends rather than up to a poll period later. A shard's
+    /// earliest deadline is read from the deadline index only when its state changed since the
+    /// last look. Change-driven passes are at least `tick / 4` apart, so a busy node does not
+    /// rescan on every apply; `tick` is also the period of the hot-key and adaptive-window
+    /// housekeeping, and of retrying a seal that could not be proposed.
     pub async fn run_sealer(self: Arc<Self>, tick: Duration, shutdown: impl std::future::Future<Output = ()>) {
-        let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut housekeeping = tokio::time::interval(tick);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut changes = self.changes();
+        let min_gap = tick / 4;
         tokio::pin!(shutdown);
         // shard → (state version, earliest deadline at that version)
         let mut cache: BTreeMap<ShardId, (u64, Option<u64>)> = BTreeMap::new();
+        // When the next pass is due (a deadline, or a retry), and when the last one ran.
+        let mut wake_at = tokio::time::Instant::now();
+        let mut last_pass = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = interval.tick() => {}
-            }
-            let led = self.led_shards();
-            self.tick_hot(&led);
-            self.tick_adaptive(&led);
-            for group in self.groups() {
-                if !group.raft.is_leader() {
+                _ = housekeeping.tick() => {
+                    let led = self.led_shards();
+                    self.tick_hot(&led);
+                    self.tick_adaptive(&led);
                     continue;
                 }
-                let now = self.clock.now();
-                let version = group.reader().version();
-                let due = match cache.get(&group.shard) {
-                    Some((v, d)) if *v == version => *d,
-                    _ => {
-                        let Ok(d) = group.reader().next_deadline() else { continue };
-                        cache.insert(group.shard, (version, d));
-                        d
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
                     }
-                };
-                if due.is_some_and(|d| d <= now) {
-                    let cmd = Command::Seal {
-                        stamp: now,
-                        max: 10_000,
-                        session_ttl_ms: coalesce_core::session::DEFAULT_SESSION_TTL_MS,
-                    };
-                    let span = tracing::debug_span!("seal", shard = group.shard, outputs = tracing::field::Empty);
-                    match tracing::Instrument::instrument(self.propose(group.shard, cmd), span.clone()).await {
-                        Ok(Response::Sealed { sealed, .. }) => {
-                            span.record("outputs", sealed);
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::debug!(shard = group.shard, error = %e, "seal not proposed"),
-                    }
+                    tokio::time::sleep_until(last_pass + min_gap).await;
                 }
+                _ = tokio::time::sleep_until(wake_at) => {}
             }
+            changes.borrow_and_update();
+            last_pass = tokio::time::Instant::now();
+            let next = self.seal_due(&mut cache, tick).await;
+            // At most a second between passes: a wall clock that jumped back cannot hold a
+            // window open for longer than that past its end.
+            wake_at = last_pass + next.min(Duration::from_secs(1));
         }
+    }
+
+    /// Proposes a Seal for every shard this node leads whose earliest deadline has passed;
+    /// returns how long until the next pass is due (the earliest deadline still ahead, or
+    /// `retry` when a due shard is still waiting).
+    async fn seal_due(&self, cache: &mut BTreeMap<ShardId, (u64, Option<u64>)>, retry: Duration) -> Duration {
+        let mut next = Duration::MAX;
+        for group in self.groups() {
+            if !group.raft.is_leader() {
+                continue;
+            }
+            let now = self.clock.now();
+            let version = group.reader().version();
+            let due = match cache.get(&group.shard) {
+                Some((v, d)) if *v == version => *d,
+                _ => {
+                    let Ok(d) = group.reader().next_deadline() else {
+                        next = next.min(retry);
+                        continue;
+                    };
+                    cache.insert(group.shard, (version, d));
+                    d
+                }
+            };
+            let Some(due) = due else { continue };
+            if due > now {
+                next = next.min(Duration::from_millis(due - now));
+                continue;
+            }
+            let cmd = Command::Seal {
+                stamp: now,
+                max: 10_000,
+                session_ttl_ms: coalesce_core::session::DEFAULT_SESSION_TTL_MS,
+            };
+            let span = tracing::debug_span!("seal", shard = group.shard, outputs = tracing::field::Empty);
+            match tracing::Instrument::instrument(self.propose(group.shard, cmd), span.clone()).await {
+                Ok(Response::Sealed { sealed, .. }) => {
+                    span.record("outputs", sealed);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(shard = group.shard, error = %e, "seal not proposed"),
+            }
+            // The seal's apply moves the version, and the change wakes the next pass; should
+            // nothing have been applied (not proposed, or more still due), look again soon.
+            next = next.min(retry);
+        }
+        next
     }
 }
