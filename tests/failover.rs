@@ -326,8 +326,9 @@ async fn metric_sum(cluster: &Cluster, series: &str) -> f64 {
 
 /// Waits until every local replica of every shard is quiesced (`[raft] quiesce_after`). The
 /// deadline is generous: on a machine busy with other tests, late pings wake groups (a peer that
-/// seems to return wakes the leaderships it replicates), and each wake restarts the idle timer
-/// (failed once in clean-clone CI at 20 s with 11 of 12 replicas quiet, beside the compose game day).
+/// seems to return wakes the leaderships it replicates), and each wake restarts the idle timer.
+/// (CI twice found 11 of 12 quiet for good: a heartbeat in flight woke a follower that had just
+/// agreed to quiesce under a leader that then quiesced — fixed in `Quiet::is_keepalive`.)
 async fn wait_quiesced(cluster: &Cluster, replicas: f64) {
     let deadline = Instant::now() + Duration::from_secs(45);
     loop {

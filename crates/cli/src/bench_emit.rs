@@ -72,7 +72,7 @@ async fn measure(args: &EmitArgs, endpoints: &[String]) -> anyhow::Result<serde_
                     None => late += 1,
                 }
             }
-            if delays.len() as f64 >= sent {
+            if (delays.len() + late) as f64 >= sent {
                 break;
             }
         }

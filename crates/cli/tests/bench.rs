@@ -183,3 +183,15 @@ fn ingest_vs_etcd_runs_both_clusters() {
         assert_eq!(f(p, "failed_events"), 0.0, "{p:#}");
     }
 }
+
+#[test]
+fn emit_times_every_output_from_its_window_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = bench(dir.path(), &["emit", "--seconds", "1", "--rate", "20", "--shards", "2"]);
+    assert_eq!(f(&v, "events"), 20.0, "{v:#}");
+    assert_eq!(f(&v, "acked"), 20.0, "{v:#}");
+    // One output per event (a fresh key each), every one seen by the subscriber.
+    let d = &v["window_end_to_subscriber"];
+    assert_eq!(f(d, "count"), 20.0, "{v:#}");
+    assert!(f(d, "p99_ms") >= f(d, "p50_ms"), "{v:#}");
+}
