@@ -371,7 +371,10 @@ impl AdaptiveController {
             Level::High(Cause::SinkLag)
         } else if p.outbox_backlog >= pol.backlog_high {
             Level::High(Cause::Backlog)
-        } else if p.outbox_backlog <= pol.backlog_low && p.oldest_undelivered_age_ms < pol.lag_high_ms / 2 {
+        } else if p.outbox_backlog <= pol.backlog_low && p.oldest_undelivered_age_ms.saturating_mul(2) < pol.lag_high_ms
+        {
+            // Below half of lag_high, exactly: with lag_high = 1 ms, `age < lag_high / 2` (0)
+            // made calm unreachable and a stretch could never relax (found by proptest in CI).
             Level::Calm
         } else {
             Level::Elevated

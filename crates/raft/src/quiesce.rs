@@ -116,19 +116,20 @@ impl Quiet {
         Duration::from_millis(now_ms().saturating_sub(self.active_ms.load(Ordering::Relaxed)))
     }
 
-    /// Whether `rpc` is a keepalive of the leader this follower last quiesced under (an
-    /// AppendEntries without entries from that leader and term), which must not wake it.
+    /// Whether an AppendEntries (`empty`: without entries) from leader `node_id` in `term` is a
+    /// keepalive of the leader and term this follower last quiesced under, which must not wake
+    /// it.
     ///
-    /// The follower's state is deliberately not consulted: a heartbeat the leader sent just
-    /// before it asked the follower to quiesce can be checked here before the follower agrees
-    /// and processed after, and it must not then wake the follower it finds quiesced (which
-    /// left one replica awake under a quiesced leader for good: nothing asks it again). On an
-    /// awake replica the answer changes nothing.
-    pub fn is_keepalive(&self, rpc: &openraft::raft::AppendEntriesRequest<crate::types::TypeConfig>) -> bool {
-        let leader = &rpc.vote.leader_id;
-        let keepalive = rpc.entries.is_empty()
-            && self.leader_id.load(Ordering::Acquire) == leader.node_id
-            && self.leader_term.load(Ordering::Acquire) == leader.term;
+    /// The follower's state is deliberately not consulted, and the unary handler asks only
+    /// after processing the message: a heartbeat the leader sent just before it asked the
+    /// follower to quiesce can arrive before the follower agrees and finish after, and it must
+    /// not then wake the follower it finds quiesced (which left one replica awake under a
+    /// quiesced leader for good: nothing asks it again). On an awake replica the answer changes
+    /// nothing.
+    pub fn is_keepalive(&self, empty: bool, node_id: u64, term: u64) -> bool {
+        let keepalive = empty
+            && self.leader_id.load(Ordering::Acquire) == node_id
+            && self.leader_term.load(Ordering::Acquire) == term;
         if keepalive {
             self.heard_ms.store(now_ms(), Ordering::Release);
         }

@@ -51,6 +51,12 @@ impl ShardReader {
         self.changes.watch()
     }
 
+    /// [`ShardReader::watch`] for changes of the outputs only (added or trimmed): what a
+    /// reader of the outbox waits on.
+    pub fn watch_outputs(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.watch_outputs()
+    }
+
     /// The outbox: next seq, lowest kept seq, and every consumer's cursor.
     pub fn outbox(&self) -> Result<OutboxMeta, StorageError> {
         load_outbox(&self.store)

@@ -511,7 +511,6 @@ impl ShardStateMachine {
         })();
         match result {
             Ok(staged) => {
-                self.changes.bump();
                 // Write-through (a zero interval), effects read from RocksDB only, and the retry
                 // of a failed background write happen here, before the entries are answered.
                 if staged.urgent || self.checkpoint_interval.is_zero() || self.store.checkpoint_failed() {
@@ -519,6 +518,8 @@ impl ShardStateMachine {
                 } else if self.store.checkpoint_due(self.checkpoint_interval) {
                     self.checkpoint_in_background();
                 }
+                let outputs = self.outbox.next_seq != before.next_seq || self.outbox.low != before.low;
+                self.changes.bump(outputs);
                 Ok(())
             }
             Err(e) => {
@@ -658,7 +659,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             .map_err(|e| io::Error::other(format!("snapshot install: {e}")))??;
         crate::metrics::SNAPSHOTS.with_label_values(&["installed"]).inc();
         self.outbox = load_outbox(&self.store)?;
-        self.changes.bump();
+        self.changes.bump(true);
         Ok(())
     }
 

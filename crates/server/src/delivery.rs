@@ -389,7 +389,7 @@ impl Worker {
         // (and when stopping): what a dying leader delivered but had not acknowledged yet is
         // delivered again by the next one.
         let mut next = (acked + 1).max(meta.low);
-        let mut changes = group.reader().watch();
+        let mut changes = group.reader().watch_outputs();
         let mut pending: VecDeque<Output> = VecDeque::new();
         let mut last_ack = Instant::now();
         let ack_interval = self.rt.config.delivery.ack_interval;

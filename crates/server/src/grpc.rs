@@ -473,7 +473,7 @@ impl pb::coalesce_server::Coalesce for CoalesceService {
 }
 
 /// Streams new outputs of the local outboxes, in seq order per shard. The stream sleeps until
-/// one of the node's shards changes ([`RaftNode::changes`]); a shard's outbox is read only when
+/// the outputs of one of the node's shards change ([`RaftNode::output_changes`]); a shard's outbox is read only when
 /// its state machine changed since the last read. Once `stopping` turns true (or its sender is
 /// gone) the stream ends with UNAVAILABLE.
 fn async_stream(
@@ -481,7 +481,7 @@ fn async_stream(
     next: BTreeMap<u32, u64>,
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> impl Stream<Item = Result<pb::SubscribeResponse, Status>> + Send {
-    let changes = node.changes();
+    let changes = node.output_changes();
     let state = Subscription { node, cursor: next, seen: BTreeMap::new(), stopping, changes };
     // `None` once the stream has ended (after telling the client the node is shutting down).
     futures::stream::unfold(Some(state), |state| async move {
@@ -510,7 +510,7 @@ fn async_stream(
             tokio::select! {
                 changed = changes.changed() => {
                     if changed.is_err() {
-                        // The node's groups are gone: it is stopping.
+                        // Unreachable while the node lives (it holds the sender): end as a stop.
                         return Some((Err(Status::unavailable("the node is shutting down: subscribe again (to another node)")), None));
                     }
                 }
@@ -528,7 +528,7 @@ struct Subscription {
     /// The state-machine version each shard had when its outbox was last read to the end.
     seen: BTreeMap<u32, u64>,
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
-    /// The node's change notification ([`RaftNode::changes`]).
+    /// The node's outputs notification ([`RaftNode::output_changes`]).
     changes: tokio::sync::watch::Receiver<u64>,
 }
 

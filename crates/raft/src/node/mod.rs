@@ -462,9 +462,15 @@ impl RaftNode {
     }
 
     /// A receiver that wakes on the next change of any of this node's shards (an applied entry,
-    /// an installed snapshot): what Subscribe and the sealer wait on ([`crate::changes`]).
+    /// an installed snapshot): what the sealer waits on ([`crate::changes`]).
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.watch()
+    }
+
+    /// A receiver that wakes when the outputs of any of this node's shards next change: what
+    /// Subscribe waits on ([`crate::changes`]).
+    pub fn output_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.watch_outputs()
     }
 
     /// The shards whose group has stopped on this node because an entry failed to apply

@@ -237,7 +237,8 @@ impl RaftNode {
                     if changed.is_err() {
                         return;
                     }
-                    tokio::time::sleep_until(last_pass + min_gap).await;
+                    // The gap never holds back a deadline that falls inside it.
+                    tokio::time::sleep_until((last_pass + min_gap).min(wake_at)).await;
                 }
                 _ = tokio::time::sleep_until(wake_at) => {}
             }

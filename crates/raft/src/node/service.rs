@@ -139,9 +139,11 @@ impl RaftPeer for PeerService {
             codec::decode_msg("append_entries", &m.payload).map_err(bad)?;
         self.node.check_speaks_for(sender.as_deref(), &g, rpc.vote.leader_id.node_id).await?;
         check_entries(&rpc)?;
-        let keepalive = g.quiet.is_keepalive(&rpc);
+        let (empty, leader, term) = (rpc.entries.is_empty(), rpc.vote.leader_id.node_id, rpc.vote.leader_id.term);
         let resp = g.raft.append_entries(rpc).await.map_err(unavailable)?;
-        if !keepalive {
+        // Judged after processing: the follower may have agreed to quiesce under this very
+        // leader and term meanwhile, and then this heartbeat must not wake it.
+        if !g.quiet.is_keepalive(empty, leader, term) {
             self.node.wake_on_message(&g, "append_entries");
         }
         reply(m.group, "append_entries", &resp)
@@ -198,7 +200,8 @@ impl RaftPeer for PeerService {
             .take_while(|r| futures::future::ready(r.is_some()))
             .filter_map(futures::future::ready)
             .inspect(move |rpc: &openraft::raft::AppendEntriesRequest<TypeConfig>| {
-                if !quiet.quiet.is_keepalive(rpc) {
+                let leader = &rpc.vote.leader_id;
+                if !quiet.quiet.is_keepalive(rpc.entries.is_empty(), leader.node_id, leader.term) {
                     node.wake_on_message(&quiet, "append_entries (stream)");
                 }
             });
