@@ -49,14 +49,14 @@ impl Changes {
         }
     }
 
-    /// The counter now.
+    /// The change counter now.
     pub fn version(&self) -> u64 {
         *self.shard.borrow()
     }
 
-    /// A receiver that wakes on the shard's next change.
-    pub fn watch(&self) -> watch::Receiver<u64> {
-        self.shard.subscribe()
+    /// The outputs counter now.
+    pub fn outputs_version(&self) -> u64 {
+        *self.outputs.borrow()
     }
 
     /// A receiver that wakes when the shard's outputs next change.

@@ -45,14 +45,15 @@ impl ShardReader {
         self.changes.version()
     }
 
-    /// A receiver that wakes on the shard's next change: mark it seen (`borrow_and_update`)
-    /// before reading, then await `changed()` ([`crate::changes`]).
-    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changes.watch()
+    /// [`ShardReader::version`] of the outputs only: it moves when outputs are added or
+    /// trimmed, not on every Ingest.
+    pub fn outputs_version(&self) -> u64 {
+        self.changes.outputs_version()
     }
 
-    /// [`ShardReader::watch`] for changes of the outputs only (added or trimmed): what a
-    /// reader of the outbox waits on.
+    /// A receiver that wakes when the shard's outputs next change (added or trimmed): mark it
+    /// seen (`borrow_and_update`) before reading the outbox, then await `changed()`
+    /// ([`crate::changes`]).
     pub fn watch_outputs(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.watch_outputs()
     }

@@ -525,7 +525,7 @@ struct Subscription {
     node: Arc<RaftNode>,
     /// The next seq to send, per shard.
     cursor: BTreeMap<u32, u64>,
-    /// The state-machine version each shard had when its outbox was last read to the end.
+    /// The outputs version (`ShardReader::outputs_version`) each shard had when its outbox was last read to the end.
     seen: BTreeMap<u32, u64>,
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
     /// The node's outputs notification ([`RaftNode::output_changes`]).
@@ -548,7 +548,7 @@ impl Subscription {
                 break;
             }
             let Some(group) = self.node.group(*shard) else { continue };
-            let version = group.reader().version();
+            let version = group.reader().outputs_version();
             if self.seen.get(shard) == Some(&version) {
                 continue;
             }

@@ -208,8 +208,8 @@ impl RaftNode {
     /// a window is sealed when it ends rather than up to a poll period later. A shard's
     /// earliest deadline is read from the deadline index only when its state changed since the
     /// last look. Change-driven passes are at least `tick` apart, so a busy node rescans no
-    /// more often than a poll every `tick` did (a pass every 5 ms cost ack latency p99 at 25 %
-    /// load: 164-225 ms against 91-96 ms, docs/benchmarks.md); a deadline is still met on time,
+    /// more often than a poll every `tick` did (a 5 ms spacing raised ack latency p99 under
+    /// load, docs/benchmarks.md); a deadline is still met on time,
     /// as the pass that learns of a key sleeps until its window ends. `tick` is also the period
     /// of the hot-key and adaptive-window housekeeping, and of retrying a seal that could not be
     /// proposed.
